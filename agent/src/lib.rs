@@ -1,0 +1,18 @@
+//! nodelet: a node agent that does the kubelet's job over containerd.
+//!
+//! Data flows one way: sources (manifest folder, API watch) produce desired pods; the pod
+//! manager hands each pod UID to its own worker; workers alone drive the runtime, the sandbox,
+//! the volumes and the prober, and report status to the status manager, which feeds the sinks.
+#![deny(unsafe_code)]
+
+pub mod config;
+pub mod events;
+pub mod pod;
+pub mod probe;
+pub mod runtime;
+pub mod sandbox;
+pub mod server;
+pub mod source;
+pub mod status;
+pub mod store;
+pub mod volume;

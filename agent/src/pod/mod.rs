@@ -1,0 +1,62 @@
+//! Pods: one worker per pod UID drives that pod's lifecycle; nothing else decides a pod's state.
+//! `machine` is the pure state machine, `status` the pure status computation, `worker` carries
+//! out the machine's actions against the runtime, sandbox, volumes and prober, and `manager`
+//! owns the workers, feeding each the latest desired pod (a newer spec replaces a pending one).
+//!
+//! OWNER: lifecycle helper (machine, status, backoff, worker, manager, hooks);
+//! env.rs: volumes helper.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::events::Recorder;
+use crate::probe::Prober;
+use crate::runtime::Runtime;
+use crate::sandbox::SandboxManager;
+use crate::status::StatusManager;
+use crate::store::ObjectStore;
+use crate::volume::VolumeManager;
+
+pub mod env;
+
+/// Node facts pods need.
+#[derive(Clone, Debug, Default)]
+pub struct NodeFacts {
+    pub name: String,
+    /// The node's IP, reported as hostIP (and podIP for hostNetwork pods).
+    pub ip: Option<std::net::IpAddr>,
+    pub root_dir: PathBuf,
+    /// Where container logs go (/var/log/pods).
+    pub log_dir: PathBuf,
+}
+
+/// Everything a pod worker drives. Built once in main; shared by all workers.
+pub struct PodContext {
+    pub node: NodeFacts,
+    pub runtime: Runtime,
+    pub sandboxes: Arc<SandboxManager>,
+    pub volumes: Arc<VolumeManager>,
+    pub prober: Arc<Prober>,
+    pub status: StatusManager,
+    pub recorder: Recorder,
+    pub store: ObjectStore,
+}
+
+/// A source's request to stop a pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deletion {
+    /// The grace the deletion asks for (it can only shrink what the pod already got).
+    pub grace: Duration,
+    /// The object is gone from its source (force delete, file removed): no status is wanted.
+    pub gone: bool,
+}
+
+/// What a source wants for one pod UID.
+#[derive(Clone, Debug)]
+pub struct Desired {
+    pub pod: Pod,
+    pub deletion: Option<Deletion>,
+}
