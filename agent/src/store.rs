@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeCl
 use tokio::sync::watch;
 
 /// The objects one source holds, keyed by (namespace, name); PVs are cluster-scoped (namespace "").
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Objects {
     pub config_maps: BTreeMap<(String, String), ConfigMap>,
     pub secrets: BTreeMap<(String, String), Secret>,
@@ -43,7 +43,7 @@ impl ObjectStore {
     pub fn replace(&self, objects: Objects) {
         let changed = {
             let mut guard = self.inner.write().expect("store lock");
-            let changed = !same_objects(&guard, &objects);
+            let changed = *guard != objects;
             *guard = objects;
             changed
         };
@@ -101,11 +101,4 @@ impl ObjectStore {
             .get(name)
             .cloned()
     }
-}
-
-fn same_objects(a: &Objects, b: &Objects) -> bool {
-    a.config_maps == b.config_maps
-        && a.secrets == b.secrets
-        && a.claims == b.claims
-        && a.volumes == b.volumes
 }

@@ -1,0 +1,482 @@
+//! The manifest-folder source: every `*.yaml`, `*.yml` and `*.json` file in a folder, each
+//! holding one or more documents (YAML `---` separated, or a `List`). Pods become desired pods;
+//! ConfigMaps, Secrets, PersistentVolumeClaims and PersistentVolumes go to the object store so
+//! pods' references resolve against them, as `podman kube play` does.
+//!
+//! The folder is re-read on a fixed period; a file that fails to parse is reported once per
+//! change and keeps its last good content, so one bad edit never stops running pods.
+//! A pod's UID is derived from its file, its content and the node name (as the kubelet does for
+//! static pods), so editing a manifest replaces the pod and re-reading it changes nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Secret};
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+use crate::store::Objects;
+
+/// Annotation keys the kubelet sets on static pods.
+pub const CONFIG_SOURCE: &str = "kubernetes.io/config.source";
+pub const CONFIG_HASH: &str = "kubernetes.io/config.hash";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The file could not be read.
+    #[error("{file}: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    /// A document is not valid YAML/JSON.
+    #[error("{file}: document {index}: {detail}")]
+    Syntax {
+        file: PathBuf,
+        index: usize,
+        detail: String,
+    },
+    /// A document parses but is not a valid object of its kind.
+    #[error("{file}: document {index} ({kind} {name:?}): {detail}")]
+    Invalid {
+        file: PathBuf,
+        index: usize,
+        kind: String,
+        name: String,
+        detail: String,
+    },
+}
+
+/// What one file contributed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FileContent {
+    pub pods: Vec<Pod>,
+    pub objects: Objects,
+}
+
+/// The whole folder as last read.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub pods: Vec<Pod>,
+    pub objects: Objects,
+    /// Files that failed this round (their last good content is still in `pods`/`objects`).
+    pub errors: Vec<String>,
+}
+
+/// Reads a manifest folder, remembering each file's last good content.
+pub struct ManifestSource {
+    dir: PathBuf,
+    node_name: String,
+    files: BTreeMap<PathBuf, (Vec<u8>, FileContent)>,
+    /// Files whose current bytes failed, with the bytes, so each bad version is reported once.
+    failed: BTreeMap<PathBuf, Vec<u8>>,
+}
+
+impl ManifestSource {
+    pub fn new(dir: PathBuf, node_name: &str) -> Self {
+        Self {
+            dir,
+            node_name: node_name.to_string(),
+            files: BTreeMap::new(),
+            failed: BTreeMap::new(),
+        }
+    }
+
+    /// Re-reads the folder. Returns the merged content and the errors new since the last scan.
+    pub fn scan(&mut self) -> (Snapshot, Vec<ManifestError>) {
+        let mut fresh_errors = Vec::new();
+        let present = list_manifests(&self.dir);
+        self.files.retain(|path, _| present.contains(path));
+        self.failed.retain(|path, _| present.contains(path));
+        for path in &present {
+            let bytes = match std::fs::read(path) {
+                Ok(b) => b,
+                Err(source) => {
+                    fresh_errors.push(ManifestError::Read {
+                        file: path.clone(),
+                        source,
+                    });
+                    continue;
+                }
+            };
+            if self.files.get(path).is_some_and(|(b, _)| *b == bytes) {
+                self.failed.remove(path);
+                continue;
+            }
+            if self.failed.get(path) == Some(&bytes) {
+                continue;
+            }
+            match parse_file(path, &bytes, &self.node_name) {
+                Ok(content) => {
+                    self.failed.remove(path);
+                    self.files.insert(path.clone(), (bytes, content));
+                }
+                Err(e) => {
+                    self.failed.insert(path.clone(), bytes);
+                    fresh_errors.push(e);
+                }
+            }
+        }
+        (self.snapshot(), fresh_errors)
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let mut snap = Snapshot::default();
+        for (_, content) in self.files.values() {
+            snap.pods.extend(content.pods.iter().cloned());
+            let o = &content.objects;
+            snap.objects.config_maps.extend(o.config_maps.clone());
+            snap.objects.secrets.extend(o.secrets.clone());
+            snap.objects.claims.extend(o.claims.clone());
+            snap.objects.volumes.extend(o.volumes.clone());
+        }
+        snap.errors = self
+            .failed
+            .keys()
+            .map(|p| p.display().to_string())
+            .collect();
+        snap
+    }
+}
+
+fn list_manifests(dir: &Path) -> BTreeSet<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return BTreeSet::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+            !name.starts_with('.') && matches!(ext, "yaml" | "yml" | "json") && p.is_file()
+        })
+        .collect()
+}
+
+/// Parses one file's documents; any bad document fails the whole file.
+pub fn parse_file(
+    path: &Path,
+    bytes: &[u8],
+    node_name: &str,
+) -> Result<FileContent, ManifestError> {
+    let text = String::from_utf8_lossy(bytes);
+    let mut content = FileContent::default();
+    let mut index = 0;
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let value =
+            <serde_yaml::Value as serde::Deserialize>::deserialize(document).map_err(|e| {
+                ManifestError::Syntax {
+                    file: path.to_path_buf(),
+                    index,
+                    detail: e.to_string(),
+                }
+            })?;
+        if !value.is_null() {
+            add_document(path, index, value, node_name, &mut content)?;
+        }
+        index += 1;
+    }
+    Ok(content)
+}
+
+fn add_document(
+    path: &Path,
+    index: usize,
+    value: serde_yaml::Value,
+    node_name: &str,
+    content: &mut FileContent,
+) -> Result<(), ManifestError> {
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or("")
+        .to_string();
+    let name = value
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(|n| n.as_str())
+        .unwrap_or("")
+        .to_string();
+    let invalid = |detail: String| ManifestError::Invalid {
+        file: path.to_path_buf(),
+        index,
+        kind: kind.clone(),
+        name: name.clone(),
+        detail,
+    };
+    fn typed<T: DeserializeOwned>(v: serde_yaml::Value) -> Result<T, String> {
+        serde_yaml::from_value(v).map_err(|e| e.to_string())
+    }
+    if name.is_empty() && kind != "List" {
+        return Err(invalid("metadata.name is required".into()));
+    }
+    match kind.as_str() {
+        "List" => {
+            let items = value.get("items").cloned().unwrap_or_default();
+            let serde_yaml::Value::Sequence(items) = items else {
+                return Err(invalid("items must be a list".into()));
+            };
+            for item in items {
+                add_document(path, index, item, node_name, content)?;
+            }
+        }
+        "Pod" => {
+            let pod: Pod = typed(value).map_err(invalid)?;
+            validate_pod(&pod).map_err(invalid)?;
+            content.pods.push(static_pod(pod, path, node_name));
+        }
+        "ConfigMap" => {
+            let cm: ConfigMap = typed(value).map_err(invalid)?;
+            content.objects.config_maps.insert(key_of(&cm.metadata), cm);
+        }
+        "Secret" => {
+            let mut secret: Secret = typed(value).map_err(invalid)?;
+            // stringData is write-only in the API: fold it into data as the API server does.
+            if let Some(strings) = secret.string_data.take() {
+                let data = secret.data.get_or_insert_with(Default::default);
+                for (k, v) in strings {
+                    data.insert(k, k8s_openapi::ByteString(v.into_bytes()));
+                }
+            }
+            content
+                .objects
+                .secrets
+                .insert(key_of(&secret.metadata), secret);
+        }
+        "PersistentVolumeClaim" => {
+            let claim: PersistentVolumeClaim = typed(value).map_err(invalid)?;
+            content
+                .objects
+                .claims
+                .insert(key_of(&claim.metadata), claim);
+        }
+        "PersistentVolume" => {
+            let pv: PersistentVolume = typed(value).map_err(invalid)?;
+            content.objects.volumes.insert(name.clone(), pv);
+        }
+        "" => return Err(invalid("kind is required".into())),
+        other => return Err(invalid(format!("kind {other} is not supported here"))),
+    }
+    Ok(())
+}
+
+fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+    (
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// The checks the API server's validation would make before a pod could reach a node.
+pub fn validate_pod(pod: &Pod) -> Result<(), String> {
+    let spec = pod.spec.as_ref().ok_or("spec is required")?;
+    if spec.containers.is_empty() {
+        return Err("spec.containers must not be empty".into());
+    }
+    let mut names = BTreeSet::new();
+    let all = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers);
+    for c in all {
+        if !is_dns_label(&c.name) {
+            return Err(format!(
+                "container name {:?} is not a DNS-1123 label",
+                c.name
+            ));
+        }
+        if !names.insert(c.name.as_str()) {
+            return Err(format!("container name {:?} is used twice", c.name));
+        }
+        if c.image.as_deref().unwrap_or("").trim().is_empty() {
+            return Err(format!("container {:?}: image is required", c.name));
+        }
+    }
+    if let Some(policy) = spec.restart_policy.as_deref() {
+        if !matches!(policy, "Always" | "OnFailure" | "Never") {
+            return Err(format!(
+                "restartPolicy {policy:?} is not Always, OnFailure or Never"
+            ));
+        }
+    }
+    let mut volumes = BTreeSet::new();
+    for v in spec.volumes.iter().flatten() {
+        if !volumes.insert(v.name.as_str()) {
+            return Err(format!("volume name {:?} is used twice", v.name));
+        }
+    }
+    let all = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers);
+    for c in all {
+        for m in c.volume_mounts.iter().flatten() {
+            if !volumes.contains(m.name.as_str()) {
+                return Err(format!(
+                    "container {:?}: volumeMount {:?} names no volume",
+                    c.name, m.name
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Fills in what the API server and scheduler would: namespace, UID, node name, source
+/// annotations, defaults the worker relies on.
+fn static_pod(mut pod: Pod, path: &Path, node_name: &str) -> Pod {
+    let spec_json = serde_json::to_vec(&pod).unwrap_or_default();
+    let mut hasher = Sha256::new();
+    hasher.update(path.display().to_string().as_bytes());
+    hasher.update([0]);
+    hasher.update(node_name.as_bytes());
+    hasher.update([0]);
+    hasher.update(&spec_json);
+    let hash = hex::encode(&hasher.finalize()[..16]);
+    let uid = format!(
+        "{}-{}-{}-{}-{}",
+        &hash[0..8],
+        &hash[8..12],
+        &hash[12..16],
+        &hash[16..20],
+        &hash[20..32]
+    );
+    let meta = &mut pod.metadata;
+    meta.namespace.get_or_insert_with(|| "default".into());
+    meta.uid = Some(uid);
+    let annotations = meta.annotations.get_or_insert_with(Default::default);
+    annotations.insert(CONFIG_SOURCE.into(), "file".into());
+    annotations.insert(CONFIG_HASH.into(), hash);
+    if meta.creation_timestamp.is_none() {
+        meta.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            jiff::Timestamp::now(),
+        ));
+    }
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.node_name = Some(node_name.to_string());
+    }
+    pod.status = None;
+    pod
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\nspec:\n  containers:\n  - name: app\n    image: busybox\n";
+
+    fn parse(text: &str) -> Result<FileContent, ManifestError> {
+        parse_file(Path::new("/m/a.yaml"), text.as_bytes(), "node-1")
+    }
+
+    #[test]
+    fn a_pod_gets_namespace_node_uid_and_source_annotations() {
+        let c = parse(POD).unwrap();
+        let pod = &c.pods[0];
+        assert_eq!(pod.metadata.namespace.as_deref(), Some("default"));
+        assert_eq!(
+            pod.spec.as_ref().unwrap().node_name.as_deref(),
+            Some("node-1")
+        );
+        assert_eq!(pod.metadata.uid.as_ref().unwrap().len(), 36);
+        assert_eq!(
+            pod.metadata.annotations.as_ref().unwrap()[CONFIG_SOURCE],
+            "file"
+        );
+    }
+
+    #[test]
+    fn the_uid_is_stable_for_the_same_content_and_changes_with_it() {
+        let a = parse(POD).unwrap().pods[0].metadata.uid.clone();
+        let b = parse(POD).unwrap().pods[0].metadata.uid.clone();
+        let changed = parse(&POD.replace("busybox", "busybox:1")).unwrap().pods[0]
+            .metadata
+            .uid
+            .clone();
+        assert_eq!(a, b);
+        assert_ne!(a, changed);
+    }
+
+    #[test]
+    fn multi_document_files_carry_objects_and_lists() {
+        let text = format!(
+            "{POD}---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cfg\n  namespace: ns\ndata:\n  k: v\n\
+             ---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: s\nstringData:\n  pw: hunter2\n\
+             ---\napiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: PersistentVolume\n  metadata:\n    name: pv1\n  spec:\n    capacity: {{storage: 1Gi}}\n    accessModes: [ReadWriteOnce]\n    hostPath: {{path: /tmp}}\n"
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.pods.len(), 1);
+        assert!(c
+            .objects
+            .config_maps
+            .contains_key(&("ns".into(), "cfg".into())));
+        let secret = &c.objects.secrets[&("default".into(), "s".into())];
+        assert_eq!(secret.data.as_ref().unwrap()["pw"].0, b"hunter2");
+        assert!(c.objects.volumes.contains_key("pv1"));
+    }
+
+    #[test]
+    fn json_documents_parse() {
+        let json = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"j"},"spec":{"containers":[{"name":"c","image":"i"}]}}"#;
+        assert_eq!(parse(json).unwrap().pods.len(), 1);
+    }
+
+    #[test]
+    fn invalid_documents_are_reported_with_file_index_and_reason() {
+        let cases = [
+            ("kind: Pod\nmetadata: {name: x}\nspec: {containers: []}\n", "must not be empty"),
+            ("kind: Pod\nmetadata: {name: x}\nspec:\n  containers:\n  - {name: A, image: i}\n", "DNS-1123"),
+            ("kind: Pod\nmetadata: {name: x}\nspec:\n  containers:\n  - {name: a}\n", "image is required"),
+            ("kind: Deployment\nmetadata: {name: x}\n", "not supported"),
+            ("kind: Pod\nspec: {}\n", "metadata.name"),
+            ("kind: Pod\nmetadata: {name: x}\nspec:\n  containers:\n  - name: a\n    image: i\n    volumeMounts: [{name: v, mountPath: /v}]\n", "names no volume"),
+            ("kind: Pod\nmetadata: {name: x\n", "document 0"),
+        ];
+        for (text, expected) in cases {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(
+                err.contains(expected),
+                "{err:?} should mention {expected:?}"
+            );
+            assert!(err.contains("/m/a.yaml"), "{err:?} names the file");
+        }
+    }
+
+    #[test]
+    fn a_bad_edit_keeps_the_last_good_content_and_is_reported_once() {
+        let dir = std::env::temp_dir().join(format!("nodelet-manifest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("web.yaml");
+        std::fs::write(&file, POD).unwrap();
+        std::fs::write(dir.join("notes.txt"), "ignored").unwrap();
+        let mut source = ManifestSource::new(dir.clone(), "n");
+        let (snap, errors) = source.scan();
+        assert_eq!((snap.pods.len(), errors.len()), (1, 0));
+        let uid = snap.pods[0].metadata.uid.clone();
+
+        std::fs::write(&file, "kind: Pod\nmetadata: [").unwrap();
+        let (snap, errors) = source.scan();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(snap.pods[0].metadata.uid, uid, "last good content kept");
+        assert_eq!(snap.errors.len(), 1);
+        let (_, errors) = source.scan();
+        assert!(errors.is_empty(), "the same bad bytes are reported once");
+
+        std::fs::remove_file(&file).unwrap();
+        let (snap, _) = source.scan();
+        assert!(snap.pods.is_empty() && snap.errors.is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
