@@ -4,13 +4,41 @@
 //! are written in the pod dir. Containers join the pinned namespaces by path.
 //!
 //! OWNER: sandbox helper. Signatures here are the contract the pod worker codes against.
+//!
+//! On-disk layout (the run dir is the checkpoint an agent restart recovers from):
+//! - `<run_dir>/<uid>/{net,ipc,uts}`: namespace pins (a pin is absent when the pod uses the
+//!   host's namespace: hostNetwork → no net and no uts; hostIPC → no ipc).
+//! - `<run_dir>/<uid>/cni.json`: the network list, the invocation and the ADD result (written
+//!   before ADD with no result, so an interrupted ADD is still undone by DEL).
+//! - `<run_dir>/<uid>/sandbox.json`: the finished sandbox, written last; a run dir without it
+//!   is a half-made sandbox that `ensure` tears down and makes again.
+//! - `<root_dir>/pods/<uid>/{etc-hosts,resolv.conf,hostname}`: the files bound into containers.
+//!
+//! Calls for one UID must not overlap (the pod worker is the only caller for its UID);
+//! calls for different UIDs may run concurrently.
 
+pub mod cni;
+pub mod files;
+pub mod ns;
+
+use std::io;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use k8s_openapi::api::core::v1::Pod;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use tracing::{info, warn};
 
 use crate::runtime::NamespacePaths;
+use cni::{Cni, CniError, Command, Invocation, NetworkList};
+
+/// The interface name of the pod's network inside its netns.
+pub const POD_IFNAME: &str = "eth0";
+/// The node files read for Default DNS and hostNetwork pods.
+const HOST_RESOLV_CONF: &str = "/etc/resolv.conf";
+const HOST_HOSTS: &str = "/etc/hosts";
 
 #[derive(Clone, Debug)]
 pub struct SandboxConfig {
@@ -53,29 +81,543 @@ pub enum SandboxError {
     },
     #[error("pod {uid}: {source}")]
     Io { uid: String, source: std::io::Error },
+    /// The pod cannot be given a sandbox (no usable UID or hostname).
+    #[error("pod {uid}: invalid for a sandbox: {detail}")]
+    InvalidPod { uid: String, detail: String },
+    /// The pod has no sandbox on this host.
+    #[error("pod {uid}: no sandbox")]
+    NotFound { uid: String },
+}
+
+impl SandboxError {
+    fn io(uid: &str) -> impl FnOnce(io::Error) -> SandboxError + '_ {
+        move |source| SandboxError::Io {
+            uid: uid.to_string(),
+            source,
+        }
+    }
+
+    fn cni(uid: &str, command: Command) -> impl FnOnce(CniError) -> SandboxError + '_ {
+        move |e| SandboxError::Cni {
+            uid: uid.to_string(),
+            plugin: e.plugin(),
+            command: command.as_str(),
+            detail: e.to_string(),
+        }
+    }
+}
+
+/// What `sandbox.json` holds: enough to answer `ensure` after a restart without redoing it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct State {
+    uid: String,
+    net: Option<PathBuf>,
+    ipc: Option<PathBuf>,
+    uts: Option<PathBuf>,
+    ips: Vec<IpAddr>,
+    hostname: String,
+    hosts: String,
+    resolv: String,
+}
+
+impl State {
+    fn pins_valid(&self) -> bool {
+        [&self.net, &self.ipc, &self.uts]
+            .into_iter()
+            .flatten()
+            .all(|p| ns::is_pinned(p))
+    }
+}
+
+/// What `cni.json` holds: the exact inputs of ADD, for DEL and CHECK after a restart.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct CniCache {
+    network: NetworkList,
+    invocation: Invocation,
+    /// None while ADD has not finished.
+    result: Option<Value>,
 }
 
 pub struct SandboxManager {
-    _todo: (),
+    config: SandboxConfig,
+    cni: Cni,
+    /// Serialises making the run dir a shared mount point.
+    mount_lock: Mutex<()>,
 }
 
 impl SandboxManager {
-    pub fn new(_config: SandboxConfig) -> Self {
-        todo!()
+    pub fn new(config: SandboxConfig) -> Self {
+        let cni = Cni {
+            bin_dirs: config.cni_bin_dirs.clone(),
+        };
+        SandboxManager {
+            config,
+            cni,
+            mount_lock: Mutex::new(()),
+        }
     }
 
     /// Creates the sandbox, or returns the existing one (after an agent restart) unchanged.
-    pub async fn ensure(&self, _pod: &Pod) -> Result<Sandbox, SandboxError> {
-        todo!()
+    pub async fn ensure(&self, pod: &Pod) -> Result<Sandbox, SandboxError> {
+        let uid = pod_uid(pod)?;
+        if let Some(state) = self.load_state(&uid) {
+            if state.pins_valid() {
+                self.write_pod_files(&state, false)?;
+                return Ok(self.sandbox(&state));
+            }
+            warn!(uid = %uid, "sandbox pins are gone; making the sandbox again");
+        }
+        if self.pod_run_dir(&uid).exists() {
+            self.cleanup(&uid, true).await?;
+        }
+        match self.create(pod, &uid).await {
+            Ok(state) => {
+                info!(uid = %uid, ip = ?state.ips.first(), "sandbox ready");
+                Ok(self.sandbox(&state))
+            }
+            Err(e) => {
+                if let Err(undo) = self.cleanup(&uid, true).await {
+                    warn!(uid = %uid, error = %undo, "undoing a failed sandbox");
+                }
+                Err(e)
+            }
+        }
     }
 
     /// CNI DEL, unpins the namespaces and removes the pod's sandbox files. Idempotent.
-    pub async fn teardown(&self, _uid: &str) -> Result<(), SandboxError> {
-        todo!()
+    pub async fn teardown(&self, uid: &str) -> Result<(), SandboxError> {
+        check_uid(uid)?;
+        self.cleanup(uid, false).await?;
+        info!(uid = %uid, "sandbox removed");
+        Ok(())
     }
 
     /// UIDs of pods with a pinned sandbox on this host (for clean-up after a restart).
     pub fn list(&self) -> Vec<String> {
-        todo!()
+        let Ok(entries) = std::fs::read_dir(&self.config.run_dir) else {
+            return Vec::new();
+        };
+        let mut uids: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        uids.sort();
+        uids
+    }
+
+    /// CNI CHECK of the pod's network with its cached ADD result. Ok for pods without a
+    /// network namespace of their own.
+    pub async fn check(&self, uid: &str) -> Result<(), SandboxError> {
+        check_uid(uid)?;
+        let state = self.load_state(uid).ok_or_else(|| SandboxError::NotFound {
+            uid: uid.to_string(),
+        })?;
+        if state.net.is_none() {
+            return Ok(());
+        }
+        let cache = self.load_cni_cache(uid)?;
+        let Some((cache, result)) = cache.and_then(|c| c.result.clone().map(|r| (c, r))) else {
+            return Err(SandboxError::NotFound {
+                uid: uid.to_string(),
+            });
+        };
+        self.cni
+            .check(&cache.network, &cache.invocation, &result)
+            .await
+            .map_err(SandboxError::cni(uid, Command::Check))
+    }
+
+    fn pod_run_dir(&self, uid: &str) -> PathBuf {
+        self.config.run_dir.join(uid)
+    }
+
+    fn pod_file(&self, uid: &str, name: &str) -> PathBuf {
+        self.config.root_dir.join("pods").join(uid).join(name)
+    }
+
+    fn sandbox(&self, state: &State) -> Sandbox {
+        Sandbox {
+            uid: state.uid.clone(),
+            namespaces: NamespacePaths {
+                net: state.net.clone(),
+                ipc: state.ipc.clone(),
+                uts: state.uts.clone(),
+            },
+            ip: state.ips.first().copied(),
+            hostname: state.hostname.clone(),
+            hosts_file: self.pod_file(&state.uid, "etc-hosts"),
+            resolv_file: self.pod_file(&state.uid, "resolv.conf"),
+            hostname_file: self.pod_file(&state.uid, "hostname"),
+        }
+    }
+
+    async fn create(&self, pod: &Pod, uid: &str) -> Result<State, SandboxError> {
+        let spec = pod.spec.clone().unwrap_or_default();
+        let host_network = spec.host_network.unwrap_or(false);
+        let host_ipc = spec.host_ipc.unwrap_or(false);
+        let invalid = |detail: String| SandboxError::InvalidPod {
+            uid: uid.to_string(),
+            detail,
+        };
+        let names = if host_network {
+            let node = nix::unistd::gethostname().map_err(|e| invalid(e.to_string()))?;
+            let node = node.to_string_lossy().into_owned();
+            files::PodNames {
+                hostname: node.clone(),
+                domain: None,
+                kernel_hostname: node,
+            }
+        } else {
+            files::pod_names(pod, &self.config.cluster_domain)
+                .map_err(|e| invalid(e.to_string()))?
+        };
+
+        self.prepare_run_dir().map_err(SandboxError::io(uid))?;
+        let dir = self.pod_run_dir(uid);
+        std::fs::create_dir_all(&dir).map_err(SandboxError::io(uid))?;
+        let req = ns::PinRequest {
+            net: (!host_network).then(|| dir.join("net")),
+            ipc: (!host_ipc).then(|| dir.join("ipc")),
+            uts: (!host_network).then(|| dir.join("uts")),
+            hostname: Some(names.kernel_hostname.clone()),
+        };
+        ns::create(&req)
+            .await
+            .map_err(|detail| SandboxError::Namespace {
+                uid: uid.to_string(),
+                detail,
+            })?;
+
+        let ips = match &req.net {
+            Some(net) => self.cni_add(pod, uid, net).await?,
+            None => Vec::new(),
+        };
+
+        let aliases = spec.host_aliases.clone().unwrap_or_default();
+        let hosts = if host_network {
+            let node_hosts = std::fs::read_to_string(HOST_HOSTS).unwrap_or_default();
+            files::host_network_hosts(&node_hosts, &aliases)
+        } else {
+            files::managed_hosts(&ips, &names, &aliases)
+        };
+        let host_dns = files::parse_resolv_conf(
+            &std::fs::read_to_string(HOST_RESOLV_CONF).unwrap_or_default(),
+        );
+        let dns = files::pod_dns(
+            pod,
+            &self.config.cluster_dns,
+            &self.config.cluster_domain,
+            &host_dns,
+        );
+        let state = State {
+            uid: uid.to_string(),
+            net: req.net,
+            ipc: req.ipc,
+            uts: req.uts,
+            ips,
+            hostname: names.kernel_hostname,
+            hosts,
+            resolv: files::format_resolv_conf(&dns),
+        };
+        self.write_pod_files(&state, true)?;
+        let text = serde_json::to_vec_pretty(&state).map_err(|e| invalid(e.to_string()))?;
+        write_atomic(&dir.join("sandbox.json"), &text).map_err(SandboxError::io(uid))?;
+        Ok(state)
+    }
+
+    /// Makes the run dir a shared mount point (once; later calls find it done).
+    fn prepare_run_dir(&self) -> io::Result<()> {
+        let _guard = self
+            .mount_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        ns::ensure_shared_mount_point(&self.config.run_dir)
+    }
+
+    async fn cni_add(
+        &self,
+        pod: &Pod,
+        uid: &str,
+        netns: &Path,
+    ) -> Result<Vec<IpAddr>, SandboxError> {
+        let network = NetworkList::load_dir(&self.config.cni_conf_dir)
+            .map_err(SandboxError::cni(uid, Command::Add))?;
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let namespace = pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let mut runtime_config = Map::new();
+        let ports = port_mappings(pod);
+        if !ports.is_empty() {
+            runtime_config.insert("portMappings".into(), Value::Array(ports));
+        }
+        let invocation = Invocation {
+            container_id: uid.to_string(),
+            netns: netns.display().to_string(),
+            ifname: POD_IFNAME.to_string(),
+            args: vec![
+                ("K8S_POD_NAMESPACE".into(), namespace),
+                ("K8S_POD_NAME".into(), name),
+                ("K8S_POD_INFRA_CONTAINER_ID".into(), uid.to_string()),
+                ("K8S_POD_UID".into(), uid.to_string()),
+            ],
+            runtime_config,
+        };
+        let mut cache = CniCache {
+            network,
+            invocation,
+            result: None,
+        };
+        self.save_cni_cache(uid, &cache)?;
+        let result = self
+            .cni
+            .add(&cache.network, &cache.invocation)
+            .await
+            .map_err(SandboxError::cni(uid, Command::Add))?;
+        let ips = cni::result_ips(&result, Some(POD_IFNAME));
+        cache.result = Some(result);
+        self.save_cni_cache(uid, &cache)?;
+        if ips.is_empty() {
+            return Err(SandboxError::Cni {
+                uid: uid.to_string(),
+                plugin: cache.network.name.clone(),
+                command: Command::Add.as_str(),
+                detail: "the result has no IP for eth0".into(),
+            });
+        }
+        Ok(ips)
+    }
+
+    fn save_cni_cache(&self, uid: &str, cache: &CniCache) -> Result<(), SandboxError> {
+        let text = serde_json::to_vec_pretty(cache).map_err(|e| SandboxError::Io {
+            uid: uid.to_string(),
+            source: io::Error::other(e),
+        })?;
+        write_atomic(&self.pod_run_dir(uid).join("cni.json"), &text).map_err(SandboxError::io(uid))
+    }
+
+    fn load_cni_cache(&self, uid: &str) -> Result<Option<CniCache>, SandboxError> {
+        let path = self.pod_run_dir(uid).join("cni.json");
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(SandboxError::io(uid)(e)),
+        };
+        serde_json::from_slice(&text)
+            .map(Some)
+            .map_err(|e| SandboxError::Io {
+                uid: uid.to_string(),
+                source: io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: {e}", path.display()),
+                ),
+            })
+    }
+
+    fn load_state(&self, uid: &str) -> Option<State> {
+        let path = self.pod_run_dir(uid).join("sandbox.json");
+        let text = std::fs::read(&path).ok()?;
+        match serde_json::from_slice::<State>(&text) {
+            Ok(state) if state.uid == uid => Some(state),
+            Ok(_) | Err(_) => {
+                warn!(uid = %uid, path = %path.display(), "unreadable sandbox state");
+                None
+            }
+        }
+    }
+
+    /// Writes the pod's hosts, resolv.conf and hostname files; with `overwrite` false only
+    /// the missing ones (existing files may be bound into running containers).
+    fn write_pod_files(&self, state: &State, overwrite: bool) -> Result<(), SandboxError> {
+        let uid = state.uid.as_str();
+        let dir = self.config.root_dir.join("pods").join(uid);
+        std::fs::create_dir_all(&dir).map_err(SandboxError::io(uid))?;
+        for (name, content) in [
+            ("etc-hosts", state.hosts.clone()),
+            ("resolv.conf", state.resolv.clone()),
+            ("hostname", files::hostname_file(&state.hostname)),
+        ] {
+            let path = dir.join(name);
+            if overwrite || !path.exists() {
+                std::fs::write(&path, content).map_err(SandboxError::io(uid))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes whatever exists of a sandbox: CNI DEL from the cache (with the netns if it is
+    /// still pinned), the pins, the pod files, the run dir. With `best_effort` a failed DEL is
+    /// logged and clean-up goes on; otherwise it stops there so the caller can retry.
+    async fn cleanup(&self, uid: &str, best_effort: bool) -> Result<(), SandboxError> {
+        let dir = self.pod_run_dir(uid);
+        if let Some(cache) = self.load_cni_cache(uid)? {
+            let mut invocation = cache.invocation.clone();
+            if !ns::is_pinned(Path::new(&invocation.netns)) {
+                invocation.netns = String::new();
+            }
+            let del = self
+                .cni
+                .del(
+                    &cache.network,
+                    &invocation,
+                    cache.result.as_ref(),
+                    best_effort,
+                )
+                .await
+                .map_err(SandboxError::cni(uid, Command::Del));
+            match del {
+                Err(e) if !best_effort => return Err(e),
+                Err(e) => warn!(uid = %uid, error = %e, "CNI DEL failed; going on"),
+                Ok(()) => {}
+            }
+            remove_if_exists(&dir.join("cni.json")).map_err(SandboxError::io(uid))?;
+        }
+        for pin in ["net", "ipc", "uts"] {
+            ns::remove_pin(&dir.join(pin)).map_err(SandboxError::io(uid))?;
+        }
+        for name in ["etc-hosts", "resolv.conf", "hostname"] {
+            remove_if_exists(&self.pod_file(uid, name)).map_err(SandboxError::io(uid))?;
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(SandboxError::io(uid)(e)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The pod's UID, checked to be usable as a directory name.
+fn pod_uid(pod: &Pod) -> Result<String, SandboxError> {
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    check_uid(&uid)?;
+    Ok(uid)
+}
+
+fn check_uid(uid: &str) -> Result<(), SandboxError> {
+    let ok = !uid.is_empty()
+        && uid != "."
+        && uid != ".."
+        && uid
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if ok {
+        return Ok(());
+    }
+    Err(SandboxError::InvalidPod {
+        uid: uid.to_string(),
+        detail: "UID must be a non-empty name of [A-Za-z0-9._-]".into(),
+    })
+}
+
+/// The portmap plugin's runtimeConfig entries: one per container port with a hostPort.
+pub fn port_mappings(pod: &Pod) -> Vec<Value> {
+    let Some(spec) = pod.spec.as_ref() else {
+        return Vec::new();
+    };
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            let host_port = p.host_port.filter(|hp| *hp > 0)?;
+            Some(json!({
+                "hostPort": host_port,
+                "containerPort": p.container_port,
+                "protocol": p.protocol.as_deref().unwrap_or("TCP").to_ascii_lowercase(),
+                "hostIP": p.host_ip.clone().unwrap_or_default(),
+            }))
+        })
+        .collect()
+}
+
+fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Writes a file through a temporary name and a rename, so a crash leaves old or new.
+fn write_atomic(path: &Path, content: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, content)?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{Container, ContainerPort, PodSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    #[test]
+    fn uids_must_be_plain_names() {
+        for ok in ["0d6c6f0e-1234-4c1b-9d3a-1a2b3c4d5e6f", "abc", "a_b.c"] {
+            assert!(check_uid(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", "a/b", "../x", "a b"] {
+            assert!(
+                matches!(check_uid(bad), Err(SandboxError::InvalidPod { .. })),
+                "{bad}"
+            );
+        }
+        let pod = Pod {
+            metadata: ObjectMeta::default(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            pod_uid(&pod),
+            Err(SandboxError::InvalidPod { .. })
+        ));
+    }
+
+    #[test]
+    fn port_mappings_from_host_ports() {
+        let port = |container_port, host_port, protocol: Option<&str>| ContainerPort {
+            container_port,
+            host_port,
+            protocol: protocol.map(str::to_string),
+            ..Default::default()
+        };
+        let pod = Pod {
+            spec: Some(PodSpec {
+                containers: vec![Container {
+                    name: "c".into(),
+                    ports: Some(vec![
+                        port(80, Some(8080), None),
+                        port(53, Some(5353), Some("UDP")),
+                        port(9000, None, None),
+                        port(9001, Some(0), None),
+                    ]),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            port_mappings(&pod),
+            vec![
+                json!({"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": ""}),
+                json!({"hostPort": 5353, "containerPort": 53, "protocol": "udp", "hostIP": ""}),
+            ]
+        );
+        assert!(port_mappings(&Pod::default()).is_empty());
+    }
+
+    #[test]
+    fn list_is_empty_without_run_dir() {
+        let mgr = SandboxManager::new(SandboxConfig {
+            run_dir: PathBuf::from("/nonexistent/nodelet-run"),
+            root_dir: PathBuf::from("/nonexistent/nodelet-root"),
+            cni_conf_dir: PathBuf::new(),
+            cni_bin_dirs: vec![],
+            cluster_dns: vec![],
+            cluster_domain: "cluster.local".into(),
+        });
+        assert!(mgr.list().is_empty());
     }
 }
