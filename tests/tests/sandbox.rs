@@ -117,6 +117,15 @@ fn is_nsfs_mount(path: &Path) -> bool {
     })
 }
 
+fn run_dir_is_shared_mount() -> bool {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    mountinfo.lines().any(|l| {
+        let left = l.split(" - ").next().unwrap_or_default();
+        let fields: Vec<&str> = left.split(' ').collect();
+        fields.get(4) == Some(&RUN_DIR) && fields[6..].iter().any(|f| f.starts_with("shared:"))
+    })
+}
+
 /// Files in the host-local store that hold `uid` (its IP reservations).
 fn ipam_reservations(uid: &str) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(IPAM_DIR) else {
@@ -187,6 +196,10 @@ async fn ensure_pins_namespaces_and_the_host_reaches_the_pod_ip() {
     for pin in ["net", "ipc", "uts"] {
         assert!(is_nsfs_mount(&run.join(pin)), "{pin} not pinned");
     }
+    assert!(
+        run_dir_is_shared_mount(),
+        "{RUN_DIR} is not a shared mount point"
+    );
 
     let net = format!("--net={}", run.join("net").display());
     let addrs = nsenter(&[&net, "ip", "-o", "addr", "show"]);
@@ -456,4 +469,53 @@ async fn a_plugin_error_carries_the_plugins_message() {
         other => panic!("not a CNI error: {other}"),
     }
     assert!(!Path::new(RUN_DIR).join(&uid).exists());
+}
+
+#[tokio::test]
+async fn teardown_unmounts_pins_in_mount_namespaces_made_later() {
+    require_root();
+    let conf = template_conf_dir();
+    let root = tempfile::tempdir().unwrap();
+    let mgr = manager(conf.path(), root.path());
+    let uid = unique_uid("propagate");
+    let _guard = Guard {
+        mgr: mgr.clone(),
+        uid: uid.clone(),
+    };
+    let sb = mgr
+        .ensure(&pod(&uid, "propagate", "default", PodSpec::default()))
+        .await
+        .unwrap();
+    let net = sb.namespaces.net.clone().unwrap();
+
+    // A mount namespace made after the pin (as runc or a sandboxed service makes one), a
+    // slave of the host's: it holds a copy of the pin.
+    let mut other = Command::new("unshare")
+        .args(["--mount", "--propagation", "slave", "sleep", "60"])
+        .spawn()
+        .unwrap();
+    let other_mounts = format!("/proc/{}/mountinfo", other.id());
+    let pin_text = net.display().to_string();
+    let mut seen = false;
+    for _ in 0..50 {
+        let text = std::fs::read_to_string(&other_mounts).unwrap_or_default();
+        // The child runs unshare first; its mountinfo differs from ours once it has.
+        if std::fs::read_link(format!("/proc/{}/ns/mnt", other.id())).ok()
+            != std::fs::read_link("/proc/self/ns/mnt").ok()
+        {
+            seen = text.contains(&pin_text);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(seen, "the new mount namespace has no copy of {pin_text}");
+
+    mgr.teardown(&uid).await.unwrap();
+    let text = std::fs::read_to_string(&other_mounts).unwrap();
+    other.kill().unwrap();
+    other.wait().unwrap();
+    assert!(
+        !text.contains(&pin_text),
+        "the copy of the pin outlived the teardown"
+    );
 }

@@ -378,9 +378,14 @@ impl Cni {
             .map_err(|e| exec_err(format!("start {}: {e}", binary.display())))?;
         let input = serde_json::to_vec(stdin).map_err(|e| exec_err(e.to_string()))?;
         if let Some(mut pipe) = child.stdin.take() {
-            pipe.write_all(&input)
-                .await
-                .map_err(|e| exec_err(format!("write config: {e}")))?;
+            // A plugin that exits without reading its config closes the pipe; its own
+            // output then says why, so a broken pipe is not the error to report.
+            match pipe.write_all(&input).await {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    return Err(exec_err(format!("write config: {e}")));
+                }
+                _ => {}
+            }
         }
         let output = tokio::time::timeout(PLUGIN_TIMEOUT, child.wait_with_output())
             .await

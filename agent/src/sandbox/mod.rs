@@ -14,6 +14,11 @@
 //!   is a half-made sandbox that `ensure` tears down and makes again.
 //! - `<root_dir>/pods/<uid>/{etc-hosts,resolv.conf,hostname}`: the files bound into containers.
 //!
+//! The pod's `lo` is brought up with `ip link set lo up` inside the new netns right after it
+//! is made, instead of running the CNI loopback plugin: the conflist (scripts/cni) then only
+//! needs the pod network itself (bridge + host-local + portmap), and hostNetwork pods never
+//! touch CNI.
+//!
 //! Calls for one UID must not overlap (the pod worker is the only caller for its UID);
 //! calls for different UIDs may run concurrently.
 
@@ -46,9 +51,13 @@ pub struct SandboxConfig {
     pub run_dir: PathBuf,
     /// The agent's root dir; pod files go under <root>/pods/<uid>.
     pub root_dir: PathBuf,
+    /// The first `*.conflist`/`*.conf`/`*.json` here (by name) is the pod network.
     pub cni_conf_dir: PathBuf,
+    /// Where plugin binaries are looked up, in order (also passed as CNI_PATH).
     pub cni_bin_dirs: Vec<PathBuf>,
+    /// Nameservers for ClusterFirst pods; empty = pods get the node's resolver.
     pub cluster_dns: Vec<String>,
+    /// e.g. cluster.local.
     pub cluster_domain: String,
 }
 
@@ -79,6 +88,7 @@ pub enum SandboxError {
         command: &'static str,
         detail: String,
     },
+    /// A file or mount operation on the sandbox's files failed.
     #[error("pod {uid}: {source}")]
     Io { uid: String, source: std::io::Error },
     /// The pod cannot be given a sandbox (no usable UID or hostname).
@@ -138,6 +148,7 @@ struct CniCache {
     result: Option<Value>,
 }
 
+/// Makes, finds again and removes pod sandboxes; shared by all pod workers.
 pub struct SandboxManager {
     config: SandboxConfig,
     cni: Cni,
