@@ -72,11 +72,15 @@ pub async fn grpc(
         Err(_) => Outcome::Failure(format!(
             "timeout: health rpc did not complete within {timeout:?}"
         )),
-        Ok(Err(status)) if status.code() == Code::Unimplemented => Outcome::Failure(format!(
-            "error: this server does not implement the grpc health protocol \
-             (grpc.health.v1.Health): {}",
-            status.message()
-        )),
+        Ok(Err(status)) if status.code() == Code::Unimplemented => {
+            let mut message = "error: this server does not implement the grpc health protocol \
+                               (grpc.health.v1.Health)"
+                .to_string();
+            if !status.message().is_empty() {
+                message = format!("{message}: {}", status.message());
+            }
+            Outcome::Failure(message)
+        }
         Ok(Err(status)) => Outcome::Failure(format!(
             "error: health rpc probe failed: {:?}: {}",
             status.code(),
