@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use super::{capped_text, Exec, Outcome};
 
-/// How long past the probe's timeout the runtime gets to kill the command and report.
-pub const KILL_GRACE: Duration = Duration::from_secs(1);
+/// How long past the probe's timeout the runtime gets to kill the command, clean up and
+/// report (it normally answers within milliseconds of the timeout; the run is abandoned, and
+/// the runtime's cleanup with it, only past this).
+pub const KILL_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs `command` in `container_id` within `timeout`.
 pub async fn exec_probe(

@@ -189,6 +189,9 @@ pub enum ProbeError {
     /// The shared HTTP client could not be built (TLS backend initialisation).
     #[error("cannot build the HTTP probe client: {detail}")]
     Client { detail: String },
+    /// The handler panicked (a bug); the run counts as an error.
+    #[error("container {container}: the probe handler panicked")]
+    Panicked { container: String },
 }
 
 /// A probe's timing and thresholds with the API defaults applied.

@@ -8,9 +8,11 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
@@ -281,13 +283,16 @@ impl Scheduler {
             let task = tokio::spawn(async move {
                 let started = Instant::now();
                 let budget = timeout + exec_grace(&target) + RUN_SLACK;
-                let outcome =
-                    match tokio::time::timeout(budget, run_once(&*exec, &target, timeout)).await {
-                        Ok(outcome) => outcome,
-                        Err(_) => Ok(Outcome::Failure(format!(
-                            "probe did not finish within {budget:?}"
-                        ))),
-                    };
+                let run = AssertUnwindSafe(run_once(&*exec, &target, timeout)).catch_unwind();
+                let outcome = match tokio::time::timeout(budget, run).await {
+                    Ok(Ok(outcome)) => outcome,
+                    Ok(Err(_)) => Err(ProbeError::Panicked {
+                        container: target.container.name.clone(),
+                    }),
+                    Err(_) => Ok(Outcome::Failure(format!(
+                        "probe did not finish within {budget:?}"
+                    ))),
+                };
                 let _ = done.send(Done {
                     key: run_key,
                     generation,
@@ -429,7 +434,6 @@ mod tests {
     use std::sync::Mutex;
 
     use futures::future::BoxFuture;
-    use futures::FutureExt;
     use k8s_openapi::api::core::v1::{Container, ExecAction, HTTPGetAction, Pod, PodSpec, Probe};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -444,6 +448,7 @@ mod tests {
         Exit(i32, &'static str),
         Hang,
         Error(&'static str),
+        Panic,
     }
 
     /// A scripted Exec: per command name, a queue of steps then a fallback step.
@@ -511,6 +516,7 @@ mod tests {
                     Step::Exit(code, out) => Ok((code, out.as_bytes().to_vec())),
                     Step::Error(message) => Err(message.to_string()),
                     Step::Hang => futures::future::pending().await,
+                    Step::Panic => panic!("the fake exec panics as asked"),
                 }
             }
             .boxed()
@@ -827,8 +833,9 @@ mod tests {
         assert_eq!(update.result, ProbeResult::Failure);
         assert_eq!(update.message, "command \"hang\" timed out");
         // Two runs of 3 s + the kill grace each, back to back: never two at once.
-        assert_eq!(at(t0), 8.0);
-        assert_eq!(exec.calls("hang", t0), vec![0.0, 4.0]);
+        let run = 3.0 + super::super::exec::KILL_GRACE.as_secs_f64();
+        assert_eq!(at(t0), 2.0 * run);
+        assert_eq!(exec.calls("hang", t0), vec![0.0, run]);
         assert_eq!(exec.max_in_flight.load(Ordering::SeqCst), 1);
         assert_eq!(exec.in_flight.load(Ordering::SeqCst), 0);
         assert_eq!(
@@ -1029,6 +1036,22 @@ mod tests {
         assert_eq!(
             event.involved_object.field_path.as_deref(),
             Some("spec.containers{app}")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_handler_is_an_error_and_the_probe_goes_on() {
+        let (exec, prober, recorder) = setup();
+        exec.set("boom", &[Step::Panic], OK);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let t0 = Instant::now();
+        prober.start(key(ProbeKind::Readiness), target(exec_probe("boom")), tx);
+        assert_eq!(next(&mut rx).await.result, ProbeResult::Failure);
+        assert_eq!(next(&mut rx).await.result, ProbeResult::Success);
+        assert_eq!(at(t0), 10.0);
+        assert_eq!(
+            messages(&recorder, "Unhealthy"),
+            vec!["Readiness probe errored: container app: the probe handler panicked"]
         );
     }
 }
