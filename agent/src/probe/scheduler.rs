@@ -1054,4 +1054,48 @@ mod tests {
             vec!["Readiness probe errored: container app: the probe handler panicked"]
         );
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_thousand_probes_share_one_scheduler() {
+        let (exec, prober, _) = setup();
+        exec.set("check", &[], OK);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let probe = Probe {
+            period_seconds: Some(1),
+            ..exec_probe("check")
+        };
+        let t0 = Instant::now();
+        for i in 0..1000 {
+            let key = ProbeKey {
+                pod_uid: format!("u{i}"),
+                ..key(ProbeKind::Readiness)
+            };
+            prober.start(key, target(probe.clone()), tx.clone());
+        }
+        tokio::time::sleep(Duration::from_millis(10_500)).await;
+        assert_eq!(
+            exec.calls("check", t0).len(),
+            11_000,
+            "runs at 0..=10 s each"
+        );
+        let mut updates = Vec::new();
+        while let Ok(update) = rx.try_recv() {
+            updates.push(update.result);
+        }
+        assert_eq!(
+            updates.len(),
+            2000,
+            "the initial Failure and one Success each"
+        );
+        assert_eq!(
+            updates
+                .iter()
+                .filter(|r| **r == ProbeResult::Success)
+                .count(),
+            1000
+        );
+        assert!(prober
+            .metrics_text()
+            .contains("nodelet_probe_start_delay_seconds_count 11000\n"));
+    }
 }
