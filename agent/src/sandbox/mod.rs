@@ -410,6 +410,8 @@ impl SandboxManager {
         write_atomic(&self.pod_run_dir(uid).join("cni.json"), &text).map_err(SandboxError::io(uid))
     }
 
+    /// The cached CNI inputs and result. An unreadable cache cannot be used for DEL however
+    /// often it is retried, so it counts as absent (with a warning).
     fn load_cni_cache(&self, uid: &str) -> Result<Option<CniCache>, SandboxError> {
         let path = self.pod_run_dir(uid).join("cni.json");
         let text = match std::fs::read(&path) {
@@ -417,15 +419,14 @@ impl SandboxManager {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(SandboxError::io(uid)(e)),
         };
-        serde_json::from_slice(&text)
-            .map(Some)
-            .map_err(|e| SandboxError::Io {
-                uid: uid.to_string(),
-                source: io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{}: {e}", path.display()),
-                ),
-            })
+        match serde_json::from_slice(&text) {
+            Ok(cache) => Ok(Some(cache)),
+            Err(e) => {
+                let path = path.display();
+                warn!(uid = %uid, path = %path, error = %e, "unreadable CNI cache; no DEL");
+                Ok(None)
+            }
+        }
     }
 
     fn load_state(&self, uid: &str) -> Option<State> {
@@ -619,16 +620,59 @@ mod tests {
         assert!(port_mappings(&Pod::default()).is_empty());
     }
 
-    #[test]
-    fn list_is_empty_without_run_dir() {
-        let mgr = SandboxManager::new(SandboxConfig {
-            run_dir: PathBuf::from("/nonexistent/nodelet-run"),
-            root_dir: PathBuf::from("/nonexistent/nodelet-root"),
+    fn manager(run_dir: &Path, root_dir: &Path) -> SandboxManager {
+        SandboxManager::new(SandboxConfig {
+            run_dir: run_dir.to_path_buf(),
+            root_dir: root_dir.to_path_buf(),
             cni_conf_dir: PathBuf::new(),
             cni_bin_dirs: vec![],
             cluster_dns: vec![],
             cluster_domain: "cluster.local".into(),
-        });
+        })
+    }
+
+    #[test]
+    fn list_is_empty_without_run_dir() {
+        let mgr = manager(
+            Path::new("/nonexistent/nodelet-run"),
+            Path::new("/nonexistent/nodelet-root"),
+        );
         assert!(mgr.list().is_empty());
+    }
+
+    #[tokio::test]
+    async fn teardown_clears_leftovers_without_pins_and_is_idempotent() {
+        let base = std::env::temp_dir().join(format!("nodelet-sbx-unit-{}", std::process::id()));
+        let (run, root) = (base.join("run"), base.join("root"));
+        let mgr = manager(&run, &root);
+        // A half-made sandbox: no pins, a corrupt CNI cache, a stale state, pod files.
+        std::fs::create_dir_all(run.join("u1")).unwrap();
+        std::fs::create_dir_all(run.join("u2")).unwrap();
+        std::fs::write(run.join("u1/cni.json"), "{ not json").unwrap();
+        std::fs::write(run.join("u1/sandbox.json"), "{}").unwrap();
+        std::fs::write(run.join("u1/net"), "").unwrap();
+        std::fs::create_dir_all(root.join("pods/u1")).unwrap();
+        std::fs::write(root.join("pods/u1/etc-hosts"), "x").unwrap();
+        std::fs::write(root.join("pods/u1/keep-me"), "x").unwrap();
+        assert_eq!(mgr.list(), ["u1", "u2"]);
+        assert!(matches!(
+            mgr.check("u1").await,
+            Err(SandboxError::NotFound { .. })
+        ));
+
+        mgr.teardown("u1").await.unwrap();
+        assert!(!run.join("u1").exists());
+        assert!(!root.join("pods/u1/etc-hosts").exists());
+        assert!(
+            root.join("pods/u1/keep-me").exists(),
+            "other modules' files stay"
+        );
+        assert_eq!(mgr.list(), ["u2"]);
+        mgr.teardown("u1").await.unwrap();
+        assert!(matches!(
+            mgr.teardown("../u2").await,
+            Err(SandboxError::InvalidPod { .. })
+        ));
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }
