@@ -20,7 +20,14 @@ use crate::status::StatusManager;
 use crate::store::ObjectStore;
 use crate::volume::VolumeManager;
 
+pub mod backoff;
 pub mod env;
+pub mod hooks;
+pub mod machine;
+pub mod manager;
+pub mod resources;
+pub mod status;
+pub mod worker;
 
 /// Node facts pods need.
 #[derive(Clone, Debug, Default)]

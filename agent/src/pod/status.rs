@@ -1,0 +1,897 @@
+//! The v1 PodStatus of one pod, computed purely from the desired pod, the worker's observations
+//! and the previously reported status, with the kubelet's rules: phase (terminal only once every
+//! container has stopped, and sticky once terminal), the kubelet-owned conditions (their
+//! lastTransitionTime moves only when their status does), container statuses, IPs, QoS.
+
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{
+    Container, ContainerState, ContainerStateRunning, ContainerStateTerminated,
+    ContainerStateWaiting, ContainerStatus, HostIP, Pod, PodCondition, PodIP, PodStatus,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::machine::{self, Attempt, ContainerObs, Exit, Kind, Observed, PodState, Why};
+use super::resources;
+
+const OWNED: [&str; 5] = [
+    "PodReadyToStartContainers",
+    "Initialized",
+    "Ready",
+    "ContainersReady",
+    "PodScheduled",
+];
+
+/// What the status is computed from.
+pub struct Input<'a> {
+    /// The desired pod (its status holds conditions other owners set, e.g. readiness gates).
+    pub pod: &'a Pod,
+    /// The status reported last (None at first).
+    pub previous: Option<&'a PodStatus>,
+    pub obs: &'a Observed,
+    /// The worker's state after the last step.
+    pub state: PodState,
+    pub node_ip: Option<IpAddr>,
+    /// The sandbox's IP (None for hostNetwork pods, which report the node's).
+    pub pod_ip: Option<IpAddr>,
+}
+
+/// A Kubernetes time, whole seconds (as the API stores it).
+pub fn time(t: SystemTime) -> Time {
+    let ts = Timestamp::try_from(t).unwrap_or(Timestamp::UNIX_EPOCH);
+    Time(Timestamp::from_second(ts.as_second()).unwrap_or(ts))
+}
+
+/// Computes the pod's status.
+pub fn compute(input: &Input) -> PodStatus {
+    let pod = input.pod;
+    let spec = pod.spec.clone().unwrap_or_default();
+    let all = machine::containers(pod);
+    let statuses = |kinds: &[Kind]| -> Vec<ContainerStatus> {
+        all.iter()
+            .filter(|(k, _)| kinds.contains(k))
+            .map(|(k, c)| container_status(input, *k, c))
+            .collect()
+    };
+    let init_statuses = statuses(&[Kind::Init, Kind::Sidecar]);
+    let app_statuses = statuses(&[Kind::App]);
+    let terminal = input.state == PodState::Terminated;
+    let (phase, reason, message) = phase_of(input, &all, &init_statuses, &app_statuses, terminal);
+    let host_ip = input.node_ip.map(|ip| ip.to_string());
+    let pod_ip = match spec.host_network {
+        Some(true) => host_ip.clone(),
+        _ => input.pod_ip.map(|ip| ip.to_string()),
+    };
+    let start_time = input
+        .previous
+        .and_then(|p| p.start_time.clone())
+        .or_else(|| input.obs.start_time.map(time));
+    let mut status = PodStatus {
+        phase: Some(phase.to_string()),
+        reason,
+        message,
+        host_ips: host_ip.clone().map(|ip| vec![HostIP { ip }]),
+        host_ip,
+        pod_ips: pod_ip.clone().map(|ip| vec![PodIP { ip }]),
+        pod_ip,
+        start_time,
+        qos_class: Some(resources::qos_class(pod).to_string()),
+        observed_generation: pod.metadata.generation,
+        init_container_statuses: (!init_statuses.is_empty()).then_some(init_statuses),
+        container_statuses: Some(app_statuses),
+        ..Default::default()
+    };
+    status.conditions = Some(conditions(input, &status));
+    status
+}
+
+fn container_status(input: &Input, kind: Kind, c: &Container) -> ContainerStatus {
+    let default = ContainerObs::default();
+    let o = input.obs.containers.get(&c.name).unwrap_or(&default);
+    let pod = input.pod;
+    let has_init = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.init_containers.as_ref())
+        .is_some_and(|i| !i.is_empty());
+    let terminated = |e: &Exit| ContainerState {
+        terminated: Some(terminated(e, o.container_id.as_deref())),
+        ..Default::default()
+    };
+    let waiting = |reason: &str, message: Option<String>| ContainerState {
+        waiting: Some(ContainerStateWaiting {
+            reason: Some(reason.to_string()),
+            message,
+        }),
+        ..Default::default()
+    };
+    let reported_waiting = o
+        .waiting
+        .as_ref()
+        .map(|w| waiting(&w.reason, Some(w.message.clone())));
+    let (state, last) = match &o.state {
+        Attempt::None => {
+            let default = if has_init {
+                "PodInitializing"
+            } else {
+                "ContainerCreating"
+            };
+            (
+                reported_waiting.unwrap_or_else(|| waiting(default, None)),
+                None,
+            )
+        }
+        Attempt::Running { started_at } => {
+            let running = ContainerState {
+                running: Some(ContainerStateRunning {
+                    started_at: Some(time(*started_at)),
+                }),
+                ..Default::default()
+            };
+            (running, o.last_exit.as_ref().map(terminated))
+        }
+        Attempt::Exited(e) => {
+            let restarts = input.state < PodState::Terminating
+                && machine::wants_restart(machine::restart_policy(pod), kind, e);
+            let backoff = o.backoff.filter(|w| w.until > input.obs.now);
+            match (restarts, reported_waiting, backoff) {
+                (true, Some(w), _) => (w, Some(terminated(e))),
+                (true, None, Some(w)) => {
+                    let msg = format!(
+                        "back-off {}s restarting failed container={} pod={}_{}({})",
+                        w.delay.as_secs(),
+                        c.name,
+                        pod.metadata.name.as_deref().unwrap_or(""),
+                        pod.metadata.namespace.as_deref().unwrap_or(""),
+                        pod.metadata.uid.as_deref().unwrap_or(""),
+                    );
+                    (waiting("CrashLoopBackOff", Some(msg)), Some(terminated(e)))
+                }
+                _ => (terminated(e), o.last_exit.as_ref().map(terminated)),
+            }
+        }
+    };
+    let running = o.running();
+    ContainerStatus {
+        name: c.name.clone(),
+        image: c.image.clone().unwrap_or_default(),
+        image_id: o.image_id.clone().unwrap_or_default(),
+        container_id: o
+            .container_id
+            .as_ref()
+            .map(|id| format!("containerd://{id}")),
+        restart_count: o.attempt as i32,
+        ready: running && o.ready,
+        started: Some(running && o.started),
+        state: Some(state),
+        last_state: Some(last.unwrap_or_default()),
+        ..Default::default()
+    }
+}
+
+fn terminated(e: &Exit, id: Option<&str>) -> ContainerStateTerminated {
+    let reason = match (e.oom_killed, e.code) {
+        (true, _) => "OOMKilled",
+        (false, 0) => "Completed",
+        _ => "Error",
+    };
+    ContainerStateTerminated {
+        exit_code: e.code,
+        signal: (129..=192).contains(&e.code).then_some(e.code - 128),
+        reason: Some(reason.to_string()),
+        message: e.message.clone().filter(|m| !m.is_empty()),
+        started_at: e.started_at.map(time),
+        finished_at: Some(time(e.finished_at)),
+        container_id: id.map(|id| format!("containerd://{id}")),
+    }
+}
+
+fn is_running(s: &ContainerStatus) -> bool {
+    s.state.as_ref().is_some_and(|st| st.running.is_some())
+}
+
+fn terminated_state(s: &ContainerStatus) -> Option<&ContainerStateTerminated> {
+    s.state.as_ref().and_then(|st| st.terminated.as_ref())
+}
+
+fn last_terminated(s: &ContainerStatus) -> Option<&ContainerStateTerminated> {
+    s.last_state.as_ref().and_then(|st| st.terminated.as_ref())
+}
+
+/// The kubelet's getPhase, then deadline, stickiness and the hold until containers stopped.
+fn phase_of(
+    input: &Input,
+    all: &[(Kind, &Container)],
+    init: &[ContainerStatus],
+    apps: &[ContainerStatus],
+    terminal: bool,
+) -> (&'static str, Option<String>, Option<String>) {
+    let policy = machine::restart_policy(input.pod);
+    let kinds = all.iter().map(|(k, _)| *k);
+    let mut pending_init = 0;
+    let mut failed_init = 0;
+    let (mut running, mut waiting, mut stopped, mut succeeded) = (0, 0, 0, 0);
+    for (kind, s) in kinds.clone().zip(init) {
+        let waiting_state = s.state.as_ref().is_some_and(|st| st.waiting.is_some());
+        match kind {
+            Kind::Init => match terminated_state(s) {
+                Some(t) if t.exit_code != 0 => failed_init += 1,
+                Some(_) => {}
+                None if waiting_state && last_terminated(s).is_some_and(|t| t.exit_code != 0) => {
+                    failed_init += 1
+                }
+                None if waiting_state && last_terminated(s).is_some() => {}
+                None => pending_init += 1,
+            },
+            _ if is_running(s) => {
+                running += 1;
+                if s.started != Some(true) {
+                    pending_init += 1;
+                }
+            }
+            _ if waiting_state && last_terminated(s).is_none() => {
+                pending_init += 1;
+                waiting += 1;
+            }
+            _ => {}
+        }
+    }
+    for s in apps {
+        if is_running(s) {
+            running += 1;
+        } else if let Some(t) = terminated_state(s) {
+            stopped += 1;
+            succeeded += (t.exit_code == 0) as i32;
+        } else if last_terminated(s).is_some() {
+            stopped += 1;
+        } else {
+            waiting += 1;
+        }
+    }
+    let any_app_started = apps
+        .iter()
+        .any(|s| is_running(s) || terminated_state(s).is_some() || last_terminated(s).is_some());
+    let mut phase = if failed_init > 0 && policy == "Never" {
+        "Failed"
+    } else if (pending_init > 0 && !any_app_started) || waiting > 0 {
+        "Pending"
+    } else if running > 0 {
+        "Running"
+    } else if stopped == 0 {
+        "Pending"
+    } else if terminal || policy != "Always" && stopped == succeeded {
+        if stopped == succeeded {
+            "Succeeded"
+        } else {
+            "Failed"
+        }
+    } else if policy == "Never" {
+        "Failed"
+    } else {
+        "Running"
+    };
+    let mut reason = None;
+    let mut message = None;
+    if matches!(input.obs.terminating, Some((_, Why::DeadlineExceeded))) {
+        phase = "Failed";
+        reason = Some("DeadlineExceeded".to_string());
+        message = Some("Pod was active on the node longer than the specified deadline".into());
+    }
+    let previous = input.previous;
+    let prev_phase = previous.and_then(|p| p.phase.as_deref());
+    let api_phase = input.pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    let is_terminal = |p: Option<&str>| matches!(p, Some("Succeeded" | "Failed"));
+    if !is_terminal(Some(phase)) {
+        if let Some(p) = [prev_phase, api_phase]
+            .into_iter()
+            .find(|p| is_terminal(*p))
+        {
+            phase = static_phase(p.unwrap_or_default());
+        }
+    } else if !terminal {
+        // Not terminal until every container has stopped.
+        phase = static_phase(
+            prev_phase
+                .filter(|p| !is_terminal(Some(p)))
+                .unwrap_or("Running"),
+        );
+        reason = None;
+        message = None;
+    }
+    if reason.is_none() && prev_phase == Some(phase) {
+        reason = previous.and_then(|p| p.reason.clone());
+        message = previous.and_then(|p| p.message.clone());
+    }
+    (phase, reason, message)
+}
+
+fn static_phase(p: &str) -> &'static str {
+    match p {
+        "Running" => "Running",
+        "Succeeded" => "Succeeded",
+        "Failed" => "Failed",
+        _ => "Pending",
+    }
+}
+
+fn conditions(input: &Input, status: &PodStatus) -> Vec<PodCondition> {
+    let pod = input.pod;
+    let phase = status.phase.as_deref().unwrap_or("Pending");
+    let generation = pod.metadata.generation;
+    let now = time(input.obs.now);
+    let previous = input.previous.and_then(|p| p.conditions.as_ref());
+    let mut out: Vec<PodCondition> = foreign_conditions(pod).cloned().collect();
+    let init = status
+        .init_container_statuses
+        .as_deref()
+        .unwrap_or_default();
+    let apps = status.container_statuses.as_deref().unwrap_or_default();
+    let owned = [
+        (
+            "PodReadyToStartContainers",
+            (input.obs.sandbox_ready, None, None),
+        ),
+        ("Initialized", initialized(pod, phase, init, apps)),
+        ("Ready", ready(pod, phase, init, apps)),
+        ("ContainersReady", containers_ready(phase, pod, init, apps)),
+        ("PodScheduled", (true, None, None)),
+    ];
+    for (kind, (ok, reason, message)) in owned {
+        let status = if ok { "True" } else { "False" }.to_string();
+        let last = previous
+            .and_then(|p| p.iter().find(|c| c.type_ == kind))
+            .filter(|c| c.status == status)
+            .and_then(|c| c.last_transition_time.clone());
+        out.push(PodCondition {
+            type_: kind.to_string(),
+            status,
+            reason,
+            message,
+            last_transition_time: Some(last.unwrap_or_else(|| now.clone())),
+            observed_generation: generation,
+            last_probe_time: None,
+        });
+    }
+    out
+}
+
+fn foreign_conditions(pod: &Pod) -> impl Iterator<Item = &PodCondition> {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|c| !OWNED.contains(&c.type_.as_str()))
+}
+
+type Cond = (bool, Option<String>, Option<String>);
+
+fn initialized(pod: &Pod, phase: &str, init: &[ContainerStatus], apps: &[ContainerStatus]) -> Cond {
+    let all = machine::containers(pod);
+    let specs: Vec<_> = all.iter().filter(|(k, _)| *k != Kind::App).collect();
+    if specs.is_empty() {
+        return (true, None, None);
+    }
+    if phase == "Succeeded" {
+        return (true, Some("PodCompleted".into()), None);
+    }
+    let app_started = apps
+        .iter()
+        .any(|s| is_running(s) || terminated_state(s).is_some() || last_terminated(s).is_some());
+    if app_started {
+        return (true, None, None);
+    }
+    let incomplete: Vec<&str> = specs
+        .iter()
+        .zip(init)
+        .filter(|((kind, _), s)| match kind {
+            Kind::Sidecar => s.started != Some(true),
+            _ => terminated_state(s).is_none_or(|t| t.exit_code != 0),
+        })
+        .map(|((_, c), _)| c.name.as_str())
+        .collect();
+    if incomplete.is_empty() {
+        return (true, None, None);
+    }
+    (
+        false,
+        Some("ContainersNotInitialized".into()),
+        Some(format!(
+            "containers with incomplete status: [{}]",
+            incomplete.join(" ")
+        )),
+    )
+}
+
+fn containers_ready(
+    phase: &str,
+    pod: &Pod,
+    init: &[ContainerStatus],
+    apps: &[ContainerStatus],
+) -> Cond {
+    match phase {
+        "Succeeded" => return (false, Some("PodCompleted".into()), None),
+        "Failed" => return (false, Some("PodFailed".into()), None),
+        _ => {}
+    }
+    let sidecars = machine::containers(pod)
+        .into_iter()
+        .filter(|(k, _)| *k != Kind::App)
+        .zip(init)
+        .filter(|((k, _), _)| *k == Kind::Sidecar)
+        .map(|(_, s)| s);
+    let unready: Vec<&str> = sidecars
+        .chain(apps)
+        .filter(|s| !s.ready)
+        .map(|s| s.name.as_str())
+        .collect();
+    if unready.is_empty() {
+        return (true, None, None);
+    }
+    (
+        false,
+        Some("ContainersNotReady".into()),
+        Some(format!(
+            "containers with unready status: [{}]",
+            unready.join(" ")
+        )),
+    )
+}
+
+fn ready(pod: &Pod, phase: &str, init: &[ContainerStatus], apps: &[ContainerStatus]) -> Cond {
+    let cr = containers_ready(phase, pod, init, apps);
+    if !cr.0 {
+        return cr;
+    }
+    let gates = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.readiness_gates.as_ref())
+        .into_iter()
+        .flatten();
+    let unmet: Vec<String> = gates
+        .filter_map(|g| {
+            let kind = &g.condition_type;
+            match foreign_conditions(pod).find(|c| &c.type_ == kind) {
+                None => Some(format!(
+                    "corresponding condition of pod readiness gate \"{kind}\" does not exist."
+                )),
+                Some(c) if c.status != "True" => Some(format!(
+                    "the status of pod readiness gate \"{kind}\" is not \"True\", but {}",
+                    c.status
+                )),
+                Some(_) => None,
+            }
+        })
+        .collect();
+    if unmet.is_empty() {
+        return (true, None, None);
+    }
+    (
+        false,
+        Some("ReadinessGatesNotReady".into()),
+        Some(unmet.join(", ")),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pod::backoff::Window;
+    use crate::pod::machine::Waiting;
+    use k8s_openapi::api::core::v1::{PodReadinessGate, PodSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use std::time::Duration;
+
+    const T0: u64 = 1_700_000_000;
+
+    fn t(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(T0 + secs)
+    }
+
+    fn c(name: &str) -> Container {
+        Container {
+            name: name.into(),
+            image: Some("busybox".into()),
+            ..Default::default()
+        }
+    }
+
+    fn pod(policy: &str, init: Vec<Container>, apps: Vec<Container>) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some("web".into()),
+                namespace: Some("default".into()),
+                uid: Some("u1".into()),
+                generation: Some(3),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                restart_policy: Some(policy.into()),
+                init_containers: Some(init),
+                containers: apps,
+                ..Default::default()
+            }),
+            status: None,
+        }
+    }
+
+    fn obs(items: &[(&str, ContainerObs)]) -> Observed {
+        Observed {
+            now: t(100),
+            state: PodState::Syncing,
+            start_time: Some(t(0)),
+            sandbox_ready: true,
+            volumes_ready: true,
+            containers: items
+                .iter()
+                .map(|(n, o)| (n.to_string(), o.clone()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn running(ready: bool) -> ContainerObs {
+        ContainerObs {
+            state: Attempt::Running { started_at: t(10) },
+            started: true,
+            ready,
+            container_id: Some("abc".into()),
+            image_id: Some("busybox@sha256:1".into()),
+            ..Default::default()
+        }
+    }
+
+    fn exit(code: i32) -> Exit {
+        Exit {
+            code,
+            oom_killed: false,
+            started_at: Some(t(10)),
+            finished_at: t(20),
+            message: None,
+        }
+    }
+
+    fn exited(attempt: u32, code: i32) -> ContainerObs {
+        ContainerObs {
+            attempt,
+            state: Attempt::Exited(exit(code)),
+            ..Default::default()
+        }
+    }
+
+    fn run(p: &Pod, o: &Observed, state: PodState, prev: Option<&PodStatus>) -> PodStatus {
+        compute(&Input {
+            pod: p,
+            previous: prev,
+            obs: o,
+            state,
+            node_ip: Some("192.0.2.1".parse().unwrap()),
+            pod_ip: Some("10.233.0.5".parse().unwrap()),
+        })
+    }
+
+    fn cond<'a>(s: &'a PodStatus, kind: &str) -> &'a PodCondition {
+        s.conditions
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|c| c.type_ == kind)
+            .unwrap()
+    }
+
+    fn app<'a>(s: &'a PodStatus, name: &str) -> &'a ContainerStatus {
+        s.container_statuses
+            .as_ref()
+            .unwrap()
+            .iter()
+            .chain(s.init_container_statuses.iter().flatten())
+            .find(|c| c.name == name)
+            .unwrap()
+    }
+
+    fn waiting_reason(s: &ContainerStatus) -> Option<&str> {
+        s.state.as_ref()?.waiting.as_ref()?.reason.as_deref()
+    }
+
+    #[test]
+    fn new_pod_is_pending_container_creating() {
+        let p = pod("Always", vec![], vec![c("app")]);
+        let s = run(&p, &obs(&[]), PodState::Syncing, None);
+        assert_eq!(s.phase.as_deref(), Some("Pending"));
+        assert_eq!(waiting_reason(app(&s, "app")), Some("ContainerCreating"));
+        assert_eq!(cond(&s, "ContainersReady").status, "False");
+        assert_eq!(cond(&s, "PodScheduled").status, "True");
+        assert_eq!(cond(&s, "Initialized").status, "True");
+        assert_eq!(s.qos_class.as_deref(), Some("BestEffort"));
+        assert_eq!(s.observed_generation, Some(3));
+        assert_eq!(s.pod_ip.as_deref(), Some("10.233.0.5"));
+        assert_eq!(s.host_ip.as_deref(), Some("192.0.2.1"));
+        assert_eq!(s.start_time, Some(time(t(0))));
+    }
+
+    #[test]
+    fn init_pending_reports_pod_initializing() {
+        let p = pod("Always", vec![c("i1")], vec![c("app")]);
+        let s = run(&p, &obs(&[("i1", running(false))]), PodState::Syncing, None);
+        assert_eq!(s.phase.as_deref(), Some("Pending"));
+        assert_eq!(waiting_reason(app(&s, "app")), Some("PodInitializing"));
+        let init = cond(&s, "Initialized");
+        assert_eq!(init.status, "False");
+        assert_eq!(init.reason.as_deref(), Some("ContainersNotInitialized"));
+        assert_eq!(
+            init.message.as_deref(),
+            Some("containers with incomplete status: [i1]")
+        );
+    }
+
+    #[test]
+    fn running_and_ready() {
+        let p = pod("Always", vec![c("i1")], vec![c("app")]);
+        let o = obs(&[("i1", exited(0, 0)), ("app", running(true))]);
+        let s = run(&p, &o, PodState::Syncing, None);
+        assert_eq!(s.phase.as_deref(), Some("Running"));
+        assert_eq!(cond(&s, "Initialized").status, "True");
+        assert_eq!(cond(&s, "ContainersReady").status, "True");
+        assert_eq!(cond(&s, "Ready").status, "True");
+        let a = app(&s, "app");
+        assert!(a.ready);
+        assert_eq!(a.started, Some(true));
+        assert_eq!(a.container_id.as_deref(), Some("containerd://abc"));
+        assert_eq!(a.image_id, "busybox@sha256:1");
+        let i = app(&s, "i1");
+        let term = i.state.as_ref().unwrap().terminated.as_ref().unwrap();
+        assert_eq!(term.reason.as_deref(), Some("Completed"));
+    }
+
+    #[test]
+    fn unready_container_named_in_message() {
+        let p = pod("Always", vec![], vec![c("a"), c("b")]);
+        let o = obs(&[("a", running(true)), ("b", running(false))]);
+        let s = run(&p, &o, PodState::Syncing, None);
+        let cr = cond(&s, "ContainersReady");
+        assert_eq!(cr.reason.as_deref(), Some("ContainersNotReady"));
+        assert_eq!(
+            cr.message.as_deref(),
+            Some("containers with unready status: [b]")
+        );
+        assert_eq!(cond(&s, "Ready").status, "False");
+    }
+
+    #[test]
+    fn readiness_gates() {
+        let mut p = pod("Always", vec![], vec![c("a")]);
+        p.spec.as_mut().unwrap().readiness_gates = Some(vec![PodReadinessGate {
+            condition_type: "example.com/lb".into(),
+        }]);
+        let o = obs(&[("a", running(true))]);
+        let s = run(&p, &o, PodState::Syncing, None);
+        let r = cond(&s, "Ready");
+        assert_eq!(r.status, "False");
+        assert_eq!(r.reason.as_deref(), Some("ReadinessGatesNotReady"));
+        assert_eq!(
+            r.message.as_deref(),
+            Some(
+                "corresponding condition of pod readiness gate \"example.com/lb\" does not exist."
+            )
+        );
+        p.status = Some(PodStatus {
+            conditions: Some(vec![PodCondition {
+                type_: "example.com/lb".into(),
+                status: "True".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        let s = run(&p, &o, PodState::Syncing, None);
+        assert_eq!(cond(&s, "Ready").status, "True");
+        assert_eq!(cond(&s, "example.com/lb").status, "True");
+    }
+
+    #[test]
+    fn transition_time_moves_only_on_change() {
+        let p = pod("Always", vec![], vec![c("a")]);
+        let mut o = obs(&[("a", running(false))]);
+        let first = run(&p, &o, PodState::Syncing, None);
+        o.now = t(200);
+        let same = run(&p, &o, PodState::Syncing, Some(&first));
+        assert_eq!(
+            cond(&same, "Ready").last_transition_time,
+            Some(time(t(100)))
+        );
+        o.containers.get_mut("a").unwrap().ready = true;
+        let changed = run(&p, &o, PodState::Syncing, Some(&same));
+        assert_eq!(
+            cond(&changed, "Ready").last_transition_time,
+            Some(time(t(200)))
+        );
+        assert_eq!(
+            cond(&changed, "PodScheduled").last_transition_time,
+            Some(time(t(100)))
+        );
+    }
+
+    #[test]
+    fn crash_loop_back_off_waiting_with_last_state() {
+        let p = pod("Always", vec![], vec![c("app")]);
+        let mut o = exited(2, 1);
+        o.backoff = Some(Window {
+            until: t(130),
+            delay: Duration::from_secs(20),
+        });
+        let s = run(&p, &obs(&[("app", o)]), PodState::Syncing, None);
+        let a = app(&s, "app");
+        assert_eq!(waiting_reason(a), Some("CrashLoopBackOff"));
+        assert_eq!(
+            a.state
+                .as_ref()
+                .unwrap()
+                .waiting
+                .as_ref()
+                .unwrap()
+                .message
+                .as_deref(),
+            Some("back-off 20s restarting failed container=app pod=web_default(u1)")
+        );
+        assert_eq!(last_terminated(a).unwrap().exit_code, 1);
+        assert_eq!(a.restart_count, 2);
+        assert_eq!(s.phase.as_deref(), Some("Running"));
+    }
+
+    #[test]
+    fn worker_waiting_reason_is_reported() {
+        let p = pod("Always", vec![], vec![c("app")]);
+        let o = ContainerObs {
+            waiting: Some(Waiting {
+                reason: "ErrImagePull".into(),
+                message: "not found".into(),
+            }),
+            ..Default::default()
+        };
+        let s = run(&p, &obs(&[("app", o)]), PodState::Syncing, None);
+        assert_eq!(waiting_reason(app(&s, "app")), Some("ErrImagePull"));
+        assert_eq!(s.phase.as_deref(), Some("Pending"));
+    }
+
+    #[test]
+    fn terminated_reasons_and_signal() {
+        let p = pod("Never", vec![], vec![c("a"), c("b"), c("c")]);
+        let mut oom = exited(0, 137);
+        if let Attempt::Exited(e) = &mut oom.state {
+            e.oom_killed = true;
+            e.message = Some("bye".into());
+        }
+        let o = obs(&[("a", exited(0, 0)), ("b", exited(0, 143)), ("c", oom)]);
+        let s = run(&p, &o, PodState::Terminated, None);
+        let term = |n| app(&s, n).state.clone().unwrap().terminated.unwrap();
+        assert_eq!(term("a").reason.as_deref(), Some("Completed"));
+        assert_eq!(term("a").signal, None);
+        assert_eq!(term("b").reason.as_deref(), Some("Error"));
+        assert_eq!(term("b").signal, Some(15));
+        assert_eq!(term("c").reason.as_deref(), Some("OOMKilled"));
+        assert_eq!(term("c").message.as_deref(), Some("bye"));
+        assert_eq!(term("c").started_at, Some(time(t(10))));
+        assert_eq!(term("c").finished_at, Some(time(t(20))));
+        assert_eq!(s.phase.as_deref(), Some("Failed"));
+    }
+
+    #[test]
+    fn succeeded_only_once_terminated() {
+        let p = pod("Never", vec![], vec![c("a")]);
+        let o = obs(&[("a", exited(0, 0))]);
+        let held = run(&p, &o, PodState::Terminating, None);
+        assert_eq!(held.phase.as_deref(), Some("Running"));
+        let done = run(&p, &o, PodState::Terminated, Some(&held));
+        assert_eq!(done.phase.as_deref(), Some("Succeeded"));
+        assert_eq!(cond(&done, "Ready").reason.as_deref(), Some("PodCompleted"));
+        assert_eq!(cond(&done, "Initialized").status, "True");
+    }
+
+    #[test]
+    fn on_failure_success_is_succeeded() {
+        let p = pod("OnFailure", vec![], vec![c("a")]);
+        let o = obs(&[("a", exited(0, 0))]);
+        let s = run(&p, &o, PodState::Terminated, None);
+        assert_eq!(s.phase.as_deref(), Some("Succeeded"));
+    }
+
+    #[test]
+    fn deleted_always_pod_killed_is_failed() {
+        let p = pod("Always", vec![], vec![c("a")]);
+        let mut o = obs(&[("a", exited(0, 143))]);
+        o.terminating = Some((t(50), Why::Deleted));
+        let s = run(&p, &o, PodState::Terminated, None);
+        assert_eq!(s.phase.as_deref(), Some("Failed"));
+        let a = app(&s, "a");
+        assert!(a.state.as_ref().unwrap().terminated.is_some());
+    }
+
+    #[test]
+    fn sidecar_does_not_count_for_phase() {
+        let p = pod(
+            "Never",
+            vec![Container {
+                restart_policy: Some("Always".into()),
+                ..c("side")
+            }],
+            vec![c("a")],
+        );
+        let o = obs(&[("side", exited(0, 143)), ("a", exited(0, 0))]);
+        let s = run(&p, &o, PodState::Terminated, None);
+        assert_eq!(s.phase.as_deref(), Some("Succeeded"));
+    }
+
+    #[test]
+    fn failed_init_under_never_is_failed_once_stopped() {
+        let p = pod("Never", vec![c("i1")], vec![c("a")]);
+        let o = obs(&[("i1", exited(0, 1))]);
+        let s = run(&p, &o, PodState::Terminated, None);
+        assert_eq!(s.phase.as_deref(), Some("Failed"));
+        assert_eq!(waiting_reason(app(&s, "a")), Some("PodInitializing"));
+    }
+
+    #[test]
+    fn deadline_exceeded_reason() {
+        let p = pod("Always", vec![], vec![c("a")]);
+        let mut o = obs(&[("a", running(true))]);
+        o.terminating = Some((t(50), Why::DeadlineExceeded));
+        let held = run(&p, &o, PodState::Terminating, None);
+        assert_eq!(held.phase.as_deref(), Some("Running"));
+        o.containers.insert("a".into(), exited(0, 137));
+        let s = run(&p, &o, PodState::Terminated, Some(&held));
+        assert_eq!(s.phase.as_deref(), Some("Failed"));
+        assert_eq!(s.reason.as_deref(), Some("DeadlineExceeded"));
+    }
+
+    #[test]
+    fn terminal_phase_is_sticky() {
+        let p = pod("Never", vec![], vec![c("a")]);
+        let prev = PodStatus {
+            phase: Some("Succeeded".into()),
+            ..Default::default()
+        };
+        let s = run(&p, &obs(&[]), PodState::Syncing, Some(&prev));
+        assert_eq!(s.phase.as_deref(), Some("Succeeded"));
+    }
+
+    #[test]
+    fn host_network_reports_node_ip() {
+        let mut p = pod("Always", vec![], vec![c("a")]);
+        p.spec.as_mut().unwrap().host_network = Some(true);
+        let s = run(&p, &obs(&[]), PodState::Syncing, None);
+        assert_eq!(s.pod_ip.as_deref(), Some("192.0.2.1"));
+        assert_eq!(s.pod_ips.unwrap()[0].ip, "192.0.2.1");
+    }
+
+    #[test]
+    fn sandbox_gone_clears_ready_to_start() {
+        let p = pod("Always", vec![], vec![c("a")]);
+        let mut o = obs(&[]);
+        o.sandbox_ready = false;
+        let s = run(&p, &o, PodState::Pending, None);
+        assert_eq!(cond(&s, "PodReadyToStartContainers").status, "False");
+    }
+
+    #[test]
+    fn sidecar_not_started_keeps_pod_initializing() {
+        let p = pod(
+            "Always",
+            vec![Container {
+                restart_policy: Some("Always".into()),
+                ..c("side")
+            }],
+            vec![c("a")],
+        );
+        let mut side = running(false);
+        side.started = false;
+        let s = run(&p, &obs(&[("side", side)]), PodState::Syncing, None);
+        assert_eq!(s.phase.as_deref(), Some("Pending"));
+        assert_eq!(
+            cond(&s, "Initialized").message.as_deref(),
+            Some("containers with incomplete status: [side]")
+        );
+        assert_eq!(app(&s, "side").started, Some(false));
+    }
+}
