@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser};
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,20 +34,8 @@ pub enum ConfigError {
     about = "A node agent that does the kubelet's job over containerd"
 )]
 pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
     #[command(flatten)]
     pub flags: Flags,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Internal: the logging binary containerd's shim starts for each container.
-    #[command(hide = true, name = "log-driver")]
-    LogDriver {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
 }
 
 /// Command-line flags; every one optional so the file and the defaults can fill in.

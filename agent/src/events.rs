@@ -45,6 +45,11 @@ impl Recorder {
         }
     }
 
+    /// The node this recorder reports from.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
     /// Routes every later event to `sink` as well (the API writer in cluster mode).
     pub fn set_sink(&self, sink: mpsc::UnboundedSender<Event>) {
         *self.sink.lock().expect("sink lock") = Some(sink);

@@ -1,0 +1,330 @@
+//! The agent: builds every component once, in one fixed order, runs the pod sources, the pod
+//! manager and the read-only server, and on shutdown stops the agent but never the pods.
+//!
+//! Start order: directories → runtime (retried until containerd answers) → sandboxes, volumes,
+//! prober, status, recorder → pod manager (recovers containers from containerd) → sources →
+//! first full sync (orphans are cleaned up only then) → server → READY=1.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::events::{EventType, Recorder};
+use crate::pod::manager::PodManager;
+use crate::pod::{Deletion, Desired, NodeFacts, PodContext};
+use crate::probe::Prober;
+use crate::runtime::{Runtime, RuntimeConfig};
+use crate::sandbox::{SandboxConfig, SandboxManager};
+use crate::server::{self, ServerState};
+use crate::source::manifest::ManifestSource;
+use crate::status::StatusManager;
+use crate::store::ObjectStore;
+use crate::volume::{VolumeConfig, VolumeManager};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A directory the agent needs could not be created.
+    #[error("creating {path}: {source}")]
+    Dir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// The read-only port could not be bound.
+    #[error("binding the read-only port {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    /// Shutdown was asked for before containerd ever answered.
+    #[error("stopped before containerd answered")]
+    NoRuntime,
+}
+
+/// How long shutdown waits for workers to stop (they never stop containers).
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Runs the agent until `shutdown` completes.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    let root = CancellationToken::new();
+    {
+        let root = root.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            root.cancel();
+        });
+    }
+    for dir in [&config.root_dir, &config.log_dir, &config.run_dir] {
+        std::fs::create_dir_all(dir).map_err(|source| AgentError::Dir {
+            path: dir.clone(),
+            source,
+        })?;
+    }
+
+    let runtime = connect_runtime(&config, &root).await?;
+    let store = ObjectStore::new();
+    let recorder = Recorder::new(&config.node_name);
+    let status = StatusManager::new();
+    let prober = Arc::new(Prober::new(Arc::new(runtime.clone()), recorder.clone()));
+    let sandboxes = Arc::new(SandboxManager::new(SandboxConfig {
+        run_dir: config.run_dir.join("sandboxes"),
+        root_dir: config.root_dir.clone(),
+        cni_conf_dir: config.cni_conf_dir.clone(),
+        cni_bin_dirs: config.cni_bin_dirs.clone(),
+        cluster_dns: config.cluster_dns.clone(),
+        cluster_domain: config.cluster_domain.clone(),
+    }));
+    let volumes = Arc::new(VolumeManager::new(
+        VolumeConfig {
+            root_dir: config.root_dir.clone(),
+            plugins_registry: config.root_dir.join("plugins_registry"),
+        },
+        store.clone(),
+    ));
+    let ctx = Arc::new(PodContext {
+        node: NodeFacts {
+            name: config.node_name.clone(),
+            ip: config.node_ip.or_else(node_ip),
+            root_dir: config.root_dir.clone(),
+            log_dir: config.log_dir.clone(),
+        },
+        runtime,
+        sandboxes,
+        volumes,
+        prober: prober.clone(),
+        status: status.clone(),
+        recorder: recorder.clone(),
+        store: store.clone(),
+    });
+    let manager = PodManager::new(ctx, &root);
+    if let Err(e) = manager.recover().await {
+        warn!(error = %e, "could not list containers; pods will be recreated as needed");
+    }
+
+    let (manifest_tx, manifest_rx) = watch::channel(None::<Vec<Pod>>);
+    if let Some(dir) = config.pod_manifest_path.clone() {
+        info!(dir = %dir.display(), "reading pods from the manifest folder");
+        tokio::spawn(watch_manifests(
+            ManifestSource::new(dir, &config.node_name),
+            config.file_check_frequency,
+            store.clone(),
+            recorder.clone(),
+            manifest_tx,
+            root.clone(),
+        ));
+    } else {
+        manifest_tx.send_replace(Some(Vec::new()));
+    }
+    tokio::spawn(sync_pods(manager.clone(), manifest_rx, root.clone()));
+
+    let server_task = if config.read_only_port != 0 {
+        let addr = format!("{}:{}", config.address, config.read_only_port);
+        let listener = TcpListener::bind(&addr)
+            .await
+            .map_err(|source| AgentError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
+        info!(%addr, "serving the read-only endpoint");
+        let state = ServerState {
+            status: status.clone(),
+            recorder: recorder.clone(),
+            metrics: Arc::new(move || prober.metrics_text()),
+        };
+        let token = root.clone();
+        Some(tokio::spawn(server::serve(listener, state, async move {
+            token.cancelled().await
+        })))
+    } else {
+        None
+    };
+
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    if let Some(period) = sd_notify::watchdog_enabled() {
+        let token = root.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period / 2);
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tick.tick() => { let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]); }
+                }
+            }
+        });
+    }
+    info!(node = %config.node_name, "nodelet is running");
+
+    root.cancelled().await;
+    info!("shutting down; pods keep running");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    if tokio::time::timeout(DRAIN, manager.shutdown())
+        .await
+        .is_err()
+    {
+        warn!(after = ?DRAIN, "pod workers did not stop in time; exiting anyway");
+    }
+    if let Some(task) = server_task {
+        let _ = task.await;
+    }
+    Ok(())
+}
+
+/// Connects to containerd, retrying with back-off (up to 30 s between tries) until it answers.
+async fn connect_runtime(config: &Config, root: &CancellationToken) -> Result<Runtime, AgentError> {
+    let runtime_config = RuntimeConfig {
+        endpoint: config.runtime_endpoint.clone(),
+        namespace: config.containerd_namespace.clone(),
+        root_dir: config.root_dir.clone(),
+        log_driver: std::env::current_exe().unwrap_or_else(|_| "/usr/local/bin/nodelet".into()),
+    };
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match Runtime::connect(runtime_config.clone()).await {
+            Ok(runtime) => return Ok(runtime),
+            Err(e) => warn!(error = %e, retry_in = ?delay, "containerd is not answering"),
+        }
+        tokio::select! {
+            _ = root.cancelled() => return Err(AgentError::NoRuntime),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Re-reads the manifest folder every `period`, publishing objects to the store and pods to
+/// the channel. Bad files are reported as Warning events on the node.
+async fn watch_manifests(
+    mut source: ManifestSource,
+    period: Duration,
+    store: ObjectStore,
+    recorder: Recorder,
+    pods: watch::Sender<Option<Vec<Pod>>>,
+    token: CancellationToken,
+) {
+    let node = node_ref(&recorder);
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let (snapshot, errors) = source.scan();
+        for e in errors {
+            recorder.record(
+                node.clone(),
+                EventType::Warning,
+                "FailedManifest",
+                &e.to_string(),
+            );
+        }
+        store.replace(snapshot.objects);
+        pods.send_if_modified(|current| {
+            if current.as_ref() == Some(&snapshot.pods) {
+                false
+            } else {
+                *current = Some(snapshot.pods);
+                true
+            }
+        });
+    }
+}
+
+fn node_ref(recorder: &Recorder) -> k8s_openapi::api::core::v1::ObjectReference {
+    k8s_openapi::api::core::v1::ObjectReference {
+        kind: Some("Node".into()),
+        name: Some(recorder.node().to_string()),
+        ..Default::default()
+    }
+}
+
+/// Merges the sources into full desired sets for the pod manager. A pod removed from the
+/// manifest folder is deleted gracefully (its own grace period), as the kubelet deletes a
+/// static pod whose file is gone; it stays in the set until its worker has finished.
+async fn sync_pods(
+    manager: PodManager,
+    mut manifests: watch::Receiver<Option<Vec<Pod>>>,
+    token: CancellationToken,
+) {
+    let mut finished = manager.subscribe_finished();
+    let mut previous: BTreeMap<String, Pod> = BTreeMap::new();
+    let mut removed: BTreeMap<String, Pod> = BTreeMap::new();
+    loop {
+        let current = manifests.borrow_and_update().clone();
+        if let Some(pods) = current {
+            let now: BTreeMap<String, Pod> = pods
+                .into_iter()
+                .map(|p| (p.metadata.uid.clone().unwrap_or_default(), p))
+                .collect();
+            for (uid, pod) in std::mem::take(&mut previous) {
+                if !now.contains_key(&uid) {
+                    removed.insert(uid, pod);
+                }
+            }
+            removed.retain(|uid, _| !now.contains_key(uid));
+            let mut desired: Vec<Desired> = now
+                .values()
+                .map(|pod| Desired {
+                    pod: pod.clone(),
+                    deletion: None,
+                })
+                .collect();
+            desired.extend(removed.values().map(|pod| Desired {
+                pod: pod.clone(),
+                deletion: Some(Deletion {
+                    grace: own_grace(pod),
+                    gone: true,
+                }),
+            }));
+            previous = now;
+            manager.sync_all(desired).await;
+        }
+        tokio::select! {
+            _ = token.cancelled() => return,
+            changed = manifests.changed() => if changed.is_err() { return },
+            done = finished.recv() => {
+                if let Ok(uid) = done {
+                    removed.remove(&uid);
+                }
+            }
+        }
+    }
+}
+
+fn own_grace(pod: &Pod) -> Duration {
+    let seconds = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.termination_grace_period_seconds)
+        .unwrap_or(30);
+    Duration::from_secs(seconds.max(0) as u64)
+}
+
+/// The first non-loopback IPv4 address of this host, for hostIP.
+fn node_ip() -> Option<IpAddr> {
+    let addrs = nix::ifaddrs::getifaddrs().ok()?;
+    for ifa in addrs {
+        if ifa.interface_name.starts_with("nodelet") {
+            continue;
+        }
+        let Some(addr) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) else {
+            continue;
+        };
+        let ip = IpAddr::V4(addr.ip());
+        if !ip.is_loopback() {
+            return Some(ip);
+        }
+    }
+    None
+}
