@@ -19,7 +19,8 @@
 //!   this prober, reports Success, and released at that moment. So the pod worker starts the
 //!   startup probe too (with `resumed: Some(Success)` for a container that had already started
 //!   before an agent restart); the order of the `start` calls does not matter. A startup probe
-//!   stops running once it succeeded.
+//!   stops running once it succeeded; stopping it afterwards (a terminating pod) leaves the
+//!   container started, and a new startup probe that has not succeeded gates again.
 //! - A liveness or startup Failure puts the probe on hold (the container is going to be
 //!   restarted); the next [`Prober::start`] for the new container attempt resumes it.
 //! - A handler error (a named port the container lacks, no pod IP…) is not a result: it is

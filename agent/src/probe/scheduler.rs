@@ -7,7 +7,7 @@
 //! running future is aborted.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -88,6 +88,10 @@ pub(super) struct Scheduler {
     shared: Arc<Shared>,
     workers: BTreeMap<ProbeKey, Worker>,
     heap: BinaryHeap<Reverse<(Instant, u64, ProbeKey)>>,
+    /// (pod UID, container) whose startup probe succeeded in the current attempt; stopping
+    /// the startup probe keeps the entry (a terminating pod still runs readiness), a new
+    /// startup probe that has not succeeded clears it.
+    started: BTreeSet<(String, String)>,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
 }
@@ -101,6 +105,7 @@ impl Scheduler {
             shared,
             workers: BTreeMap::new(),
             heap: BinaryHeap::new(),
+            started: BTreeSet::new(),
             done_tx,
             done_rx,
         }
@@ -156,6 +161,7 @@ impl Scheduler {
                     keep
                 });
                 self.metrics().forget_pod(&pod_uid);
+                self.started.retain(|(uid, _)| *uid != pod_uid);
             }
         }
     }
@@ -200,6 +206,14 @@ impl Scheduler {
         if let Some(old) = self.workers.insert(key.clone(), worker) {
             abort(&old);
         }
+        if key.kind == ProbeKind::Startup {
+            let container = (key.pod_uid.clone(), key.container.clone());
+            if done_starting {
+                self.started.insert(container);
+            } else {
+                self.started.remove(&container);
+            }
+        }
         if done_starting {
             self.release(&key.pod_uid, &key.container);
         } else {
@@ -216,19 +230,14 @@ impl Scheduler {
         }
     }
 
-    /// Whether a container whose spec has a startup probe has seen that probe succeed (a
-    /// container without one has started as soon as it runs).
+    /// Whether a container whose spec has a startup probe has seen that probe succeed in its
+    /// current attempt (a container without one has started as soon as it runs).
     fn started(&self, key: &ProbeKey, target: &ProbeTarget) -> bool {
         if target.container.startup_probe.is_none() {
             return true;
         }
-        let startup = ProbeKey {
-            kind: ProbeKind::Startup,
-            ..key.clone()
-        };
-        self.workers
-            .get(&startup)
-            .is_some_and(|w| w.reported == ProbeResult::Success)
+        self.started
+            .contains(&(key.pod_uid.clone(), key.container.clone()))
     }
 
     /// Schedules the container's gated liveness and readiness probes once it has started.
@@ -391,6 +400,8 @@ impl Scheduler {
                     (ProbeKind::Startup, ProbeResult::Success) => {
                         keep_running = false;
                         startup_succeeded = true;
+                        self.started
+                            .insert((done.key.pod_uid.clone(), done.key.container.clone()));
                     }
                     _ => {}
                 }
@@ -764,6 +775,12 @@ mod tests {
         assert_eq!(exec.calls("boot", t0), vec![0.0, 1.0, 2.0], "startup stops");
         assert_eq!(exec.calls("live", t0)[0], 2.0);
         assert_eq!(exec.calls("ready", t0)[0], 2.0);
+        // A terminating pod stops startup and liveness; readiness goes on running.
+        prober.stop(&key(ProbeKind::Startup));
+        prober.stop(&key(ProbeKind::Liveness));
+        let ready = exec.calls("ready", t0).len();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(exec.calls("ready", t0).len(), ready + 3);
     }
 
     #[tokio::test(start_paused = true)]
