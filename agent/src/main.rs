@@ -22,6 +22,7 @@ fn main() -> std::process::ExitCode {
         _ => "trace",
     };
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(
             EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| EnvFilter::new(format!("nodelet={level},warn"))),
