@@ -2,7 +2,11 @@
 //! servers are used by tests that stand in for probed applications and plugins).
 
 /// Every proto the agent compiles, relative to this crate; add new ones here.
-const PROTOS: &[&str] = &["../proto/grpc_health.proto"];
+const PROTOS: &[&str] = &[
+    "../proto/grpc_health.proto",
+    "../proto/csi.proto",
+    "../proto/pluginregistration.proto",
+];
 
 /// Import roots: the project's protos and the system's well-known types (protobuf-compiler).
 const INCLUDES: &[&str] = &["../proto", "/usr/include"];

@@ -1,0 +1,494 @@
+//! CSI on the node: plugin discovery through the kubelet plugin registration API (sockets in
+//! `<root>/plugins_registry`, GetInfo, NotifyRegistrationStatus, a driver → endpoint map) and
+//! the Node service calls (NodeStage once per volume per node at the global staging path,
+//! NodePublish per pod, and the reverse on teardown).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::{CSIPersistentVolumeSource, CSIVolumeSource};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use super::{mount, ReadyVolume};
+
+/// Generated CSI v1 messages and services (Identity, Node).
+#[allow(clippy::all)]
+pub mod proto {
+    tonic::include_proto!("csi.v1");
+}
+
+/// Generated kubelet plugin registration API v1.
+#[allow(clippy::all)]
+pub mod registration {
+    tonic::include_proto!("pluginregistration");
+}
+
+use proto::node_client::NodeClient;
+use proto::volume_capability::access_mode::Mode;
+use proto::volume_capability::{AccessMode, AccessType, MountVolume};
+use proto::VolumeCapability;
+
+/// The plugin type a CSI driver registers as.
+pub const CSI_PLUGIN_TYPE: &str = "CSIPlugin";
+/// How long one CSI call may take before the operation fails (and is retried by the worker).
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What a pod's CSI volume was published with; persisted so teardown needs no spec.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CsiRecord {
+    pub driver: String,
+    pub volume_handle: String,
+    /// `<pod>/volumes/kubernetes.io~csi/<volume>/mount`.
+    pub target_path: PathBuf,
+    /// The node-global staging path (PV volumes; None for inline ephemeral volumes).
+    pub staging_path: Option<PathBuf>,
+    pub read_only: bool,
+    pub fs_type: String,
+    /// Kubernetes access modes of the claim.
+    pub access_modes: Vec<String>,
+}
+
+fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+fn target_path(root: &Path, uid: &str, volume: &str) -> PathBuf {
+    root.join("pods")
+        .join(uid)
+        .join("volumes")
+        .join(super::plugin::CSI)
+        .join(volume)
+        .join("mount")
+}
+
+/// The staging path of a PV's volume handle (one per volume per node).
+pub fn staging_path(root: &Path, driver: &str, handle: &str) -> PathBuf {
+    root.join("plugins/kubernetes.io/csi")
+        .join(driver)
+        .join(sha256_hex(handle))
+        .join("globalmount")
+}
+
+/// The record of an inline (ephemeral) CSI volume: published without staging, with a handle
+/// derived from the pod UID and volume name as upstream does.
+pub fn inline_record(root: &Path, uid: &str, volume: &str, src: &CSIVolumeSource) -> CsiRecord {
+    CsiRecord {
+        driver: src.driver.clone(),
+        volume_handle: format!("csi-{}", sha256_hex(&format!("{uid}{volume}"))),
+        target_path: target_path(root, uid, volume),
+        staging_path: None,
+        read_only: src.read_only.unwrap_or(false),
+        fs_type: src.fs_type.clone().unwrap_or_default(),
+        access_modes: Vec::new(),
+    }
+}
+
+/// The record of a CSI PV.
+pub fn pv_record(
+    root: &Path,
+    uid: &str,
+    pv: &str,
+    src: &CSIPersistentVolumeSource,
+    read_only: bool,
+    access_modes: &[String],
+) -> CsiRecord {
+    CsiRecord {
+        driver: src.driver.clone(),
+        volume_handle: src.volume_handle.clone(),
+        target_path: target_path(root, uid, pv),
+        staging_path: Some(staging_path(root, &src.driver, &src.volume_handle)),
+        read_only,
+        fs_type: src.fs_type.clone().unwrap_or_default(),
+        access_modes: access_modes.to_vec(),
+    }
+}
+
+/// The CSI access mode for Kubernetes access modes, as upstream maps them; `multi_writer` is
+/// the driver's SINGLE_NODE_MULTI_WRITER capability.
+fn access_mode(modes: &[String], multi_writer: bool) -> Mode {
+    let has = |m: &str| modes.iter().any(|x| x == m);
+    if has("ReadWriteMany") {
+        Mode::MultiNodeMultiWriter
+    } else if has("ReadOnlyMany") && !has("ReadWriteOnce") && !has("ReadWriteOncePod") {
+        Mode::MultiNodeReaderOnly
+    } else if has("ReadWriteOncePod") && multi_writer {
+        Mode::SingleNodeSingleWriter
+    } else if multi_writer {
+        Mode::SingleNodeMultiWriter
+    } else {
+        Mode::SingleNodeWriter
+    }
+}
+
+/// Connects a gRPC channel to a unix socket.
+pub async fn connect(socket: &Path) -> Result<Channel, String> {
+    let path = socket.to_path_buf();
+    Endpoint::from_static("http://[::1]:1")
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        }))
+        .await
+        .map_err(|e| format!("connecting to {}: {e}", socket.display()))
+}
+
+async fn timed<T>(
+    what: &str,
+    fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+        Ok(Ok(resp)) => Ok(resp.into_inner()),
+        Ok(Err(status)) => Err(format!("{what}: {} {}", status.code(), status.message())),
+        Err(_) => Err(format!("{what}: timed out after {CALL_TIMEOUT:?}")),
+    }
+}
+
+/// A registered driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Driver {
+    pub name: String,
+    /// The CSI socket.
+    pub endpoint: PathBuf,
+    /// The registration socket it came from.
+    pub registration: PathBuf,
+    pub versions: Vec<String>,
+}
+
+/// The CSI drivers known on this node, discovered from the registration dir.
+pub struct Plugins {
+    registry: PathBuf,
+    drivers: Mutex<BTreeMap<String, Driver>>,
+    /// Registration sockets already handled (registered or refused).
+    seen: Mutex<BTreeSet<PathBuf>>,
+    /// Serialises discovery passes.
+    discovering: tokio::sync::Mutex<()>,
+}
+
+impl Plugins {
+    pub fn new(registry: PathBuf) -> Self {
+        Self {
+            registry,
+            drivers: Mutex::new(BTreeMap::new()),
+            seen: Mutex::new(BTreeSet::new()),
+            discovering: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The drivers registered now.
+    pub fn drivers(&self) -> Vec<Driver> {
+        self.drivers
+            .lock()
+            .expect("drivers lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// One pass over the registration dir: new sockets are asked GetInfo and told the outcome;
+    /// drivers whose registration socket is gone are dropped.
+    pub async fn discover(&self) {
+        let _pass = self.discovering.lock().await;
+        let mut sockets = BTreeSet::new();
+        if let Ok(entries) = std::fs::read_dir(&self.registry) {
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_socket()) {
+                    sockets.insert(entry.path());
+                }
+            }
+        }
+        {
+            let mut seen = self.seen.lock().expect("seen lock");
+            seen.retain(|s| sockets.contains(s));
+            self.drivers
+                .lock()
+                .expect("drivers lock")
+                .retain(|_, d| sockets.contains(&d.registration));
+        }
+        for socket in sockets {
+            if self.seen.lock().expect("seen lock").contains(&socket) {
+                continue;
+            }
+            match register(&socket).await {
+                Ok(Some(driver)) => {
+                    tracing::info!(driver = %driver.name, endpoint = %driver.endpoint.display(), "CSI driver registered");
+                    self.drivers
+                        .lock()
+                        .expect("drivers lock")
+                        .insert(driver.name.clone(), driver);
+                    self.seen.lock().expect("seen lock").insert(socket);
+                }
+                Ok(None) => {
+                    self.seen.lock().expect("seen lock").insert(socket);
+                }
+                // Not answering yet (still starting): try again on the next pass.
+                Err(e) => {
+                    tracing::debug!(socket = %socket.display(), error = %e, "plugin registration")
+                }
+            }
+        }
+    }
+
+    /// Watches the registration dir until cancelled.
+    pub async fn watch(&self, cancel: CancellationToken) {
+        loop {
+            self.discover().await;
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// The endpoint of `driver`, discovering once more when it is not known yet.
+    pub async fn endpoint(&self, driver: &str) -> Option<PathBuf> {
+        let known = self
+            .drivers
+            .lock()
+            .expect("drivers lock")
+            .get(driver)
+            .map(|d| d.endpoint.clone());
+        if known.is_some() {
+            return known;
+        }
+        self.discover().await;
+        self.drivers
+            .lock()
+            .expect("drivers lock")
+            .get(driver)
+            .map(|d| d.endpoint.clone())
+    }
+
+    async fn client(&self, driver: &str) -> Result<NodeClient<Channel>, String> {
+        let endpoint = self
+            .endpoint(driver)
+            .await
+            .ok_or_else(|| format!("CSI driver {driver:?} is not registered"))?;
+        Ok(NodeClient::new(connect(&endpoint).await?))
+    }
+
+    /// NodeStage (when the driver stages and the staging path is not mounted yet) and
+    /// NodePublish (when the target is not mounted yet).
+    pub async fn setup(
+        &self,
+        rec: &CsiRecord,
+        context: BTreeMap<String, String>,
+    ) -> Result<ReadyVolume, String> {
+        let mut client = self.client(&rec.driver).await?;
+        let caps = timed(
+            "NodeGetCapabilities",
+            client.node_get_capabilities(proto::NodeGetCapabilitiesRequest {}),
+        )
+        .await?;
+        let has = |t: proto::node_service_capability::rpc::Type| {
+            caps.capabilities.iter().any(|c| {
+                matches!(&c.r#type, Some(proto::node_service_capability::Type::Rpc(r)) if r.r#type == t as i32)
+            })
+        };
+        use proto::node_service_capability::rpc::Type as Cap;
+        let capability = VolumeCapability {
+            access_mode: Some(AccessMode {
+                mode: access_mode(&rec.access_modes, has(Cap::SingleNodeMultiWriter)) as i32,
+            }),
+            access_type: Some(AccessType::Mount(MountVolume {
+                fs_type: rec.fs_type.clone(),
+                mount_flags: Vec::new(),
+                volume_mount_group: String::new(),
+            })),
+        };
+        let context: std::collections::HashMap<String, String> = context.into_iter().collect();
+        let staging = match &rec.staging_path {
+            Some(p) if has(Cap::StageUnstageVolume) => Some(p.clone()),
+            _ => None,
+        };
+        if let Some(staging) = &staging {
+            std::fs::create_dir_all(staging)
+                .map_err(|e| format!("mkdir {}: {e}", staging.display()))?;
+            if !mount::is_mounted(staging).map_err(|e| e.to_string())? {
+                timed(
+                    "NodeStageVolume",
+                    client.node_stage_volume(proto::NodeStageVolumeRequest {
+                        volume_id: rec.volume_handle.clone(),
+                        publish_context: Default::default(),
+                        staging_target_path: staging.display().to_string(),
+                        volume_capability: Some(capability.clone()),
+                        secrets: Default::default(),
+                        volume_context: context.clone(),
+                    }),
+                )
+                .await?;
+            }
+        }
+        if let Some(parent) = rec.target_path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("mkdir {}: {e}", parent.display()))?;
+        }
+        if !mount::is_mounted(&rec.target_path).map_err(|e| e.to_string())? {
+            timed(
+                "NodePublishVolume",
+                client.node_publish_volume(proto::NodePublishVolumeRequest {
+                    volume_id: rec.volume_handle.clone(),
+                    publish_context: Default::default(),
+                    staging_target_path: staging
+                        .as_ref()
+                        .map(|s| s.display().to_string())
+                        .unwrap_or_default(),
+                    target_path: rec.target_path.display().to_string(),
+                    volume_capability: Some(capability),
+                    readonly: rec.read_only,
+                    secrets: Default::default(),
+                    volume_context: context,
+                }),
+            )
+            .await?;
+        }
+        Ok(ReadyVolume {
+            host_path: rec.target_path.clone(),
+            read_only: rec.read_only,
+            block: false,
+        })
+    }
+
+    /// NodeUnpublish of the pod's target (skipped when nothing is there).
+    pub async fn unpublish(&self, rec: &CsiRecord) -> Result<(), String> {
+        if !rec.target_path.exists() {
+            return Ok(());
+        }
+        let mounted = mount::is_mounted(&rec.target_path).map_err(|e| e.to_string())?;
+        let mut client = match self.client(&rec.driver).await {
+            Ok(c) => c,
+            // Nothing was published (setup failed before): nothing for the driver to undo.
+            Err(_) if !mounted => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        timed(
+            "NodeUnpublishVolume",
+            client.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+                volume_id: rec.volume_handle.clone(),
+                target_path: rec.target_path.display().to_string(),
+            }),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// NodeUnstage of the staging path (call only when no other pod uses it) and removal of
+    /// the staging dirs.
+    pub async fn unstage(&self, rec: &CsiRecord) -> Result<(), String> {
+        let Some(staging) = &rec.staging_path else {
+            return Ok(());
+        };
+        if !staging.exists() {
+            return Ok(());
+        }
+        let mounted = mount::is_mounted(staging).map_err(|e| e.to_string())?;
+        match self.client(&rec.driver).await {
+            Ok(mut client) => {
+                timed(
+                    "NodeUnstageVolume",
+                    client.node_unstage_volume(proto::NodeUnstageVolumeRequest {
+                        volume_id: rec.volume_handle.clone(),
+                        staging_target_path: staging.display().to_string(),
+                    }),
+                )
+                .await?;
+            }
+            Err(_) if !mounted => {}
+            Err(e) => return Err(e),
+        }
+        if mount::is_mounted(staging).map_err(|e| e.to_string())? {
+            return Err(format!(
+                "{} is still mounted after NodeUnstageVolume",
+                staging.display()
+            ));
+        }
+        let _ = std::fs::remove_dir(staging);
+        if let Some(parent) = staging.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+        Ok(())
+    }
+}
+
+/// Asks one registration socket for its plugin info and tells it the outcome. Ok(None) for a
+/// plugin that is not a usable CSI driver (it is told why).
+async fn register(socket: &Path) -> Result<Option<Driver>, String> {
+    use registration::registration_client::RegistrationClient;
+    let mut client = RegistrationClient::new(connect(socket).await?);
+    let info = timed("GetInfo", client.get_info(registration::InfoRequest {})).await?;
+    let refusal = if info.r#type != CSI_PLUGIN_TYPE {
+        Some(format!("plugin type {:?} is not supported", info.r#type))
+    } else if info.name.is_empty() {
+        Some("plugin has no name".to_string())
+    } else if !info
+        .supported_versions
+        .iter()
+        .any(|v| v.trim_start_matches('v').starts_with("1."))
+    {
+        Some(format!(
+            "no supported CSI version in {:?}",
+            info.supported_versions
+        ))
+    } else {
+        None
+    };
+    let status = registration::RegistrationStatus {
+        plugin_registered: refusal.is_none(),
+        error: refusal.clone().unwrap_or_default(),
+    };
+    timed(
+        "NotifyRegistrationStatus",
+        client.notify_registration_status(status),
+    )
+    .await?;
+    if let Some(reason) = refusal {
+        tracing::warn!(socket = %socket.display(), %reason, "plugin registration refused");
+        return Ok(None);
+    }
+    let endpoint = if info.endpoint.is_empty() {
+        socket.to_path_buf()
+    } else {
+        PathBuf::from(info.endpoint.trim_start_matches("unix://"))
+    };
+    Ok(Some(Driver {
+        name: info.name,
+        endpoint,
+        registration: socket.to_path_buf(),
+        versions: info.supported_versions,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_modes_map_as_upstream() {
+        let m =
+            |v: &[&str], mw| access_mode(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>(), mw);
+        assert_eq!(m(&["ReadWriteOnce"], false), Mode::SingleNodeWriter);
+        assert_eq!(m(&["ReadWriteOnce"], true), Mode::SingleNodeMultiWriter);
+        assert_eq!(m(&["ReadWriteOncePod"], true), Mode::SingleNodeSingleWriter);
+        assert_eq!(m(&["ReadWriteOncePod"], false), Mode::SingleNodeWriter);
+        assert_eq!(m(&["ReadOnlyMany"], false), Mode::MultiNodeReaderOnly);
+        assert_eq!(m(&["ReadWriteMany"], false), Mode::MultiNodeMultiWriter);
+    }
+
+    #[test]
+    fn staging_path_is_per_handle() {
+        let p = staging_path(Path::new("/r"), "loop.csi", "vol-1");
+        assert!(p.starts_with("/r/plugins/kubernetes.io/csi/loop.csi"));
+        assert!(p.ends_with("globalmount"));
+        assert_eq!(p.parent().unwrap().file_name().unwrap().len(), 64);
+    }
+}
