@@ -1,0 +1,168 @@
+//! The node heartbeat: a Lease named after the node in `kube-node-lease`, 40 s long, renewed
+//! every 10 s. The Lease is created once the Node is registered (it is owned by the Node, so it
+//! goes when the Node is deleted). Failed renewals are retried from 200 ms doubling to 7 s, and
+//! re-read the Lease first (a conflict means someone else wrote it).
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
+use kube::api::PostParams;
+use kube::Api;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{sleep_or_cancel, Backoff, ClusterError};
+
+pub(super) const NAMESPACE: &str = "kube-node-lease";
+pub(super) const DURATION_SECONDS: i32 = 40;
+pub(super) const RENEW_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The Lease as this node wants it, renewed at `now`, keeping what the API already holds.
+pub(super) fn renewed(
+    current: Option<Lease>,
+    node: &str,
+    node_uid: &str,
+    now: jiff::Timestamp,
+) -> Lease {
+    let mut lease = current.unwrap_or_else(|| Lease {
+        metadata: ObjectMeta {
+            name: Some(node.to_string()),
+            namespace: Some(NAMESPACE.to_string()),
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    let owner = OwnerReference {
+        api_version: "v1".into(),
+        kind: "Node".into(),
+        name: node.to_string(),
+        uid: node_uid.to_string(),
+        ..Default::default()
+    };
+    let owners = lease.metadata.owner_references.get_or_insert_with(Vec::new);
+    if !owners.iter().any(|o| o.kind == "Node" && o.uid == node_uid) {
+        owners.retain(|o| o.kind != "Node");
+        owners.push(owner);
+    }
+    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+    if spec.holder_identity.as_deref() != Some(node) {
+        spec.holder_identity = Some(node.to_string());
+        spec.acquire_time = Some(MicroTime(now));
+    }
+    spec.lease_duration_seconds = Some(DURATION_SECONDS);
+    spec.renew_time = Some(MicroTime(now));
+    lease
+}
+
+/// Renews the Lease until `token` is cancelled.
+pub(super) async fn run(
+    client: kube::Client,
+    node: String,
+    mut node_uid: watch::Receiver<Option<String>>,
+    token: CancellationToken,
+) {
+    let uid = tokio::select! {
+        _ = token.cancelled() => return,
+        uid = node_uid.wait_for(|u| u.is_some()) => match uid {
+            Ok(uid) => uid.clone().unwrap_or_default(),
+            Err(_) => return,
+        },
+    };
+    let api: Api<Lease> = Api::namespaced(client, NAMESPACE);
+    let mut current: Option<Lease> = None;
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(7));
+    loop {
+        let delay = match renew(&api, current.take(), &node, &uid).await {
+            Ok(lease) => {
+                current = Some(lease);
+                backoff.reset();
+                RENEW_INTERVAL
+            }
+            Err(e) => {
+                let delay = backoff.fail();
+                tracing::warn!(node, error = %e, ?delay, "renewing the node lease failed");
+                delay
+            }
+        };
+        if !sleep_or_cancel(delay, &token).await {
+            return;
+        }
+    }
+}
+
+async fn renew(
+    api: &Api<Lease>,
+    current: Option<Lease>,
+    node: &str,
+    uid: &str,
+) -> Result<Lease, ClusterError> {
+    let object = format!("leases/{NAMESPACE}/{node}");
+    let current = match current {
+        Some(lease) => Some(lease),
+        None => api
+            .get_opt(node)
+            .await
+            .map_err(|e| ClusterError::api("get", &object, e))?,
+    };
+    let exists = current.is_some();
+    let lease = renewed(current, node, uid, jiff::Timestamp::now());
+    let pp = PostParams::default();
+    if exists {
+        api.replace(node, &pp, &lease)
+            .await
+            .map_err(|e| ClusterError::api("update", object, e))
+    } else {
+        api.create(&pp, &lease)
+            .await
+            .map_err(|e| ClusterError::api("create", object, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_lease_is_held_by_the_node_and_owned_by_it() {
+        let now = jiff::Timestamp::from_second(1_000).unwrap();
+        let l = renewed(None, "n1", "uid-1", now);
+        assert_eq!(l.metadata.name.as_deref(), Some("n1"));
+        assert_eq!(l.metadata.namespace.as_deref(), Some(NAMESPACE));
+        let owners = l.metadata.owner_references.as_ref().unwrap();
+        assert_eq!(owners.len(), 1);
+        assert_eq!(
+            (owners[0].kind.as_str(), owners[0].uid.as_str()),
+            ("Node", "uid-1")
+        );
+        let spec = l.spec.unwrap();
+        assert_eq!(spec.holder_identity.as_deref(), Some("n1"));
+        assert_eq!(spec.lease_duration_seconds, Some(40));
+        assert_eq!(spec.renew_time, Some(MicroTime(now)));
+        assert_eq!(spec.acquire_time, Some(MicroTime(now)));
+    }
+
+    #[test]
+    fn renewing_moves_only_the_renew_time() {
+        let t1 = jiff::Timestamp::from_second(1_000).unwrap();
+        let t2 = jiff::Timestamp::from_second(1_010).unwrap();
+        let mut first = renewed(None, "n1", "uid-1", t1);
+        first.metadata.resource_version = Some("42".into());
+        let second = renewed(Some(first), "n1", "uid-1", t2);
+        assert_eq!(second.metadata.resource_version.as_deref(), Some("42"));
+        assert_eq!(second.metadata.owner_references.as_ref().unwrap().len(), 1);
+        let spec = second.spec.unwrap();
+        assert_eq!(spec.acquire_time, Some(MicroTime(t1)));
+        assert_eq!(spec.renew_time, Some(MicroTime(t2)));
+    }
+
+    #[test]
+    fn a_recreated_node_takes_the_lease_over() {
+        let t = jiff::Timestamp::from_second(1_000).unwrap();
+        let old = renewed(None, "n1", "old-uid", t);
+        let new = renewed(Some(old), "n1", "new-uid", t);
+        let owners = new.metadata.owner_references.unwrap();
+        assert_eq!(owners.len(), 1);
+        assert_eq!(owners[0].uid, "new-uid");
+    }
+}

@@ -1,0 +1,367 @@
+//! Cluster mode: the node joined to a Kubernetes control plane, virtual-kubelet style, under its
+//! own identity (`system:node:<name>`, group `system:nodes`, Node authorizer and NodeRestriction).
+//!
+//! OWNER: cluster helper. This is the only module that imports `kube`.
+//!
+//! [`ClusterAgent::start`] reads the node kubeconfig and spawns one task per concern, all children
+//! of the caller's cancellation token; each task owns its own state and talks to the others only
+//! through channels:
+//! - `node`: registers the Node (create, or update the labels of the existing one), then computes
+//!   NodeStatus every 10 s and patches it on change or every 5 minutes.
+//! - `lease`: renews the Lease in `kube-node-lease` every 10 s, backing off on errors.
+//! - `pods`: list+watch of the pods bound to this node; publishes the full desired set (and a
+//!   `synced` flag after the first complete list). Any watch error rebuilds the watcher, so a
+//!   reconnect always relists before it reports anything else.
+//! - `objects`: the ConfigMaps, Secrets, PVCs and PVs those pods reference, read with per-object
+//!   watches or GETs (the Node authorizer allows nothing wider) into the [`ObjectStore`].
+//! - `status_sink`: pod status from the [`StatusManager`] to `pods/status`, then the final
+//!   DELETE (grace 0, UID precondition) of finished pods the API is deleting.
+//! - `events`: the [`Recorder`]'s events to core v1 Events.
+//!
+//! Stopping the agent (cancelling the token) stops these tasks and nothing else: pods keep running.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Taint;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::events::Recorder;
+use crate::pod::Desired;
+use crate::status::StatusManager;
+use crate::store::ObjectStore;
+
+mod events;
+mod lease;
+mod node;
+mod objects;
+mod pods;
+mod status_sink;
+
+/// What cluster mode needs from the agent's configuration.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// Kubeconfig of the node's own identity.
+    pub kubeconfig: PathBuf,
+    pub node_name: String,
+    /// Reported as the InternalIP address; the Hostname address is always the node name.
+    pub node_ip: Option<IpAddr>,
+    /// Extra labels (`--node-labels`) beside kubernetes.io/hostname, os and arch.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Taints set when the Node is created (`--register-with-taints`); NodeRestriction forbids
+    /// a node to change its taints later, so an existing Node keeps its own.
+    pub taints: Vec<Taint>,
+    pub max_pods: u32,
+    /// The agent's root dir: its filesystem is the node's ephemeral storage (nodefs).
+    pub root_dir: PathBuf,
+    /// The port of the node's server, reported as daemonEndpoints.kubeletEndpoint.
+    pub kubelet_port: u16,
+}
+
+impl ClusterConfig {
+    /// The cluster settings of an agent configuration; `None` in standalone mode (no kubeconfig).
+    pub fn from_config(config: &crate::config::Config) -> Option<Self> {
+        Some(Self {
+            kubeconfig: config.kubeconfig.clone()?,
+            node_name: config.node_name.clone(),
+            node_ip: config.node_ip,
+            labels: config.node_labels.clone(),
+            taints: config.taints.clone(),
+            max_pods: config.max_pods,
+            root_dir: config.root_dir.clone(),
+            kubelet_port: 10250,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The kubeconfig could not be read, parsed or turned into a client configuration.
+    #[error("kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
+        source: kube::config::KubeconfigError,
+    },
+    /// No client could be built from the kubeconfig (bad TLS material or server URL).
+    #[error("client from kubeconfig {path}: {source}")]
+    Client { path: PathBuf, source: kube::Error },
+    /// An API request failed; `object` names what it was about (`pods/ns/name`, `nodes/name`).
+    #[error("{verb} {object}: {source}")]
+    Api {
+        verb: &'static str,
+        object: String,
+        source: kube::Error,
+    },
+}
+
+impl ClusterError {
+    fn api(verb: &'static str, object: impl Into<String>, source: kube::Error) -> Self {
+        ClusterError::Api {
+            verb,
+            object: object.into(),
+            source,
+        }
+    }
+
+    /// The HTTP status code of a failed API request, if the server answered one.
+    pub fn code(&self) -> Option<u16> {
+        match self {
+            ClusterError::Api {
+                source: kube::Error::Api(status),
+                ..
+            } => Some(status.code),
+            _ => None,
+        }
+    }
+
+    /// Whether the object the request was about no longer exists (404).
+    pub fn is_not_found(&self) -> bool {
+        self.code() == Some(404)
+    }
+
+    /// Whether a precondition or resourceVersion did not hold (409): retrying the same request
+    /// cannot succeed, the caller must re-read.
+    pub fn is_conflict(&self) -> bool {
+        self.code() == Some(409)
+    }
+}
+
+/// The running cluster mode: the desired pods from the API and the task that drives it all.
+pub struct ClusterAgent {
+    /// The full desired set of API pods, replaced on every change. Pods that vanished from the
+    /// API (force delete, final delete done) are simply absent.
+    pub desired: watch::Receiver<Vec<Desired>>,
+    /// Turns true after the first complete list of this node's pods (and stays true: a later
+    /// relist replaces `desired` only once it is complete).
+    pub synced: watch::Receiver<bool>,
+    /// Ends when the token given to [`ClusterAgent::start`] is cancelled.
+    pub task: JoinHandle<()>,
+}
+
+impl ClusterAgent {
+    /// Builds the client from `config.kubeconfig` and spawns every cluster-mode task. Fails only
+    /// when the kubeconfig is unusable; an unreachable API server is retried with back-off.
+    ///
+    /// `runtime_version` is the containerd version (reported as `containerd://<version>`).
+    /// The recorder's sink is set here. Cancelling `shutdown` stops the tasks, never the pods.
+    pub async fn start(
+        config: ClusterConfig,
+        store: ObjectStore,
+        status: StatusManager,
+        recorder: Recorder,
+        runtime_version: String,
+        shutdown: CancellationToken,
+    ) -> Result<Self, ClusterError> {
+        let client = client(&config.kubeconfig).await?;
+        let (desired_tx, desired) = watch::channel(Vec::new());
+        let (synced_tx, synced) = watch::channel(false);
+        let (api_pods_tx, api_pods) = watch::channel(pods::ApiPods::default());
+        let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        recorder.set_sink(events_tx);
+
+        let mut tasks = tokio::task::JoinSet::new();
+        let node_uid = {
+            let (tx, rx) = watch::channel(None);
+            let host = node::Host {
+                config: config.clone(),
+                runtime_version,
+            };
+            tasks.spawn(node::run(
+                client.clone(),
+                host,
+                recorder.clone(),
+                tx,
+                shutdown.child_token(),
+            ));
+            rx
+        };
+        tasks.spawn(lease::run(
+            client.clone(),
+            config.node_name.clone(),
+            node_uid,
+            shutdown.child_token(),
+        ));
+        tasks.spawn(pods::run(
+            client.clone(),
+            config.node_name.clone(),
+            pods::Outputs {
+                desired: desired_tx,
+                synced: synced_tx,
+                api_pods: api_pods_tx,
+            },
+            shutdown.child_token(),
+        ));
+        tasks.spawn(objects::run(
+            client.clone(),
+            store,
+            api_pods.clone(),
+            shutdown.child_token(),
+        ));
+        tasks.spawn(status_sink::run(
+            client.clone(),
+            status,
+            api_pods,
+            shutdown.child_token(),
+        ));
+        tasks.spawn(events::run(client, events_rx, shutdown.child_token()));
+        let task = tokio::spawn(async move {
+            while let Some(done) = tasks.join_next().await {
+                if let Err(e) = done {
+                    tracing::error!(error = %e, "a cluster-mode task panicked");
+                }
+            }
+        });
+        Ok(Self {
+            desired,
+            synced,
+            task,
+        })
+    }
+}
+
+/// Starts cluster mode and runs it until `shutdown` is cancelled, handing each new desired set
+/// to `on_desired`. The same as [`ClusterAgent::start`] for callers that want a single future.
+pub async fn run(
+    config: ClusterConfig,
+    store: ObjectStore,
+    status: StatusManager,
+    recorder: Recorder,
+    runtime_version: String,
+    shutdown: CancellationToken,
+    mut on_desired: impl FnMut(Vec<Desired>),
+) -> Result<(), ClusterError> {
+    let ClusterAgent {
+        mut desired, task, ..
+    } = ClusterAgent::start(
+        config,
+        store,
+        status,
+        recorder,
+        runtime_version,
+        shutdown.clone(),
+    )
+    .await?;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = desired.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                on_desired(desired.borrow_and_update().clone());
+            }
+        }
+    }
+    let _ = task.await;
+    Ok(())
+}
+
+async fn client(path: &std::path::Path) -> Result<kube::Client, ClusterError> {
+    let kubeconfig = |source| ClusterError::Kubeconfig {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = Kubeconfig::read_from(path).map_err(kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+        .await
+        .map_err(kubeconfig)?;
+    kube::Client::try_from(config).map_err(|source| ClusterError::Client {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Exponential back-off between `min` and `max` for retried API calls.
+#[derive(Clone, Debug)]
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max,
+            next: min,
+        }
+    }
+
+    /// The delay before the next attempt after a failure; doubles up to `max`.
+    fn fail(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        delay
+    }
+
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+/// Sleeps `delay`, or returns false at once when `token` is cancelled.
+async fn sleep_or_cancel(delay: Duration, token: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = token.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(200), Duration::from_secs(1));
+        let delays: Vec<_> = (0..5).map(|_| b.fail()).collect();
+        assert_eq!(
+            delays,
+            [200, 400, 800, 1000, 1000].map(Duration::from_millis)
+        );
+        b.reset();
+        assert_eq!(b.fail(), Duration::from_millis(200));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sleep_or_cancel_stops_early_on_cancel() {
+        let token = CancellationToken::new();
+        assert!(sleep_or_cancel(Duration::from_secs(5), &token).await);
+        token.cancel();
+        assert!(!sleep_or_cancel(Duration::from_secs(3600), &token).await);
+    }
+
+    #[test]
+    fn standalone_config_has_no_cluster_mode() {
+        let flags = |args: &[&str]| {
+            use clap::Parser;
+            let mut argv = vec!["nodelet"];
+            argv.extend_from_slice(args);
+            crate::config::Cli::try_parse_from(argv).unwrap().flags
+        };
+        let standalone = crate::config::Config::resolve(flags(&[]), "n").unwrap();
+        assert!(ClusterConfig::from_config(&standalone).is_none());
+        let joined = crate::config::Config::resolve(
+            flags(&[
+                "--kubeconfig",
+                "/k",
+                "--max-pods",
+                "9",
+                "--node-labels",
+                "a=b",
+            ]),
+            "Node-1",
+        )
+        .unwrap();
+        let c = ClusterConfig::from_config(&joined).unwrap();
+        assert_eq!(c.node_name, "node-1");
+        assert_eq!(c.max_pods, 9);
+        assert_eq!(c.labels["a"], "b");
+        assert_eq!(c.kubeconfig, PathBuf::from("/k"));
+    }
+}

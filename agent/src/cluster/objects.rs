@@ -1,0 +1,397 @@
+//! The objects this node's pods reference: ConfigMaps, Secrets, PersistentVolumeClaims and the
+//! PersistentVolumes bound to those claims, read through the API with the node's identity.
+//!
+//! The Node authorizer lets a node read only objects a pod bound to it references, and only one
+//! by one: ConfigMaps and Secrets are followed with a per-object watch (`metadata.name` field
+//! selector), claims and volumes (GET only) are polled. One task per referenced object; it is
+//! started when the first pod refers to the object and stopped (and the object dropped from the
+//! store) when the last one goes. [`references`] is the pure part.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Secret};
+use kube::Api;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::pods::ApiPods;
+use super::{sleep_or_cancel, Backoff};
+use crate::store::ObjectStore;
+
+/// How often a bound claim (and its volume) is re-read.
+const CLAIM_POLL: Duration = Duration::from_secs(30);
+/// How often a claim that is not bound yet is re-read.
+const UNBOUND_POLL: Duration = Duration::from_secs(2);
+
+/// One object a pod refers to, in the pod's namespace.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum ObjectRef {
+    ConfigMap { namespace: String, name: String },
+    Secret { namespace: String, name: String },
+    Claim { namespace: String, name: String },
+}
+
+/// Every ConfigMap, Secret and claim `pod` refers to: volumes (also projected sources, CSI
+/// publish secrets and generic ephemeral volumes' claims `<pod>-<volume>`), env and envFrom of
+/// every container kind, and image pull secrets.
+pub(super) fn references(pod: &Pod) -> BTreeSet<ObjectRef> {
+    let mut refs = BTreeSet::new();
+    let namespace = pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let pod_name = pod.metadata.name.clone().unwrap_or_default();
+    let Some(spec) = &pod.spec else { return refs };
+    let cm = |name: &str| ObjectRef::ConfigMap {
+        namespace: namespace.clone(),
+        name: name.to_string(),
+    };
+    let secret = |name: &str| ObjectRef::Secret {
+        namespace: namespace.clone(),
+        name: name.to_string(),
+    };
+    let claim = |name: &str| ObjectRef::Claim {
+        namespace: namespace.clone(),
+        name: name.to_string(),
+    };
+    for v in spec.volumes.iter().flatten() {
+        if let Some(c) = &v.config_map {
+            refs.insert(cm(&c.name));
+        }
+        if let Some(name) = v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) {
+            refs.insert(secret(name));
+        }
+        if let Some(c) = &v.persistent_volume_claim {
+            refs.insert(claim(&c.claim_name));
+        }
+        if v.ephemeral.is_some() {
+            refs.insert(claim(&format!("{pod_name}-{}", v.name)));
+        }
+        if let Some(s) = v
+            .csi
+            .as_ref()
+            .and_then(|c| c.node_publish_secret_ref.as_ref())
+        {
+            refs.insert(secret(&s.name));
+        }
+        for source in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
+            if let Some(c) = &source.config_map {
+                refs.insert(cm(&c.name));
+            }
+            if let Some(s) = &source.secret {
+                refs.insert(secret(&s.name));
+            }
+        }
+    }
+    let containers = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten());
+    let env_sets = containers
+        .map(|c| (c.env.as_deref(), c.env_from.as_deref()))
+        .chain(
+            spec.ephemeral_containers
+                .iter()
+                .flatten()
+                .map(|c| (c.env.as_deref(), c.env_from.as_deref())),
+        );
+    for (env, env_from) in env_sets {
+        for from in env
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|e| e.value_from.as_ref())
+        {
+            if let Some(k) = &from.config_map_key_ref {
+                refs.insert(cm(&k.name));
+            }
+            if let Some(k) = &from.secret_key_ref {
+                refs.insert(secret(&k.name));
+            }
+        }
+        for from in env_from.unwrap_or_default() {
+            if let Some(r) = &from.config_map_ref {
+                refs.insert(cm(&r.name));
+            }
+            if let Some(r) = &from.secret_ref {
+                refs.insert(secret(&r.name));
+            }
+        }
+    }
+    for s in spec.image_pull_secrets.iter().flatten() {
+        refs.insert(secret(&s.name));
+    }
+    refs.retain(|r| match r {
+        ObjectRef::ConfigMap { name, .. }
+        | ObjectRef::Secret { name, .. }
+        | ObjectRef::Claim { name, .. } => !name.is_empty(),
+    });
+    refs
+}
+
+/// Keeps one follower task per object the current pods reference, until `token` is cancelled.
+pub(super) async fn run(
+    client: kube::Client,
+    store: ObjectStore,
+    mut pods: watch::Receiver<ApiPods>,
+    token: CancellationToken,
+) {
+    let mut followers: BTreeMap<ObjectRef, CancellationToken> = BTreeMap::new();
+    loop {
+        let wanted: BTreeSet<ObjectRef> = pods
+            .borrow_and_update()
+            .values()
+            .flat_map(references)
+            .collect();
+        followers.retain(|r, t| {
+            let keep = wanted.contains(r);
+            if !keep {
+                t.cancel();
+            }
+            keep
+        });
+        for r in wanted {
+            if followers.contains_key(&r) {
+                continue;
+            }
+            let child = token.child_token();
+            followers.insert(r.clone(), child.clone());
+            tokio::spawn(follow(client.clone(), store.clone(), r, child));
+        }
+        tokio::select! {
+            _ = token.cancelled() => return,
+            changed = pods.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Follows one object into the store until cancelled; then drops it from the store.
+async fn follow(client: kube::Client, store: ObjectStore, r: ObjectRef, token: CancellationToken) {
+    match &r {
+        ObjectRef::ConfigMap { namespace, name } => {
+            let api: Api<ConfigMap> = Api::namespaced(client, namespace);
+            let key = (namespace.clone(), name.clone());
+            let put = |cm: Option<ConfigMap>| {
+                if store.config_map(namespace, name) != cm {
+                    store.update(|o| set(&mut o.config_maps, key.clone(), cm));
+                }
+            };
+            watch_one(api, name, put, &token).await;
+            store.update(|o| {
+                o.config_maps.remove(&key);
+            });
+        }
+        ObjectRef::Secret { namespace, name } => {
+            let api: Api<Secret> = Api::namespaced(client, namespace);
+            let key = (namespace.clone(), name.clone());
+            let put = |s: Option<Secret>| {
+                if store.secret(namespace, name) != s {
+                    store.update(|o| set(&mut o.secrets, key.clone(), s));
+                }
+            };
+            watch_one(api, name, put, &token).await;
+            store.update(|o| {
+                o.secrets.remove(&key);
+            });
+        }
+        ObjectRef::Claim { namespace, name } => {
+            let volume = poll_claim(client, &store, namespace, name, &token).await;
+            store.update(|o| {
+                o.claims.remove(&(namespace.clone(), name.clone()));
+                if let Some(pv) = volume {
+                    o.volumes.remove(&pv);
+                }
+            });
+        }
+    }
+}
+
+fn set<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, value: Option<V>) {
+    match value {
+        Some(v) => {
+            map.insert(key, v);
+        }
+        None => {
+            map.remove(&key);
+        }
+    }
+}
+
+/// Watches one named object, handing every state (None: it does not exist) to `put`.
+async fn watch_one<K>(api: Api<K>, name: &str, put: impl Fn(Option<K>), token: &CancellationToken)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    loop {
+        let mut stream = std::pin::pin!(kube::runtime::watcher::watch_object(api.clone(), name));
+        loop {
+            let next = tokio::select! {
+                _ = token.cancelled() => return,
+                next = stream.next() => next,
+            };
+            match next {
+                Some(Ok(object)) => {
+                    backoff.reset();
+                    put(object);
+                }
+                Some(Err(e)) => {
+                    // Right after a pod is bound the Node authorizer may not know it yet (403).
+                    tracing::warn!(object = name, error = %e, "watching a referenced object failed; retrying");
+                    break;
+                }
+                None => break,
+            }
+        }
+        if !sleep_or_cancel(backoff.fail(), token).await {
+            return;
+        }
+    }
+}
+
+/// Polls a claim and the volume bound to it; returns the last volume it stored.
+async fn poll_claim(
+    client: kube::Client,
+    store: &ObjectStore,
+    namespace: &str,
+    name: &str,
+    token: &CancellationToken,
+) -> Option<String> {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    let volumes: Api<PersistentVolume> = Api::all(client);
+    let key = (namespace.to_string(), name.to_string());
+    let mut stored_pv: Option<String> = None;
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    loop {
+        let result = async {
+            let claim = claims.get_opt(name).await?;
+            let pv_name = claim
+                .as_ref()
+                .and_then(|c| c.spec.as_ref())
+                .and_then(|s| s.volume_name.clone())
+                .filter(|n| !n.is_empty());
+            let pv = match &pv_name {
+                Some(pv) => volumes.get_opt(pv).await?,
+                None => None,
+            };
+            Ok::<_, kube::Error>((claim, pv_name, pv))
+        }
+        .await;
+        let delay = match result {
+            Ok((claim, pv_name, pv)) => {
+                backoff.reset();
+                let bound = pv.is_some();
+                let old_pv = stored_pv.clone();
+                if store.claim(namespace, name) != claim
+                    || old_pv != pv_name
+                    || pv_name.as_deref().and_then(|n| store.volume(n)) != pv
+                {
+                    store.update(|o| {
+                        set(&mut o.claims, key.clone(), claim);
+                        if let Some(old) = old_pv.filter(|o| Some(o) != pv_name.as_ref()) {
+                            o.volumes.remove(&old);
+                        }
+                        if let Some(n) = &pv_name {
+                            set(&mut o.volumes, n.clone(), pv);
+                        }
+                    });
+                }
+                stored_pv = pv_name;
+                if bound {
+                    CLAIM_POLL
+                } else {
+                    UNBOUND_POLL
+                }
+            }
+            Err(e) => {
+                tracing::warn!(ns = namespace, claim = name, error = %e, "reading a claim failed; retrying");
+                backoff.fail()
+            }
+        };
+        if !sleep_or_cancel(delay, token).await {
+            return stored_pv;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(yaml: &str) -> Pod {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn every_kind_of_reference_is_found() {
+        let p = pod(r#"
+metadata: {name: web-0, namespace: shop}
+spec:
+  imagePullSecrets: [{name: pull}]
+  volumes:
+  - {name: a, configMap: {name: cm-vol}}
+  - {name: b, secret: {secretName: sec-vol}}
+  - {name: c, persistentVolumeClaim: {claimName: data-web-0}}
+  - name: d
+    projected:
+      sources:
+      - configMap: {name: cm-proj}
+      - secret: {name: sec-proj}
+      - serviceAccountToken: {path: token}
+  - name: scratch
+    ephemeral: {volumeClaimTemplate: {spec: {accessModes: [ReadWriteOnce]}}}
+  - name: e
+    csi: {driver: x, nodePublishSecretRef: {name: csi-sec}}
+  initContainers:
+  - name: init
+    envFrom: [{secretRef: {name: sec-envfrom}}]
+  containers:
+  - name: app
+    env:
+    - name: A
+      valueFrom: {configMapKeyRef: {name: cm-env, key: k}}
+    - name: B
+      valueFrom: {secretKeyRef: {name: sec-env, key: k}}
+    - {name: C, value: plain}
+    envFrom: [{configMapRef: {name: cm-envfrom}}]
+"#);
+        let cm = |n: &str| ObjectRef::ConfigMap {
+            namespace: "shop".into(),
+            name: n.into(),
+        };
+        let sec = |n: &str| ObjectRef::Secret {
+            namespace: "shop".into(),
+            name: n.into(),
+        };
+        let claim = |n: &str| ObjectRef::Claim {
+            namespace: "shop".into(),
+            name: n.into(),
+        };
+        let want: BTreeSet<_> = [
+            cm("cm-vol"),
+            cm("cm-proj"),
+            cm("cm-env"),
+            cm("cm-envfrom"),
+            sec("pull"),
+            sec("sec-vol"),
+            sec("sec-proj"),
+            sec("csi-sec"),
+            sec("sec-envfrom"),
+            sec("sec-env"),
+            claim("data-web-0"),
+            claim("web-0-scratch"),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(references(&p), want);
+    }
+
+    #[test]
+    fn a_pod_without_references_has_none() {
+        let p = pod("metadata: {name: a}\nspec:\n  containers: [{name: app}]\n");
+        assert!(references(&p).is_empty());
+        assert!(references(&Pod::default()).is_empty());
+    }
+}

@@ -1,0 +1,256 @@
+//! The API pod source: list+watch of the pods bound to this node (`spec.nodeName=<node>`).
+//!
+//! [`PodSet`] is the pure state: watcher events in, the published set out. A relist (the
+//! watcher's Init … InitDone) is buffered and replaces the set only once complete, so a partial
+//! list never makes running pods look deleted. The task in [`run`] owns the watcher; on any
+//! error it drops it and starts a new one, so every reconnect relists before anything else.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::watcher::{self, Event};
+use kube::Api;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{sleep_or_cancel, Backoff};
+use crate::pod::{Deletion, Desired};
+
+/// The grace a pod gets when neither the deletion nor the spec says (the API's default).
+const DEFAULT_GRACE_SECONDS: i64 = 30;
+
+/// The API's pods bound to this node, keyed by UID, as last completely known.
+pub(super) type ApiPods = Arc<BTreeMap<String, Pod>>;
+
+/// The source's output channels.
+pub(super) struct Outputs {
+    pub desired: watch::Sender<Vec<Desired>>,
+    pub synced: watch::Sender<bool>,
+    /// The same pods as raw objects, for the object tracker and the status sink.
+    pub api_pods: watch::Sender<ApiPods>,
+}
+
+/// The pods known from the watch, plus a relist being collected.
+#[derive(Debug, Default)]
+pub(super) struct PodSet {
+    pods: BTreeMap<String, Pod>,
+    relisting: Option<BTreeMap<String, Pod>>,
+    synced: bool,
+}
+
+impl PodSet {
+    /// Applies one watcher event; returns true when the published set changed.
+    pub fn apply(&mut self, event: Event<Pod>) -> bool {
+        match event {
+            Event::Init => {
+                self.relisting = Some(BTreeMap::new());
+                false
+            }
+            Event::InitApply(pod) => {
+                if let (Some(list), Some(uid)) = (self.relisting.as_mut(), uid(&pod)) {
+                    list.insert(uid, pod);
+                }
+                false
+            }
+            Event::InitDone => {
+                if let Some(list) = self.relisting.take() {
+                    self.pods = list;
+                }
+                self.synced = true;
+                true
+            }
+            Event::Apply(pod) => {
+                let Some(uid) = uid(&pod) else { return false };
+                if let Some(list) = self.relisting.as_mut() {
+                    list.insert(uid.clone(), pod.clone());
+                }
+                self.pods.insert(uid, pod);
+                true
+            }
+            Event::Delete(pod) => {
+                let Some(uid) = uid(&pod) else { return false };
+                if let Some(list) = self.relisting.as_mut() {
+                    list.remove(&uid);
+                }
+                self.pods.remove(&uid).is_some()
+            }
+        }
+    }
+
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
+    pub fn pods(&self) -> &BTreeMap<String, Pod> {
+        &self.pods
+    }
+
+    /// The desired set: every known pod, with a deletion for those the API is deleting.
+    pub fn desired(&self) -> Vec<Desired> {
+        self.pods.values().map(desired).collect()
+    }
+}
+
+fn uid(pod: &Pod) -> Option<String> {
+    pod.metadata.uid.clone().filter(|u| !u.is_empty())
+}
+
+/// One API pod as a desired pod: `deletionTimestamp` set means a graceful deletion with the
+/// grace the API recorded (or the spec's, or 30 s).
+pub(super) fn desired(pod: &Pod) -> Desired {
+    let deletion = pod.metadata.deletion_timestamp.as_ref().map(|_| {
+        let seconds = pod
+            .metadata
+            .deletion_grace_period_seconds
+            .or_else(|| {
+                pod.spec
+                    .as_ref()
+                    .and_then(|s| s.termination_grace_period_seconds)
+            })
+            .unwrap_or(DEFAULT_GRACE_SECONDS);
+        Deletion {
+            grace: Duration::from_secs(seconds.max(0) as u64),
+            gone: false,
+        }
+    });
+    Desired {
+        pod: pod.clone(),
+        deletion,
+    }
+}
+
+/// Watches this node's pods until `token` is cancelled, publishing every complete change.
+pub(super) async fn run(
+    client: kube::Client,
+    node: String,
+    out: Outputs,
+    token: CancellationToken,
+) {
+    let api: Api<Pod> = Api::all(client);
+    let selector = format!("spec.nodeName={node}");
+    let mut set = PodSet::default();
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    loop {
+        let config = watcher::Config::default().fields(&selector);
+        let mut stream = std::pin::pin!(watcher::watcher(api.clone(), config));
+        loop {
+            let next = tokio::select! {
+                _ = token.cancelled() => return,
+                next = stream.next() => next,
+            };
+            match next {
+                Some(Ok(event)) => {
+                    let done = matches!(event, Event::InitDone);
+                    if set.apply(event) {
+                        publish(&set, &out);
+                    }
+                    if done {
+                        backoff.reset();
+                        tracing::info!(node, pods = set.pods().len(), "pods of this node listed");
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(node, error = %e, "pod watch failed; relisting after back-off");
+                    break;
+                }
+                None => break,
+            }
+        }
+        if !sleep_or_cancel(backoff.fail(), &token).await {
+            return;
+        }
+    }
+}
+
+fn publish(set: &PodSet, out: &Outputs) {
+    out.api_pods.send_replace(Arc::new(set.pods().clone()));
+    out.desired.send_replace(set.desired());
+    if set.synced() {
+        out.synced.send_if_modified(|s| !std::mem::replace(s, true));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::PodSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+
+    fn pod(uid: &str, name: &str) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                uid: Some(uid.into()),
+                name: Some(name.into()),
+                namespace: Some("default".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn uids(set: &PodSet) -> Vec<String> {
+        set.desired()
+            .into_iter()
+            .map(|d| d.pod.metadata.uid.unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_relist_is_published_only_when_complete() {
+        let mut set = PodSet::default();
+        assert!(!set.apply(Event::Init));
+        assert!(!set.apply(Event::InitApply(pod("a", "a"))));
+        assert!(!set.synced());
+        assert!(set.desired().is_empty());
+        assert!(set.apply(Event::InitDone));
+        assert!(set.synced());
+        assert_eq!(uids(&set), ["a"]);
+
+        // A reconnect relists: the old set stays until the new list is complete.
+        assert!(!set.apply(Event::Init));
+        assert!(!set.apply(Event::InitApply(pod("b", "b"))));
+        assert_eq!(uids(&set), ["a"]);
+        assert!(set.apply(Event::InitDone));
+        assert_eq!(uids(&set), ["b"], "a pod deleted meanwhile is absent");
+    }
+
+    #[test]
+    fn watch_events_add_replace_and_remove_by_uid() {
+        let mut set = PodSet::default();
+        set.apply(Event::Init);
+        set.apply(Event::InitDone);
+        assert!(set.apply(Event::Apply(pod("a", "web-0"))));
+        // A same-name pod with a new UID is another pod.
+        assert!(set.apply(Event::Apply(pod("b", "web-0"))));
+        assert_eq!(uids(&set), ["a", "b"]);
+        assert!(set.apply(Event::Delete(pod("a", "web-0"))));
+        assert_eq!(uids(&set), ["b"]);
+        assert!(!set.apply(Event::Delete(pod("zz", "gone"))));
+        assert!(!set.apply(Event::Apply(Pod::default())), "no UID, ignored");
+    }
+
+    #[test]
+    fn a_deletion_timestamp_becomes_a_graceful_deletion() {
+        let mut p = pod("a", "a");
+        assert!(desired(&p).deletion.is_none());
+        p.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::UNIX_EPOCH));
+        p.metadata.deletion_grace_period_seconds = Some(7);
+        let d = desired(&p).deletion.unwrap();
+        assert_eq!(d.grace, Duration::from_secs(7));
+        assert!(!d.gone);
+
+        p.metadata.deletion_grace_period_seconds = None;
+        p.spec = Some(PodSpec {
+            termination_grace_period_seconds: Some(12),
+            ..Default::default()
+        });
+        assert_eq!(desired(&p).deletion.unwrap().grace, Duration::from_secs(12));
+        p.spec = None;
+        assert_eq!(desired(&p).deletion.unwrap().grace, Duration::from_secs(30));
+        p.metadata.deletion_grace_period_seconds = Some(-1);
+        assert_eq!(desired(&p).deletion.unwrap().grace, Duration::ZERO);
+    }
+}

@@ -1,0 +1,355 @@
+//! The API status sink: writes what the [`StatusManager`] reports to `pods/status`, and deletes
+//! finished pods the API is deleting.
+//!
+//! One task owns the record of what it wrote (the status version per pod UID). [`plan`] is the
+//! pure decision for one pod: patch when the version grew since the last write (so an older
+//! status is never written after a newer one), else, for a finished pod with a
+//! `deletionTimestamp`, the final DELETE with grace 0 and a UID precondition, then `forget`.
+//! Failed writes are retried with a per-pod back-off; a pod that is gone from the API (404) or
+//! was replaced by a same-name pod (409) is not written again.
+//!
+//! Status is sent as a strategic merge patch of the whole status with `metadata.uid` in it: the
+//! API refuses it if the name now belongs to another pod, and conditions written by the control
+//! plane (DisruptionTarget, set by eviction) survive, since conditions merge by type.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
+use kube::Api;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::pods::ApiPods;
+use super::{Backoff, ClusterError};
+use crate::status::{Reported, StatusManager};
+
+/// What the sink does next for one pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Action {
+    Nothing,
+    /// Write the reported status (its version is newer than the last one written).
+    Patch,
+    /// The final DELETE: the pod is finished and the API is deleting it.
+    Delete,
+    /// Drop the pod from the status manager: it was an API pod and is gone from the API.
+    Forget,
+}
+
+/// The sink's memory of one pod.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Written {
+    /// The last version written (or abandoned because the API object is gone).
+    pub version: u64,
+    /// The final DELETE succeeded.
+    pub deleted: bool,
+}
+
+/// Decides the next step for `reported`, given the API's copy of the pod (`None`: not in the
+/// API's current set) and what the sink did before (`None`: never seen as an API pod).
+pub(super) fn plan(reported: &Reported, api: Option<&Pod>, written: Option<&Written>) -> Action {
+    match (api, written) {
+        // Not an API pod (a static pod of the manifest folder), or not listed yet.
+        (None, None) => Action::Nothing,
+        (None, Some(_)) => {
+            if reported.finished {
+                Action::Forget
+            } else {
+                Action::Nothing
+            }
+        }
+        (Some(api), w) => {
+            let w = w.cloned().unwrap_or_default();
+            if w.deleted {
+                return Action::Forget;
+            }
+            if reported.version > w.version {
+                Action::Patch
+            } else if reported.finished && api.metadata.deletion_timestamp.is_some() {
+                Action::Delete
+            } else {
+                Action::Nothing
+            }
+        }
+    }
+}
+
+/// The patch body: the whole status, with the UID as precondition.
+pub(super) fn patch_body(reported: &Reported) -> serde_json::Value {
+    serde_json::json!({
+        "metadata": { "uid": reported.pod.metadata.uid },
+        "status": reported.pod.status,
+    })
+}
+
+/// A pod whose last attempt failed, and when to try again.
+struct Retry {
+    backoff: Backoff,
+    at: Instant,
+}
+
+/// Runs until `token` is cancelled.
+pub(super) async fn run(
+    client: kube::Client,
+    status: StatusManager,
+    mut api_pods: watch::Receiver<ApiPods>,
+    token: CancellationToken,
+) {
+    let mut changed = status.subscribe();
+    let mut written: BTreeMap<String, Written> = BTreeMap::new();
+    let mut retries: BTreeMap<String, Retry> = BTreeMap::new();
+    loop {
+        let pods = api_pods.borrow_and_update().clone();
+        changed.borrow_and_update();
+        let all = status.all();
+        let now = Instant::now();
+        for reported in &all {
+            let Some(uid) = reported.pod.metadata.uid.clone() else {
+                continue;
+            };
+            if retries.get(&uid).is_some_and(|r| r.at > now) {
+                continue;
+            }
+            let api = pods.get(&uid);
+            if api.is_some() {
+                written.entry(uid.clone()).or_default();
+            }
+            let result = match plan(reported, api, written.get(&uid)) {
+                Action::Nothing => Ok(None),
+                Action::Forget => {
+                    written.remove(&uid);
+                    retries.remove(&uid);
+                    status.forget(&uid);
+                    Ok(None)
+                }
+                Action::Patch => patch(&client, reported).await.map(Some),
+                Action::Delete => delete(&client, reported).await.map(Some),
+            };
+            match result {
+                Ok(None) => {}
+                Ok(Some(Done { deleted })) => {
+                    let w = written.entry(uid.clone()).or_default();
+                    w.version = w.version.max(reported.version);
+                    w.deleted |= deleted;
+                    retries.remove(&uid);
+                }
+                Err(e) => {
+                    let retry = retries.entry(uid.clone()).or_insert_with(|| Retry {
+                        backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+                        at: now,
+                    });
+                    let delay = retry.backoff.fail();
+                    retry.at = Instant::now() + delay;
+                    tracing::warn!(pod = reported.pod.metadata.name.as_deref().unwrap_or(""), uid, error = %e, ?delay, "writing pod to the API failed; retrying");
+                }
+            }
+        }
+        // Forget the memory of pods the status manager dropped.
+        let known: BTreeSet<&str> = all
+            .iter()
+            .filter_map(|r| r.pod.metadata.uid.as_deref())
+            .collect();
+        written.retain(|uid, _| known.contains(uid.as_str()));
+        retries.retain(|uid, _| known.contains(uid.as_str()));
+
+        let next_retry = retries.values().map(|r| r.at).min();
+        tokio::select! {
+            _ = token.cancelled() => return,
+            c = changed.changed() => if c.is_err() { return },
+            c = api_pods.changed() => if c.is_err() { return },
+            _ = sleep_until(next_retry) => {}
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A write that needs no retry: the status went through, or the pod is gone or replaced (then
+/// nothing more is written for this version); `deleted` when the final DELETE is done.
+struct Done {
+    deleted: bool,
+}
+
+fn pod_api(client: &kube::Client, reported: &Reported) -> (Api<Pod>, String, String) {
+    let ns = reported
+        .pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let name = reported.pod.metadata.name.clone().unwrap_or_default();
+    let object = format!("pods/{ns}/{name}");
+    (Api::namespaced(client.clone(), &ns), name, object)
+}
+
+async fn patch(client: &kube::Client, reported: &Reported) -> Result<Done, ClusterError> {
+    let (api, name, object) = pod_api(client, reported);
+    match api
+        .patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Strategic(patch_body(reported)),
+        )
+        .await
+    {
+        Ok(_) => {
+            tracing::debug!(pod = name, version = reported.version, "pod status written");
+            Ok(Done { deleted: false })
+        }
+        Err(e) => {
+            let e = ClusterError::api("patch status", object, e);
+            if e.is_not_found() || e.is_conflict() {
+                tracing::info!(pod = name, error = %e, "pod gone or replaced; its status is not written");
+                Ok(Done { deleted: false })
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+async fn delete(client: &kube::Client, reported: &Reported) -> Result<Done, ClusterError> {
+    let (api, name, object) = pod_api(client, reported);
+    let params = DeleteParams {
+        grace_period_seconds: Some(0),
+        preconditions: Some(Preconditions {
+            uid: reported.pod.metadata.uid.clone(),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match api.delete(&name, &params).await {
+        Ok(_) => {
+            tracing::info!(
+                pod = name,
+                uid = reported.pod.metadata.uid.as_deref().unwrap_or(""),
+                "pod deleted from the API"
+            );
+            Ok(Done { deleted: true })
+        }
+        Err(e) => {
+            let e = ClusterError::api("delete", object, e);
+            if e.is_not_found() || e.is_conflict() {
+                Ok(Done { deleted: true })
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::PodStatus;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+
+    fn reported(version: u64, finished: bool) -> Reported {
+        Reported {
+            pod: Pod {
+                metadata: ObjectMeta {
+                    uid: Some("u1".into()),
+                    name: Some("p".into()),
+                    ..Default::default()
+                },
+                status: Some(PodStatus {
+                    phase: Some("Running".into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            version,
+            finished,
+        }
+    }
+
+    fn api_pod(deleting: bool) -> Pod {
+        let mut p = reported(0, false).pod;
+        if deleting {
+            p.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::UNIX_EPOCH));
+        }
+        p
+    }
+
+    fn w(version: u64) -> Written {
+        Written {
+            version,
+            deleted: false,
+        }
+    }
+
+    #[test]
+    fn only_a_newer_version_is_written() {
+        let api = api_pod(false);
+        assert_eq!(plan(&reported(1, false), Some(&api), None), Action::Patch);
+        assert_eq!(
+            plan(&reported(3, false), Some(&api), Some(&w(2))),
+            Action::Patch
+        );
+        assert_eq!(
+            plan(&reported(2, false), Some(&api), Some(&w(2))),
+            Action::Nothing
+        );
+        assert_eq!(
+            plan(&reported(1, false), Some(&api), Some(&w(2))),
+            Action::Nothing
+        );
+    }
+
+    #[test]
+    fn a_finished_deleting_pod_gets_its_final_status_then_the_delete() {
+        let api = api_pod(true);
+        assert_eq!(
+            plan(&reported(5, true), Some(&api), Some(&w(4))),
+            Action::Patch
+        );
+        assert_eq!(
+            plan(&reported(5, true), Some(&api), Some(&w(5))),
+            Action::Delete
+        );
+        let done = Written {
+            version: 5,
+            deleted: true,
+        };
+        assert_eq!(
+            plan(&reported(5, true), Some(&api), Some(&done)),
+            Action::Forget
+        );
+        // Finished but not being deleted (a completed Job pod): status only, no delete.
+        let alive = api_pod(false);
+        assert_eq!(
+            plan(&reported(5, true), Some(&alive), Some(&w(5))),
+            Action::Nothing
+        );
+        // Deleting but still terminating: wait.
+        assert_eq!(
+            plan(&reported(5, false), Some(&api), Some(&w(5))),
+            Action::Nothing
+        );
+    }
+
+    #[test]
+    fn a_vanished_api_pod_is_forgotten_once_finished_and_others_are_left_alone() {
+        assert_eq!(
+            plan(&reported(2, false), None, Some(&w(2))),
+            Action::Nothing
+        );
+        assert_eq!(plan(&reported(2, true), None, Some(&w(2))), Action::Forget);
+        // Never an API pod (a static pod): the sink does nothing at all.
+        assert_eq!(plan(&reported(2, true), None, None), Action::Nothing);
+    }
+
+    #[test]
+    fn the_patch_carries_the_uid_precondition_and_the_whole_status() {
+        let body = patch_body(&reported(1, false));
+        assert_eq!(body["metadata"]["uid"], "u1");
+        assert_eq!(body["status"]["phase"], "Running");
+    }
+}
