@@ -102,6 +102,20 @@ impl Drop for Host {
         for dev in &self.loops {
             let _ = Command::new("losetup").arg("-d").arg(dev).status();
         }
+        // Loop devices a CSI plugin attached to backing files under this root.
+        if let Ok(out) = Command::new("losetup")
+            .args(["-l", "-n", "-O", "NAME,BACK-FILE"])
+            .output()
+        {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let mut cols = line.split_whitespace();
+                if let (Some(dev), Some(file)) = (cols.next(), cols.next()) {
+                    if Path::new(file).starts_with(&self.root) {
+                        let _ = Command::new("losetup").arg("-d").arg(dev).status();
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -898,4 +912,131 @@ async fn restart_re_adopts_mounts_and_tears_down_by_uid() {
     host.restart();
     host.vm.teardown("ra-1").await.unwrap();
     assert!(host.mounts().is_empty());
+}
+
+/// The test CSI plugin process; killed on drop.
+struct PluginProcess(std::process::Child);
+
+impl Drop for PluginProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const DRIVER: &str = "loop.csi.nodelet.io";
+
+fn attached_loops(file: &Path) -> String {
+    let out = Command::new("losetup")
+        .arg("-j")
+        .arg(file)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[tokio::test]
+async fn csi_loop_volume_is_staged_once_and_published_per_pod() {
+    let host = Host::new();
+    let state = host.root.join("csi-state");
+    let _plugin = PluginProcess(
+        Command::new(env!("CARGO_BIN_EXE_csi-loop-plugin"))
+            .args(["--driver", DRIVER, "--node-id", "node-1"])
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--registry")
+            .arg(host.root.join("plugins_registry"))
+            .spawn()
+            .unwrap(),
+    );
+    // Discovery: the registration socket appears, GetInfo names the driver and its endpoint.
+    let mut registered = false;
+    for _ in 0..200 {
+        host.vm.plugins().discover().await;
+        if host.vm.plugins().drivers().iter().any(|d| d.name == DRIVER) {
+            registered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(registered, "plugin never registered");
+    let driver = host
+        .vm
+        .plugins()
+        .drivers()
+        .into_iter()
+        .find(|d| d.name == DRIVER)
+        .unwrap();
+    assert_eq!(driver.endpoint, state.join("csi.sock"));
+    assert_eq!(driver.versions, vec!["1.0.0".to_string()]);
+
+    host.objects(|o| {
+        o.claims.insert(
+            key("data"),
+            claim("data", Some("pv-csi"), &["ReadWriteOnce"]),
+        );
+        o.volumes.insert(
+            "pv-csi".into(),
+            pv(
+                "pv-csi",
+                Some("data"),
+                json!({"csi": {"driver": DRIVER, "volumeHandle": "vol-1", "fsType": "ext4",
+                               "volumeAttributes": {"size": "33554432"}}}),
+            ),
+        );
+    });
+    let user = |uid: &str, read_only: bool| {
+        pod(
+            uid,
+            json!([{"name": "v", "persistentVolumeClaim": {"claimName": "data", "readOnly": read_only}}]),
+            json!([{"name": "v", "mountPath": "/data"}]),
+        )
+    };
+    let staging = nodelet::volume::csi::staging_path(&host.root, DRIVER, "vol-1");
+    let backing = state.join("volumes/vol-1.img");
+
+    let v1 = host.vm.setup(&user("csi-1", false)).await.unwrap();
+    let t1 = host_path(&v1, "v");
+    assert_eq!(
+        t1,
+        host.root
+            .join("pods/csi-1/volumes/kubernetes.io~csi/pv-csi/mount")
+    );
+    assert_eq!(mount_at(&host, &staging).expect("staged").fs_type, "ext4");
+    assert_eq!(mount_at(&host, &t1).expect("published").fs_type, "ext4");
+    assert!(!attached_loops(&backing).is_empty());
+    fs::write(t1.join("hello"), "from pod 1").unwrap();
+
+    let v2 = host.vm.setup(&user("csi-2", false)).await.unwrap();
+    let t2 = host_path(&v2, "v");
+    assert_eq!(fs::read_to_string(t2.join("hello")).unwrap(), "from pod 1");
+    let staged_mounts = host.mounts().iter().filter(|m| m.point == staging).count();
+    assert_eq!(staged_mounts, 1, "staged once for both pods");
+
+    host.vm.teardown("csi-1").await.unwrap();
+    assert!(mount_at(&host, &t1).is_none());
+    assert!(
+        mount_at(&host, &staging).is_some(),
+        "still staged for pod 2"
+    );
+    assert_eq!(fs::read_to_string(t2.join("hello")).unwrap(), "from pod 1");
+
+    host.vm.teardown("csi-2").await.unwrap();
+    assert!(host.mounts().is_empty(), "{:?}", host.mounts());
+    assert!(
+        attached_loops(&backing).is_empty(),
+        "loop device detached on unstage"
+    );
+    assert!(!staging.exists());
+
+    // The data persists into the next pod, here read-only.
+    let v3 = host.vm.setup(&user("csi-3", true)).await.unwrap();
+    let t3 = host_path(&v3, "v");
+    assert!(v3.volumes["v"].read_only);
+    assert_eq!(fs::read_to_string(t3.join("hello")).unwrap(), "from pod 1");
+    let err = fs::write(t3.join("x"), "no").unwrap_err();
+    assert!(is_erofs(&err), "{err}");
+    host.vm.teardown("csi-3").await.unwrap();
+    assert!(host.mounts().is_empty());
+    assert!(attached_loops(&backing).is_empty());
 }

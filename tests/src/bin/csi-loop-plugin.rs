@@ -1,0 +1,360 @@
+//! A small but real CSI node plugin for tests: each volume is a sparse backing file under the
+//! plugin's state dir, attached to a loop device and formatted ext4 on first stage.
+//!
+//! - NodeStageVolume: losetup the backing file (created at the `size` volume attribute, 64 MiB
+//!   by default), mkfs.ext4 when blank, mount it at the staging path.
+//! - NodePublishVolume: bind mount staging → target, remounted read-only when asked.
+//! - NodeUnpublishVolume / NodeUnstageVolume: unmount (and losetup -d on unstage).
+//!
+//! It registers through the kubelet plugin registration API: a `Registration` service on
+//! `<registry>/<driver>-reg.sock` answering GetInfo with its CSI endpoint.
+//!
+//! Usage: csi-loop-plugin --driver NAME --state-dir DIR --registry DIR [--node-id ID]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nodelet::volume::csi::proto::identity_server::{Identity, IdentityServer};
+use nodelet::volume::csi::proto::node_server::{Node, NodeServer};
+use nodelet::volume::csi::proto::node_service_capability::rpc::Type as CapType;
+use nodelet::volume::csi::proto::node_service_capability::{Rpc, Type as Cap};
+use nodelet::volume::csi::proto::volume_capability::AccessType;
+use nodelet::volume::csi::proto::*;
+use nodelet::volume::csi::registration::registration_server::{Registration, RegistrationServer};
+use nodelet::volume::csi::registration::{
+    InfoRequest, PluginInfo, RegistrationStatus, RegistrationStatusResponse,
+};
+use tonic::codegen::tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Request, Response, Status};
+
+#[derive(Clone)]
+struct Plugin {
+    driver: String,
+    node_id: String,
+    state_dir: PathBuf,
+    endpoint: PathBuf,
+}
+
+fn run(cmd: &mut Command) -> Result<String, Status> {
+    let out = cmd
+        .output()
+        .map_err(|e| Status::internal(format!("{cmd:?}: {e}")))?;
+    if !out.status.success() {
+        return Err(Status::internal(format!(
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The source of the mount at exactly `path`, if mounted.
+fn mounted_source(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().rev().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        let point = left.split(' ').nth(4)?;
+        (Path::new(point) == path).then(|| right.split(' ').nth(1).unwrap_or("").to_string())
+    })
+}
+
+fn require(value: &str, what: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        Err(Status::invalid_argument(format!("{what} is required")))
+    } else {
+        Ok(())
+    }
+}
+
+impl Plugin {
+    fn backing_file(&self, volume_id: &str) -> Result<PathBuf, Status> {
+        if !volume_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            || volume_id.starts_with('.')
+        {
+            return Err(Status::invalid_argument(format!(
+                "bad volume id {volume_id:?}"
+            )));
+        }
+        Ok(self
+            .state_dir
+            .join("volumes")
+            .join(format!("{volume_id}.img")))
+    }
+
+    /// The loop device attached to `file`, attaching one when there is none.
+    fn attach(&self, file: &Path) -> Result<String, Status> {
+        let existing = run(Command::new("losetup").arg("-j").arg(file))?;
+        if let Some(dev) = existing.lines().next().and_then(|l| l.split(':').next()) {
+            if !dev.is_empty() {
+                return Ok(dev.to_string());
+            }
+        }
+        run(Command::new("losetup").args(["-f", "--show"]).arg(file))
+    }
+}
+
+#[tonic::async_trait]
+impl Identity for Plugin {
+    async fn get_plugin_info(
+        &self,
+        _: Request<GetPluginInfoRequest>,
+    ) -> Result<Response<GetPluginInfoResponse>, Status> {
+        Ok(Response::new(GetPluginInfoResponse {
+            name: self.driver.clone(),
+            vendor_version: env!("CARGO_PKG_VERSION").to_string(),
+            manifest: Default::default(),
+        }))
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _: Request<GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
+        Ok(Response::new(GetPluginCapabilitiesResponse {
+            capabilities: Vec::new(),
+        }))
+    }
+
+    async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+        Ok(Response::new(ProbeResponse { ready: Some(true) }))
+    }
+}
+
+#[tonic::async_trait]
+impl Node for Plugin {
+    async fn node_stage_volume(
+        &self,
+        request: Request<NodeStageVolumeRequest>,
+    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        let req = request.into_inner();
+        require(&req.volume_id, "volume_id")?;
+        require(&req.staging_target_path, "staging_target_path")?;
+        let fs_type = match req.volume_capability.and_then(|c| c.access_type) {
+            Some(AccessType::Mount(m)) if m.fs_type.is_empty() || m.fs_type == "ext4" => "ext4",
+            Some(AccessType::Mount(m)) => {
+                return Err(Status::invalid_argument(format!(
+                    "fsType {:?} is not supported",
+                    m.fs_type
+                )))
+            }
+            _ => return Err(Status::invalid_argument("only mount volumes are supported")),
+        };
+        let staging = PathBuf::from(&req.staging_target_path);
+        if mounted_source(&staging).is_some() {
+            return Ok(Response::new(NodeStageVolumeResponse {}));
+        }
+        let file = self.backing_file(&req.volume_id)?;
+        if !file.exists() {
+            let size: u64 = req
+                .volume_context
+                .get("size")
+                .map(|s| s.parse().map_err(|_| Status::invalid_argument("bad size")))
+                .transpose()?
+                .unwrap_or(64 << 20);
+            std::fs::create_dir_all(file.parent().unwrap_or(Path::new("/")))
+                .and_then(|()| std::fs::File::create(&file))
+                .and_then(|f| f.set_len(size))
+                .map_err(|e| Status::internal(format!("creating {}: {e}", file.display())))?;
+        }
+        let dev = self.attach(&file)?;
+        let existing = Command::new("blkid")
+            .args(["-p", "-s", "TYPE", "-o", "value", &dev])
+            .output()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        if String::from_utf8_lossy(&existing.stdout).trim().is_empty() {
+            run(Command::new("mkfs.ext4").args(["-F", "-q", &dev]))?;
+        }
+        std::fs::create_dir_all(&staging).map_err(|e| Status::internal(e.to_string()))?;
+        run(Command::new("mount")
+            .args(["-t", fs_type, &dev])
+            .arg(&staging))?;
+        Ok(Response::new(NodeStageVolumeResponse {}))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        request: Request<NodeUnstageVolumeRequest>,
+    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
+        let req = request.into_inner();
+        require(&req.volume_id, "volume_id")?;
+        require(&req.staging_target_path, "staging_target_path")?;
+        let staging = PathBuf::from(&req.staging_target_path);
+        while mounted_source(&staging).is_some() {
+            run(Command::new("umount").arg(&staging))?;
+        }
+        let file = self.backing_file(&req.volume_id)?;
+        let attached = run(Command::new("losetup").arg("-j").arg(&file))?;
+        for dev in attached.lines().filter_map(|l| l.split(':').next()) {
+            if !dev.is_empty() {
+                run(Command::new("losetup").args(["-d", dev]))?;
+            }
+        }
+        Ok(Response::new(NodeUnstageVolumeResponse {}))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        request: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        require(&req.volume_id, "volume_id")?;
+        require(&req.target_path, "target_path")?;
+        if req.staging_target_path.is_empty() {
+            return Err(Status::failed_precondition(
+                "staging_target_path is required (STAGE_UNSTAGE_VOLUME)",
+            ));
+        }
+        let staging = PathBuf::from(&req.staging_target_path);
+        if mounted_source(&staging).is_none() {
+            return Err(Status::failed_precondition("volume is not staged"));
+        }
+        let target = PathBuf::from(&req.target_path);
+        if mounted_source(&target).is_some() {
+            return Ok(Response::new(NodePublishVolumeResponse {}));
+        }
+        std::fs::create_dir_all(&target).map_err(|e| Status::internal(e.to_string()))?;
+        run(Command::new("mount")
+            .arg("--bind")
+            .arg(&staging)
+            .arg(&target))?;
+        if req.readonly {
+            run(Command::new("mount")
+                .args(["-o", "remount,bind,ro"])
+                .arg(&target))?;
+        }
+        Ok(Response::new(NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        require(&req.volume_id, "volume_id")?;
+        require(&req.target_path, "target_path")?;
+        let target = PathBuf::from(&req.target_path);
+        while mounted_source(&target).is_some() {
+            run(Command::new("umount").arg(&target))?;
+        }
+        // The SP deletes what it created at the target path.
+        let _ = std::fs::remove_dir(&target);
+        Ok(Response::new(NodeUnpublishVolumeResponse {}))
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        _: Request<NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        Err(Status::unimplemented("GET_VOLUME_STATS is not offered"))
+    }
+
+    async fn node_expand_volume(
+        &self,
+        _: Request<NodeExpandVolumeRequest>,
+    ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
+        Err(Status::unimplemented("EXPAND_VOLUME is not offered"))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _: Request<NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
+        Ok(Response::new(NodeGetCapabilitiesResponse {
+            capabilities: vec![NodeServiceCapability {
+                r#type: Some(Cap::Rpc(Rpc {
+                    r#type: CapType::StageUnstageVolume as i32,
+                })),
+            }],
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _: Request<NodeGetInfoRequest>,
+    ) -> Result<Response<NodeGetInfoResponse>, Status> {
+        Ok(Response::new(NodeGetInfoResponse {
+            node_id: self.node_id.clone(),
+            max_volumes_per_node: 0,
+            accessible_topology: None,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Registration for Plugin {
+    async fn get_info(&self, _: Request<InfoRequest>) -> Result<Response<PluginInfo>, Status> {
+        Ok(Response::new(PluginInfo {
+            r#type: "CSIPlugin".into(),
+            name: self.driver.clone(),
+            endpoint: self.endpoint.display().to_string(),
+            supported_versions: vec!["1.0.0".into()],
+        }))
+    }
+
+    async fn notify_registration_status(
+        &self,
+        request: Request<RegistrationStatus>,
+    ) -> Result<Response<RegistrationStatusResponse>, Status> {
+        let status = request.into_inner();
+        if status.plugin_registered {
+            eprintln!("csi-loop-plugin: registered as {}", self.driver);
+        } else {
+            eprintln!("csi-loop-plugin: registration refused: {}", status.error);
+        }
+        Ok(Response::new(RegistrationStatusResponse {}))
+    }
+}
+
+fn listen(path: &Path) -> std::io::Result<UnixListenerStream> {
+    let _ = std::fs::remove_file(path);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    Ok(UnixListenerStream::new(tokio::net::UnixListener::bind(
+        path,
+    )?))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let (mut driver, mut state_dir, mut registry, mut node_id) = (None, None, None, None);
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--driver" => driver = Some(value),
+            "--state-dir" => state_dir = Some(PathBuf::from(value)),
+            "--registry" => registry = Some(PathBuf::from(value)),
+            "--node-id" => node_id = Some(value),
+            other => anyhow::bail!("unknown flag {other}"),
+        }
+    }
+    let driver = driver.ok_or_else(|| anyhow::anyhow!("--driver is required"))?;
+    let state_dir = state_dir.ok_or_else(|| anyhow::anyhow!("--state-dir is required"))?;
+    let registry = registry.ok_or_else(|| anyhow::anyhow!("--registry is required"))?;
+    let plugin = Plugin {
+        node_id: node_id.unwrap_or_else(|| "node-1".into()),
+        endpoint: state_dir.join("csi.sock"),
+        driver: driver.clone(),
+        state_dir,
+    };
+    let csi = listen(&plugin.endpoint)?;
+    let reg = listen(&registry.join(format!("{driver}-reg.sock")))?;
+    let csi_server = tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(plugin.clone()))
+        .add_service(NodeServer::new(plugin.clone()))
+        .serve_with_incoming(csi);
+    let reg_server = tonic::transport::Server::builder()
+        .add_service(RegistrationServer::new(plugin))
+        .serve_with_incoming(reg);
+    tokio::select! {
+        r = csi_server => r?,
+        r = reg_server => r?,
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(())
+}
