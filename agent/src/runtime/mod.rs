@@ -8,9 +8,39 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use containerd_client::services::v1::containers_client::ContainersClient;
+use containerd_client::services::v1::content_client::ContentClient;
+use containerd_client::services::v1::diff_client::DiffClient;
+use containerd_client::services::v1::images_client::ImagesClient;
+use containerd_client::services::v1::leases_client::LeasesClient;
+use containerd_client::services::v1::namespaces_client::NamespacesClient;
+use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+use containerd_client::services::v1::tasks_client::TasksClient;
+use containerd_client::services::v1::version_client::VersionClient;
+use containerd_client::services::v1::{
+    CreateNamespaceRequest, CreateRequest as LeaseCreateRequest,
+    DeleteRequest as LeaseDeleteRequest, Namespace,
+};
 use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::Channel;
+use tonic::Request;
+
+mod container;
+mod eventstream;
+mod exec;
+mod image;
+pub mod logdriver;
+pub mod reference;
+mod registry;
+pub mod spec;
+mod user;
 
 /// Label keys of the checkpoint every container carries.
 pub mod labels {
@@ -263,75 +293,225 @@ impl RuntimeError {
 
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
 
-/// A handle to containerd; cheap to clone.
+/// A handle to containerd; cheap to clone. Dropping the last clone stops the exit-event task
+/// and nothing else: containers keep running.
 #[derive(Clone)]
 pub struct Runtime {
-    _todo: (),
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: RuntimeConfig,
+    channel: Channel,
+    ns: NamespaceInterceptor,
+    exits: broadcast::Sender<ExitEvent>,
+    http: reqwest::Client,
+    pulls: image::PullGroup,
+    cgroup_v2: bool,
+    _events: tokio_util::sync::DropGuard,
+}
+
+/// Adds `containerd-namespace` to every request.
+#[derive(Clone)]
+struct NamespaceInterceptor(MetadataValue<Ascii>);
+
+impl Interceptor for NamespaceInterceptor {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, tonic::Status> {
+        req.metadata_mut().insert(NAMESPACE_HEADER, self.0.clone());
+        Ok(req)
+    }
+}
+
+type Svc = InterceptedService<Channel, NamespaceInterceptor>;
+
+const NAMESPACE_HEADER: &str = "containerd-namespace";
+const LEASE_HEADER: &str = "containerd-lease";
+/// The snapshotter every image and container uses.
+pub const SNAPSHOTTER: &str = "overlayfs";
+/// The shim every task runs under.
+pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
+
+/// Wraps a message in a request carrying the lease id.
+fn leased<T>(message: T, lease: &str) -> Request<T> {
+    let mut req = Request::new(message);
+    if let Ok(v) = lease.parse() {
+        req.metadata_mut().insert(LEASE_HEADER, v);
+    }
+    req
+}
+
+/// Maps a gRPC status of operation `op` to a RuntimeError.
+fn grpc(op: &'static str) -> impl FnOnce(tonic::Status) -> RuntimeError {
+    move |status| RuntimeError::Grpc { op, status }
+}
+
+/// prost timestamp to SystemTime (the epoch when absent or out of range).
+fn to_system_time(ts: Option<prost_types::Timestamp>) -> Option<SystemTime> {
+    ts.and_then(|t| SystemTime::try_from(t).ok())
+        .filter(|t| *t > SystemTime::UNIX_EPOCH)
 }
 
 impl Runtime {
     /// Connects, creates the namespace if missing and starts the exit-event stream.
-    pub async fn connect(_config: RuntimeConfig) -> Result<Self> {
-        todo!()
+    pub async fn connect(config: RuntimeConfig) -> Result<Self> {
+        let path = config
+            .endpoint
+            .strip_prefix("unix://")
+            .unwrap_or(&config.endpoint)
+            .to_string();
+        let channel =
+            containerd_client::connect(&path)
+                .await
+                .map_err(|source| RuntimeError::Connect {
+                    endpoint: config.endpoint.clone(),
+                    source,
+                })?;
+        let ns_value: MetadataValue<Ascii> =
+            config.namespace.parse().map_err(|_| RuntimeError::Spec {
+                id: config.namespace.clone(),
+                detail: "namespace is not a valid header value".into(),
+            })?;
+        let ns = NamespaceInterceptor(ns_value);
+        let mut namespaces = NamespacesClient::with_interceptor(channel.clone(), ns.clone());
+        let create = namespaces
+            .create(CreateNamespaceRequest {
+                namespace: Some(Namespace {
+                    name: config.namespace.clone(),
+                    labels: HashMap::new(),
+                }),
+            })
+            .await;
+        match create {
+            Ok(_) => {}
+            Err(s) if s.code() == tonic::Code::AlreadyExists => {}
+            Err(status) => {
+                return Err(RuntimeError::Grpc {
+                    op: "namespaces.Create",
+                    status,
+                })
+            }
+        }
+        let (exits, _) = broadcast::channel(1024);
+        let token = CancellationToken::new();
+        tokio::spawn(eventstream::exit_events(
+            channel.clone(),
+            config.namespace.clone(),
+            exits.clone(),
+            token.clone(),
+        ));
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(15))
+            .read_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| RuntimeError::Pull {
+                image: String::new(),
+                detail: format!("building the HTTP client: {e}"),
+            })?;
+        Ok(Runtime {
+            inner: Arc::new(Inner {
+                cgroup_v2: cgroup_v2(),
+                config,
+                channel,
+                ns,
+                exits,
+                http,
+                pulls: image::PullGroup::default(),
+                _events: token.drop_guard(),
+            }),
+        })
     }
 
-    /// "containerd://<version>" for nodeInfo.containerRuntimeVersion.
+    /// "containerd://<version>" for nodeInfo.containerRuntimeVersion (distribution suffixes
+    /// such as Debian's `~ds1` are dropped).
     pub async fn version(&self) -> Result<String> {
-        todo!()
+        let v = VersionClient::with_interceptor(self.inner.channel.clone(), self.inner.ns.clone())
+            .version(())
+            .await
+            .map_err(grpc("version"))?
+            .into_inner();
+        let version = v.version.split(['~', '+']).next().unwrap_or_default();
+        Ok(format!("containerd://{version}"))
     }
 
-    /// Makes the image present and unpacked per `policy`; concurrent calls for the same image
-    /// share one pull.
-    pub async fn ensure_image(
-        &self,
-        _image: &str,
-        _policy: PullPolicy,
-        _auth: Option<&RegistryAuth>,
-    ) -> Result<ImageInfo> {
-        todo!()
-    }
-
-    /// Creates the container, its rootfs snapshot and its (not yet started) task.
-    pub async fn create(&self, _config: &ContainerConfig) -> Result<()> {
-        todo!()
-    }
-
-    /// Starts the created task; records STARTED_AT in the labels. Returns the pid.
-    pub async fn start(&self, _id: &str) -> Result<u32> {
-        todo!()
-    }
-
-    /// Sends a signal to the task's init process (no error when it already exited).
-    pub async fn signal(&self, _id: &str, _signal: i32) -> Result<()> {
-        todo!()
-    }
-
-    /// Kills any task, then deletes task, container and snapshot. Idempotent.
-    pub async fn remove(&self, _id: &str) -> Result<()> {
-        todo!()
-    }
-
-    pub async fn inspect(&self, _id: &str) -> Result<ContainerRecord> {
-        todo!()
-    }
-
-    /// Every container in the agent's namespace.
-    pub async fn list(&self) -> Result<Vec<ContainerRecord>> {
-        todo!()
-    }
-
-    /// Runs `args` in the container; past `timeout` the process is killed and ExecTimeout returned.
-    pub async fn exec(
-        &self,
-        _id: &str,
-        _args: &[String],
-        _timeout: Duration,
-    ) -> Result<ExecOutput> {
-        todo!()
-    }
-
-    /// Task exit events for every container in the namespace.
+    /// Task exit events of init processes for every container in the namespace. Events that
+    /// happen while the stream to containerd is re-established are missed: callers relist.
     pub fn exits(&self) -> broadcast::Receiver<ExitEvent> {
-        todo!()
+        self.inner.exits.subscribe()
     }
+
+    /// The configuration this runtime was connected with.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.inner.config
+    }
+
+    fn containers(&self) -> ContainersClient<Svc> {
+        ContainersClient::with_interceptor(self.inner.channel.clone(), self.inner.ns.clone())
+    }
+
+    fn tasks(&self) -> TasksClient<Svc> {
+        TasksClient::with_interceptor(self.inner.channel.clone(), self.inner.ns.clone())
+    }
+
+    fn content(&self) -> ContentClient<Svc> {
+        ContentClient::with_interceptor(self.inner.channel.clone(), self.inner.ns.clone())
+            .max_decoding_message_size(64 << 20)
+    }
+
+    fn images(&self) -> ImagesClient<Svc> {
+        ImagesClient::with_interceptor(self.inner.channel.clone(), self.inner.ns.clone())
+    }
+
+    fn snapshots(&self) -> SnapshotsClient<Svc> {
+        SnapshotsClient::with_interceptor(self.inner.channel.clone(), self.inner.ns.clone())
+    }
+
+    fn diff(&self) -> DiffClient<Svc> {
+        DiffClient::with_interceptor(self.inner.channel.clone(), self.inner.ns.clone())
+    }
+
+    fn leases(&self) -> LeasesClient<Svc> {
+        LeasesClient::with_interceptor(self.inner.channel.clone(), self.inner.ns.clone())
+    }
+
+    /// Creates a lease that expires on its own after an hour, should the agent die before
+    /// deleting it.
+    async fn create_lease(&self, purpose: &str) -> Result<String> {
+        let expire = jiff::Timestamp::now()
+            .checked_add(jiff::SignedDuration::from_hours(1))
+            .unwrap_or_else(|_| jiff::Timestamp::now());
+        let id = format!("nodelet-{purpose}-{:016x}", rand::random::<u64>());
+        let labels = HashMap::from([(
+            "containerd.io/gc.expire".to_string(),
+            expire.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        )]);
+        self.leases()
+            .create(LeaseCreateRequest {
+                id: id.clone(),
+                labels,
+            })
+            .await
+            .map_err(grpc("leases.Create"))?;
+        Ok(id)
+    }
+
+    /// Deletes a lease; what it held stays only if something else references it.
+    async fn delete_lease(&self, id: &str) {
+        let res = self
+            .leases()
+            .delete(LeaseDeleteRequest {
+                id: id.to_string(),
+                sync: false,
+            })
+            .await;
+        if let Err(status) = res {
+            if status.code() != tonic::Code::NotFound {
+                tracing::warn!(lease = id, %status, "deleting lease failed");
+            }
+        }
+    }
+}
+
+/// Whether the host runs the unified cgroup v2 hierarchy at /sys/fs/cgroup.
+fn cgroup_v2() -> bool {
+    std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
 }

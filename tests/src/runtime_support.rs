@@ -1,0 +1,177 @@
+//! Shared helpers for the runtime tests: a `Runtime` in a namespace of its own
+//! (`nodelet-test-<name>`), busybox container configs, log-file polling and cleanup through
+//! `ctr` (images, namespace, cgroups).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use nodelet::runtime::{
+    labels, ContainerConfig, ImageInfo, PullPolicy, Runtime, RuntimeConfig, TaskState,
+};
+
+pub const SOCKET: &str = "unix:///run/containerd/containerd.sock";
+pub const REGISTRY: &str = "127.0.0.1:5000";
+
+pub fn busybox() -> String {
+    format!("{REGISTRY}/nodelet/busybox:latest")
+}
+
+pub fn multilayer() -> String {
+    format!("{REGISTRY}/nodelet/multilayer:latest")
+}
+
+/// The test helper binary that runs `nodelet::runtime::logdriver::run_log_driver`.
+pub fn log_driver_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_nodelet-test-log-driver"))
+}
+
+/// One test's runtime, namespace and scratch directory.
+pub struct TestRuntime {
+    pub rt: Runtime,
+    pub namespace: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestRuntime {
+    /// Connects in `nodelet-test-<name>` after removing whatever an earlier run left there.
+    pub async fn new(name: &str) -> TestRuntime {
+        let namespace = format!("nodelet-test-{name}");
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("nodelet-rt-{name}-"))
+            .tempdir()
+            .expect("tempdir");
+        let rt = Runtime::connect(Self::config(&namespace, dir.path()))
+            .await
+            .expect(
+                "containerd must be running on /run/containerd/containerd.sock (scripts/setup)",
+            );
+        let t = TestRuntime { rt, namespace, dir };
+        t.cleanup().await;
+        t
+    }
+
+    pub fn config(namespace: &str, root: &Path) -> RuntimeConfig {
+        RuntimeConfig {
+            endpoint: SOCKET.into(),
+            namespace: namespace.into(),
+            root_dir: root.to_path_buf(),
+            log_driver: log_driver_binary(),
+        }
+    }
+
+    /// A second, independent connection to the same namespace.
+    pub async fn reconnect(&self) -> Runtime {
+        Runtime::connect(Self::config(&self.namespace, self.dir.path()))
+            .await
+            .expect("reconnect")
+    }
+
+    pub async fn pull_busybox(&self) -> ImageInfo {
+        self.rt
+            .ensure_image(&busybox(), PullPolicy::IfNotPresent, None)
+            .await
+            .expect("pull busybox")
+    }
+
+    /// A container config running `args` in `image`, logging under the scratch dir.
+    pub fn container(&self, id: &str, image: &ImageInfo, args: &[&str]) -> ContainerConfig {
+        let mut labels = HashMap::new();
+        labels.insert(labels::POD_UID.to_string(), format!("uid-{id}"));
+        labels.insert(labels::POD_NAME.to_string(), "pod".to_string());
+        labels.insert(labels::POD_NAMESPACE.to_string(), "default".to_string());
+        labels.insert(labels::CONTAINER_NAME.to_string(), id.to_string());
+        labels.insert(labels::ATTEMPT.to_string(), "0".to_string());
+        ContainerConfig {
+            id: id.to_string(),
+            labels,
+            image: image.clone(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: image.config.env.clone(),
+            cwd: "/".into(),
+            hostname: "test".into(),
+            cgroup_parent: format!("/{}", self.namespace),
+            log_path: self.log_path(id),
+            ..Default::default()
+        }
+    }
+
+    pub fn log_path(&self, id: &str) -> PathBuf {
+        self.dir.path().join("logs").join(id).join("0.log")
+    }
+
+    /// Removes every container, image and the namespace itself, and the test cgroups.
+    pub async fn cleanup(&self) {
+        if let Ok(list) = self.rt.list().await {
+            for c in list {
+                self.rt.remove(&c.id).await.expect("remove container");
+            }
+        }
+        let images = ctr(&self.namespace, &["images", "ls", "-q"]);
+        for image in images.lines().filter(|l| !l.is_empty()) {
+            ctr(&self.namespace, &["images", "rm", image]);
+        }
+        gc(&self.namespace);
+        for entry in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let dir = entry.path().join(&self.namespace);
+            if dir.is_dir() {
+                let _ = std::fs::remove_dir(&dir);
+            }
+        }
+        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(&self.namespace));
+        // Only succeeds once nothing is left in it.
+        ctr("default", &["namespaces", "rm", &self.namespace]);
+    }
+}
+
+/// Runs `ctr -n <namespace> <args>` and returns its stdout.
+pub fn ctr(namespace: &str, args: &[&str]) -> String {
+    let out = Command::new("ctr")
+        .arg("-n")
+        .arg(namespace)
+        .args(args)
+        .output()
+        .expect("run ctr");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs containerd's garbage collection synchronously (delete a fresh lease with --sync).
+pub fn gc(namespace: &str) {
+    let id = format!("nodelet-test-gc-{}", std::process::id());
+    ctr(namespace, &["leases", "create", "--id", &id]);
+    ctr(namespace, &["leases", "delete", "--sync", &id]);
+}
+
+/// Polls the file until it contains `needle` (panics after a minute) and returns its text.
+pub async fn wait_for_text(path: &Path, needle: &str) -> String {
+    for _ in 0..600 {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if text.contains(needle) {
+                return text;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "{} never contained {needle:?}; it holds {:?}",
+        path.display(),
+        std::fs::read_to_string(path).unwrap_or_default()
+    );
+}
+
+/// Polls `inspect` until the task has exited (panics after a minute).
+pub async fn wait_exited(rt: &Runtime, id: &str) -> TaskState {
+    for _ in 0..600 {
+        let state = rt.inspect(id).await.expect("inspect").state;
+        if matches!(state, TaskState::Exited { .. }) {
+            return state;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{id} did not exit");
+}

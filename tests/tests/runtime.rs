@@ -1,0 +1,501 @@
+//! Runtime tests against the real containerd (/run/containerd/containerd.sock) and the loopback
+//! registry (127.0.0.1:5000, images from scripts/setup). Run as root:
+//! `cargo test -p nodelet-tests --test runtime`. Each test has its own containerd namespace.
+
+use std::time::Duration;
+
+use nodelet::runtime::{PullPolicy, RuntimeError, TaskState, User};
+use nodelet_tests::runtime_support::{
+    busybox, ctr, gc, multilayer, wait_exited, wait_for_text, TestRuntime, REGISTRY,
+};
+
+const SLEEP: &[&str] = &["sleep", "3600"];
+
+fn sh(script: &str) -> Vec<&str> {
+    vec!["sh", "-c", script]
+}
+
+#[tokio::test]
+async fn version_is_containerd_1_6() {
+    let t = TestRuntime::new("version").await;
+    let v = t.rt.version().await.unwrap();
+    assert!(v.starts_with("containerd://1.6."), "{v}");
+    assert!(!v.contains('~'), "{v}");
+}
+
+#[tokio::test]
+async fn pull_by_tag_then_by_digest_survives_gc() {
+    let t = TestRuntime::new("pull-tag-digest").await;
+    let info =
+        t.rt.ensure_image(&busybox(), PullPolicy::Always, None)
+            .await
+            .unwrap();
+    assert_eq!(info.reference, busybox());
+    let (name, digest) = info.repo_digest.split_once('@').unwrap();
+    assert_eq!(name, format!("{REGISTRY}/nodelet/busybox"));
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 71,
+        "{digest}"
+    );
+    assert!(info.image_id.starts_with("sha256:"));
+    assert!(info.config.chain_id.starts_with("sha256:"));
+    assert_eq!(info.config.cmd, vec!["sh"]);
+    assert!(info.config.env.iter().any(|e| e == "PATH=/bin"));
+
+    // The lease is gone: a synchronous GC must leave content and snapshots in place.
+    gc(&t.namespace);
+    let again =
+        t.rt.ensure_image(&busybox(), PullPolicy::Never, None)
+            .await
+            .expect("image survives GC");
+    assert_eq!(again.image_id, info.image_id);
+    let labels = ctr(&t.namespace, &["content", "ls"]);
+    assert!(
+        labels.contains("containerd.io/gc.ref.snapshot.overlayfs"),
+        "{labels}"
+    );
+    assert!(labels.contains("containerd.io/uncompressed"), "{labels}");
+
+    let by_digest = format!("{REGISTRY}/nodelet/busybox@{digest}");
+    let pulls = t.rt.pulls_started();
+    let d =
+        t.rt.ensure_image(&by_digest, PullPolicy::Always, None)
+            .await
+            .unwrap();
+    assert_eq!(t.rt.pulls_started(), pulls + 1);
+    assert_eq!(d.image_id, info.image_id);
+    assert_eq!(d.repo_digest, info.repo_digest);
+    assert_eq!(d.reference, by_digest);
+    // Present now: IfNotPresent does not go to the registry.
+    t.rt.ensure_image(&by_digest, PullPolicy::IfNotPresent, None)
+        .await
+        .unwrap();
+    assert_eq!(t.rt.pulls_started(), pulls + 1);
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn pull_policy_never_on_a_missing_image() {
+    let t = TestRuntime::new("never").await;
+    let err =
+        t.rt.ensure_image(&busybox(), PullPolicy::Never, None)
+            .await
+            .unwrap_err();
+    assert!(matches!(err, RuntimeError::NeverPull { .. }), "{err:?}");
+    assert_eq!(err.reason(), "ErrImageNeverPull");
+    assert_eq!(t.rt.pulls_started(), 0);
+}
+
+#[tokio::test]
+async fn missing_images_and_unreachable_registries() {
+    let t = TestRuntime::new("missing").await;
+    for image in [
+        format!("{REGISTRY}/nodelet/does-not-exist:latest"),
+        format!("{REGISTRY}/nodelet/busybox:no-such-tag"),
+    ] {
+        let err =
+            t.rt.ensure_image(&image, PullPolicy::IfNotPresent, None)
+                .await
+                .unwrap_err();
+        assert!(
+            matches!(err, RuntimeError::ImageNotFound { .. }),
+            "{image}: {err:?}"
+        );
+        assert_eq!(err.reason(), "ErrImagePull");
+    }
+    // Nothing listens on this loopback port.
+    let err =
+        t.rt.ensure_image(
+            "127.0.0.1:5999/nodelet/busybox:latest",
+            PullPolicy::Always,
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RuntimeError::Pull { .. }), "{err:?}");
+    let err =
+        t.rt.ensure_image("127.0.0.1:5000/Bad/Name", PullPolicy::Always, None)
+            .await
+            .unwrap_err();
+    assert!(
+        matches!(err, RuntimeError::InvalidReference { .. }),
+        "{err:?}"
+    );
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn concurrent_ensure_image_shares_one_pull() {
+    let t = TestRuntime::new("single-flight").await;
+    let image = busybox();
+    let calls = (0..4).map(|_| t.rt.ensure_image(&image, PullPolicy::Always, None));
+    let results = futures::future::join_all(calls).await;
+    let ids: Vec<String> = results
+        .into_iter()
+        .map(|r| r.expect("pull").image_id)
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] == w[1]), "{ids:?}");
+    assert_eq!(t.rt.pulls_started(), 1);
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn container_logs_exit_code_and_events() {
+    let t = TestRuntime::new("lifecycle").await;
+    let image = t.pull_busybox().await;
+
+    let hello = t.container("hello", &image, &sh("echo hi; echo oops >&2; sleep 3600"));
+    t.rt.create(&hello).await.unwrap();
+    assert_eq!(
+        t.rt.inspect("hello").await.unwrap().state,
+        TaskState::Created
+    );
+    let pid = t.rt.start("hello").await.unwrap();
+    assert!(pid > 0);
+    let log = wait_for_text(&t.log_path("hello"), "stderr F oops").await;
+    let line = log
+        .lines()
+        .find(|l| l.ends_with(" stdout F hi"))
+        .expect(&log);
+    let time = line.split(' ').next().unwrap();
+    assert!(time.parse::<jiff::Timestamp>().is_ok(), "{line}");
+    let record = t.rt.inspect("hello").await.unwrap();
+    assert!(matches!(record.state, TaskState::Running { pid: p, .. } if p == pid));
+    assert_eq!(record.labels["io.nodelet.container.name"], "hello");
+    assert!(record
+        .labels
+        .contains_key("io.nodelet.container.started-at"));
+    assert_eq!(record.image, busybox());
+
+    let mut exits = t.rt.exits();
+    let three = t.container("three", &image, &sh("exit 3"));
+    t.rt.create(&three).await.unwrap();
+    t.rt.start("three").await.unwrap();
+    let event = loop {
+        let e = tokio::time::timeout(Duration::from_secs(60), exits.recv())
+            .await
+            .expect("exit event")
+            .unwrap();
+        if e.container_id == "three" {
+            break e;
+        }
+    };
+    assert_eq!(event.exit_code, 3);
+    match t.rt.inspect("three").await.unwrap().state {
+        TaskState::Exited {
+            exit_code,
+            started_at,
+            oom_killed,
+            ..
+        } => {
+            assert_eq!(exit_code, 3);
+            assert!(started_at.is_some());
+            assert!(!oom_killed);
+        }
+        other => panic!("{other:?}"),
+    }
+    let ids: Vec<String> =
+        t.rt.list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+    assert!(ids.contains(&"hello".to_string()) && ids.contains(&"three".to_string()));
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn signal_term_reaches_the_process() {
+    let t = TestRuntime::new("signal").await;
+    let image = t.pull_busybox().await;
+    let c = t.container(
+        "trap",
+        &image,
+        &sh("trap 'echo got-term; exit 7' TERM; echo ready; while true; do sleep 0.1; done"),
+    );
+    t.rt.create(&c).await.unwrap();
+    t.rt.start("trap").await.unwrap();
+    wait_for_text(&t.log_path("trap"), "stdout F ready").await;
+    t.rt.signal("trap", libc::SIGTERM).await.unwrap();
+    match wait_exited(&t.rt, "trap").await {
+        TaskState::Exited { exit_code, .. } => assert_eq!(exit_code, 7),
+        other => panic!("{other:?}"),
+    }
+    wait_for_text(&t.log_path("trap"), "stdout F got-term").await;
+    // Signalling an exited or unknown container is not an error.
+    t.rt.signal("trap", libc::SIGTERM).await.unwrap();
+    t.rt.signal("no-such-container", libc::SIGTERM)
+        .await
+        .unwrap();
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn exec_success_failure_and_timeout() {
+    let t = TestRuntime::new("exec").await;
+    let image = t.pull_busybox().await;
+    t.rt.create(&t.container("box", &image, SLEEP))
+        .await
+        .unwrap();
+    t.rt.start("box").await.unwrap();
+
+    let out =
+        t.rt.exec(
+            "box",
+            &["sh".into(), "-c".into(), "echo out; echo err >&2".into()],
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, 0);
+    assert_eq!(out.stdout, b"out\n");
+    assert_eq!(out.stderr, b"err\n");
+
+    let out =
+        t.rt.exec(
+            "box",
+            &["sh".into(), "-c".into(), "exit 4".into()],
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, 4);
+
+    let err =
+        t.rt.exec(
+            "box",
+            &["sleep".into(), "60".into()],
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RuntimeError::ExecTimeout { .. }), "{err:?}");
+
+    // The probe-facing trait combines both streams.
+    let exec: &dyn nodelet::probe::Exec = &t.rt;
+    let (code, output) = exec
+        .exec(
+            "box",
+            &[
+                "sh".into(),
+                "-c".into(),
+                "echo a; echo b >&2; exit 1".into(),
+            ],
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert_eq!(code, 1);
+    assert_eq!(output, b"a\nb\n");
+
+    let err =
+        t.rt.exec("no-such", &["true".into()], Duration::from_secs(5))
+            .await
+            .unwrap_err();
+    assert!(err.is_not_found(), "{err:?}");
+    // No exec FIFOs are left behind.
+    let left = std::fs::read_dir(t.dir.path().join("exec"))
+        .unwrap()
+        .count();
+    assert_eq!(left, 0);
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn remove_is_idempotent() {
+    let t = TestRuntime::new("remove").await;
+    let image = t.pull_busybox().await;
+    t.rt.create(&t.container("gone", &image, SLEEP))
+        .await
+        .unwrap();
+    t.rt.start("gone").await.unwrap();
+    t.rt.remove("gone").await.unwrap();
+    t.rt.remove("gone").await.unwrap();
+    let err = t.rt.inspect("gone").await.unwrap_err();
+    assert!(err.is_not_found(), "{err:?}");
+    // Created but never started, then removed; and the id can be used again.
+    t.rt.create(&t.container("gone", &image, SLEEP))
+        .await
+        .unwrap();
+    t.rt.remove("gone").await.unwrap();
+    t.rt.create(&t.container("gone", &image, SLEEP))
+        .await
+        .unwrap();
+    assert!(t
+        .rt
+        .create(&t.container("gone", &image, SLEEP))
+        .await
+        .is_err());
+    assert_eq!(
+        t.rt.inspect("gone").await.unwrap().state,
+        TaskState::Created
+    );
+    t.rt.remove("gone").await.unwrap();
+    t.rt.remove("never-existed").await.unwrap();
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn multilayer_image_unpacks_with_whiteouts() {
+    let t = TestRuntime::new("multilayer").await;
+    let image =
+        t.rt.ensure_image(&multilayer(), PullPolicy::IfNotPresent, None)
+            .await
+            .unwrap();
+    t.rt.create(&t.container("ml", &image, SLEEP))
+        .await
+        .unwrap();
+    t.rt.start("ml").await.unwrap();
+    let out =
+        t.rt.exec(
+            "ml",
+            &["cat".into(), "/data/two".into()],
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, b"three\n");
+    let out =
+        t.rt.exec(
+            "ml",
+            &["test".into(), "-e".into(), "/data/one".into()],
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, 1, "the whiteout hides /data/one");
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn container_survives_the_runtime_being_dropped() {
+    let t = TestRuntime::new("survive").await;
+    let image = t.pull_busybox().await;
+    let c = t.container(
+        "ticker",
+        &image,
+        &sh("i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done"),
+    );
+    t.rt.create(&c).await.unwrap();
+    let pid = t.rt.start("ticker").await.unwrap();
+    wait_for_text(&t.log_path("ticker"), "stdout F tick 1").await;
+
+    let TestRuntime { rt, namespace, dir } = t;
+    drop(rt);
+    let before = std::fs::metadata(dir.path().join("logs/ticker/0.log"))
+        .unwrap()
+        .len();
+    let t = TestRuntime {
+        rt: nodelet::runtime::Runtime::connect(TestRuntime::config(&namespace, dir.path()))
+            .await
+            .unwrap(),
+        namespace,
+        dir,
+    };
+    match t.rt.inspect("ticker").await.unwrap().state {
+        TaskState::Running { pid: p, .. } => assert_eq!(p, pid),
+        other => panic!("{other:?}"),
+    }
+    // The log keeps growing with nobody attached: the shim's log driver writes it.
+    let path = t.log_path("ticker");
+    for _ in 0..600 {
+        if std::fs::metadata(&path).unwrap().len() > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(std::fs::metadata(&path).unwrap().len() > before);
+    let other = t.reconnect().await;
+    assert!(other.list().await.unwrap().iter().any(|c| c.id == "ticker"));
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn read_only_rootfs() {
+    let t = TestRuntime::new("readonly").await;
+    let image = t.pull_busybox().await;
+    let mut c = t.container("ro", &image, SLEEP);
+    c.security.read_only_rootfs = true;
+    t.rt.create(&c).await.unwrap();
+    t.rt.start("ro").await.unwrap();
+    let out =
+        t.rt.exec(
+            "ro",
+            &["touch".into(), "/newfile".into()],
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert_ne!(out.exit_code, 0);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Read-only"),
+        "{out:?}"
+    );
+    // The writable mounts still are.
+    let out =
+        t.rt.exec(
+            "ro",
+            &["touch".into(), "/dev/shm/x".into()],
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn user_from_security_context_and_image_passwd() {
+    let t = TestRuntime::new("user").await;
+    let image = t.pull_busybox().await;
+    // uid only: the primary group comes from the image's /etc/passwd (app = 1000:1000).
+    let mut c = t.container("uid", &image, SLEEP);
+    c.user = User {
+        uid: Some(1000),
+        gid: None,
+        supplemental_groups: vec![2000],
+    };
+    t.rt.create(&c).await.unwrap();
+    t.rt.start("uid").await.unwrap();
+    let out =
+        t.rt.exec("uid", &["id".into()], Duration::from_secs(30))
+            .await
+            .unwrap();
+    let id = String::from_utf8_lossy(&out.stdout);
+    assert!(id.contains("uid=1000(app)"), "{id}");
+    assert!(id.contains("gid=1000(app)"), "{id}");
+    assert!(id.contains("2000"), "{id}");
+
+    // Named image user resolved against /etc/passwd, gid from the security context.
+    let mut named = image.clone();
+    named.config.user = Some("nobody".into());
+    let mut c = t.container("named", &named, SLEEP);
+    c.user = User {
+        uid: None,
+        gid: Some(5),
+        supplemental_groups: vec![],
+    };
+    t.rt.create(&c).await.unwrap();
+    t.rt.start("named").await.unwrap();
+    let out =
+        t.rt.exec(
+            "named",
+            &["sh".into(), "-c".into(), "id -u; id -g".into()],
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "65534\n5\n");
+
+    // A user the image does not know is a config error.
+    let mut unknown = image.clone();
+    unknown.config.user = Some("nosuchuser".into());
+    let err =
+        t.rt.create(&t.container("unknown", &unknown, SLEEP))
+            .await
+            .unwrap_err();
+    assert!(matches!(err, RuntimeError::Spec { .. }), "{err:?}");
+    assert!(t.rt.inspect("unknown").await.unwrap_err().is_not_found());
+    t.cleanup().await;
+}
