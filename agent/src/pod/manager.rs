@@ -235,12 +235,12 @@ impl Inner {
             h.tx.send_replace(desired);
             return;
         }
-        if st.waiting.contains_key(&uid) {
+        if let Some(slot) = st.waiting.get_mut(&uid) {
             if gone(&desired) {
                 st.waiting.remove(&uid);
                 self.ctx.status.forget(&uid);
             } else {
-                st.waiting.insert(uid, desired);
+                *slot = desired;
             }
             return;
         }

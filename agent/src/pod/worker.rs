@@ -329,7 +329,8 @@ impl Worker {
                 }
             };
             let running = matches!(state, Attempt::Running { .. });
-            if state != Attempt::None {
+            let adopted = state != Attempt::None;
+            if adopted {
                 self.router.register(&r.id, &self.exit_tx);
                 self.live.entry(name.clone()).or_default().id = Some(r.id.clone());
             }
@@ -341,7 +342,7 @@ impl Worker {
                     state,
                     started: running,
                     ready: running && ready_before.contains(&name),
-                    container_id: (running || attempt > 0).then(|| r.id.clone()),
+                    container_id: adopted.then(|| r.id.clone()),
                     image_id: None,
                     ..Default::default()
                 },
@@ -926,8 +927,7 @@ impl Worker {
         match self.ctx.sandboxes.teardown(&self.uid).await {
             Ok(()) => {
                 self.obs.sandbox_ready = false;
-                let cgroup = format!("/sys/fs/cgroup/nodelet/pod{}", self.uid);
-                let _ = std::fs::remove_dir(cgroup);
+                remove_pod_cgroups(&self.uid);
                 true
             }
             Err(e) => {
@@ -1257,6 +1257,16 @@ fn merge(old: &Desired, new: &Desired) -> Desired {
     Desired {
         pod: new.pod.clone(),
         deletion,
+    }
+}
+
+/// Removes the pod's cgroup directories (cgroup v2, and each v1 hierarchy); best effort.
+fn remove_pod_cgroups(uid: &str) {
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let pod = format!("nodelet/pod{uid}");
+    let hierarchies = std::fs::read_dir(root).into_iter().flatten().flatten();
+    for dir in hierarchies.map(|e| e.path()).chain([root.to_path_buf()]) {
+        let _ = std::fs::remove_dir(dir.join(&pod));
     }
 }
 
