@@ -499,3 +499,60 @@ async fn user_from_security_context_and_image_passwd() {
     assert!(t.rt.inspect("unknown").await.unwrap_err().is_not_found());
     t.cleanup().await;
 }
+
+#[tokio::test]
+async fn oom_kill_is_reported() {
+    let t = TestRuntime::new("oom").await;
+    let image = t.pull_busybox().await;
+    // The shell variable grows past the 16 MiB limit.
+    let mut c = t.container("hog", &image, &sh("x=a; while true; do x=$x$x; done"));
+    c.resources.memory_limit = Some(16 << 20);
+    t.rt.create(&c).await.unwrap();
+    t.rt.start("hog").await.unwrap();
+    match wait_exited(&t.rt, "hog").await {
+        TaskState::Exited {
+            exit_code,
+            oom_killed,
+            ..
+        } => {
+            assert_eq!(exit_code, 137);
+            assert!(oom_killed);
+        }
+        other => panic!("{other:?}"),
+    }
+    let listed = t.rt.list().await.unwrap();
+    let hog = listed.iter().find(|c| c.id == "hog").unwrap();
+    assert!(matches!(
+        hog.state,
+        TaskState::Exited {
+            oom_killed: true,
+            ..
+        }
+    ));
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn long_log_lines_are_split_into_partials() {
+    let t = TestRuntime::new("longline").await;
+    let image = t.pull_busybox().await;
+    let c = t.container(
+        "long",
+        &image,
+        &sh("head -c 20000 /dev/zero | tr '\\0' a; echo; echo done; sleep 3600"),
+    );
+    t.rt.create(&c).await.unwrap();
+    t.rt.start("long").await.unwrap();
+    let log = wait_for_text(&t.log_path("long"), "stdout F done").await;
+    let records: Vec<(&str, usize)> = log
+        .lines()
+        .map(|l| {
+            let mut f = l.splitn(4, ' ');
+            let _time = f.next();
+            let _stream = f.next();
+            (f.next().unwrap(), f.next().unwrap_or("").len())
+        })
+        .collect();
+    assert_eq!(records, vec![("P", 16384), ("F", 20000 - 16384), ("F", 4)]);
+    t.cleanup().await;
+}
