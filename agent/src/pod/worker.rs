@@ -24,10 +24,11 @@ use super::{env, hooks, resources, status, Desired, PodContext};
 use crate::events::{pod_ref, EventType};
 use crate::probe::{ProbeKey, ProbeKind, ProbeResult, ProbeTarget, ProbeUpdate};
 use crate::runtime::{
-    labels, ContainerConfig, ContainerRecord, ExitEvent, ImageInfo, Mount, PullPolicy, TaskState,
-    User,
+    labels, ContainerConfig, ContainerRecord, ExitEvent, ImageInfo, Mount, PullPolicy,
+    RegistryAuth, TaskState, User,
 };
 use crate::sandbox::Sandbox;
+use crate::store::ObjectStore;
 use crate::volume::PodVolumes;
 
 /// How often running containers are re-inspected (an exit event may be missed).
@@ -781,7 +782,13 @@ impl Worker {
             self.event(EventType::Normal, field.clone(), "Pulling", &msg);
         }
         let began = std::time::Instant::now();
-        match self.ctx.runtime.ensure_image(image, policy, None).await {
+        let auth = registry_auth(self.pod(), &self.ctx.store, image);
+        match self
+            .ctx
+            .runtime
+            .ensure_image(image, policy, auth.as_ref())
+            .await
+        {
             Ok(info) => {
                 self.failures.reset(&key);
                 let msg = format!(
@@ -1260,6 +1267,39 @@ fn merge(old: &Desired, new: &Desired) -> Desired {
     }
 }
 
+/// The registry an image reference names (docker.io when the first part is not a host).
+pub fn registry_host(image: &str) -> &str {
+    match image.split_once('/') {
+        Some((first, _)) if first.contains(['.', ':']) || first == "localhost" => first,
+        _ => "docker.io",
+    }
+}
+
+/// Credentials for the image's registry from the pod's imagePullSecrets (dockerconfigjson).
+fn registry_auth(pod: &Pod, store: &ObjectStore, image: &str) -> Option<RegistryAuth> {
+    let host = registry_host(image);
+    let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let secrets = pod.spec.as_ref()?.image_pull_secrets.iter().flatten();
+    secrets
+        .filter_map(|r| store.secret(ns, &r.name))
+        .find_map(|secret| {
+            let values = crate::volume::secret_values(&secret);
+            let config: serde_json::Value =
+                serde_json::from_slice(values.get(".dockerconfigjson")?).ok()?;
+            let entry = config.get("auths")?.as_object()?.iter().find(|(k, _)| {
+                k.trim_start_matches("https://")
+                    .trim_start_matches("http://")
+                    .trim_end_matches('/')
+                    == host
+            })?;
+            let field = |f: &str| entry.1.get(f).and_then(|v| v.as_str()).map(str::to_string);
+            Some(RegistryAuth {
+                username: field("username")?,
+                password: field("password")?,
+            })
+        })
+}
+
 /// Removes the pod's cgroup directories (cgroup v2, and each v1 hierarchy); best effort.
 fn remove_pod_cgroups(uid: &str) {
     let root = std::path::Path::new("/sys/fs/cgroup");
@@ -1469,6 +1509,46 @@ mod tests {
     fn cri_log_tail() {
         let log = "2024-01-01T00:00:00Z stderr P part\n2024-01-01T00:00:00Z stderr F ial\n2024-01-01T00:00:01Z stdout F last line\n";
         assert_eq!(log_tail(log), "partial\nlast line\n");
+    }
+
+    #[test]
+    fn registry_hosts() {
+        assert_eq!(
+            registry_host("127.0.0.1:5000/nodelet/busybox:latest"),
+            "127.0.0.1:5000"
+        );
+        assert_eq!(registry_host("localhost/x"), "localhost");
+        assert_eq!(registry_host("library/busybox"), "docker.io");
+        assert_eq!(registry_host("busybox"), "docker.io");
+    }
+
+    #[test]
+    fn pull_secret_credentials_for_the_image_registry() {
+        use k8s_openapi::api::core::v1::{LocalObjectReference, PodSpec, Secret};
+        use k8s_openapi::ByteString;
+        let store = ObjectStore::new();
+        let json = r#"{"auths":{"http://127.0.0.1:5000/":{"username":"u","password":"p"}}}"#;
+        store.update(|o| {
+            o.secrets.insert(
+                ("default".into(), "creds".into()),
+                Secret {
+                    data: Some([(".dockerconfigjson".to_string(), ByteString(json.into()))].into()),
+                    ..Default::default()
+                },
+            );
+        });
+        let pod = Pod {
+            spec: Some(PodSpec {
+                image_pull_secrets: Some(vec![LocalObjectReference {
+                    name: "creds".into(),
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let auth = registry_auth(&pod, &store, "127.0.0.1:5000/a:1").unwrap();
+        assert_eq!((auth.username.as_str(), auth.password.as_str()), ("u", "p"));
+        assert!(registry_auth(&pod, &store, "other.example/a:1").is_none());
     }
 
     #[test]
