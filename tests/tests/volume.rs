@@ -926,6 +926,62 @@ impl Drop for PluginProcess {
 
 const DRIVER: &str = "loop.csi.nodelet.io";
 
+/// Starts the loop plugin with its state under the root and waits until discovery
+/// (registration socket → GetInfo → NotifyRegistrationStatus) knows the driver.
+async fn start_plugin(host: &Host) -> PluginProcess {
+    let plugin = PluginProcess(
+        Command::new(env!("CARGO_BIN_EXE_csi-loop-plugin"))
+            .args(["--driver", DRIVER, "--node-id", "node-1"])
+            .arg("--state-dir")
+            .arg(host.root.join("csi-state"))
+            .arg("--registry")
+            .arg(host.root.join("plugins_registry"))
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..200 {
+        host.vm.plugins().discover().await;
+        if host.vm.plugins().drivers().iter().any(|d| d.name == DRIVER) {
+            return plugin;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("plugin never registered");
+}
+
+#[tokio::test]
+async fn inline_csi_volume_is_published_without_staging() {
+    let host = Host::new();
+    let _plugin = start_plugin(&host).await;
+    let p = pod(
+        "inl-1",
+        json!([{"name": "scratch", "csi": {"driver": DRIVER, "volumeAttributes": {"size": "16777216"}}}]),
+        json!([{"name": "scratch", "mountPath": "/scratch"}]),
+    );
+    let v = host.vm.setup(&p).await.unwrap();
+    let target = host_path(&v, "scratch");
+    assert_eq!(
+        target,
+        host.root
+            .join("pods/inl-1/volumes/kubernetes.io~csi/scratch/mount")
+    );
+    assert_eq!(mount_at(&host, &target).expect("published").fs_type, "ext4");
+    assert!(
+        !host.root.join("plugins/kubernetes.io/csi").exists(),
+        "no node-global staging for inline volumes"
+    );
+    fs::write(target.join("f"), "ephemeral").unwrap();
+    host.vm.teardown("inl-1").await.unwrap();
+    assert!(host.mounts().is_empty(), "{:?}", host.mounts());
+    let leftovers = fs::read_dir(host.root.join("csi-state/volumes"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(
+        leftovers, 0,
+        "the ephemeral backing file is deleted with the pod"
+    );
+}
+
 fn attached_loops(file: &Path) -> String {
     let out = Command::new("losetup")
         .arg("-j")
@@ -939,27 +995,8 @@ fn attached_loops(file: &Path) -> String {
 async fn csi_loop_volume_is_staged_once_and_published_per_pod() {
     let host = Host::new();
     let state = host.root.join("csi-state");
-    let _plugin = PluginProcess(
-        Command::new(env!("CARGO_BIN_EXE_csi-loop-plugin"))
-            .args(["--driver", DRIVER, "--node-id", "node-1"])
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--registry")
-            .arg(host.root.join("plugins_registry"))
-            .spawn()
-            .unwrap(),
-    );
     // Discovery: the registration socket appears, GetInfo names the driver and its endpoint.
-    let mut registered = false;
-    for _ in 0..200 {
-        host.vm.plugins().discover().await;
-        if host.vm.plugins().drivers().iter().any(|d| d.name == DRIVER) {
-            registered = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert!(registered, "plugin never registered");
+    let _plugin = start_plugin(&host).await;
     let driver = host
         .vm
         .plugins()

@@ -110,6 +110,42 @@ pub fn pv_record(
     }
 }
 
+/// The volume context sent to the driver: the volume's attributes plus the pod info keys the
+/// kubelet adds for drivers with podInfoOnMount (standalone mode has no CSIDriver objects to
+/// ask, so they are always sent) and whether the volume is an inline ephemeral one.
+pub fn pod_context(
+    pod: &k8s_openapi::api::core::v1::Pod,
+    ephemeral: bool,
+    attributes: Option<BTreeMap<String, String>>,
+) -> BTreeMap<String, String> {
+    let mut context = attributes.unwrap_or_default();
+    let meta = &pod.metadata;
+    let sa = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".into());
+    for (k, v) in [
+        (
+            "csi.storage.k8s.io/pod.name",
+            meta.name.clone().unwrap_or_default(),
+        ),
+        (
+            "csi.storage.k8s.io/pod.namespace",
+            meta.namespace.clone().unwrap_or_default(),
+        ),
+        (
+            "csi.storage.k8s.io/pod.uid",
+            meta.uid.clone().unwrap_or_default(),
+        ),
+        ("csi.storage.k8s.io/serviceAccount.name", sa),
+        ("csi.storage.k8s.io/ephemeral", ephemeral.to_string()),
+    ] {
+        context.insert(k.to_string(), v);
+    }
+    context
+}
+
 /// The CSI access mode for Kubernetes access modes, as upstream maps them; `multi_writer` is
 /// the driver's SINGLE_NODE_MULTI_WRITER capability.
 fn access_mode(modes: &[String], multi_writer: bool) -> Mode {

@@ -87,7 +87,8 @@ pub enum VolumeError {
     /// A claim exists but is not bound to a PV.
     #[error("volume {volume}: persistentvolumeclaim {claim:?} is not bound")]
     Unbound { volume: String, claim: String },
-    /// A ReadWriteOnce/ReadWriteOncePod claim is in use by another pod on this node.
+    /// A ReadWriteOncePod claim is in use by another pod on this node (ReadWriteOnce allows
+    /// several pods on one node, as upstream).
     #[error("volume {volume}: claim {claim:?} is in use by pod {other}")]
     InUse {
         volume: String,
@@ -273,9 +274,10 @@ impl VolumeManager {
         if let Some(src) = &vol.csi {
             let rec = csi::inline_record(&self.ctx.root, uid, name, src);
             self.record(uid, name, |r| r.csi = Some(rec.clone()))?;
+            let context = csi::pod_context(pod, true, src.volume_attributes.clone());
             let ready = self
                 .plugins
-                .setup(&rec, src.volume_attributes.clone().unwrap_or_default())
+                .setup(&rec, context)
                 .await
                 .map_err(|e| failed(name, e))?;
             self.apply_fs_group_async(pod, name, &ready, src.fs_type.is_some())
@@ -349,9 +351,10 @@ impl VolumeManager {
                 &bound.access_modes,
             );
             self.record(uid, volume, |r| r.csi = Some(rec.clone()))?;
+            let context = csi::pod_context(pod, false, src.volume_attributes.clone());
             let ready = self
                 .plugins
-                .setup(&rec, src.volume_attributes.clone().unwrap_or_default())
+                .setup(&rec, context)
                 .await
                 .map_err(|e| failed(volume, e))?;
             self.apply_fs_group_async(pod, volume, &ready, src.fs_type.is_some())

@@ -5,6 +5,8 @@
 //!   by default), mkfs.ext4 when blank, mount it at the staging path.
 //! - NodePublishVolume: bind mount staging → target, remounted read-only when asked.
 //! - NodeUnpublishVolume / NodeUnstageVolume: unmount (and losetup -d on unstage).
+//! - Inline ephemeral volumes (volume context `csi.storage.k8s.io/ephemeral=true`) are staged
+//!   privately on publish and deleted on unpublish.
 //!
 //! It registers through the kubelet plugin registration API: a `Registration` service on
 //! `<registry>/<driver>-reg.sock` answering GetInfo with its CSI endpoint.
@@ -83,6 +85,66 @@ impl Plugin {
             .join(format!("{volume_id}.img")))
     }
 
+    /// Attaches (creating it first when new) the volume's backing file, formats it when blank
+    /// and mounts it at `staging`. Idempotent.
+    fn stage(
+        &self,
+        volume_id: &str,
+        staging: &Path,
+        fs_type: &str,
+        context: &std::collections::HashMap<String, String>,
+    ) -> Result<(), Status> {
+        if mounted_source(staging).is_some() {
+            return Ok(());
+        }
+        let file = self.backing_file(volume_id)?;
+        if !file.exists() {
+            let size: u64 = context
+                .get("size")
+                .map(|s| s.parse().map_err(|_| Status::invalid_argument("bad size")))
+                .transpose()?
+                .unwrap_or(64 << 20);
+            std::fs::create_dir_all(file.parent().unwrap_or(Path::new("/")))
+                .and_then(|()| std::fs::File::create(&file))
+                .and_then(|f| f.set_len(size))
+                .map_err(|e| Status::internal(format!("creating {}: {e}", file.display())))?;
+        }
+        let dev = self.attach(&file)?;
+        let existing = Command::new("blkid")
+            .args(["-p", "-s", "TYPE", "-o", "value", &dev])
+            .output()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        if String::from_utf8_lossy(&existing.stdout).trim().is_empty() {
+            run(Command::new("mkfs.ext4").args(["-F", "-q", &dev]))?;
+        }
+        std::fs::create_dir_all(staging).map_err(|e| Status::internal(e.to_string()))?;
+        run(Command::new("mount")
+            .args(["-t", fs_type, &dev])
+            .arg(staging))?;
+        Ok(())
+    }
+
+    /// Unmounts `staging` and detaches the volume's loop devices. Idempotent.
+    fn unstage(&self, volume_id: &str, staging: &Path) -> Result<(), Status> {
+        while mounted_source(staging).is_some() {
+            run(Command::new("umount").arg(staging))?;
+        }
+        let file = self.backing_file(volume_id)?;
+        let attached = run(Command::new("losetup").arg("-j").arg(&file))?;
+        for dev in attached.lines().filter_map(|l| l.split(':').next()) {
+            if !dev.is_empty() {
+                run(Command::new("losetup").args(["-d", dev]))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Where an inline ephemeral volume is staged privately (the CO stages nothing for it).
+    fn inline_staging(&self, volume_id: &str) -> Result<PathBuf, Status> {
+        self.backing_file(volume_id)?;
+        Ok(self.state_dir.join("inline").join(volume_id))
+    }
+
     /// The loop device attached to `file`, attaching one when there is none.
     fn attach(&self, file: &Path) -> Result<String, Status> {
         let existing = run(Command::new("losetup").arg("-j").arg(file))?;
@@ -141,35 +203,12 @@ impl Node for Plugin {
             }
             _ => return Err(Status::invalid_argument("only mount volumes are supported")),
         };
-        let staging = PathBuf::from(&req.staging_target_path);
-        if mounted_source(&staging).is_some() {
-            return Ok(Response::new(NodeStageVolumeResponse {}));
-        }
-        let file = self.backing_file(&req.volume_id)?;
-        if !file.exists() {
-            let size: u64 = req
-                .volume_context
-                .get("size")
-                .map(|s| s.parse().map_err(|_| Status::invalid_argument("bad size")))
-                .transpose()?
-                .unwrap_or(64 << 20);
-            std::fs::create_dir_all(file.parent().unwrap_or(Path::new("/")))
-                .and_then(|()| std::fs::File::create(&file))
-                .and_then(|f| f.set_len(size))
-                .map_err(|e| Status::internal(format!("creating {}: {e}", file.display())))?;
-        }
-        let dev = self.attach(&file)?;
-        let existing = Command::new("blkid")
-            .args(["-p", "-s", "TYPE", "-o", "value", &dev])
-            .output()
-            .map_err(|e| Status::internal(e.to_string()))?;
-        if String::from_utf8_lossy(&existing.stdout).trim().is_empty() {
-            run(Command::new("mkfs.ext4").args(["-F", "-q", &dev]))?;
-        }
-        std::fs::create_dir_all(&staging).map_err(|e| Status::internal(e.to_string()))?;
-        run(Command::new("mount")
-            .args(["-t", fs_type, &dev])
-            .arg(&staging))?;
+        self.stage(
+            &req.volume_id,
+            Path::new(&req.staging_target_path),
+            fs_type,
+            &req.volume_context,
+        )?;
         Ok(Response::new(NodeStageVolumeResponse {}))
     }
 
@@ -180,17 +219,7 @@ impl Node for Plugin {
         let req = request.into_inner();
         require(&req.volume_id, "volume_id")?;
         require(&req.staging_target_path, "staging_target_path")?;
-        let staging = PathBuf::from(&req.staging_target_path);
-        while mounted_source(&staging).is_some() {
-            run(Command::new("umount").arg(&staging))?;
-        }
-        let file = self.backing_file(&req.volume_id)?;
-        let attached = run(Command::new("losetup").arg("-j").arg(&file))?;
-        for dev in attached.lines().filter_map(|l| l.split(':').next()) {
-            if !dev.is_empty() {
-                run(Command::new("losetup").args(["-d", dev]))?;
-            }
-        }
+        self.unstage(&req.volume_id, Path::new(&req.staging_target_path))?;
         Ok(Response::new(NodeUnstageVolumeResponse {}))
     }
 
@@ -201,12 +230,22 @@ impl Node for Plugin {
         let req = request.into_inner();
         require(&req.volume_id, "volume_id")?;
         require(&req.target_path, "target_path")?;
-        if req.staging_target_path.is_empty() {
+        let ephemeral = req
+            .volume_context
+            .get("csi.storage.k8s.io/ephemeral")
+            .is_some_and(|v| v == "true");
+        let staging = if ephemeral {
+            // Inline ephemeral volume: no NodeStage from the CO, so stage privately.
+            let staging = self.inline_staging(&req.volume_id)?;
+            self.stage(&req.volume_id, &staging, "ext4", &req.volume_context)?;
+            staging
+        } else if req.staging_target_path.is_empty() {
             return Err(Status::failed_precondition(
                 "staging_target_path is required (STAGE_UNSTAGE_VOLUME)",
             ));
-        }
-        let staging = PathBuf::from(&req.staging_target_path);
+        } else {
+            PathBuf::from(&req.staging_target_path)
+        };
         if mounted_source(&staging).is_none() {
             return Err(Status::failed_precondition("volume is not staged"));
         }
@@ -240,6 +279,13 @@ impl Node for Plugin {
         }
         // The SP deletes what it created at the target path.
         let _ = std::fs::remove_dir(&target);
+        // An inline ephemeral volume ends with its pod: unstage it and delete its data.
+        let inline = self.inline_staging(&req.volume_id)?;
+        if inline.exists() {
+            self.unstage(&req.volume_id, &inline)?;
+            let _ = std::fs::remove_dir(&inline);
+            let _ = std::fs::remove_file(self.backing_file(&req.volume_id)?);
+        }
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }
 
