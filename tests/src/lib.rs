@@ -1,3 +1,4 @@
 //! Shared helpers for the integration tests.
 
+pub mod agent_support;
 pub mod runtime_support;

@@ -22,9 +22,9 @@ pub fn multilayer() -> String {
     format!("{REGISTRY}/nodelet/multilayer:latest")
 }
 
-/// The test helper binary that runs `nodelet::runtime::logdriver::run_log_driver`.
+/// The logging binary the shim starts: the agent's own `nodelet log-driver`.
 pub fn log_driver_binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_nodelet-test-log-driver"))
+    crate::agent_support::nodelet_binary()
 }
 
 /// One test's runtime, namespace and scratch directory.

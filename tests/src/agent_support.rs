@@ -1,0 +1,298 @@
+//! Runs the real `nodelet` binary in standalone mode for agent-level tests: its own manifest
+//! folder, root dir, run dir, log dir, containerd namespace and read-only port, so tests can
+//! run side by side on one containerd. Dropping an `Agent` kills the process and removes what
+//! it created (containers, sandboxes, mounts), so a failed test leaves nothing behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Event, Pod};
+use serde::Deserialize;
+
+/// The test images scripts/setup pushes.
+pub const BUSYBOX: &str = "127.0.0.1:5000/nodelet/busybox:latest";
+pub const HTTPD: &str = "127.0.0.1:5000/nodelet/httpd:latest";
+
+#[derive(Deserialize)]
+struct List<T> {
+    items: Vec<T>,
+}
+
+pub struct Agent {
+    pub name: String,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+/// The nodelet binary built by `cargo build` (scripts/test builds all targets first).
+pub fn nodelet_binary() -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/nodelet");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p nodelet` first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl Agent {
+    /// Starts a fresh agent; `name` makes its containerd namespace unique.
+    pub fn start(name: &str) -> Agent {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("nodelet-agent-{name}-"))
+            .tempdir()
+            .expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("manifests")).unwrap();
+        let mut agent = Agent {
+            name: name.to_string(),
+            dir,
+            port: free_port(),
+            child: None,
+        };
+        agent.spawn();
+        agent
+    }
+
+    pub fn manifests(&self) -> PathBuf {
+        self.dir.path().join("manifests")
+    }
+
+    pub fn root_dir(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    pub fn log_dir(&self) -> PathBuf {
+        self.dir.path().join("logs")
+    }
+
+    pub fn namespace(&self) -> String {
+        format!("nodelet-test-{}", self.name)
+    }
+
+    /// (Re)starts the agent process on the same state, as systemd would after a crash.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .unwrap();
+        let child = Command::new(nodelet_binary())
+            .arg("--pod-manifest-path")
+            .arg(self.manifests())
+            .arg("--root-dir")
+            .arg(self.root_dir())
+            .arg("--run-dir")
+            .arg(self.dir.path().join("run"))
+            .arg("--pod-logs-dir")
+            .arg(self.log_dir())
+            .args(["--containerd-namespace", &self.namespace()])
+            .args(["--read-only-port", &self.port.to_string()])
+            .args(["--node-ip", "127.0.0.1", "-v", "1"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start nodelet");
+        self.child = Some(child);
+        self.wait_until("the agent serves /healthz", Duration::from_secs(60), |a| {
+            a.get("/healthz").is_some()
+        });
+    }
+
+    /// SIGKILL: the agent dies without any clean-up, as in a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait: the agent's orderly shutdown (pods must keep running).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    fn get(&self, path: &str) -> Option<String> {
+        let url = format!("http://127.0.0.1:{}{}", self.port, path);
+        let out = Command::new("curl")
+            .args(["-fsS", "--max-time", "5", &url])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Writes one manifest file (atomically, so the agent never reads half a file).
+    pub fn write_manifest(&self, file: &str, yaml: &str) {
+        let tmp = self.dir.path().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, self.manifests().join(file)).unwrap();
+    }
+
+    pub fn remove_manifest(&self, file: &str) {
+        std::fs::remove_file(self.manifests().join(file)).unwrap();
+    }
+
+    pub fn pods(&self) -> Vec<Pod> {
+        self.get("/pods")
+            .and_then(|body| serde_json::from_str::<List<Pod>>(&body).ok())
+            .map(|l| l.items)
+            .unwrap_or_default()
+    }
+
+    pub fn pod(&self, name: &str) -> Option<Pod> {
+        self.pods()
+            .into_iter()
+            .find(|p| p.metadata.name.as_deref() == Some(name))
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        self.get("/events")
+            .and_then(|body| serde_json::from_str::<List<Event>>(&body).ok())
+            .map(|l| l.items)
+            .unwrap_or_default()
+    }
+
+    pub fn metrics(&self) -> String {
+        self.get("/metrics").unwrap_or_default()
+    }
+
+    /// Polls `check` until it holds; panics with the agent's log tail after `timeout`.
+    pub fn wait_until(&self, what: &str, timeout: Duration, check: impl Fn(&Agent) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if check(self) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let log = self.agent_log();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        let pods: Vec<String> = self
+            .pods()
+            .iter()
+            .map(|p| serde_json::to_string(&p.status).unwrap_or_default())
+            .collect();
+        panic!(
+            "timed out after {timeout:?} waiting for {what}\npods: {pods:#?}\nagent log tail:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+
+    /// Waits for the pod to report `phase`, returning it.
+    pub fn wait_phase(&self, name: &str, phase: &str, timeout: Duration) -> Pod {
+        self.wait_until(&format!("pod {name} phase {phase}"), timeout, |a| {
+            phase_of(a.pod(name).as_ref()) == Some(phase)
+        });
+        self.pod(name).unwrap()
+    }
+
+    /// Containers in the agent's containerd namespace (`ctr containers list -q`).
+    pub fn containerd_containers(&self) -> Vec<String> {
+        ctr(&self.namespace(), &["containers", "list", "-q"])
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The pid of a container's task (`ctr tasks list`), if running.
+    pub fn task_pid(&self, container_id: &str) -> Option<u32> {
+        ctr(&self.namespace(), &["tasks", "list"])
+            .lines()
+            .filter(|l| l.starts_with(container_id))
+            .find(|l| l.contains("RUNNING"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|p| p.parse().ok())
+    }
+}
+
+pub fn phase_of(pod: Option<&Pod>) -> Option<&str> {
+    pod?.status.as_ref()?.phase.as_deref()
+}
+
+/// The containerd id of a container from its status (`containerd://<id>`).
+pub fn container_id(pod: &Pod, container: &str) -> Option<String> {
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    let s = statuses.iter().find(|s| s.name == container)?;
+    s.container_id
+        .as_deref()
+        .map(|id| id.trim_start_matches("containerd://").to_string())
+}
+
+pub fn ctr(namespace: &str, args: &[&str]) -> String {
+    let out = Command::new("ctr")
+        .arg("-n")
+        .arg(namespace)
+        .args(args)
+        .output()
+        .expect("run ctr");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+        // Remove whatever the agent left: tasks, containers, the namespace, pinned namespaces
+        // and mounts under the temp dir.
+        let ns = self.namespace();
+        for id in self.containerd_containers() {
+            ctr(&ns, &["tasks", "kill", "-s", "SIGKILL", &id]);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        for id in self.containerd_containers() {
+            ctr(&ns, &["tasks", "delete", "-f", &id]);
+            ctr(&ns, &["containers", "delete", &id]);
+        }
+        unmount_below(self.dir.path());
+        let _ = Command::new("ctr")
+            .args(["namespaces", "remove", &ns])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Unmounts every mount point at or below `dir`, deepest first.
+pub fn unmount_below(dir: &Path) {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let prefix = dir.to_string_lossy().into_owned();
+    let mut points: Vec<String> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(&prefix))
+        .map(str::to_string)
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let _ = Command::new("umount").args(["-l", &p]).status();
+    }
+}

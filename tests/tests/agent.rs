@@ -1,0 +1,252 @@
+//! Agent tier: the real `nodelet` binary in standalone mode against the real containerd,
+//! registry and CNI. Each test runs its own agent (own namespace, dirs and port).
+
+use std::time::Duration;
+
+use nodelet_tests::agent_support::{container_id, phase_of, Agent, BUSYBOX, HTTPD};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn sleeper(name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: main\n    image: {BUSYBOX}\n    command: [sh, -c, 'i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done']\n"
+    )
+}
+
+fn ready(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+#[test]
+fn a_manifest_pod_runs_logs_and_is_removed_with_its_file() {
+    let agent = Agent::start("basic");
+    agent.write_manifest("ticker.yaml", &sleeper("ticker"));
+    let pod = agent.wait_phase("ticker", "Running", MINUTE);
+    let status = pod.status.as_ref().unwrap();
+    assert!(status.pod_ip.is_some(), "a pod IP from CNI");
+    assert_eq!(status.host_ip.as_deref(), Some("127.0.0.1"));
+    let cs = &status.container_statuses.as_ref().unwrap()[0];
+    assert!(cs.state.as_ref().unwrap().running.is_some());
+    assert!(cs
+        .image_id
+        .starts_with("127.0.0.1:5000/nodelet/busybox@sha256:"));
+    let id = container_id(&pod, "main").unwrap();
+    assert!(agent.containerd_containers().contains(&id));
+
+    // The container's output reaches its CRI log file.
+    let uid = pod.metadata.uid.clone().unwrap();
+    let log = agent
+        .log_dir()
+        .join(format!("default_ticker_{uid}"))
+        .join("main/0.log");
+    agent.wait_until("log lines in the CRI file", MINUTE, |_| {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.lines().count() >= 3)
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    let first = text.lines().next().unwrap();
+    let fields: Vec<&str> = first.splitn(4, ' ').collect();
+    assert_eq!(fields[1], "stdout", "{first}");
+    assert_eq!(fields[2], "F", "{first}");
+    assert!(fields[3].starts_with("tick "), "{first}");
+
+    // Removing the file deletes the pod: containers and the pod go away.
+    agent.remove_manifest("ticker.yaml");
+    agent.wait_until("the pod is gone", MINUTE, |a| a.pod("ticker").is_none());
+    agent.wait_until("its container is removed", MINUTE, |a| {
+        !a.containerd_containers().contains(&id)
+    });
+}
+
+#[test]
+fn a_run_to_completion_pod_succeeds_with_downward_env() {
+    let agent = Agent::start("complete");
+    let yaml = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: once\n  namespace: team\nspec:\n  restartPolicy: Never\n  containers:\n  - name: c\n    image: {BUSYBOX}\n    command: [sh, -c, 'echo $(NAME) in $(NS); test \"$NS\" = team']\n    env:\n    - name: NAME\n      valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}\n    - name: NS\n      valueFrom: {{fieldRef: {{fieldPath: metadata.namespace}}}}\n"
+    );
+    agent.write_manifest("once.yaml", &yaml);
+    let pod = agent.wait_phase("once", "Succeeded", MINUTE);
+    let cs = &pod.status.unwrap().container_statuses.unwrap()[0];
+    let term = cs.state.as_ref().unwrap().terminated.as_ref().unwrap();
+    assert_eq!(term.exit_code, 0);
+    assert_eq!(term.reason.as_deref(), Some("Completed"));
+    assert_eq!(cs.restart_count, 0);
+}
+
+#[test]
+fn bad_manifests_and_missing_images_are_reported_without_disturbing_other_pods() {
+    let agent = Agent::start("badinput");
+    agent.write_manifest("good.yaml", &sleeper("good"));
+    agent.write_manifest("broken.yaml", "kind: Pod\nmetadata: {name: [\n");
+    agent.write_manifest(
+        "invalid.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: noimage}\nspec:\n  containers:\n  - name: c\n",
+    );
+    let missing = "apiVersion: v1\nkind: Pod\nmetadata: {name: missing}\nspec:\n  containers:\n  - name: c\n    image: 127.0.0.1:5000/nodelet/does-not-exist:v1\n";
+    agent.write_manifest("missing.yaml", missing);
+
+    agent.wait_phase("good", "Running", MINUTE);
+    agent.wait_until(
+        "ErrImagePull or ImagePullBackOff for the missing image",
+        MINUTE,
+        |a| {
+            a.pod("missing").is_some_and(|p| {
+                let cs = p
+                    .status
+                    .and_then(|s| s.container_statuses)
+                    .unwrap_or_default();
+                cs.iter().any(|c| {
+                    let w = c.state.as_ref().and_then(|s| s.waiting.as_ref());
+                    w.is_some_and(|w| {
+                        matches!(
+                            w.reason.as_deref(),
+                            Some("ErrImagePull" | "ImagePullBackOff")
+                        ) && w
+                            .message
+                            .as_deref()
+                            .unwrap_or("")
+                            .contains("does-not-exist")
+                    })
+                })
+            })
+        },
+    );
+    let events = agent.events();
+    let manifest_errors: Vec<String> = events
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("FailedManifest"))
+        .filter_map(|e| e.message.clone())
+        .collect();
+    assert!(
+        manifest_errors.iter().any(|m| m.contains("broken.yaml")),
+        "{manifest_errors:?}"
+    );
+    assert!(
+        manifest_errors
+            .iter()
+            .any(|m| m.contains("invalid.yaml") && m.contains("image is required")),
+        "{manifest_errors:?}"
+    );
+    assert!(agent.pod("noimage").is_none());
+    assert!(events.iter().any(|e| e.reason.as_deref() == Some("Failed")
+        && e.message
+            .as_deref()
+            .unwrap_or("")
+            .contains("does-not-exist")));
+    // The good pod never restarted through all of this.
+    let good = agent.pod("good").unwrap();
+    assert_eq!(phase_of(Some(&good)), Some("Running"));
+    assert_eq!(
+        good.status.unwrap().container_statuses.unwrap()[0].restart_count,
+        0
+    );
+}
+
+#[test]
+fn the_agent_dying_leaves_pods_running_and_a_restart_readopts_them() {
+    let mut agent = Agent::start("restart");
+    agent.write_manifest("ticker.yaml", &sleeper("ticker"));
+    let pod = agent.wait_phase("ticker", "Running", MINUTE);
+    let id = container_id(&pod, "main").unwrap();
+    let pid = agent.task_pid(&id).expect("running task");
+    let uid = pod.metadata.uid.clone().unwrap();
+    let log = agent
+        .log_dir()
+        .join(format!("default_ticker_{uid}"))
+        .join("main/0.log");
+
+    agent.kill9();
+    let before = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    std::thread::sleep(Duration::from_secs(2));
+    let after = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    assert!(
+        after > before,
+        "logs keep flowing with the agent down ({before} → {after})"
+    );
+    assert_eq!(
+        agent.task_pid(&id),
+        Some(pid),
+        "same process with the agent down"
+    );
+
+    agent.spawn();
+    agent.wait_phase("ticker", "Running", MINUTE);
+    let again = agent.pod("ticker").unwrap();
+    let cs = &again
+        .status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0];
+    assert_eq!(cs.restart_count, 0, "re-adopted, not restarted");
+    assert_eq!(container_id(&again, "main").as_deref(), Some(id.as_str()));
+    assert_eq!(agent.task_pid(&id), Some(pid));
+
+    // An orderly stop (SIGTERM) does not stop pods either.
+    agent.stop();
+    assert_eq!(
+        agent.task_pid(&id),
+        Some(pid),
+        "SIGTERM of the agent leaves the pod"
+    );
+    agent.spawn();
+    agent.wait_phase("ticker", "Running", MINUTE);
+    assert_eq!(agent.task_pid(&id), Some(pid));
+}
+
+#[test]
+fn a_pod_removed_while_the_agent_was_down_is_cleaned_up_on_start() {
+    let mut agent = Agent::start("orphan");
+    agent.write_manifest("ticker.yaml", &sleeper("ticker"));
+    let pod = agent.wait_phase("ticker", "Running", MINUTE);
+    let id = container_id(&pod, "main").unwrap();
+    agent.kill9();
+    agent.remove_manifest("ticker.yaml");
+    agent.spawn();
+    agent.wait_until("the orphan container is removed", MINUTE, |a| {
+        !a.containerd_containers().contains(&id)
+    });
+    assert!(agent.pod("ticker").is_none());
+}
+
+#[test]
+fn a_web_pod_turns_ready_through_its_readiness_probe_and_serves_a_config_map() {
+    let agent = Agent::start("web");
+    let yaml = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: site}}\ndata:\n  index.html: version-one\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: web}}\nspec:\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: server\n    image: {HTTPD}\n    ports: [{{name: http, containerPort: 8080}}]\n    readinessProbe:\n      httpGet: {{path: /site/index.html, port: http}}\n      periodSeconds: 1\n    volumeMounts: [{{name: site, mountPath: /www/site}}]\n  volumes:\n  - name: site\n    configMap: {{name: site}}\n"
+    );
+    agent.write_manifest("web.yaml", &yaml);
+    agent.wait_until("pod web Ready", MINUTE, |a| {
+        a.pod("web").is_some_and(|p| ready(&p))
+    });
+    let ip = agent.pod("web").unwrap().status.unwrap().pod_ip.unwrap();
+    let fetch = |path: &str| {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-fsS",
+                "--max-time",
+                "5",
+                &format!("http://{ip}:8080{path}"),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(fetch("/site/index.html").trim(), "version-one");
+
+    // An update to the ConfigMap reaches the running pod.
+    agent.write_manifest("web.yaml", &yaml.replace("version-one", "version-two"));
+    agent.wait_until("the new ConfigMap content is served", MINUTE, |_| {
+        fetch("/site/index.html").trim() == "version-two"
+    });
+}
