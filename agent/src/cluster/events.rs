@@ -1,6 +1,7 @@
 //! The API event sink: every event the [`crate::events::Recorder`] records is created as a core
 //! v1 Event in the involved object's namespace (`default` for the node). Events are best effort:
-//! a failed create is retried twice, then the event is dropped with a log line.
+//! a failed create is retried twice (one the API refused as invalid or forbidden is not), then
+//! the event is dropped with a log line.
 
 use std::time::Duration;
 
@@ -14,6 +15,21 @@ use super::sleep_or_cancel;
 
 const ATTEMPTS: usize = 3;
 
+/// Fills what the API requires of an event that has an `eventTime`: an `action` (the reason,
+/// as the kubelet's recorder does) besides the reporting controller and instance.
+fn prepare(mut event: Event) -> Event {
+    if event.action.is_none() {
+        event.action = event.reason.clone();
+    }
+    if event.reporting_component.is_none() {
+        event.reporting_component = Some("nodelet".into());
+    }
+    if event.reporting_instance.is_none() {
+        event.reporting_instance = event.source.as_ref().and_then(|s| s.host.clone());
+    }
+    event
+}
+
 /// Creates events until the recorder is dropped or `token` is cancelled.
 pub(super) async fn run(
     client: kube::Client,
@@ -24,7 +40,7 @@ pub(super) async fn run(
         let event = tokio::select! {
             _ = token.cancelled() => return,
             e = events.recv() => match e {
-                Some(e) => e,
+                Some(e) => prepare(e),
                 None => return,
             },
         };
@@ -47,6 +63,16 @@ pub(super) async fn run(
                     );
                 }
                 Err(kube::Error::Api(s)) if s.is_already_exists() => break,
+                Err(kube::Error::Api(s)) if (400..500).contains(&s.code) && s.code != 429 => {
+                    tracing::warn!(
+                        event = event.metadata.name.as_deref().unwrap_or(""),
+                        ns,
+                        reason = event.reason.as_deref().unwrap_or(""),
+                        error = %s,
+                        "event dropped: the API refused it"
+                    );
+                    break;
+                }
                 Err(_) => {
                     if !sleep_or_cancel(Duration::from_millis(500), &token).await {
                         return;
@@ -54,5 +80,31 @@ pub(super) async fn run(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_gets_the_fields_the_api_requires() {
+        let e = prepare(Event {
+            reason: Some("Started".into()),
+            source: Some(k8s_openapi::api::core::v1::EventSource {
+                component: Some("nodelet".into()),
+                host: Some("n1".into()),
+            }),
+            ..Default::default()
+        });
+        assert_eq!(e.action.as_deref(), Some("Started"));
+        assert_eq!(e.reporting_component.as_deref(), Some("nodelet"));
+        assert_eq!(e.reporting_instance.as_deref(), Some("n1"));
+        let kept = prepare(Event {
+            reason: Some("Killing".into()),
+            action: Some("Kill".into()),
+            ..Default::default()
+        });
+        assert_eq!(kept.action.as_deref(), Some("Kill"));
     }
 }

@@ -165,12 +165,13 @@ pub(super) async fn run(
     }
 }
 
+/// Publishes the set; `synced` first, so whoever wakes on `desired` already sees it.
 fn publish(set: &PodSet, out: &Outputs) {
-    out.api_pods.send_replace(Arc::new(set.pods().clone()));
-    out.desired.send_replace(set.desired());
     if set.synced() {
         out.synced.send_if_modified(|s| !std::mem::replace(s, true));
     }
+    out.api_pods.send_replace(Arc::new(set.pods().clone()));
+    out.desired.send_replace(set.desired());
 }
 
 #[cfg(test)]

@@ -105,6 +105,9 @@ pub(super) async fn run(
         changed.borrow_and_update();
         let all = status.all();
         let now = Instant::now();
+        // A write that went through may enable the next step (the final DELETE after the
+        // terminal status) without anything else changing: plan again before waiting.
+        let mut progressed = false;
         for reported in &all {
             let Some(uid) = reported.pod.metadata.uid.clone() else {
                 continue;
@@ -134,6 +137,7 @@ pub(super) async fn run(
                     w.version = w.version.max(reported.version);
                     w.deleted |= deleted;
                     retries.remove(&uid);
+                    progressed = true;
                 }
                 Err(e) => {
                     let retry = retries.entry(uid.clone()).or_insert_with(|| Retry {
@@ -154,6 +158,9 @@ pub(super) async fn run(
         written.retain(|uid, _| known.contains(uid.as_str()));
         retries.retain(|uid, _| known.contains(uid.as_str()));
 
+        if progressed {
+            continue;
+        }
         let next_retry = retries.values().map(|r| r.at).min();
         tokio::select! {
             _ = token.cancelled() => return,
