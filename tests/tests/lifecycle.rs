@@ -1,0 +1,689 @@
+//! Pod lifecycle end to end: a `PodManager` over the real containerd (a test namespace of its
+//! own), runc, the CNI bridge and the loopback registry. Each test runs pods through the
+//! workers and checks what the containers did (files in a hostPath dir) and the reported status.
+//! Must run as root with `scripts/setup` done.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodStatus};
+use nodelet::events::Recorder;
+use nodelet::pod::manager::PodManager;
+use nodelet::pod::{Deletion, Desired, NodeFacts, PodContext};
+use nodelet::probe::Prober;
+use nodelet::runtime::{labels, TaskState};
+use nodelet::sandbox::{SandboxConfig, SandboxManager};
+use nodelet::status::StatusManager;
+use nodelet::store::ObjectStore;
+use nodelet::volume::{VolumeConfig, VolumeManager};
+use nodelet_tests::runtime_support::{busybox, TestRuntime};
+use tokio_util::sync::CancellationToken;
+
+const RUN_DIR: &str = "/run/nodelet-tests/lifecycle";
+const WAIT: Duration = Duration::from_secs(90);
+
+fn require_root() {
+    let out = Command::new("id").arg("-u").output().expect("run id -u");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "0",
+        "lifecycle tests must run as root (containers, mounts, network namespaces)"
+    );
+}
+
+/// One test's agent pieces: runtime namespace, dirs, context and manager.
+struct Harness {
+    t: TestRuntime,
+    conf: tempfile::TempDir,
+    /// This test's own sandbox run dir (orphan clean-up must not see other tests' pods).
+    run_dir: PathBuf,
+    /// The hostPath dir the test pods write to.
+    work: tempfile::TempDir,
+    ctx: Arc<PodContext>,
+    manager: PodManager,
+    cancel: CancellationToken,
+}
+
+fn root_of(t: &TestRuntime) -> PathBuf {
+    t.dir.path().join("root")
+}
+
+fn context(t: &TestRuntime, conf: &Path, run_dir: &Path) -> Arc<PodContext> {
+    let root = root_of(t);
+    let store = ObjectStore::new();
+    let recorder = Recorder::new("lifecycle-node");
+    let prober = Arc::new(Prober::new(Arc::new(t.rt.clone()), recorder.clone()));
+    Arc::new(PodContext {
+        node: NodeFacts {
+            name: "lifecycle-node".into(),
+            ip: Some("127.0.0.1".parse().unwrap()),
+            root_dir: root.clone(),
+            log_dir: root.join("logs"),
+        },
+        runtime: t.rt.clone(),
+        sandboxes: Arc::new(SandboxManager::new(SandboxConfig {
+            run_dir: run_dir.to_path_buf(),
+            root_dir: root.clone(),
+            cni_conf_dir: conf.to_path_buf(),
+            cni_bin_dirs: vec![PathBuf::from("/usr/lib/cni")],
+            cluster_dns: vec!["10.96.0.10".into()],
+            cluster_domain: "cluster.local".into(),
+        })),
+        volumes: Arc::new(VolumeManager::new(
+            VolumeConfig {
+                root_dir: root.clone(),
+                plugins_registry: root.join("plugins_registry"),
+            },
+            store.clone(),
+        )),
+        prober,
+        status: StatusManager::new(),
+        recorder,
+        store,
+    })
+}
+
+impl Harness {
+    async fn new(name: &str) -> Harness {
+        require_root();
+        let t = TestRuntime::new(&format!("lifecycle-{name}")).await;
+        let conf = tempfile::tempdir().unwrap();
+        let template =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/cni/10-nodelet.conflist");
+        std::fs::copy(template, conf.path().join("10-nodelet.conflist")).unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let run_dir = PathBuf::from(format!("{RUN_DIR}-{name}"));
+        let ctx = context(&t, conf.path(), &run_dir);
+        let cancel = CancellationToken::new();
+        let manager = PodManager::new(ctx.clone(), &cancel);
+        manager.recover().await.expect("recover");
+        manager.sync_all(Vec::new()).await;
+        Harness {
+            t,
+            conf,
+            run_dir,
+            work,
+            ctx,
+            manager,
+            cancel,
+        }
+    }
+
+    /// A pod from a YAML spec (indented two spaces), with a fresh UID and a hostPath /work.
+    fn pod(&self, name: &str, spec: &str) -> Pod {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let uid = format!("lc-{name}-{}-{nanos}", std::process::id());
+        let yaml = format!(
+            "metadata:\n  name: {name}\n  namespace: default\n  uid: {uid}\nspec:\n  volumes:\n  - name: work\n    hostPath:\n      path: {}\n      type: DirectoryOrCreate\n{spec}",
+            self.work.path().display()
+        );
+        serde_yaml::from_str(&yaml).unwrap_or_else(|e| panic!("bad test pod {name}: {e}\n{yaml}"))
+    }
+
+    fn run(&self, pod: &Pod) {
+        self.manager.update(Desired {
+            pod: pod.clone(),
+            deletion: None,
+        });
+    }
+
+    fn work_file(&self, file: &str) -> String {
+        std::fs::read_to_string(self.work.path().join(file)).unwrap_or_default()
+    }
+
+    async fn wait_status(
+        &self,
+        pod: &Pod,
+        what: &str,
+        check: impl Fn(&PodStatus) -> bool,
+    ) -> PodStatus {
+        let uid = uid(pod);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let status = self.ctx.status.get(&uid).and_then(|r| r.pod.status);
+            if let Some(s) = status.as_ref().filter(|s| check(s)) {
+                return s.clone();
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("pod {uid}: never {what}; last status {status:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Deletes the pod and waits until its worker has finished.
+    async fn delete(&self, pod: &Pod, grace: u64, gone: bool) {
+        let mut finished = self.manager.subscribe_finished();
+        self.manager.update(Desired {
+            pod: pod.clone(),
+            deletion: Some(Deletion {
+                grace: Duration::from_secs(grace),
+                gone,
+            }),
+        });
+        let uid = uid(pod);
+        tokio::time::timeout(WAIT, async {
+            while finished.recv().await.expect("finished channel") != uid {}
+        })
+        .await
+        .unwrap_or_else(|_| panic!("pod {uid} never finished after deletion"));
+    }
+
+    async fn containers_of(&self, pod: &Pod) -> Vec<nodelet::runtime::ContainerRecord> {
+        let uid = uid(pod);
+        let all = self.t.rt.list().await.expect("list");
+        all.into_iter()
+            .filter(|r| r.labels.get(labels::POD_UID) == Some(&uid))
+            .collect()
+    }
+
+    async fn stop(self) {
+        self.manager.shutdown().await;
+        self.cancel.cancel();
+        self.t.cleanup().await;
+        drop(self.conf);
+    }
+}
+
+fn uid(pod: &Pod) -> String {
+    pod.metadata.uid.clone().unwrap()
+}
+
+fn phase(s: &PodStatus) -> &str {
+    s.phase.as_deref().unwrap_or_default()
+}
+
+fn container<'a>(s: &'a PodStatus, name: &str) -> &'a ContainerStatus {
+    s.container_statuses
+        .iter()
+        .flatten()
+        .chain(s.init_container_statuses.iter().flatten())
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no status for container {name}: {s:#?}"))
+}
+
+fn terminated(c: &ContainerStatus) -> Option<(i32, String)> {
+    let t = c.state.as_ref()?.terminated.as_ref()?;
+    Some((t.exit_code, t.reason.clone().unwrap_or_default()))
+}
+
+fn waiting_reason(c: &ContainerStatus) -> Option<String> {
+    c.state.as_ref()?.waiting.as_ref()?.reason.clone()
+}
+
+fn condition(s: &PodStatus, kind: &str) -> String {
+    s.conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == kind)
+        .map(|c| c.status.clone())
+        .unwrap_or_default()
+}
+
+fn running(s: &PodStatus, name: &str) -> bool {
+    let c = container(s, name);
+    c.state.as_ref().is_some_and(|st| st.running.is_some())
+}
+
+fn image() -> String {
+    busybox()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_containers_run_in_order_before_the_app() {
+    let h = Harness::new("init-order").await;
+    let img = image();
+    let pod = h.pod(
+        "init-order",
+        &format!(
+            r#"  terminationGracePeriodSeconds: 2
+  initContainers:
+  - name: first
+    image: {img}
+    command: ["sh", "-c", "echo first >> /work/order"]
+    volumeMounts: [{{name: work, mountPath: /work}}]
+  - name: second
+    image: {img}
+    command: ["sh", "-c", "echo second >> /work/order"]
+    volumeMounts: [{{name: work, mountPath: /work}}]
+  containers:
+  - name: app
+    image: {img}
+    command: ["sh", "-c", "cat /work/order > /work/seen; echo app >> /work/order; exec sleep 3600"]
+    volumeMounts: [{{name: work, mountPath: /work}}]
+"#
+        ),
+    );
+    h.run(&pod);
+    let s = h
+        .wait_status(&pod, "running", |s| {
+            phase(s) == "Running" && running(s, "app")
+        })
+        .await;
+    assert_eq!(h.work_file("seen"), "first\nsecond\n");
+    assert_eq!(
+        terminated(container(&s, "first")),
+        Some((0, "Completed".into()))
+    );
+    assert_eq!(
+        terminated(container(&s, "second")),
+        Some((0, "Completed".into()))
+    );
+    assert_eq!(condition(&s, "Initialized"), "True");
+    assert_eq!(condition(&s, "Ready"), "True");
+    assert_eq!(condition(&s, "PodReadyToStartContainers"), "True");
+    let app = container(&s, "app");
+    assert!(app
+        .container_id
+        .as_deref()
+        .unwrap()
+        .starts_with("containerd://"));
+    assert!(
+        app.image_id.contains("@sha256:"),
+        "imageID {:?}",
+        app.image_id
+    );
+    assert!(s.pod_ip.as_deref().unwrap().starts_with("10.233."));
+    h.delete(&pod, 0, true).await;
+    assert!(h.containers_of(&pod).await.is_empty());
+    assert!(
+        h.ctx.status.get(&uid(&pod)).is_none(),
+        "a gone pod's status is forgotten"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_starts_before_the_next_init_container_and_stops_last() {
+    let h = Harness::new("sidecar").await;
+    let img = image();
+    let pod = h.pod(
+        "sidecar",
+        &format!(
+            r#"  terminationGracePeriodSeconds: 20
+  initContainers:
+  - name: side
+    image: {img}
+    restartPolicy: Always
+    command: ["sh", "-c", "trap 'echo side-term >> /work/order; exit 0' TERM; echo side >> /work/order; touch /work/side-ready; while true; do sleep 1; done"]
+    startupProbe:
+      exec: {{command: ["cat", "/work/side-ready"]}}
+      periodSeconds: 1
+    volumeMounts: [{{name: work, mountPath: /work}}]
+  - name: init
+    image: {img}
+    command: ["sh", "-c", "echo init >> /work/order"]
+    volumeMounts: [{{name: work, mountPath: /work}}]
+  containers:
+  - name: app
+    image: {img}
+    command: ["sh", "-c", "trap 'echo app-term >> /work/order; exit 0' TERM; echo app >> /work/order; while true; do sleep 1; done"]
+    volumeMounts: [{{name: work, mountPath: /work}}]
+"#
+        ),
+    );
+    h.run(&pod);
+    let s = h
+        .wait_status(&pod, "running", |s| {
+            phase(s) == "Running" && running(s, "app") && h.work_file("order").contains("app")
+        })
+        .await;
+    assert_eq!(h.work_file("order"), "side\ninit\napp\n");
+    assert_eq!(container(&s, "side").started, Some(true));
+    h.delete(&pod, 20, false).await;
+    assert_eq!(
+        h.work_file("order"),
+        "side\ninit\napp\napp-term\nside-term\n"
+    );
+    let last = h.ctx.status.get(&uid(&pod)).expect("final status");
+    assert!(last.finished);
+    let s = last.pod.status.unwrap();
+    assert_eq!(
+        terminated(container(&s, "app")),
+        Some((0, "Completed".into()))
+    );
+    assert_eq!(phase(&s), "Succeeded");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_init_container_under_never_fails_the_pod() {
+    let h = Harness::new("init-fail").await;
+    let img = image();
+    let pod = h.pod(
+        "init-fail",
+        &format!(
+            r#"  restartPolicy: Never
+  initContainers:
+  - name: broken
+    image: {img}
+    command: ["sh", "-c", "exit 3"]
+  containers:
+  - name: app
+    image: {img}
+    command: ["sh", "-c", "touch /work/app-ran; sleep 3600"]
+    volumeMounts: [{{name: work, mountPath: /work}}]
+"#
+        ),
+    );
+    h.run(&pod);
+    let s = h
+        .wait_status(&pod, "Failed", |s| phase(s) == "Failed")
+        .await;
+    assert_eq!(
+        terminated(container(&s, "broken")),
+        Some((3, "Error".into()))
+    );
+    assert_eq!(container(&s, "broken").restart_count, 0);
+    assert_eq!(
+        waiting_reason(container(&s, "app")).as_deref(),
+        Some("PodInitializing")
+    );
+    assert!(!h.work.path().join("app-ran").exists());
+    let reported = h.ctx.status.get(&uid(&pod)).unwrap();
+    assert!(
+        reported.finished,
+        "a terminal pod's worker reports finished"
+    );
+    h.delete(&pod, 0, true).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_failure_restarts_a_failing_container_with_back_off() {
+    let h = Harness::new("crashloop").await;
+    let img = image();
+    let pod = h.pod(
+        "crashloop",
+        &format!(
+            r#"  restartPolicy: OnFailure
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: app
+    image: {img}
+    command: ["sh", "-c", "echo run >> /work/runs; exit 1"]
+    volumeMounts: [{{name: work, mountPath: /work}}]
+"#
+        ),
+    );
+    h.run(&pod);
+    let s = h
+        .wait_status(&pod, "in CrashLoopBackOff", |s| {
+            waiting_reason(container(s, "app")).as_deref() == Some("CrashLoopBackOff")
+        })
+        .await;
+    let app = container(&s, "app");
+    assert!(app.restart_count >= 1);
+    let last = app
+        .last_state
+        .as_ref()
+        .unwrap()
+        .terminated
+        .as_ref()
+        .unwrap();
+    assert_eq!(last.exit_code, 1);
+    let message = app
+        .state
+        .as_ref()
+        .unwrap()
+        .waiting
+        .as_ref()
+        .unwrap()
+        .message
+        .clone();
+    assert!(message
+        .unwrap()
+        .starts_with("back-off 10s restarting failed container=app"));
+    assert_eq!(phase(&s), "Running");
+    h.wait_status(&pod, "restarted twice", |s| {
+        container(s, "app").restart_count >= 2
+    })
+    .await;
+    assert!(h.work_file("runs").lines().count() >= 3);
+    let events = h.ctx.recorder.recent();
+    assert!(events
+        .iter()
+        .any(|e| e.reason.as_deref() == Some("BackOff")));
+    h.delete(&pod, 0, true).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_delete_runs_pre_stop_then_sends_term() {
+    let h = Harness::new("prestop").await;
+    let img = image();
+    let pod = h.pod(
+        "prestop",
+        &format!(
+            r#"  terminationGracePeriodSeconds: 30
+  containers:
+  - name: app
+    image: {img}
+    command: ["sh", "-c", "trap 'echo term >> /work/log; exit 0' TERM; while true; do sleep 1; done"]
+    lifecycle:
+      preStop:
+        exec: {{command: ["sh", "-c", "echo prestop >> /work/log"]}}
+    volumeMounts: [{{name: work, mountPath: /work}}]
+"#
+        ),
+    );
+    h.run(&pod);
+    h.wait_status(&pod, "running", |s| running(s, "app")).await;
+    h.delete(&pod, 10, false).await;
+    assert_eq!(h.work_file("log"), "prestop\nterm\n");
+    let s = h.ctx.status.get(&uid(&pod)).unwrap().pod.status.unwrap();
+    assert_eq!(
+        terminated(container(&s, "app")),
+        Some((0, "Completed".into()))
+    );
+    assert!(h.containers_of(&pod).await.is_empty());
+    let killing = h.ctx.recorder.recent();
+    assert!(killing
+        .iter()
+        .any(|e| e.reason.as_deref() == Some("Killing")));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_ignoring_term_is_killed_after_the_grace() {
+    let h = Harness::new("ignore-term").await;
+    let img = image();
+    let pod = h.pod(
+        "ignore-term",
+        &format!(
+            r#"  terminationGracePeriodSeconds: 3
+  containers:
+  - name: app
+    image: {img}
+    command: ["sh", "-c", "trap 'echo got-term >> /work/log' TERM; while true; do sleep 1; done"]
+    volumeMounts: [{{name: work, mountPath: /work}}]
+"#
+        ),
+    );
+    h.run(&pod);
+    h.wait_status(&pod, "running", |s| running(s, "app")).await;
+    h.delete(&pod, 30, false).await;
+    assert!(h.work_file("log").contains("got-term"), "TERM came first");
+    let s = h.ctx.status.get(&uid(&pod)).unwrap().pod.status.unwrap();
+    assert_eq!(
+        terminated(container(&s, "app")),
+        Some((137, "Error".into()))
+    );
+    assert_eq!(phase(&s), "Failed");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_deadline_fails_the_pod() {
+    let h = Harness::new("deadline").await;
+    let img = image();
+    let pod = h.pod(
+        "deadline",
+        &format!(
+            r#"  activeDeadlineSeconds: 3
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: app
+    image: {img}
+    command: ["sleep", "3600"]
+"#
+        ),
+    );
+    h.run(&pod);
+    let s = h
+        .wait_status(&pod, "Failed", |s| phase(s) == "Failed")
+        .await;
+    assert_eq!(s.reason.as_deref(), Some("DeadlineExceeded"));
+    assert!(terminated(container(&s, "app")).is_some());
+    assert_eq!(condition(&s, "Ready"), "False");
+    h.delete(&pod, 0, true).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_limit_oom_kills_the_container() {
+    let h = Harness::new("oom").await;
+    let img = image();
+    let pod = h.pod(
+        "oom",
+        &format!(
+            r#"  restartPolicy: Never
+  containers:
+  - name: app
+    image: {img}
+    command: ["sh", "-c", "tail /dev/zero"]
+    resources:
+      limits: {{memory: 16Mi}}
+"#
+        ),
+    );
+    h.run(&pod);
+    let s = h
+        .wait_status(&pod, "Failed", |s| phase(s) == "Failed")
+        .await;
+    assert_eq!(
+        terminated(container(&s, "app")),
+        Some((137, "OOMKilled".into()))
+    );
+    assert_eq!(s.qos_class.as_deref(), Some("Burstable"));
+    h.delete(&pod, 0, true).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_manager_re_adopts_running_containers() {
+    let h = Harness::new("readopt").await;
+    let img = image();
+    let pod = h.pod(
+        "readopt",
+        &format!(
+            r#"  restartPolicy: OnFailure
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: app
+    image: {img}
+    command: ["sh", "-c", "if [ -f /work/once ]; then exec sleep 3600; fi; touch /work/once; exit 1"]
+    volumeMounts: [{{name: work, mountPath: /work}}]
+"#
+        ),
+    );
+    h.run(&pod);
+    let before = h
+        .wait_status(&pod, "running after one restart", |s| {
+            running(s, "app") && container(s, "app").restart_count == 1
+        })
+        .await;
+    let id_before = container(&before, "app").container_id.clone().unwrap();
+    let pid_before = match h.containers_of(&pod).await.as_slice() {
+        [r] => match r.state {
+            TaskState::Running { pid, .. } => pid,
+            ref other => panic!("container not running: {other:?}"),
+        },
+        other => panic!("expected exactly one container (old attempt removed), got {other:?}"),
+    };
+
+    // Simulated agent restart: the old manager stops, a new one over a fresh context recovers.
+    h.manager.shutdown().await;
+    let ctx = context(&h.t, h.conf.path(), &h.run_dir);
+    let cancel = CancellationToken::new();
+    let manager = PodManager::new(ctx.clone(), &cancel);
+    assert_eq!(manager.recover().await.expect("recover"), 1);
+    manager
+        .sync_all(vec![Desired {
+            pod: pod.clone(),
+            deletion: None,
+        }])
+        .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let after = loop {
+        let s = ctx.status.get(&uid(&pod)).and_then(|r| r.pod.status);
+        if let Some(s) = s.filter(|s| running(s, "app")) {
+            break s;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never re-adopted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let app = container(&after, "app");
+    assert_eq!(app.restart_count, 1);
+    assert_eq!(app.container_id.as_deref(), Some(id_before.as_str()));
+    let records = h.containers_of(&pod).await;
+    assert_eq!(records.len(), 1);
+    assert!(matches!(records[0].state, TaskState::Running { pid, .. } if pid == pid_before));
+
+    let mut finished = manager.subscribe_finished();
+    manager.update(Desired {
+        pod: pod.clone(),
+        deletion: Some(Deletion {
+            grace: Duration::ZERO,
+            gone: true,
+        }),
+    });
+    tokio::time::timeout(WAIT, async {
+        while finished.recv().await.unwrap() != uid(&pod) {}
+    })
+    .await
+    .expect("deleted after re-adoption");
+    assert!(h.containers_of(&pod).await.is_empty());
+    manager.shutdown().await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_of_pods_no_source_wants_are_removed_on_first_sync() {
+    let h = Harness::new("orphans").await;
+    let img = image();
+    let pod = h.pod(
+        "orphan",
+        &format!(
+            r#"  terminationGracePeriodSeconds: 2
+  containers:
+  - name: app
+    image: {img}
+    command: ["sleep", "3600"]
+"#
+        ),
+    );
+    h.run(&pod);
+    h.wait_status(&pod, "running", |s| running(s, "app")).await;
+    h.manager.shutdown().await;
+    assert_eq!(
+        h.containers_of(&pod).await.len(),
+        1,
+        "shutdown keeps containers"
+    );
+
+    let ctx = context(&h.t, h.conf.path(), &h.run_dir);
+    let cancel = CancellationToken::new();
+    let manager = PodManager::new(ctx.clone(), &cancel);
+    manager.recover().await.expect("recover");
+    manager.sync_all(Vec::new()).await;
+    assert!(h.containers_of(&pod).await.is_empty());
+    assert!(!ctx.sandboxes.list().contains(&uid(&pod)));
+    manager.shutdown().await;
+    h.stop().await;
+}
