@@ -471,18 +471,32 @@ impl Runtime {
         // Content, bottom-up so that every label points at something already written.
         for (layer, diff_id) in manifest.layers.iter().zip(&parsed.diff_ids) {
             let labels = HashMap::from([(LABEL_UNCOMPRESSED.to_string(), diff_id.clone())]);
-            if !self.content_exists(&layer.digest).await? {
-                let resp = registry
-                    .blob(&layer.digest)
-                    .await
-                    .map_err(|e| registry_error(&image, e))?;
-                let stream = resp
-                    .bytes_stream()
-                    .map(|r| r.map(|b| b.to_vec()).map_err(|e| e.to_string()));
-                self.write_blob(&image, lease, layer, stream, labels.clone())
-                    .await?;
+            for attempt in 0..2 {
+                if !self.content_exists(&layer.digest).await? {
+                    let resp = registry
+                        .blob(&layer.digest)
+                        .await
+                        .map_err(|e| registry_error(&image, e))?;
+                    let stream = resp
+                        .bytes_stream()
+                        .map(|r| r.map(|b| b.to_vec()).map_err(|e| e.to_string()));
+                    self.write_blob(&image, lease, layer, stream, labels.clone())
+                        .await?;
+                }
+                match self.set_labels(&layer.digest, labels.clone()).await {
+                    Err(e) if e.is_not_found() && attempt == 0 => {
+                        tracing::warn!(
+                            image,
+                            digest = layer.digest,
+                            "layer vanished after writing; retrying"
+                        );
+                    }
+                    other => {
+                        other?;
+                        break;
+                    }
+                }
             }
-            self.set_labels(&layer.digest, labels).await?;
         }
         let snapshot_label = format!("containerd.io/gc.ref.snapshot.{SNAPSHOTTER}");
         let config_labels = HashMap::from([(snapshot_label, parsed.config.chain_id.clone())]);
