@@ -594,3 +594,88 @@ async fn run_once_dispatches_on_the_handler() {
         "the server still accepts"
     );
 }
+
+/// Exec probes through the real runtime: a busybox container in its own containerd namespace.
+#[tokio::test]
+async fn exec_probes_in_a_busybox_container() {
+    use k8s_openapi::api::core::v1::ExecAction;
+    use nodelet_tests::runtime_support::TestRuntime;
+
+    let t = TestRuntime::new("probe-exec").await;
+    let image = t.pull_busybox().await;
+    t.rt.create(&t.container("box", &image, &["sleep", "3600"]))
+        .await
+        .unwrap();
+    t.rt.start("box").await.unwrap();
+
+    let recorder = Recorder::new("node-1");
+    let prober = Prober::new(Arc::new(t.rt.clone()), recorder.clone());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let exec = |command: &[&str], timeout: i32| Probe {
+        exec: Some(ExecAction {
+            command: Some(command.iter().map(|s| s.to_string()).collect()),
+        }),
+        timeout_seconds: Some(timeout),
+        failure_threshold: Some(1),
+        ..Default::default()
+    };
+    let in_box = |probe| ProbeTarget {
+        container_id: "box".into(),
+        ..target(probe, 80)
+    };
+    let cases = [
+        (
+            ProbeKind::Readiness,
+            "app",
+            exec(&["sh", "-c", "test -d /bin"], 5),
+        ),
+        (
+            ProbeKind::Liveness,
+            "sick",
+            exec(&["sh", "-c", "echo sick; exit 3"], 5),
+        ),
+        (ProbeKind::Liveness, "missing", exec(&["no-such-binary"], 5)),
+        (ProbeKind::Liveness, "slow", exec(&["sleep", "60"], 1)),
+    ];
+    for (kind, container, probe) in cases {
+        let key = ProbeKey {
+            container: container.into(),
+            ..key(kind)
+        };
+        prober.start(key, in_box(probe), tx.clone());
+    }
+    let mut results = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while results.len() < 4 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let update = tokio::time::timeout(left, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {results:?} within 60 s"))
+            .unwrap();
+        if update.result != update.key.kind.initial_result() {
+            results.insert(
+                update.key.container.clone(),
+                (update.result, update.message),
+            );
+        }
+    }
+    assert_eq!(results["app"], (ProbeResult::Success, String::new()));
+    assert_eq!(results["sick"], (ProbeResult::Failure, "sick".to_string()));
+    let (result, message) = &results["missing"];
+    assert_eq!(*result, ProbeResult::Failure);
+    assert!(message.contains("no-such-binary"), "{message}");
+    let (result, message) = &results["slow"];
+    assert_eq!(*result, ProbeResult::Failure);
+    assert!(message.contains("timed out"), "{message}");
+    let events: Vec<String> = recorder
+        .recent()
+        .into_iter()
+        .filter_map(|e| e.message)
+        .collect();
+    assert!(
+        events.contains(&"Liveness probe failed: sick".to_string()),
+        "{events:?}"
+    );
+    drop(prober);
+    t.cleanup().await;
+}
