@@ -2,7 +2,9 @@
 //! plain HTTP (200, 500, same-host and cross-host redirects, a redirect loop, a large body, a
 //! server that accepts and never answers), HTTPS with a self-signed certificate, TCP ports
 //! open and closed, and gRPC servers with and without the health service. Each case checks
-//! the documented outcome and message, and that it arrives within its timeout.
+//! the documented outcome and message, and that it arrives within its timeout. The exec case
+//! runs through the real runtime in a busybox container (root, containerd and the loopback
+//! registry from scripts/setup): `cargo test -p nodelet-tests --test probe`.
 
 use std::collections::HashMap;
 use std::future::Future;
