@@ -5,6 +5,7 @@
 //! the volumes and the prober, and report status to the status manager, which feeds the sinks.
 #![deny(unsafe_code)]
 
+pub mod agent;
 pub mod cluster;
 pub mod config;
 pub mod events;

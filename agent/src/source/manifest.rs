@@ -162,8 +162,7 @@ pub fn parse_file(
 ) -> Result<FileContent, ManifestError> {
     let text = String::from_utf8_lossy(bytes);
     let mut content = FileContent::default();
-    let mut index = 0;
-    for document in serde_yaml::Deserializer::from_str(&text) {
+    for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
         let value =
             <serde_yaml::Value as serde::Deserialize>::deserialize(document).map_err(|e| {
                 ManifestError::Syntax {
@@ -175,7 +174,6 @@ pub fn parse_file(
         if !value.is_null() {
             add_document(path, index, value, node_name, &mut content)?;
         }
-        index += 1;
     }
     Ok(content)
 }
