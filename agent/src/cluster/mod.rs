@@ -18,6 +18,8 @@
 //!   DELETE (grace 0, UID precondition) of finished pods the API is deleting.
 //! - `events`: the [`Recorder`]'s events to core v1 Events.
 //!
+//! [`ApiTokens`] serves projected service account tokens through the TokenRequest API.
+//!
 //! Stopping the agent (cancelling the token) stops these tasks and nothing else: pods keep running.
 
 use std::net::IpAddr;
@@ -41,6 +43,9 @@ mod node;
 mod objects;
 mod pods;
 mod status_sink;
+mod tokens;
+
+pub use tokens::ApiTokens;
 
 /// What cluster mode needs from the agent's configuration.
 #[derive(Clone, Debug)]
@@ -138,6 +143,9 @@ pub struct ClusterAgent {
     /// Turns true after the first complete list of this node's pods (and stays true: a later
     /// relist replaces `desired` only once it is complete).
     pub synced: watch::Receiver<bool>,
+    /// Service account tokens through the TokenRequest API, for projected volumes: give it
+    /// to `VolumeManager::set_token_source`.
+    pub tokens: std::sync::Arc<ApiTokens>,
     /// Ends when the token given to [`ClusterAgent::start`] is cancelled.
     pub task: JoinHandle<()>,
 }
@@ -207,7 +215,11 @@ impl ClusterAgent {
             api_pods,
             shutdown.child_token(),
         ));
-        tasks.spawn(events::run(client, events_rx, shutdown.child_token()));
+        tasks.spawn(events::run(
+            client.clone(),
+            events_rx,
+            shutdown.child_token(),
+        ));
         let task = tokio::spawn(async move {
             while let Some(done) = tasks.join_next().await {
                 if let Err(e) = done {
@@ -218,6 +230,7 @@ impl ClusterAgent {
         Ok(Self {
             desired,
             synced,
+            tokens: std::sync::Arc::new(ApiTokens::new(client)),
             task,
         })
     }
