@@ -362,7 +362,7 @@ async fn failing_init_container_under_never_fails_the_pod() {
   initContainers:
   - name: broken
     image: {img}
-    command: ["sh", "-c", "exit 3"]
+    command: ["sh", "-c", "echo init broke > /dev/termination-log; exit 3"]
   containers:
   - name: app
     image: {img}
@@ -380,6 +380,13 @@ async fn failing_init_container_under_never_fails_the_pod() {
         Some((3, "Error".into()))
     );
     assert_eq!(container(&s, "broken").restart_count, 0);
+    let broken = container(&s, "broken")
+        .state
+        .clone()
+        .unwrap()
+        .terminated
+        .unwrap();
+    assert_eq!(broken.message.as_deref(), Some("init broke\n"));
     assert_eq!(
         waiting_reason(container(&s, "app")).as_deref(),
         Some("PodInitializing")
@@ -685,5 +692,237 @@ async fn containers_of_pods_no_source_wants_are_removed_on_first_sync() {
     assert!(h.containers_of(&pod).await.is_empty());
     assert!(!ctx.sandboxes.list().contains(&uid(&pod)));
     manager.shutdown().await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_reported_and_retried_without_affecting_other_pods() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let h = Harness::new("bad-input").await;
+    let img = image();
+    let missing_image = h.pod(
+        "missing-image",
+        "  containers:\n  - name: app\n    image: 127.0.0.1:5000/nodelet/does-not-exist:latest\n",
+    );
+    let missing_config = h.pod(
+        "missing-config",
+        &format!(
+            r#"  terminationGracePeriodSeconds: 2
+  containers:
+  - name: app
+    image: {img}
+    command: ["sh", "-c", "echo $VALUE > /work/value; exec sleep 3600"]
+    env:
+    - name: VALUE
+      valueFrom: {{configMapKeyRef: {{name: settings, key: value}}}}
+    volumeMounts: [{{name: work, mountPath: /work}}]
+"#
+        ),
+    );
+    let good = h.pod(
+        "good",
+        &format!("  terminationGracePeriodSeconds: 2\n  containers:\n  - name: app\n    image: {img}\n    command: [sleep, '3600']\n"),
+    );
+    h.run(&missing_image);
+    h.run(&missing_config);
+    h.run(&good);
+    h.wait_status(&good, "running", |s| running(s, "app")).await;
+    let s = h
+        .wait_status(&missing_config, "CreateContainerConfigError", |s| {
+            waiting_reason(container(s, "app")).as_deref() == Some("CreateContainerConfigError")
+        })
+        .await;
+    assert_eq!(phase(&s), "Pending");
+    h.wait_status(&missing_image, "ImagePullBackOff", |s| {
+        waiting_reason(container(s, "app")).as_deref() == Some("ImagePullBackOff")
+    })
+    .await;
+    let events = h.ctx.recorder.recent();
+    let failed = |name: &str| {
+        events.iter().any(|e| {
+            e.involved_object.name.as_deref() == Some(name)
+                && e.reason.as_deref() == Some("Failed")
+                && e.type_.as_deref() == Some("Warning")
+        })
+    };
+    assert!(failed("missing-image") && failed("missing-config"));
+
+    h.ctx.store.update(|o| {
+        let cm = ConfigMap {
+            data: Some([("value".to_string(), "hello".to_string())].into()),
+            ..Default::default()
+        };
+        o.config_maps
+            .insert(("default".into(), "settings".into()), cm);
+    });
+    h.wait_status(&missing_config, "running once the ConfigMap exists", |s| {
+        running(s, "app")
+    })
+    .await;
+    assert_eq!(h.work_file("value"), "hello\n");
+    let s = h
+        .wait_status(&good, "still running", |s| running(s, "app"))
+        .await;
+    assert_eq!(container(&s, "app").restart_count, 0);
+    for pod in [&missing_image, &missing_config, &good] {
+        h.delete(pod, 0, true).await;
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn liveness_failure_restarts_the_container() {
+    let h = Harness::new("liveness").await;
+    let img = image();
+    let pod = h.pod(
+        "liveness",
+        &format!(
+            r#"  terminationGracePeriodSeconds: 2
+  containers:
+  - name: app
+    image: {img}
+    command: ["sleep", "3600"]
+    livenessProbe:
+      exec: {{command: ["cat", "/work/alive"]}}
+      periodSeconds: 1
+      failureThreshold: 1
+    volumeMounts: [{{name: work, mountPath: /work}}]
+"#
+        ),
+    );
+    h.run(&pod);
+    let s = h
+        .wait_status(&pod, "restarted by liveness", |s| {
+            container(s, "app").restart_count >= 1
+        })
+        .await;
+    let app = container(&s, "app");
+    let last = app.last_state.as_ref().and_then(|l| l.terminated.as_ref());
+    let state = app.state.as_ref().and_then(|l| l.terminated.as_ref());
+    assert_eq!(last.or(state).map(|t| t.exit_code), Some(137));
+    let events = h.ctx.recorder.recent();
+    assert!(events
+        .iter()
+        .any(|e| e.reason.as_deref() == Some("Unhealthy")));
+    assert!(events
+        .iter()
+        .any(|e| e.reason.as_deref() == Some("Killing")));
+    h.delete(&pod, 0, true).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_probe_drives_ready() {
+    let h = Harness::new("readiness").await;
+    let img = image();
+    let pod = h.pod(
+        "readiness",
+        &format!(
+            r#"  terminationGracePeriodSeconds: 2
+  containers:
+  - name: app
+    image: {img}
+    command: ["sleep", "3600"]
+    readinessProbe:
+      exec: {{command: ["cat", "/work/ready"]}}
+      periodSeconds: 1
+    volumeMounts: [{{name: work, mountPath: /work}}]
+"#
+        ),
+    );
+    h.run(&pod);
+    let s = h.wait_status(&pod, "running", |s| running(s, "app")).await;
+    assert_eq!(condition(&s, "Ready"), "False");
+    assert!(!container(&s, "app").ready);
+    std::fs::write(h.work.path().join("ready"), "yes").unwrap();
+    let s = h
+        .wait_status(&pod, "ready", |s| condition(s, "Ready") == "True")
+        .await;
+    assert_eq!(condition(&s, "ContainersReady"), "True");
+    assert!(container(&s, "app").ready);
+    std::fs::remove_file(h.work.path().join("ready")).unwrap();
+    h.wait_status(&pod, "unready again", |s| condition(s, "Ready") == "False")
+        .await;
+    h.delete(&pod, 0, true).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_post_start_hook_kills_the_container() {
+    let h = Harness::new("poststart").await;
+    let img = image();
+    let pod = h.pod(
+        "poststart",
+        &format!(
+            r#"  restartPolicy: Never
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: app
+    image: {img}
+    command: ["sleep", "3600"]
+    lifecycle:
+      postStart:
+        exec: {{command: ["sh", "-c", "exit 7"]}}
+"#
+        ),
+    );
+    h.run(&pod);
+    let s = h
+        .wait_status(&pod, "Failed", |s| phase(s) == "Failed")
+        .await;
+    assert!(terminated(container(&s, "app")).is_some());
+    let events = h.ctx.recorder.recent();
+    assert!(events
+        .iter()
+        .any(|e| e.reason.as_deref() == Some("FailedPostStartHook")));
+    h.delete(&pod, 0, true).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_name_pod_waits_for_its_predecessor() {
+    let h = Harness::new("same-name").await;
+    let img = image();
+    let old = h.pod(
+        "web",
+        &format!(
+            r#"  terminationGracePeriodSeconds: 10
+  containers:
+  - name: app
+    image: {img}
+    command: ["sh", "-c", "trap 'echo old-term >> /work/order; exit 0' TERM; while true; do sleep 1; done"]
+    lifecycle:
+      preStop:
+        sleep: {{seconds: 2}}
+    volumeMounts: [{{name: work, mountPath: /work}}]
+"#
+        ),
+    );
+    h.run(&old);
+    h.wait_status(&old, "running", |s| running(s, "app")).await;
+    let new = h.pod(
+        "web",
+        &format!(
+            r#"  terminationGracePeriodSeconds: 2
+  containers:
+  - name: app
+    image: {img}
+    command: ["sh", "-c", "echo new-start >> /work/order; exec sleep 3600"]
+    volumeMounts: [{{name: work, mountPath: /work}}]
+"#
+        ),
+    );
+    h.manager.update(Desired {
+        pod: old.clone(),
+        deletion: Some(Deletion {
+            grace: Duration::from_secs(10),
+            gone: false,
+        }),
+    });
+    h.run(&new);
+    h.wait_status(&new, "running", |s| running(s, "app")).await;
+    assert_eq!(h.work_file("order"), "old-term\nnew-start\n");
+    assert!(h.ctx.status.get(&uid(&old)).unwrap().finished);
+    h.delete(&new, 0, true).await;
     h.stop().await;
 }
