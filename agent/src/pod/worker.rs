@@ -696,6 +696,26 @@ impl Worker {
         }
     }
 
+    /// The desired pod with the addresses the downward API reads (status.podIP, status.hostIP)
+    /// filled in from the sandbox and the node, as env and subPathExpr see them upstream.
+    fn pod_with_ips(&self) -> Pod {
+        let mut pod = self.desired.pod.clone();
+        let status = pod.status.get_or_insert_with(Default::default);
+        if let Some(ip) = self.pod_ip() {
+            status.pod_ip = Some(ip.to_string());
+            status.pod_ips = Some(vec![k8s_openapi::api::core::v1::PodIP {
+                ip: ip.to_string(),
+            }]);
+        }
+        if let Some(ip) = self.ctx.node.ip {
+            status.host_ip = Some(ip.to_string());
+            status.host_ips = Some(vec![k8s_openapi::api::core::v1::HostIP {
+                ip: ip.to_string(),
+            }]);
+        }
+        pod
+    }
+
     /// Everything create needs; None after recording why it cannot be built.
     async fn container_config(
         &mut self,
@@ -703,7 +723,7 @@ impl Worker {
         c: &Container,
         attempt: u32,
     ) -> Option<ContainerConfig> {
-        let pod = self.desired.pod.clone();
+        let pod = self.pod_with_ips();
         let name = c.name.as_str();
         let image_ref = c.image.clone().unwrap_or_default();
         if image_ref.is_empty() {
