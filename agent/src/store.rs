@@ -1,6 +1,10 @@
 //! The object store: ConfigMaps, Secrets, PersistentVolumeClaims and PersistentVolumes that pods
 //! refer to. Sources (the manifest folder, the API) write it; volumes and env resolution read it.
 //! Every change bumps a generation on a watch channel so readers can refresh projected content.
+//!
+//! Two sources write it side by side: the manifest folder resyncs its whole set with `replace`,
+//! the API source changes single objects with `update`. Each writes its own layer, so neither
+//! wipes the other's objects; a lookup sees an `update`d object before a `replace`d one.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -17,10 +21,25 @@ pub struct Objects {
     pub volumes: BTreeMap<String, PersistentVolume>,
 }
 
+/// The two layers: what `replace` resyncs and what `update` changes.
+#[derive(Debug, Default)]
+struct Layers {
+    replaced: Objects,
+    updated: Objects,
+}
+
+impl Layers {
+    fn find<T: Clone>(&self, pick: impl Fn(&Objects) -> Option<&T>) -> Option<T> {
+        pick(&self.updated)
+            .or_else(|| pick(&self.replaced))
+            .cloned()
+    }
+}
+
 /// Shared, cheaply clonable handle to the current objects.
 #[derive(Clone)]
 pub struct ObjectStore {
-    inner: Arc<RwLock<Objects>>,
+    inner: Arc<RwLock<Layers>>,
     generation: watch::Sender<u64>,
 }
 
@@ -39,12 +58,13 @@ impl ObjectStore {
         }
     }
 
-    /// Replaces the whole object set (a source's full resync) and notifies readers on change.
+    /// Replaces the whole object set of the resyncing source (the manifest folder) and notifies
+    /// readers on change. Objects written with `update` stay.
     pub fn replace(&self, objects: Objects) {
         let changed = {
             let mut guard = self.inner.write().expect("store lock");
-            let changed = *guard != objects;
-            *guard = objects;
+            let changed = guard.replaced != objects;
+            guard.replaced = objects;
             changed
         };
         if changed {
@@ -54,7 +74,7 @@ impl ObjectStore {
 
     /// Applies one change in place (an API watch event) and notifies readers.
     pub fn update(&self, f: impl FnOnce(&mut Objects)) {
-        f(&mut self.inner.write().expect("store lock"));
+        f(&mut self.inner.write().expect("store lock").updated);
         self.generation.send_modify(|g| *g += 1);
     }
 
@@ -65,40 +85,59 @@ impl ObjectStore {
 
     pub fn config_map(&self, namespace: &str, name: &str) -> Option<ConfigMap> {
         let key = (namespace.to_string(), name.to_string());
-        self.inner
-            .read()
-            .expect("store lock")
-            .config_maps
-            .get(&key)
-            .cloned()
+        self.layers().find(|o| o.config_maps.get(&key))
     }
 
     pub fn secret(&self, namespace: &str, name: &str) -> Option<Secret> {
         let key = (namespace.to_string(), name.to_string());
-        self.inner
-            .read()
-            .expect("store lock")
-            .secrets
-            .get(&key)
-            .cloned()
+        self.layers().find(|o| o.secrets.get(&key))
     }
 
     pub fn claim(&self, namespace: &str, name: &str) -> Option<PersistentVolumeClaim> {
         let key = (namespace.to_string(), name.to_string());
-        self.inner
-            .read()
-            .expect("store lock")
-            .claims
-            .get(&key)
-            .cloned()
+        self.layers().find(|o| o.claims.get(&key))
     }
 
     pub fn volume(&self, name: &str) -> Option<PersistentVolume> {
-        self.inner
-            .read()
-            .expect("store lock")
-            .volumes
-            .get(name)
-            .cloned()
+        self.layers().find(|o| o.volumes.get(name))
+    }
+
+    fn layers(&self) -> std::sync::RwLockReadGuard<'_, Layers> {
+        self.inner.read().expect("store lock")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cm(value: &str) -> ConfigMap {
+        ConfigMap {
+            data: Some([("k".to_string(), value.to_string())].into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_resync_keeps_the_objects_written_one_by_one() {
+        let store = ObjectStore::new();
+        let key = ("ns".to_string(), "api".to_string());
+        store.update(|o| {
+            o.config_maps.insert(key.clone(), cm("from-api"));
+        });
+        let mut files = Objects::default();
+        files
+            .config_maps
+            .insert(("ns".into(), "file".into()), cm("from-file"));
+        store.replace(files);
+        assert_eq!(store.config_map("ns", "api"), Some(cm("from-api")));
+        assert_eq!(store.config_map("ns", "file"), Some(cm("from-file")));
+        store.replace(Objects::default());
+        assert_eq!(store.config_map("ns", "file"), None);
+        assert_eq!(store.config_map("ns", "api"), Some(cm("from-api")));
+        store.update(|o| {
+            o.config_maps.remove(&key);
+        });
+        assert_eq!(store.config_map("ns", "api"), None);
     }
 }
