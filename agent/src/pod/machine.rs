@@ -273,7 +273,8 @@ pub fn wants_restart(policy: &str, kind: Kind, exit: &Exit) -> bool {
     }
 }
 
-/// The pod's grace: terminationGracePeriodSeconds, shrunk by the deletion's (0 when gone).
+/// The pod's grace: terminationGracePeriodSeconds, shrunk by the deletion's (a force delete
+/// asks for 0: no preStop, KILL after [`MIN_KILL_GRACE`]).
 pub fn grace(pod: &Pod, deletion: Option<&Deletion>) -> Duration {
     let secs = |s: i64| Duration::from_secs(s.max(0) as u64);
     let mut grace = pod
@@ -285,7 +286,6 @@ pub fn grace(pod: &Pod, deletion: Option<&Deletion>) -> Duration {
         grace = grace.min(secs(g));
     }
     match deletion {
-        Some(d) if d.gone => Duration::ZERO,
         Some(d) => grace.min(d.grace),
         None => grace,
     }
@@ -910,9 +910,16 @@ mod tests {
 
     #[test]
     fn force_delete_uses_minimal_grace() {
-        let d = deleting(pod("Always", vec![], vec![c("app")]), 30, true);
+        let d = deleting(pod("Always", vec![], vec![c("app")]), 0, true);
         let obs = with(ready_obs(), &[("app", running(0))]);
         assert_eq!(kills(&step(&d, &obs)), vec![("app".into(), s(2), false)]);
+    }
+
+    #[test]
+    fn gone_with_a_grace_still_stops_gracefully() {
+        let d = deleting(pod("Always", vec![], vec![c("app")]), 10, true);
+        let obs = with(ready_obs(), &[("app", running(0))]);
+        assert_eq!(kills(&step(&d, &obs)), vec![("app".into(), s(10), true)]);
     }
 
     #[test]

@@ -58,6 +58,7 @@ pub struct Deletion {
     /// The grace the deletion asks for (it can only shrink what the pod already got).
     pub grace: Duration,
     /// The object is gone from its source (force delete, file removed): no status is wanted.
+    /// A force delete is `gone` with a zero grace (no preStop, KILL 2 s after the stop signal).
     pub gone: bool,
 }
 
