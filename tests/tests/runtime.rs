@@ -556,3 +556,38 @@ async fn long_log_lines_are_split_into_partials() {
     assert_eq!(records, vec![("P", 16384), ("F", 20000 - 16384), ("F", 4)]);
     t.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_survive_concurrent_gc() {
+    // Two namespaces pull one image while its records are deleted and GC runs: content and
+    // snapshots that already exist must be held by the pull's lease, not only new ones.
+    let a = TestRuntime::new("gc-race-a").await;
+    let b = TestRuntime::new("gc-race-b").await;
+    for _ in 0..8 {
+        for ns in [&a.namespace, &b.namespace] {
+            for image in ctr(ns, &["images", "ls", "-q"]).lines() {
+                ctr(ns, &["images", "rm", image]);
+            }
+        }
+        let gc_ns = a.namespace.clone();
+        let collector = tokio::task::spawn_blocking(move || {
+            for _ in 0..5 {
+                gc(&gc_ns);
+            }
+        });
+        let image = multilayer();
+        let (ra, rb) = tokio::join!(
+            a.rt.ensure_image(&image, PullPolicy::Always, None),
+            b.rt.ensure_image(&image, PullPolicy::Always, None)
+        );
+        collector.await.unwrap();
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        assert_eq!(ra.image_id, rb.image_id);
+        gc(&a.namespace);
+        a.rt.ensure_image(&image, PullPolicy::Never, None)
+            .await
+            .expect("present after GC");
+    }
+    a.cleanup().await;
+    b.cleanup().await;
+}

@@ -13,9 +13,9 @@ use containerd_client::services::v1::snapshots::{
     CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
 };
 use containerd_client::services::v1::{
-    ApplyRequest, CreateImageRequest, GetImageRequest, Image, Info as ContentInfo, InfoRequest,
-    ReadContentRequest, UpdateImageRequest, UpdateRequest as ContentUpdateRequest, WriteAction,
-    WriteContentRequest,
+    AddResourceRequest, ApplyRequest, CreateImageRequest, GetImageRequest, Image,
+    Info as ContentInfo, InfoRequest, ReadContentRequest, Resource as LeaseResource,
+    UpdateImageRequest, UpdateRequest as ContentUpdateRequest, WriteAction, WriteContentRequest,
 };
 use containerd_client::types::Descriptor;
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -472,7 +472,7 @@ impl Runtime {
         for (layer, diff_id) in manifest.layers.iter().zip(&parsed.diff_ids) {
             let labels = HashMap::from([(LABEL_UNCOMPRESSED.to_string(), diff_id.clone())]);
             for attempt in 0..2 {
-                if !self.content_exists(&layer.digest).await? {
+                if !self.leased_content_exists(lease, &layer.digest).await? {
                     let resp = registry
                         .blob(&layer.digest)
                         .await
@@ -598,6 +598,10 @@ impl Runtime {
         chain_id: &str,
         parent: &str,
     ) -> Result<()> {
+        // Leased first, checked second: a snapshot left by an image deleted meanwhile must
+        // not be collected while this pull builds on it.
+        self.lease_resource(lease, chain_id, &format!("snapshots/{SNAPSHOTTER}"))
+            .await?;
         if self.snapshot_exists(chain_id).await? {
             return Ok(());
         }
@@ -710,6 +714,29 @@ impl Runtime {
         }
     }
 
+    /// Adds an existing object to the lease, so that GC keeps it for the rest of the pull
+    /// (objects only written under the lease are in it already).
+    async fn lease_resource(&self, lease: &str, id: &str, kind: &str) -> Result<()> {
+        self.leases()
+            .add_resource(AddResourceRequest {
+                id: lease.to_string(),
+                resource: Some(LeaseResource {
+                    id: id.to_string(),
+                    r#type: kind.to_string(),
+                }),
+            })
+            .await
+            .map_err(grpc("leases.AddResource"))?;
+        Ok(())
+    }
+
+    /// Whether the blob is present, after adding it to the lease: a blob of an image deleted
+    /// meanwhile would otherwise be collected under the pull's feet.
+    async fn leased_content_exists(&self, lease: &str, digest: &str) -> Result<bool> {
+        self.lease_resource(lease, digest, "content").await?;
+        self.content_exists(digest).await
+    }
+
     async fn content_exists(&self, digest: &str) -> Result<bool> {
         match self
             .content()
@@ -785,7 +812,7 @@ impl Runtime {
         labels: HashMap<String, String>,
     ) -> Result<()> {
         for attempt in 0..2 {
-            if !self.content_exists(&desc.digest).await? {
+            if !self.leased_content_exists(lease, &desc.digest).await? {
                 let stream = futures::stream::iter([Ok::<_, String>(body.clone())]);
                 self.write_blob(image, lease, desc, stream, labels.clone())
                     .await?;
