@@ -3,7 +3,8 @@
 //!
 //! Start order: directories → runtime (retried until containerd answers) → sandboxes, volumes,
 //! prober, status, recorder → pod manager (recovers containers from containerd) → sources →
-//! first full sync (orphans are cleaned up only then) → server → READY=1.
+//! first full sync (orphans are cleaned up only then) → server → READY=1. CSI node plugins are
+//! discovered from `<root>/plugins_registry` all along.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -92,6 +93,11 @@ pub async fn run(
         },
         store.clone(),
     ));
+    {
+        let volumes = volumes.clone();
+        let token = root.clone();
+        tokio::spawn(async move { volumes.plugins().watch(token).await });
+    }
     let ctx = Arc::new(PodContext {
         node: NodeFacts {
             name: config.node_name.clone(),

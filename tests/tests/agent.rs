@@ -64,7 +64,7 @@ fn a_manifest_pod_runs_logs_and_is_removed_with_its_file() {
 fn a_run_to_completion_pod_succeeds_with_downward_env() {
     let agent = Agent::start("complete");
     let yaml = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: once\n  namespace: team\nspec:\n  restartPolicy: Never\n  containers:\n  - name: c\n    image: {BUSYBOX}\n    command: [sh, -c, 'echo $(NAME) in $(NS); test \"$NS\" = team']\n    env:\n    - name: NAME\n      valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}\n    - name: NS\n      valueFrom: {{fieldRef: {{fieldPath: metadata.namespace}}}}\n"
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: once\n  namespace: team\nspec:\n  restartPolicy: Never\n  containers:\n  - name: c\n    image: {BUSYBOX}\n    command: [sh, -c, 'echo $(NAME) in $(NS) at $(IP); test \"$NS\" = team && test -n \"$IP\" && ip addr | grep -q \"inet $IP/\"']\n    env:\n    - name: IP\n      valueFrom: {{fieldRef: {{fieldPath: status.podIP}}}}\n    - name: NAME\n      valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}\n    - name: NS\n      valueFrom: {{fieldRef: {{fieldPath: metadata.namespace}}}}\n"
     );
     agent.write_manifest("once.yaml", &yaml);
     let pod = agent.wait_phase("once", "Succeeded", MINUTE);
