@@ -7,10 +7,11 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
+use futures::FutureExt;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{error, info, info_span, warn, Instrument};
 
 use super::worker::{ExitRouter, Outcome, Worker};
 use super::{Deletion, Desired, PodContext};
@@ -288,8 +289,14 @@ impl Inner {
                         warn!(container_id = %id, error = %e, "removing stale attempt");
                     }
                 }
-                let outcome = worker.run(rx, token).await;
-                inner.ended(&uid, outcome);
+                let run = std::panic::AssertUnwindSafe(worker.run(rx, token));
+                match run.catch_unwind().await {
+                    Ok(outcome) => inner.ended(&uid, outcome),
+                    Err(_) => {
+                        error!("pod worker panicked; the pod is retried on its next update");
+                        inner.ended(&uid, Outcome::Stopped);
+                    }
+                }
             }
             .instrument(span),
         );

@@ -352,6 +352,32 @@ impl Worker {
         stale
     }
 
+    /// Image facts of re-adopted containers (imageID, STOPSIGNAL), from the local image store.
+    async fn restore_images(&mut self) {
+        let adopted: Vec<String> = self.live.keys().cloned().collect();
+        for name in adopted {
+            let Some(image) = self.spec(&name).and_then(|(_, c)| c.image) else {
+                continue;
+            };
+            let info = self
+                .ctx
+                .runtime
+                .ensure_image(&image, PullPolicy::Never, None)
+                .await;
+            match info {
+                Ok(info) => {
+                    self.obs_mut(&name).image_id = Some(info.repo_digest.clone());
+                    if let Some(live) = self.live.get_mut(&name) {
+                        live.stop_signal = info.config.stop_signal;
+                    }
+                }
+                Err(e) => {
+                    debug!(pod = %self.uid, container = %name, error = %e, "image of adopted container")
+                }
+            }
+        }
+    }
+
     fn api_ready_containers(&self) -> Vec<String> {
         let status = self.desired.pod.status.as_ref();
         let lists = status.into_iter().flat_map(|s| {
@@ -422,6 +448,7 @@ impl Worker {
         cancel: CancellationToken,
     ) -> Outcome {
         let mut store = self.ctx.store.subscribe();
+        self.restore_images().await;
         loop {
             self.desired = merge(&self.desired, &desired.borrow_and_update());
             self.obs.now = SystemTime::now();
