@@ -175,3 +175,119 @@ pub async fn wait_exited(rt: &Runtime, id: &str) -> TaskState {
     }
     panic!("{id} did not exit");
 }
+
+/// A registry on a loopback port that demands a bearer token (obtained from its own token
+/// endpoint with basic auth `user`/`password`) and forwards authorised requests to the test
+/// registry. Returns its address and the Authorization headers its token endpoint saw.
+pub async fn start_token_registry(
+    user: &str,
+    password: &str,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let expected_basic = reqwest::Client::new()
+        .get("http://127.0.0.1/")
+        .basic_auth(user, Some(password))
+        .build()
+        .unwrap()
+        .headers()["authorization"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen_by_server = seen.clone();
+    tokio::spawn(async move {
+        let upstream = reqwest::Client::new();
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let (upstream, expected_basic, seen) = (
+                upstream.clone(),
+                expected_basic.clone(),
+                seen_by_server.clone(),
+            );
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf).into_owned();
+                let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let header = |name: &str| {
+                    head.lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+                        })
+                        .unwrap_or_default()
+                };
+                let (status, content_type, body, extra) = if path.starts_with("/token") {
+                    let auth = header("authorization");
+                    seen.lock().unwrap().push(auth.clone());
+                    if auth == expected_basic {
+                        (
+                            200,
+                            "application/json".to_string(),
+                            br#"{"token":"t0k3n"}"#.to_vec(),
+                            String::new(),
+                        )
+                    } else {
+                        (
+                            401,
+                            "text/plain".to_string(),
+                            b"bad credentials".to_vec(),
+                            String::new(),
+                        )
+                    }
+                } else if header("authorization") != "Bearer t0k3n" {
+                    let challenge = format!(
+                        "WWW-Authenticate: Bearer realm=\"http://{addr}/token\",service=\"test\",scope=\"repository:nodelet/busybox:pull\"\r\n"
+                    );
+                    (
+                        401,
+                        "text/plain".to_string(),
+                        b"auth required".to_vec(),
+                        challenge,
+                    )
+                } else {
+                    let resp = upstream
+                        .get(format!("http://{REGISTRY}{path}"))
+                        .header("accept", header("accept"))
+                        .send()
+                        .await
+                        .unwrap();
+                    let status = resp.status().as_u16();
+                    let ct = resp
+                        .headers()
+                        .get("content-type")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("application/octet-stream")
+                        .to_string();
+                    (
+                        status,
+                        ct,
+                        resp.bytes().await.unwrap().to_vec(),
+                        String::new(),
+                    )
+                };
+                let reply = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = conn.write_all(reply.as_bytes()).await;
+                let _ = conn.write_all(&body).await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    });
+    (addr, seen)
+}

@@ -4,9 +4,10 @@
 
 use std::time::Duration;
 
-use nodelet::runtime::{PullPolicy, RuntimeError, TaskState, User};
+use nodelet::runtime::{PullPolicy, RegistryAuth, RuntimeError, TaskState, User};
 use nodelet_tests::runtime_support::{
-    busybox, ctr, gc, multilayer, wait_exited, wait_for_text, TestRuntime, REGISTRY,
+    busybox, ctr, gc, multilayer, start_token_registry, wait_exited, wait_for_text, TestRuntime,
+    REGISTRY,
 };
 
 const SLEEP: &[&str] = &["sleep", "3600"];
@@ -590,4 +591,41 @@ async fn pulls_survive_concurrent_gc() {
     }
     a.cleanup().await;
     b.cleanup().await;
+}
+
+#[tokio::test]
+async fn bearer_token_auth_with_registry_credentials() {
+    let t = TestRuntime::new("auth").await;
+    let (addr, seen) = start_token_registry("puller", "s3cret").await;
+    let image = format!("{addr}/nodelet/busybox:latest");
+
+    let err =
+        t.rt.ensure_image(&image, PullPolicy::Always, None)
+            .await
+            .unwrap_err();
+    assert!(matches!(err, RuntimeError::Pull { .. }), "{err:?}");
+    let wrong = RegistryAuth {
+        username: "puller".into(),
+        password: "wrong".into(),
+    };
+    let err =
+        t.rt.ensure_image(&image, PullPolicy::Always, Some(&wrong))
+            .await
+            .unwrap_err();
+    assert!(matches!(err, RuntimeError::Pull { .. }), "{err:?}");
+
+    let auth = RegistryAuth {
+        username: "puller".into(),
+        password: "s3cret".into(),
+    };
+    let info =
+        t.rt.ensure_image(&image, PullPolicy::Always, Some(&auth))
+            .await
+            .unwrap();
+    assert_eq!(info.reference, image);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(seen[0], "", "no credentials were sent without auth");
+    assert!(seen[2].starts_with("Basic "), "{seen:?}");
+    t.cleanup().await;
 }
