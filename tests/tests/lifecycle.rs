@@ -638,7 +638,11 @@ async fn a_new_manager_re_adopts_running_containers() {
     let app = container(&after, "app");
     assert_eq!(app.restart_count, 1);
     assert_eq!(app.container_id.as_deref(), Some(id_before.as_str()));
-    assert_eq!(app.image_id, container(&before, "app").image_id, "imageID restored");
+    assert_eq!(
+        app.image_id,
+        container(&before, "app").image_id,
+        "imageID restored"
+    );
     let records = h.containers_of(&pod).await;
     assert_eq!(records.len(), 1);
     assert!(matches!(records[0].state, TaskState::Running { pid, .. } if pid == pid_before));
