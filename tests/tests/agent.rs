@@ -250,3 +250,65 @@ fn a_web_pod_turns_ready_through_its_readiness_probe_and_serves_a_config_map() {
         fetch("/site/index.html").trim() == "version-two"
     });
 }
+
+fn claim_manifests(dir: &std::path::Path) -> String {
+    format!(
+        "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: data-pv}}\nspec:\n  capacity: {{storage: 1Gi}}\n  accessModes: [ReadWriteOncePod]\n  persistentVolumeReclaimPolicy: Retain\n  claimRef: {{namespace: default, name: data}}\n  local: {{path: {}}}\n  nodeAffinity:\n    required:\n      nodeSelectorTerms:\n      - matchExpressions: [{{key: kubernetes.io/hostname, operator: Exists}}]\n---\n\
+         apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: data}}\nspec:\n  accessModes: [ReadWriteOncePod]\n  volumeName: data-pv\n  resources: {{requests: {{storage: 1Gi}}}}\n",
+        dir.display()
+    )
+}
+
+fn claim_pod(name: &str, script: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  restartPolicy: Never\n  containers:\n  - name: c\n    image: {BUSYBOX}\n    command: [sh, -c, '{script}']\n    volumeMounts: [{{name: data, mountPath: /data}}]\n  volumes:\n  - name: data\n    persistentVolumeClaim: {{claimName: data}}\n"
+    )
+}
+
+#[test]
+fn a_local_pv_claims_data_outlives_its_pod_and_an_unbound_claim_is_reported() {
+    let agent = Agent::start("claims");
+    let backing = agent.dir.path().join("pv-data");
+    std::fs::create_dir_all(&backing).unwrap();
+    agent.write_manifest("claims.yaml", &claim_manifests(&backing));
+    agent.write_manifest(
+        "writer.yaml",
+        &claim_pod("writer", "echo kept > /data/file"),
+    );
+    agent.wait_phase("writer", "Succeeded", MINUTE);
+    assert_eq!(
+        std::fs::read_to_string(backing.join("file")).unwrap(),
+        "kept\n"
+    );
+    agent.remove_manifest("writer.yaml");
+    agent.wait_until("writer gone", MINUTE, |a| a.pod("writer").is_none());
+
+    agent.write_manifest(
+        "reader.yaml",
+        &claim_pod("reader", "grep -q kept /data/file"),
+    );
+    agent.wait_phase("reader", "Succeeded", MINUTE);
+
+    // A claim with no bound volume: a clear reason, the pod waits, nothing crashes.
+    let unbound = "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: nobody}\nspec:\n  accessModes: [ReadWriteOnce]\n  resources: {requests: {storage: 1Gi}}\n";
+    agent.write_manifest("nobody.yaml", unbound);
+    agent.write_manifest(
+        "waiter.yaml",
+        &claim_pod("waiter", "true").replace("claimName: data", "claimName: nobody"),
+    );
+    agent.wait_until(
+        "a FailedMount event naming the unbound claim",
+        MINUTE,
+        |a| {
+            a.events().iter().any(|e| {
+                e.reason.as_deref() == Some("FailedMount")
+                    && e.message
+                        .as_deref()
+                        .unwrap_or("")
+                        .contains("nobody\" is not bound")
+            })
+        },
+    );
+    assert_eq!(phase_of(agent.pod("waiter").as_ref()), Some("Pending"));
+    assert_eq!(phase_of(agent.pod("reader").as_ref()), Some("Succeeded"));
+}
