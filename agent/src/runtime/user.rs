@@ -243,6 +243,8 @@ fn mount_flags(options: &[String]) -> (MsFlags, String) {
 /// and unmounts it again.
 pub fn read_rootfs_users(mounts: &[CtrMount], target: &Path) -> Result<UserDb, String> {
     std::fs::create_dir_all(target).map_err(|e| format!("{}: {e}", target.display()))?;
+    // A view left mounted by an agent that died here would otherwise be stacked upon.
+    let _ = nix::mount::umount2(target, MntFlags::MNT_DETACH);
     let mut mounted = false;
     let res = (|| {
         for m in mounts {
