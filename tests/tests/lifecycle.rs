@@ -931,3 +931,40 @@ async fn a_same_name_pod_waits_for_its_predecessor() {
     h.delete(&new, 0, true).await;
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_pre_stop_hooks_reach_the_pod() {
+    let h = Harness::new("http-hook").await;
+    let httpd = "127.0.0.1:5000/nodelet/httpd:latest";
+    let spec = |path: &str| {
+        format!(
+            r#"  terminationGracePeriodSeconds: 5
+  containers:
+  - name: web
+    image: {httpd}
+    ports: [{{name: http, containerPort: 8080}}]
+    lifecycle:
+      preStop:
+        httpGet: {{path: "{path}", port: http}}
+"#
+        )
+    };
+    let good = h.pod("hook-ok", &spec("/"));
+    let bad = h.pod("hook-404", &spec("/no-such-page"));
+    h.run(&good);
+    h.run(&bad);
+    for pod in [&good, &bad] {
+        h.wait_status(pod, "running", |s| running(s, "web")).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        h.delete(pod, 5, false).await;
+    }
+    let failed_hook = |name: &str| {
+        h.ctx.recorder.recent().iter().any(|e| {
+            e.involved_object.name.as_deref() == Some(name)
+                && e.reason.as_deref() == Some("FailedPreStopHook")
+        })
+    };
+    assert!(!failed_hook("hook-ok"), "GET / on the pod IP succeeds");
+    assert!(failed_hook("hook-404"), "a 404 is a failed hook");
+    h.stop().await;
+}
