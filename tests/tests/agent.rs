@@ -58,6 +58,48 @@ fn a_manifest_pod_runs_logs_and_is_removed_with_its_file() {
     agent.wait_until("its container is removed", MINUTE, |a| {
         !a.containerd_containers().contains(&id)
     });
+    // …and its sandbox: pinned namespaces and the CNI address are released.
+    let ip = status.pod_ip.clone().unwrap();
+    let reserved = std::path::Path::new("/var/lib/nodelet/cni/networks/nodelet").join(&ip);
+    agent.wait_until("the pod IP is released", MINUTE, |_| !reserved.exists());
+    let pins = agent.dir.path().join("run/sandboxes").join(&uid);
+    assert!(!pins.exists(), "{} is gone", pins.display());
+    let pod_dir = agent.root_dir().join("pods").join(&uid);
+    let left: Vec<_> = walk(&pod_dir);
+    assert!(left.is_empty(), "pod dir left behind: {left:?}");
+}
+
+#[test]
+fn a_changed_manifest_replaces_the_pod() {
+    let agent = Agent::start("replace");
+    agent.write_manifest("ticker.yaml", &sleeper("ticker"));
+    let old = agent.wait_phase("ticker", "Running", MINUTE);
+    let old_id = container_id(&old, "main").unwrap();
+    let old_uid = old.metadata.uid.clone().unwrap();
+
+    agent.write_manifest(
+        "ticker.yaml",
+        &sleeper("ticker").replace("sleep 0.2", "sleep 0.3"),
+    );
+    agent.wait_until("a new pod with a new UID runs", MINUTE, |a| {
+        a.pod("ticker").is_some_and(|p| {
+            p.metadata.uid.as_deref() != Some(old_uid.as_str())
+                && phase_of(Some(&p)) == Some("Running")
+        })
+    });
+    agent.wait_until("the old container is removed", MINUTE, |a| {
+        !a.containerd_containers().contains(&old_id)
+    });
+    let pods: Vec<_> = agent
+        .pods()
+        .into_iter()
+        .filter(|p| p.metadata.name.as_deref() == Some("ticker"))
+        .collect();
+    assert_eq!(
+        pods.len(),
+        1,
+        "one pod of that name once the old one is gone"
+    );
 }
 
 #[test]
@@ -311,4 +353,19 @@ fn a_local_pv_claims_data_outlives_its_pod_and_an_unbound_claim_is_reported() {
     );
     assert_eq!(phase_of(agent.pod("waiter").as_ref()), Some("Pending"));
     assert_eq!(phase_of(agent.pod("reader").as_ref()), Some("Succeeded"));
+}
+
+/// Every path at or below `dir` (empty when it does not exist).
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        out.push(dir.to_path_buf());
+        for e in entries.flatten() {
+            out.extend(walk(&e.path()));
+            out.push(e.path());
+        }
+    } else if dir.exists() {
+        out.push(dir.to_path_buf());
+    }
+    out
 }

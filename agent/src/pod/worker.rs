@@ -999,6 +999,9 @@ impl Worker {
         self.obs.released = true;
         if done {
             let _ = std::fs::remove_dir_all(self.pod_dir().join("containers"));
+            // Volumes and sandbox files are gone by now; remove_dir (not _all) never reaches
+            // through a mount that failed to go.
+            let _ = std::fs::remove_dir(self.pod_dir());
         }
         if self.gone() {
             self.ctx.status.forget(&self.uid);
