@@ -1,4 +1,4 @@
-//! Resource quantities and what follows from them: QoS class, cgroup CPU shares/quota, memory
+//! What follows from resource quantities: QoS class, cgroup CPU shares/quota, memory
 //! limit and OOM score, computed as the kubelet does. Pure.
 
 use std::collections::BTreeMap;
@@ -8,37 +8,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use super::machine;
 use crate::runtime::Resources;
-
-/// A quantity in thousandths of its unit ("100m" → 100, "16Mi" → 16·2²⁰·1000), rounded up.
-pub fn milli(q: &str) -> Option<i128> {
-    let q = q.trim();
-    let split = q
-        .find(|ch: char| !(ch.is_ascii_digit() || ch == '.' || ch == '+' || ch == '-'))
-        .unwrap_or(q.len());
-    let (num, suffix) = q.split_at(split);
-    let scale: f64 = match suffix {
-        "" => 1.0,
-        "n" => 1e-9,
-        "u" => 1e-6,
-        "m" => 1e-3,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "P" => 1e15,
-        "E" => 1e18,
-        "Ki" => 1024.0,
-        "Mi" => 1024f64.powi(2),
-        "Gi" => 1024f64.powi(3),
-        "Ti" => 1024f64.powi(4),
-        "Pi" => 1024f64.powi(5),
-        "Ei" => 1024f64.powi(6),
-        s if s.starts_with(['e', 'E']) => 10f64.powi(s[1..].parse().ok()?),
-        _ => return None,
-    };
-    let value: f64 = num.parse().ok()?;
-    Some((value * scale * 1000.0).ceil() as i128)
-}
+use crate::volume::downward::parse_quantity_milli as milli;
 
 type Quantities = BTreeMap<String, Quantity>;
 
@@ -134,18 +104,6 @@ mod tests {
             }),
             ..Default::default()
         }
-    }
-
-    #[test]
-    fn quantities() {
-        assert_eq!(milli("100m"), Some(100));
-        assert_eq!(milli("1"), Some(1000));
-        assert_eq!(milli("0.5"), Some(500));
-        assert_eq!(milli("16Mi"), Some(16 * 1024 * 1024 * 1000));
-        assert_eq!(milli("1k"), Some(1_000_000));
-        assert_eq!(milli("1e3"), Some(1_000_000));
-        assert_eq!(milli("12Zi"), None);
-        assert_eq!(milli("abc"), None);
     }
 
     #[test]
