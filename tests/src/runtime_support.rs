@@ -291,3 +291,56 @@ pub async fn start_token_registry(
     });
     (addr, seen)
 }
+
+/// A unix-socket proxy in front of containerd whose connections can be cut, to break the
+/// runtime's streams the way a containerd restart does.
+pub struct SocketProxy {
+    pub path: PathBuf,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl SocketProxy {
+    pub async fn start(path: PathBuf) -> SocketProxy {
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> =
+            Default::default();
+        let tracked = conns.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let task = tokio::spawn(async move {
+                    let upstream = SOCKET.trim_start_matches("unix://");
+                    if let Ok(mut server) = tokio::net::UnixStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                tracked.lock().unwrap().push(task);
+            }
+        });
+        SocketProxy {
+            path,
+            conns,
+            accept,
+        }
+    }
+
+    /// Closes every proxied connection (new ones are still accepted).
+    pub fn cut(&self) {
+        for task in self.conns.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.path.display())
+    }
+}
+
+impl Drop for SocketProxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
-use nodelet::runtime::{PullPolicy, RegistryAuth, RuntimeError, TaskState, User};
+use nodelet::runtime::{PullPolicy, RegistryAuth, Runtime, RuntimeError, TaskState, User};
 use nodelet_tests::runtime_support::{
-    busybox, ctr, gc, multilayer, start_token_registry, wait_exited, wait_for_text, TestRuntime,
-    REGISTRY,
+    busybox, ctr, gc, multilayer, start_token_registry, wait_exited, wait_for_text, SocketProxy,
+    TestRuntime, REGISTRY,
 };
 
 const SLEEP: &[&str] = &["sleep", "3600"];
@@ -627,5 +627,61 @@ async fn bearer_token_auth_with_registry_credentials() {
     assert_eq!(seen.len(), 3, "{seen:?}");
     assert_eq!(seen[0], "", "no credentials were sent without auth");
     assert!(seen[2].starts_with("Basic "), "{seen:?}");
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn exit_events_resume_after_the_stream_breaks() {
+    let t = TestRuntime::new("resubscribe").await;
+    let image = t.pull_busybox().await;
+    let proxy = SocketProxy::start(t.dir.path().join("proxy.sock")).await;
+    let mut config = TestRuntime::config(&t.namespace, t.dir.path());
+    config.endpoint = proxy.endpoint();
+    let proxied = Runtime::connect(config).await.unwrap();
+    let mut exits = proxied.exits();
+    // First one exit through the proxy: the subscription is up on a proxied connection.
+    t.rt.create(&t.container("warm", &image, &sh("exit 5")))
+        .await
+        .unwrap();
+    t.rt.start("warm").await.unwrap();
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(60), exits.recv())
+            .await
+            .expect("exit event through the proxy")
+            .unwrap();
+        if e.container_id == "warm" {
+            break;
+        }
+    }
+    // As when containerd restarts: every stream of the proxied runtime ends.
+    proxy.cut();
+    // Exits during the resubscription are missed by design; one of these must get through.
+    let mut seen = None;
+    for attempt in 0..20 {
+        let id = format!("short-{attempt}");
+        t.rt.create(&t.container(&id, &image, &sh("exit 5")))
+            .await
+            .unwrap();
+        t.rt.start(&id).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while let Ok(Ok(e)) = tokio::time::timeout_at(deadline, exits.recv()).await {
+            if e.container_id == id {
+                seen = Some(e);
+                break;
+            }
+        }
+        if seen.is_some() {
+            break;
+        }
+    }
+    let event = seen.expect("no exit event after the stream broke");
+    assert_eq!(event.exit_code, 5);
+    // The proxied runtime's unary calls reconnect too.
+    assert!(proxied
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .any(|c| c.id == event.container_id));
     t.cleanup().await;
 }
