@@ -712,25 +712,33 @@ impl Worker {
         }
         let policy = pull_policy(c);
         let field = self.spec(name).map(|(k, _)| field_path(k, name));
-        if policy != PullPolicy::Never {
-            let msg = format!("Pulling image \"{image}\"");
-            self.event(EventType::Normal, field.clone(), "Pulling", &msg);
+        let runtime = &self.ctx.runtime;
+        if policy != PullPolicy::Always {
+            if let Ok(info) = runtime.ensure_image(image, PullPolicy::Never, None).await {
+                let msg = format!("Container image \"{image}\" already present on machine");
+                self.event(EventType::Normal, field, "Pulled", &msg);
+                return Some(info);
+            }
         }
-        let began = std::time::Instant::now();
-        let auth = registry_auth(self.pod(), &self.ctx.store, image);
-        match self
-            .ctx
-            .runtime
-            .ensure_image(image, policy, auth.as_ref())
-            .await
-        {
+        let result = match policy {
+            PullPolicy::Never => runtime.ensure_image(image, policy, None).await,
+            _ => {
+                let msg = format!("Pulling image \"{image}\"");
+                self.event(EventType::Normal, field.clone(), "Pulling", &msg);
+                let auth = registry_auth(self.pod(), &self.ctx.store, image);
+                let began = std::time::Instant::now();
+                let pulled = runtime.ensure_image(image, policy, auth.as_ref()).await;
+                if pulled.is_ok() {
+                    let secs = began.elapsed().as_secs_f64();
+                    let msg = format!("Successfully pulled image \"{image}\" in {secs:.3}s");
+                    self.event(EventType::Normal, field.clone(), "Pulled", &msg);
+                }
+                pulled
+            }
+        };
+        match result {
             Ok(info) => {
                 self.failures.reset(&key);
-                let msg = format!(
-                    "Successfully pulled image \"{image}\" in {:.3}s",
-                    began.elapsed().as_secs_f64()
-                );
-                self.event(EventType::Normal, field, "Pulled", &msg);
                 Some(info)
             }
             Err(e) => {
