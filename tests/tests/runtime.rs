@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use nodelet::runtime::{PullPolicy, RegistryAuth, Runtime, RuntimeError, TaskState, User};
+use nodelet::runtime::{Device, PullPolicy, RegistryAuth, Runtime, RuntimeError, TaskState, User};
 use nodelet_tests::runtime_support::{
     busybox, ctr, gc, multilayer, start_token_registry, wait_exited, wait_for_text, SocketProxy,
     TestRuntime, REGISTRY,
@@ -684,4 +684,78 @@ async fn exit_events_resume_after_the_stream_breaks() {
         .iter()
         .any(|c| c.id == event.container_id));
     t.cleanup().await;
+}
+
+#[tokio::test]
+async fn joined_network_namespace_devices_and_privileged() {
+    let t = TestRuntime::new("namespaces").await;
+    let image = t.pull_busybox().await;
+    let netns = format!("{}-net", t.namespace);
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", &netns])
+        .status();
+    assert!(std::process::Command::new("ip")
+        .args(["netns", "add", &netns])
+        .status()
+        .unwrap()
+        .success());
+
+    let mut c = t.container("joined", &image, SLEEP);
+    c.namespaces.net = Some(format!("/run/netns/{netns}").into());
+    c.devices = vec![Device {
+        host_path: "/dev/zero".into(),
+        container_path: "/dev/xzero".into(),
+    }];
+    t.rt.create(&c).await.unwrap();
+    t.rt.start("joined").await.unwrap();
+    let run = |id: &'static str, script: &'static str| {
+        let rt = t.rt.clone();
+        async move {
+            rt.exec(
+                id,
+                &["sh".into(), "-c".into(), script.into()],
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    // Only the loopback device of the fresh namespace is visible.
+    let out = run("joined", "ls /sys/class/net").await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "lo\n", "{out:?}");
+    let out = run("joined", "head -c 4 /dev/xzero | wc -c").await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "4", "{out:?}");
+    // Unprivileged: no mounting.
+    let out = run("joined", "mkdir -p /mnt && mount -t tmpfs none /mnt").await;
+    assert_ne!(out.exit_code, 0);
+
+    let mut p = t.container("privileged", &image, SLEEP);
+    p.security.privileged = true;
+    t.rt.create(&p).await.unwrap();
+    t.rt.start("privileged").await.unwrap();
+    let out = run(
+        "privileged",
+        "mkdir -p /mnt && mount -t tmpfs none /mnt && echo mounted",
+    )
+    .await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "mounted\n", "{out:?}");
+    let out = run(
+        "privileged",
+        "test -c /dev/loop-control && echo host-devices",
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "host-devices\n",
+        "{out:?}"
+    );
+    // Host network: the host's interfaces, more than lo.
+    let out = run("privileged", "ls /sys/class/net | wc -l").await;
+    let count: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(count > 1, "{out:?}");
+
+    t.cleanup().await;
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", &netns])
+        .status();
 }

@@ -17,7 +17,7 @@ use containerd_client::services::v1::{
 use containerd_client::types::v1::{Process, Status};
 use containerd_client::types::Mount as CtrMount;
 
-use super::spec::{build_spec, nofile_limit, SpecInputs, NOFILE_LIMIT};
+use super::spec::{bounding_set, build_spec, nofile_limit, SpecInputs, NOFILE_LIMIT};
 use super::user::{device_node, host_devices, read_rootfs_users, resolve_user};
 use super::{
     grpc, labels, leased, to_system_time, ContainerConfig, ContainerRecord, Result, Runtime,
@@ -216,6 +216,9 @@ impl Runtime {
                 cgroup_v2: self.inner.cgroup_v2,
                 nofile: std::fs::read_to_string("/proc/self/limits")
                     .map_or(NOFILE_LIMIT, |l| nofile_limit(&l)),
+                bounding: std::fs::read_to_string("/proc/self/status")
+                    .ok()
+                    .and_then(|s| bounding_set(&s)),
             },
         )
         .map_err(|e| spec_err(e.to_string()))?;

@@ -154,6 +154,9 @@ pub struct SpecInputs {
     pub cgroup_v2: bool,
     /// RLIMIT_NOFILE (soft = hard) of the process; 0 leaves the runtime's own.
     pub nofile: u64,
+    /// The agent's capability bounding set (kernel bit order), which caps what privileged
+    /// containers get; None = every capability.
+    pub bounding: Option<u64>,
 }
 
 /// Why a spec could not be built.
@@ -170,6 +173,14 @@ pub enum SpecError {
     Build(#[from] oci_spec::OciSpecError),
 }
 
+/// The bounding set in `/proc/self/status` text (`CapBnd:` as hex).
+pub fn bounding_set(proc_status: &str) -> Option<u64> {
+    proc_status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+}
+
 /// Normalises a Kubernetes capability name ("NET_ADMIN") to the kernel's ("CAP_NET_ADMIN").
 fn cap_name(name: &str) -> String {
     let upper = name.trim().to_ascii_uppercase();
@@ -181,11 +192,14 @@ fn cap_name(name: &str) -> String {
 }
 
 /// The capability set: defaults, then drops, then adds (CRI's order); "ALL" in either list
-/// means every capability.
+/// means every capability. Privileged containers get every capability the agent itself has
+/// (`current`, a bounding-set mask in kernel bit order; None = all), as CRI grants "all
+/// current capabilities".
 pub fn capabilities(
     privileged: bool,
     add: &[String],
     drop: &[String],
+    current: Option<u64>,
 ) -> Result<HashSet<Capability>, SpecError> {
     let parse = |n: &str| {
         Capability::from_str(n.trim_start_matches("CAP_"))
@@ -198,7 +212,12 @@ pub fn capabilities(
             .collect::<Result<HashSet<_>, _>>()
     };
     if privileged {
-        return all();
+        return ALL_CAPABILITIES
+            .iter()
+            .enumerate()
+            .filter(|(bit, _)| current.is_none_or(|mask| mask & (1u64 << bit) != 0))
+            .map(|(_, c)| parse(c))
+            .collect();
     }
     let mut caps: HashSet<Capability> = DEFAULT_CAPABILITIES
         .iter()
@@ -396,6 +415,7 @@ pub fn build_spec(config: &ContainerConfig, inputs: &SpecInputs) -> Result<Spec,
         sec.privileged,
         &sec.add_capabilities,
         &sec.drop_capabilities,
+        inputs.bounding,
     )?;
     // Ambient capabilities only matter for non-root users; CRI leaves them empty.
     let mut capabilities = LinuxCapabilitiesBuilder::default()
@@ -814,10 +834,19 @@ mod tests {
 
     #[test]
     fn capability_names_and_all() {
-        let caps = capabilities(false, &["ALL".into()], &[]).unwrap();
+        let caps = capabilities(false, &["ALL".into()], &[], None).unwrap();
         assert_eq!(caps.len(), ALL_CAPABILITIES.len());
-        let caps = capabilities(false, &["NET_ADMIN".into()], &["ALL".into()]).unwrap();
+        let caps = capabilities(false, &["NET_ADMIN".into()], &["ALL".into()], None).unwrap();
         assert_eq!(caps.len(), 1);
-        assert!(capabilities(false, &["NOT_A_CAP".into()], &[]).is_err());
+        assert!(capabilities(false, &["NOT_A_CAP".into()], &[], None).is_err());
+        // Privileged: what the agent has, here everything but CAP_SYS_RESOURCE (bit 24).
+        let status = "Name:\tnodelet\nCapBnd:\t000001fffeffffff\nCapAmb:\t0\n";
+        let mask = bounding_set(status);
+        assert_eq!(mask, Some(0x1fffeffffff));
+        let caps = capabilities(true, &[], &[], mask).unwrap();
+        assert_eq!(caps.len(), ALL_CAPABILITIES.len() - 1);
+        assert!(!caps.contains(&Capability::SysResource));
+        assert!(caps.contains(&Capability::SysAdmin));
+        assert!(caps.contains(&Capability::CheckpointRestore));
     }
 }
