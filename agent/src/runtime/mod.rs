@@ -4,6 +4,14 @@
 //! whose stdio goes to `nodelet log-driver` started by the shim, so logs outlive the agent.
 //! Every container carries the label checkpoint (see `labels`) that the agent recovers from.
 //!
+//! Layout: `image` (pull, unpack, single-flight), `registry` and `reference` (OCI
+//! distribution client, docker-style names), `spec` (the pure OCI spec builder), `user`
+//! (image users, devices, the brief read-only rootfs view), `container` (create … remove,
+//! inspect, list), `exec`, `eventstream` (the one `/tasks/exit` subscriber) and `logdriver`
+//! (the binary side of the `binary://` stdio URI). Every request carries the
+//! `containerd-namespace` header; pulls and creates run under a containerd lease (expiring
+//! after an hour should the agent die) so GC never collects half-made objects.
+//!
 //! OWNER: runtime helper. Signatures here are the contract the pod worker codes against.
 
 use std::collections::HashMap;
