@@ -968,3 +968,38 @@ async fn http_pre_stop_hooks_reach_the_pod() {
     assert!(failed_hook("hook-404"), "a 404 is a failed hook");
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_image_restarts_the_container_even_under_never() {
+    let h = Harness::new("image-change").await;
+    let img = image();
+    let mut pod = h.pod(
+        "image-change",
+        &format!(
+            r#"  restartPolicy: Never
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: app
+    image: {img}
+    command: ["sleep", "3600"]
+"#
+        ),
+    );
+    h.run(&pod);
+    h.wait_status(&pod, "running", |s| running(s, "app")).await;
+    let httpd = "127.0.0.1:5000/nodelet/httpd:latest";
+    pod.spec.as_mut().unwrap().containers[0].image = Some(httpd.into());
+    h.run(&pod);
+    let s = h
+        .wait_status(&pod, "running the new image", |s| {
+            running(s, "app") && container(s, "app").image == httpd
+        })
+        .await;
+    assert_eq!(container(&s, "app").restart_count, 1);
+    assert_eq!(phase(&s), "Running");
+    let records = h.containers_of(&pod).await;
+    assert_eq!(records.len(), 1, "the old attempt is removed");
+    assert!(records[0].image.contains("httpd"), "{}", records[0].image);
+    h.delete(&pod, 0, true).await;
+    h.stop().await;
+}

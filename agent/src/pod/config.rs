@@ -22,10 +22,11 @@ pub fn container_id(uid: &str, name: &str, attempt: u32) -> String {
     hex::encode(&digest[..16])
 }
 
-/// A short hash of the container spec (the SPEC_HASH label).
+/// A short hash of what can change in a running pod's container spec, its image (the
+/// SPEC_HASH label); the rest of a pod's spec is immutable.
 pub fn spec_hash(c: &Container) -> String {
-    let json = serde_json::to_vec(c).unwrap_or_default();
-    hex::encode(&Sha256::digest(json)[..8])
+    let image = c.image.as_deref().unwrap_or_default();
+    hex::encode(&Sha256::digest(image.as_bytes())[..8])
 }
 
 /// The pull policy: the spec's, else Always for `:latest` or untagged images.
@@ -338,6 +339,17 @@ mod tests {
         let auth = registry_auth(&pod, &store, "127.0.0.1:5000/a:1").unwrap();
         assert_eq!((auth.username.as_str(), auth.password.as_str()), ("u", "p"));
         assert!(registry_auth(&pod, &store, "other.example/a:1").is_none());
+    }
+
+    #[test]
+    fn spec_hash_follows_the_image_only() {
+        let c = |image: &str, args: &[&str]| Container {
+            image: Some(image.into()),
+            args: strings(args),
+            ..Default::default()
+        };
+        assert_eq!(spec_hash(&c("a:1", &[])), spec_hash(&c("a:1", &["x"])));
+        assert_ne!(spec_hash(&c("a:1", &[])), spec_hash(&c("a:2", &[])));
     }
 
     #[test]

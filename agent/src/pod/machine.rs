@@ -107,6 +107,8 @@ pub enum KillReason {
     Unhealthy,
     /// The postStart hook failed.
     PostStartHookFailed,
+    /// The container's spec changed (e.g. its image): it restarts with the new one.
+    SpecChanged,
 }
 
 /// A request (from a probe or a hook) to kill the running attempt.
@@ -142,8 +144,13 @@ pub struct ContainerObs {
     pub backoff: Option<Window>,
     pub waiting: Option<Waiting>,
     pub container_id: Option<String>,
+    /// The image the latest attempt runs (the spec's may have changed since).
+    pub image: Option<String>,
     /// The image's repo digest.
     pub image_id: Option<String>,
+    /// The running attempt was made from an older spec: kill it and start the new spec,
+    /// whatever the restartPolicy.
+    pub spec_changed: bool,
 }
 
 impl ContainerObs {
@@ -344,7 +351,8 @@ fn completed(pod: &Pod, obs: &Observed) -> bool {
     }
     let all = containers(pod);
     let finished = |kind: Kind, name: &str| {
-        let exit = obs.containers.get(name).and_then(ContainerObs::exit);
+        let o = obs.containers.get(name);
+        let exit = o.filter(|o| !o.spec_changed).and_then(ContainerObs::exit);
         exit.is_some_and(|e| !wants_restart(policy, kind, e))
     };
     let init_failed = all
@@ -387,7 +395,11 @@ fn sync(pod: &Pod, obs: &Observed, state: PodState, actions: &mut Vec<Action>) -
     let mut blocked = false;
     for (kind, c) in &all {
         let o = obs.containers.get(&c.name).unwrap_or(&none);
-        if let (Some(req), true, None) = (o.kill, o.running(), o.killing) {
+        let changed = o.spec_changed.then_some(KillRequest {
+            reason: KillReason::SpecChanged,
+            grace: None,
+        });
+        if let (Some(req), true, None) = (o.kill.or(changed), o.running(), o.killing) {
             let grace = req.grace.map_or(base_grace, |g| g.min(base_grace));
             actions.push(Action::KillContainer {
                 name: c.name.clone(),
@@ -436,6 +448,13 @@ fn advance(
         Attempt::Running { .. } if kind == Kind::Sidecar && !o.started => Progress::Blocked,
         Attempt::Running { .. } => Progress::Done,
         Attempt::Exited(e) if kind == Kind::Init && e.code == 0 => Progress::Done,
+        Attempt::Exited(_) if o.spec_changed => {
+            actions.push(Action::StartContainer {
+                name: name.to_string(),
+                attempt: o.attempt + 1,
+            });
+            Progress::Blocked
+        }
         Attempt::Exited(e) => {
             if wants_restart(policy, kind, e) {
                 start(o.attempt + 1, wake);
@@ -1050,6 +1069,36 @@ mod tests {
         assert_eq!(kills(&st), vec![("app".into(), s(5), true)]);
         o.killing = Some(t(105));
         assert!(kills(&step(&d, &with(ready_obs(), &[("app", o)]))).is_empty());
+    }
+
+    #[test]
+    fn changed_spec_kills_the_running_container() {
+        let d = desired(pod("Never", vec![], vec![c("app")]));
+        let mut o = running(0);
+        o.spec_changed = true;
+        let st = step(&d, &with(ready_obs(), &[("app", o)]));
+        assert_eq!(kills(&st), vec![("app".into(), s(30), true)]);
+        assert!(matches!(
+            st.actions[0],
+            Action::KillContainer {
+                reason: KillReason::SpecChanged,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn changed_spec_restarts_at_once_whatever_the_policy() {
+        let d = desired(pod("Never", vec![], vec![c("app")]));
+        let mut o = exited(2, 137);
+        o.spec_changed = true;
+        o.backoff = Some(Window {
+            until: t(500),
+            delay: s(40),
+        });
+        let st = step(&d, &with(ready_obs(), &[("app", o)]));
+        assert_eq!(st.why, None);
+        assert_eq!(starts(&st), vec![("app".into(), 3)]);
     }
 
     #[test]

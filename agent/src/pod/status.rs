@@ -156,7 +156,11 @@ fn container_status(input: &Input, kind: Kind, c: &Container) -> ContainerStatus
     let running = o.running();
     ContainerStatus {
         name: c.name.clone(),
-        image: c.image.clone().unwrap_or_default(),
+        image: o
+            .image
+            .clone()
+            .or_else(|| c.image.clone())
+            .unwrap_or_default(),
         image_id: o.image_id.clone().unwrap_or_default(),
         container_id: o
             .container_id

@@ -81,6 +81,8 @@ struct Live {
     stop_signal: Option<String>,
     /// Probes run for the current attempt.
     probing: bool,
+    /// SPEC_HASH of the latest attempt.
+    hash: Option<String>,
     kill: Option<AbortHandle>,
 }
 
@@ -221,7 +223,9 @@ impl Worker {
             let adopted = state != Attempt::None;
             if adopted {
                 self.router.register(&r.id, &self.exit_tx);
-                self.live.entry(name.clone()).or_default().id = Some(r.id.clone());
+                let live = self.live.entry(name.clone()).or_default();
+                live.id = Some(r.id.clone());
+                live.hash = r.labels.get(labels::SPEC_HASH).cloned();
             }
             info!(pod = %self.uid, container = %name, attempt, running, "re-adopted container");
             self.obs.containers.insert(
@@ -232,6 +236,7 @@ impl Worker {
                     started: running,
                     ready: running && ready_before.contains(&name),
                     container_id: adopted.then(|| r.id.clone()),
+                    image: adopted.then(|| r.image.clone()),
                     image_id: None,
                     ..Default::default()
                 },
@@ -261,6 +266,20 @@ impl Worker {
                 }
                 Err(e) => {
                     debug!(pod = %self.uid, container = %name, error = %e, "image of adopted container")
+                }
+            }
+        }
+    }
+
+    /// Marks running app containers whose image changed in the desired spec.
+    fn note_spec_changes(&mut self) {
+        for (kind, c) in machine::containers(&self.desired.pod) {
+            let old = self.live.get(&c.name).and_then(|l| l.hash.as_deref());
+            let changed = kind == Kind::App && old.is_some_and(|h| h != spec_hash(c));
+            if let Some(o) = self.obs.containers.get_mut(&c.name) {
+                if changed && o.running() && !o.spec_changed {
+                    info!(pod = %self.uid, container = %c.name, "container spec changed");
+                    o.spec_changed = true;
                 }
             }
         }
@@ -339,6 +358,7 @@ impl Worker {
         self.restore_images().await;
         loop {
             self.desired = merge(&self.desired, &desired.borrow_and_update());
+            self.note_spec_changes();
             self.obs.now = SystemTime::now();
             let mut wake = None;
             let mut done = false;
@@ -569,14 +589,17 @@ impl Worker {
         o.ready = !has_startup && !has_readiness;
         o.waiting = None;
         o.backoff = None;
+        o.spec_changed = false;
         o.kill = None;
         o.killing = None;
         o.container_id = Some(config.id.clone());
         o.image_id = Some(config.image.repo_digest.clone());
+        o.image = c.image.clone();
         let live = self.live.entry(name.to_string()).or_default();
         live.id = Some(config.id.clone());
         live.stop_signal = config.image.config.stop_signal.clone();
         live.probing = false;
+        live.hash = config.labels.get(labels::SPEC_HASH).cloned();
         self.dirty = true;
         self.post_start(name, &c, &config.id).await;
         self.start_pending_probes();
@@ -827,6 +850,9 @@ impl Worker {
             KillReason::PostStartHookFailed => {
                 format!("Container {name} failed its postStart hook, will be killed")
             }
+            KillReason::SpecChanged => {
+                format!("Container {name} definition changed, will be restarted")
+            }
         };
         self.container_event(name, EventType::Normal, "Killing", &message);
         let task = KillTask {
@@ -991,7 +1017,13 @@ impl Worker {
             finished_at,
             message: self.termination_message(name, attempt, code),
         };
+        let spec_changed = self
+            .obs
+            .containers
+            .get(name)
+            .is_some_and(|o| o.spec_changed);
         let restarts = self.obs.state < PodState::Terminating
+            && !spec_changed
             && self.spec(name).is_some_and(|(kind, _)| {
                 machine::wants_restart(machine::restart_policy(self.pod()), kind, &exit)
             });
