@@ -147,6 +147,7 @@ pub async fn run(
             status: status.clone(),
             recorder: recorder.clone(),
             metrics: Arc::new(move || prober.metrics_text()),
+            log_dir: config.log_dir.clone(),
         };
         let token = root.clone();
         Some(tokio::spawn(server::serve(listener, state, async move {

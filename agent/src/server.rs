@@ -1,12 +1,14 @@
 //! The read-only HTTP endpoint, as the kubelet's read-only port: `GET /pods` (a v1 PodList with
-//! live status), `GET /healthz`, `GET /events` (a v1 EventList of recent events) and
-//! `GET /metrics` (Prometheus text). It only reads the status manager and the recorder.
+//! live status), `GET /healthz`, `GET /events` (a v1 EventList of recent events),
+//! `GET /metrics` (Prometheus text) and, as the kubelet serves it for `kubectl logs`,
+//! `GET /containerLogs/{namespace}/{pod}/{container}?tailLines=N&previous=true`.
+//! It only reads the status manager, the recorder and the log files.
 
 use std::future::Future;
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::header;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -26,6 +28,8 @@ pub struct ServerState {
     pub status: StatusManager,
     pub recorder: Recorder,
     pub metrics: MetricsFn,
+    /// Where container logs are (/var/log/pods).
+    pub log_dir: std::path::PathBuf,
 }
 
 pub fn router(state: ServerState) -> Router {
@@ -34,6 +38,10 @@ pub fn router(state: ServerState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/events", get(events))
         .route("/metrics", get(metrics))
+        .route(
+            "/containerLogs/{namespace}/{pod}/{container}",
+            get(container_logs),
+        )
         .with_state(state)
 }
 
@@ -84,4 +92,57 @@ async fn metrics(State(state): State<ServerState>) -> impl IntoResponse {
     }
     text.push_str(&(state.metrics)());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LogQuery {
+    tail_lines: Option<usize>,
+    #[serde(default)]
+    previous: bool,
+}
+
+/// The output of a container's current (or previous) attempt, as `kubectl logs` shows it.
+async fn container_logs(
+    State(state): State<ServerState>,
+    Path((namespace, pod_name, container)): Path<(String, String, String)>,
+    Query(query): Query<LogQuery>,
+) -> Result<String, (StatusCode, String)> {
+    let not_found = |what: String| (StatusCode::NOT_FOUND, what);
+    let pod = state
+        .status
+        .all()
+        .into_iter()
+        .map(|r| r.pod)
+        .find(|p| {
+            p.metadata.namespace.as_deref() == Some(namespace.as_str())
+                && p.metadata.name.as_deref() == Some(pod_name.as_str())
+        })
+        .ok_or_else(|| not_found(format!("pod {namespace}/{pod_name} not found")))?;
+    let status = pod.status.as_ref();
+    let restarts = status
+        .into_iter()
+        .flat_map(|s| {
+            s.container_statuses
+                .iter()
+                .flatten()
+                .chain(s.init_container_statuses.iter().flatten())
+        })
+        .find(|c| c.name == container)
+        .map(|c| c.restart_count.max(0) as u32)
+        .ok_or_else(|| not_found(format!("container {container} not found in pod {pod_name}")))?;
+    let attempt = match query.previous {
+        false => restarts,
+        true => restarts.checked_sub(1).ok_or_else(|| {
+            (
+                StatusCode::BAD_REQUEST,
+                format!("previous terminated container {container} in pod {pod_name} not found"),
+            )
+        })?,
+    };
+    let path = crate::pod::logs::log_path(&state.log_dir, &pod, &container, attempt);
+    let text = tokio::fs::read_to_string(&path)
+        .await
+        .map_err(|e| not_found(format!("{}: {e}", path.display())))?;
+    Ok(crate::pod::logs::output(&text, query.tail_lines))
 }

@@ -51,6 +51,18 @@ fn a_manifest_pod_runs_logs_and_is_removed_with_its_file() {
     assert_eq!(fields[1], "stdout", "{first}");
     assert_eq!(fields[2], "F", "{first}");
     assert!(fields[3].starts_with("tick "), "{first}");
+    // The same output through /containerLogs, as `kubectl logs --tail=2` asks for it.
+    let tail = agent
+        .container_logs("default", "ticker", "main", "tailLines=2")
+        .expect("logs served");
+    assert_eq!(tail.lines().count(), 2, "{tail:?}");
+    assert!(tail.lines().all(|l| l.starts_with("tick ")), "{tail:?}");
+    assert!(agent
+        .container_logs("default", "ticker", "main", "previous=true")
+        .is_none());
+    assert!(agent
+        .container_logs("default", "ticker", "nope", "")
+        .is_none());
 
     // Removing the file deletes the pod: containers and the pod go away.
     agent.remove_manifest("ticker.yaml");

@@ -99,17 +99,7 @@ pub fn parse_signal(name: &str) -> Option<i32> {
 
 /// The content of a CRI log file's last lines.
 pub fn log_tail(cri_log: &str) -> String {
-    let lines: Vec<&str> = cri_log.lines().collect();
-    let start = lines.len().saturating_sub(LOG_TAIL_LINES);
-    let mut out = String::new();
-    for line in &lines[start..] {
-        let mut parts = line.splitn(4, ' ');
-        let (_, _, tag, text) = (parts.next(), parts.next(), parts.next(), parts.next());
-        out.push_str(text.unwrap_or_default());
-        if tag != Some("P") {
-            out.push('\n');
-        }
-    }
+    let out = super::logs::output(cri_log, Some(LOG_TAIL_LINES));
     let cut = out.len().saturating_sub(LOG_TAIL_BYTES);
     let cut = (cut..=out.len())
         .find(|i| out.is_char_boundary(*i))

@@ -24,6 +24,7 @@ pub mod backoff;
 pub mod config;
 pub mod env;
 pub mod hooks;
+pub mod logs;
 pub mod machine;
 pub mod manager;
 pub mod resources;

@@ -312,19 +312,7 @@ impl Worker {
     }
 
     fn log_path(&self, name: &str, attempt: u32) -> PathBuf {
-        let m = &self.pod().metadata;
-        let dir = format!(
-            "{}_{}_{}",
-            m.namespace.as_deref().unwrap_or("default"),
-            m.name.as_deref().unwrap_or_default(),
-            self.uid
-        );
-        self.ctx
-            .node
-            .log_dir
-            .join(dir)
-            .join(name)
-            .join(format!("{attempt}.log"))
+        super::logs::log_path(&self.ctx.node.log_dir, self.pod(), name, attempt)
     }
 
     fn spec(&self, name: &str) -> Option<(Kind, Container)> {
@@ -515,11 +503,13 @@ impl Worker {
             }
             _ => (reason.to_string(), message),
         };
+        // A pull failure has its own event with the cause; other failures name it here.
+        let detail = if pull.is_some() { &reason } else { &message };
         self.container_event(
             name,
             EventType::Warning,
             "Failed",
-            &format!("Error: {reason}"),
+            &format!("Error: {detail}"),
         );
         let o = self.obs_mut(name);
         o.waiting = Some(Waiting { reason, message });
