@@ -205,14 +205,18 @@ impl TestNamespace {
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
-        // Best effort, without waiting: force-delete the pods, then the namespace.
-        let (client, name) = (self.client.clone(), self.name.clone());
+        // Best effort, without waiting: force-delete the pods, then the namespace. A client of
+        // its own: the test's client lives on the runtime this drop is blocking.
+        let name = self.name.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             rt.block_on(async move {
+                let Ok(client) = kube::Client::try_default().await else {
+                    return;
+                };
                 let pods: Api<Pod> = Api::namespaced(client.clone(), &name);
                 let _ = pods
                     .delete_collection(

@@ -21,6 +21,14 @@
 //! [`ApiTokens`] serves projected service account tokens through the TokenRequest API.
 //!
 //! Stopping the agent (cancelling the token) stops these tasks and nothing else: pods keep running.
+//!
+//! Wiring (agent.rs): build a [`ClusterConfig`] with [`ClusterConfig::from_config`] and set its
+//! `node_ip` to the IP the pods report as hostIP; call [`ClusterAgent::start`] with the shared
+//! store, status manager and recorder and containerd's version; hand `tokens` to
+//! `VolumeManager::set_token_source`; wait for `synced` before the first full sync of the pod
+//! manager (an empty set before the first list would kill re-adopted pods), then merge every
+//! new `desired` set with the manifest folder's pods into each full sync. A pod absent from
+//! `desired` is gone from the API (force delete, or the final DELETE done).
 
 use std::net::IpAddr;
 use std::path::PathBuf;

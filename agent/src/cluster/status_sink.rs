@@ -8,9 +8,11 @@
 //! Failed writes are retried with a per-pod back-off; a pod that is gone from the API (404) or
 //! was replaced by a same-name pod (409) is not written again.
 //!
-//! Status is sent as a strategic merge patch of the whole status with `metadata.uid` in it: the
-//! API refuses it if the name now belongs to another pod, and conditions written by the control
-//! plane (DisruptionTarget, set by eviction) survive, since conditions merge by type.
+//! Status is sent as a JSON merge patch of the whole status with `metadata.uid` in it (the API
+//! refuses it if the name now belongs to another pod). Lists are replaced whole in a merge
+//! patch, so a condition carries no stale reason or message from an earlier write; conditions of
+//! types the agent does not report (DisruptionTarget from an eviction, readiness gates set by
+//! other controllers) are copied from the API's pod so that they survive.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -76,11 +78,33 @@ pub(super) fn plan(reported: &Reported, api: Option<&Pod>, written: Option<&Writ
     }
 }
 
-/// The patch body: the whole status, with the UID as precondition.
-pub(super) fn patch_body(reported: &Reported) -> serde_json::Value {
+/// The patch body: the whole status, with the UID as precondition, keeping the API's
+/// conditions of types the agent does not report.
+pub(super) fn patch_body(reported: &Reported, api: Option<&Pod>) -> serde_json::Value {
+    let mut status = reported.pod.status.clone().unwrap_or_default();
+    let foreign: Vec<_> = api
+        .and_then(|p| p.status.as_ref())
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|c| {
+            !status
+                .conditions
+                .iter()
+                .flatten()
+                .any(|own| own.type_ == c.type_)
+        })
+        .cloned()
+        .collect();
+    if !foreign.is_empty() {
+        status
+            .conditions
+            .get_or_insert_with(Vec::new)
+            .extend(foreign);
+    }
     serde_json::json!({
         "metadata": { "uid": reported.pod.metadata.uid },
-        "status": reported.pod.status,
+        "status": status,
     })
 }
 
@@ -127,7 +151,7 @@ pub(super) async fn run(
                     status.forget(&uid);
                     Ok(None)
                 }
-                Action::Patch => patch(&client, reported).await.map(Some),
+                Action::Patch => patch(&client, reported, api).await.map(Some),
                 Action::Delete => delete(&client, reported).await.map(Some),
             };
             match result {
@@ -196,13 +220,17 @@ fn pod_api(client: &kube::Client, reported: &Reported) -> (Api<Pod>, String, Str
     (Api::namespaced(client.clone(), &ns), name, object)
 }
 
-async fn patch(client: &kube::Client, reported: &Reported) -> Result<Done, ClusterError> {
+async fn patch(
+    client: &kube::Client,
+    reported: &Reported,
+    api_pod: Option<&Pod>,
+) -> Result<Done, ClusterError> {
     let (api, name, object) = pod_api(client, reported);
     match api
         .patch_status(
             &name,
             &PatchParams::default(),
-            &Patch::Strategic(patch_body(reported)),
+            &Patch::Merge(patch_body(reported, api_pod)),
         )
         .await
     {
@@ -355,8 +383,38 @@ mod tests {
 
     #[test]
     fn the_patch_carries_the_uid_precondition_and_the_whole_status() {
-        let body = patch_body(&reported(1, false));
+        let body = patch_body(&reported(1, false), None);
         assert_eq!(body["metadata"]["uid"], "u1");
         assert_eq!(body["status"]["phase"], "Running");
+    }
+
+    #[test]
+    fn conditions_of_other_writers_survive_and_own_ones_are_replaced() {
+        use k8s_openapi::api::core::v1::PodCondition;
+        let cond = |t: &str, s: &str| PodCondition {
+            type_: t.into(),
+            status: s.into(),
+            ..Default::default()
+        };
+        let mut r = reported(2, false);
+        r.pod.status.as_mut().unwrap().conditions = Some(vec![cond("Ready", "True")]);
+        let mut api = api_pod(false);
+        api.status = Some(PodStatus {
+            conditions: Some(vec![
+                PodCondition {
+                    reason: Some("ContainersNotReady".into()),
+                    ..cond("Ready", "False")
+                },
+                cond("DisruptionTarget", "True"),
+            ]),
+            ..Default::default()
+        });
+        let body = patch_body(&r, Some(&api));
+        let conditions = body["status"]["conditions"].as_array().unwrap();
+        assert_eq!(conditions.len(), 2);
+        assert_eq!(conditions[0]["type"], "Ready");
+        assert_eq!(conditions[0]["status"], "True");
+        assert!(conditions[0].get("reason").is_none(), "no stale reason");
+        assert_eq!(conditions[1]["type"], "DisruptionTarget");
     }
 }
