@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::cluster::{ClusterAgent, ClusterConfig};
 use crate::config::Config;
 use crate::events::{EventType, Recorder};
 use crate::pod::manager::PodManager;
@@ -48,6 +49,9 @@ pub enum AgentError {
     /// Shutdown was asked for before containerd ever answered.
     #[error("stopped before containerd answered")]
     NoRuntime,
+    /// Cluster mode could not start (an unusable kubeconfig).
+    #[error("{0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// How long shutdown waits for workers to stop (they never stop containers).
@@ -98,10 +102,33 @@ pub async fn run(
         let token = root.clone();
         tokio::spawn(async move { volumes.plugins().watch(token).await });
     }
+    let host_ip = config.node_ip.or_else(node_ip);
+    let api = match ClusterConfig::from_config(&config) {
+        Some(mut cluster) => {
+            cluster.node_ip = host_ip;
+            let version = runtime.version().await.unwrap_or_default();
+            info!(kubeconfig = %cluster.kubeconfig.display(), "joining the cluster");
+            let agent = ClusterAgent::start(
+                cluster,
+                store.clone(),
+                status.clone(),
+                recorder.clone(),
+                version,
+                root.child_token(),
+            )
+            .await?;
+            volumes.set_token_source(agent.tokens.clone());
+            Some(ApiPods {
+                desired: agent.desired,
+                synced: agent.synced,
+            })
+        }
+        None => None,
+    };
     let ctx = Arc::new(PodContext {
         node: NodeFacts {
             name: config.node_name.clone(),
-            ip: config.node_ip.or_else(node_ip),
+            ip: host_ip,
             root_dir: config.root_dir.clone(),
             log_dir: config.log_dir.clone(),
         },
@@ -132,7 +159,7 @@ pub async fn run(
     } else {
         manifest_tx.send_replace(Some(Vec::new()));
     }
-    tokio::spawn(sync_pods(manager.clone(), manifest_rx, root.clone()));
+    tokio::spawn(sync_pods(manager.clone(), manifest_rx, api, root.clone()));
 
     let server_task = if config.read_only_port != 0 {
         let addr = format!("{}:{}", config.address, config.read_only_port);
@@ -256,12 +283,21 @@ fn node_ref(recorder: &Recorder) -> k8s_openapi::api::core::v1::ObjectReference 
     }
 }
 
-/// Merges the sources into full desired sets for the pod manager. A pod removed from the
-/// manifest folder is deleted gracefully (its own grace period), as the kubelet deletes a
-/// static pod whose file is gone; it stays in the set until its worker has finished.
+/// The API's pods in cluster mode: the full desired set, and whether the first list is done.
+struct ApiPods {
+    desired: watch::Receiver<Vec<Desired>>,
+    synced: watch::Receiver<bool>,
+}
+
+/// Merges the sources into full desired sets for the pod manager. Nothing is synced before
+/// every source has listed once (an empty first set would kill re-adopted pods). A pod removed
+/// from the manifest folder is deleted gracefully (its own grace period), as the kubelet deletes
+/// a static pod whose file is gone; it stays in the set until its worker has finished. A pod
+/// gone from the API is simply absent from the set: the manager deletes it as gone.
 async fn sync_pods(
     manager: PodManager,
     mut manifests: watch::Receiver<Option<Vec<Pod>>>,
+    mut api: Option<ApiPods>,
     token: CancellationToken,
 ) {
     let mut finished = manager.subscribe_finished();
@@ -269,7 +305,14 @@ async fn sync_pods(
     let mut removed: BTreeMap<String, Pod> = BTreeMap::new();
     loop {
         let current = manifests.borrow_and_update().clone();
-        if let Some(pods) = current {
+        let api_set = match api.as_mut() {
+            None => Some(Vec::new()),
+            Some(a) => {
+                let synced = *a.synced.borrow_and_update();
+                synced.then(|| a.desired.borrow_and_update().clone())
+            }
+        };
+        if let (Some(pods), Some(mut desired)) = (current, api_set) {
             let now: BTreeMap<String, Pod> = pods
                 .into_iter()
                 .map(|p| (p.metadata.uid.clone().unwrap_or_default(), p))
@@ -280,13 +323,10 @@ async fn sync_pods(
                 }
             }
             removed.retain(|uid, _| !now.contains_key(uid));
-            let mut desired: Vec<Desired> = now
-                .values()
-                .map(|pod| Desired {
-                    pod: pod.clone(),
-                    deletion: None,
-                })
-                .collect();
+            desired.extend(now.values().map(|pod| Desired {
+                pod: pod.clone(),
+                deletion: None,
+            }));
             desired.extend(removed.values().map(|pod| Desired {
                 pod: pod.clone(),
                 deletion: Some(Deletion {
@@ -297,9 +337,19 @@ async fn sync_pods(
             previous = now;
             manager.sync_all(desired).await;
         }
+        let api_changed = async {
+            match api.as_mut() {
+                Some(a) => tokio::select! {
+                    r = a.desired.changed() => r.is_ok(),
+                    r = a.synced.changed() => r.is_ok(),
+                },
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = token.cancelled() => return,
             changed = manifests.changed() => if changed.is_err() { return },
+            open = api_changed => if !open { return },
             done = finished.recv() => {
                 if let Ok(uid) = done {
                     removed.remove(&uid);
