@@ -163,7 +163,8 @@ impl Drop for Agent {
     }
 }
 
-/// A namespace of the test's own, deleted (in the background) at the end.
+/// A namespace of the test's own, deleted at the end with its pods (declare it after the
+/// `Agent`, so that the agent outlives it and kills their containers).
 struct TestNamespace {
     client: kube::Client,
     name: String,
@@ -205,8 +206,9 @@ impl TestNamespace {
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
-        // Best effort, without waiting: force-delete the pods, then the namespace. A client of
-        // its own: the test's client lives on the runtime this drop is blocking.
+        // Best effort: force-delete the pods, give the agent (dropped after this) 30 s to kill
+        // their containers, then delete the namespace. A client of its own: the test's client
+        // lives on the runtime this drop is blocking.
         let name = self.name.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -218,12 +220,22 @@ impl Drop for TestNamespace {
                     return;
                 };
                 let pods: Api<Pod> = Api::namespaced(client.clone(), &name);
+                let uids: Vec<String> = match pods.list(&Default::default()).await {
+                    Ok(list) => list.items.iter().map(uid).collect(),
+                    Err(_) => Vec::new(),
+                };
                 let _ = pods
                     .delete_collection(
                         &DeleteParams::default().grace_period(0),
                         &Default::default(),
                     )
                     .await;
+                for _ in 0..120 {
+                    if uids.iter().all(|u| running_containers(u) == 0) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
                 let _ = Api::<Namespace>::all(client)
                     .delete(&name, &DeleteParams::default())
                     .await;
