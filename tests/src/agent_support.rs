@@ -296,3 +296,61 @@ pub fn unmount_below(dir: &Path) {
         let _ = Command::new("umount").args(["-l", &p]).status();
     }
 }
+
+impl Agent {
+    /// An agent with its dirs made but no process yet: prepare the dirs (e.g. mount a small
+    /// tmpfs on `root_dir()`), then call `spawn` or `spawn_without_waiting`.
+    pub fn unstarted(name: &str) -> Agent {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("nodelet-agent-{name}-"))
+            .tempdir()
+            .expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("manifests")).unwrap();
+        Agent {
+            name: name.to_string(),
+            dir,
+            port: free_port(),
+            child: None,
+        }
+    }
+
+    /// Starts the process like `spawn` but returns at once, without waiting for /healthz (the
+    /// agent only serves once containerd answered).
+    pub fn spawn_without_waiting(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .unwrap();
+        let child = Command::new(nodelet_binary())
+            .arg("--pod-manifest-path")
+            .arg(self.manifests())
+            .arg("--root-dir")
+            .arg(self.root_dir())
+            .arg("--run-dir")
+            .arg(self.dir.path().join("run"))
+            .arg("--pod-logs-dir")
+            .arg(self.log_dir())
+            .args(["--containerd-namespace", &self.namespace()])
+            .args(["--read-only-port", &self.port.to_string()])
+            .args(["--node-ip", "127.0.0.1", "-v", "1"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start nodelet");
+        self.child = Some(child);
+    }
+
+    /// Whether the agent process is still running (false once it exited or was killed).
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Whether /healthz answers.
+    pub fn healthy(&self) -> bool {
+        self.get("/healthz").is_some()
+    }
+}

@@ -54,6 +54,8 @@ pub(super) async fn exit_events(
                                 continue;
                             };
                             if let Some(event) = to_exit_event(exit) {
+                                let id = &event.container_id;
+                                tracing::debug!(container_id = %id, code = event.exit_code, "exit event");
                                 // No receiver is fine: nobody listens yet.
                                 let _ = tx.send(event);
                             }

@@ -95,12 +95,23 @@ pub enum VolumeError {
         claim: String,
         other: String,
     },
-    /// A hostPath type check failed, a subPath escapes, or the spec is invalid.
-    #[error("volume {volume}: {detail}")]
+    /// A hostPath type check failed, a subPath escapes, or the spec is invalid (`volume` is
+    /// empty when the error is about the pod, not one volume).
+    #[error("{}{detail}", volume_prefix(.volume))]
     Invalid { volume: String, detail: String },
-    /// A mount, CSI call or file write failed.
-    #[error("volume {volume}: {detail}")]
+    /// A mount, CSI call or file write failed (`volume` is empty for pod-wide steps such as
+    /// writing the pod's volume state).
+    #[error("{}{detail}", volume_prefix(.volume))]
     Failed { volume: String, detail: String },
+}
+
+/// "volume NAME: " before a volume's error; nothing before a pod-wide one.
+fn volume_prefix(volume: &str) -> String {
+    if volume.is_empty() {
+        String::new()
+    } else {
+        format!("volume {volume}: ")
+    }
 }
 
 impl VolumeError {
@@ -972,4 +983,22 @@ fn pod_memory_limit(pod: &Pod) -> Option<i128> {
         total += downward::parse_quantity_milli(&q.0)?;
     }
     (total > 0).then_some(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_their_volume_and_pod_wide_ones_do_not_pretend_to() {
+        assert_eq!(
+            failed("cache", "mkdir: denied").to_string(),
+            "volume cache: mkdir: denied"
+        );
+        assert_eq!(
+            failed("", "writing volume state of pod u1: full").to_string(),
+            "writing volume state of pod u1: full"
+        );
+        assert_eq!(invalid("", "bad pod uid").to_string(), "bad pod uid");
+    }
 }

@@ -1,0 +1,549 @@
+//! Chaos tier: the real `nodelet` binary in standalone mode while its world breaks: containerd
+//! killed and restarted under it, the agent killed in the middle of a termination, containerd
+//! down when the agent starts, a full root disk, and many bad inputs at once.
+//!
+//! Some tests kill the machine's shared containerd, so every test here holds one global lock
+//! (cargo runs test binaries one after another; within this binary the lock serialises them).
+//! containerd is started again exactly as scripts/setup does it (the script starts it when the
+//! socket does not answer), also when a test fails half-way.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{ContainerStatus, Event, Pod};
+use nodelet_tests::agent_support::{container_id, phase_of, Agent, BUSYBOX};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// One resync period of a pod worker (10 s) and a little more: long enough for the agent to
+/// act on anything it saw wrongly.
+const RESYNC_AND_MORE: Duration = Duration::from_secs(12);
+
+static LOCK: Mutex<()> = Mutex::new(());
+
+/// Serialises the tests of this binary; a panicked test does not poison the others.
+fn serial() -> MutexGuard<'static, ()> {
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn setup_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/setup")
+}
+
+fn containerd_answers() -> bool {
+    Command::new("ctr")
+        .arg("version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn containerd_pid() -> Option<u32> {
+    let out = Command::new("pgrep")
+        .args(["-x", "containerd"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+}
+
+/// SIGKILLs containerd and waits until its socket no longer answers.
+fn kill_containerd() {
+    let pid = containerd_pid().expect("containerd is running (run scripts/setup)");
+    let killed = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "kill -9 containerd ({pid})");
+    wait_for("containerd to stop answering", MINUTE, || {
+        !containerd_answers()
+    });
+}
+
+/// Runs scripts/setup in its own session (so containerd outlives this test process and no
+/// terminal signal reaches it); it starts containerd when the socket does not answer.
+fn run_setup() -> std::process::Output {
+    Command::new("setsid")
+        .arg("bash")
+        .arg(setup_script())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run scripts/setup")
+}
+
+fn start_containerd() {
+    let out = run_setup();
+    assert!(
+        out.status.success() && containerd_answers(),
+        "scripts/setup did not bring containerd back: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Brings containerd back when dropped, so a failing test leaves the machine usable (and the
+/// agent's own clean-up, which needs containerd, works). Declare it after the `Agent`: locals
+/// drop in reverse order, so containerd is back before the agent cleans up.
+struct ContainerdBack;
+
+impl Drop for ContainerdBack {
+    fn drop(&mut self) {
+        if !containerd_answers() {
+            let _ = run_setup();
+        }
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+fn status_of<'a>(pod: &'a Pod, container: &str) -> Option<&'a ContainerStatus> {
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find(|s| s.name == container)
+}
+
+fn restarts(pod: Option<&Pod>, container: &str) -> Option<i32> {
+    status_of(pod?, container).map(|s| s.restart_count)
+}
+
+fn running(pod: Option<&Pod>, container: &str) -> bool {
+    pod.and_then(|p| status_of(p, container))
+        .and_then(|s| s.state.as_ref())
+        .is_some_and(|s| s.running.is_some())
+}
+
+/// The CRI log file of a container's attempt.
+fn log_file(agent: &Agent, pod: &Pod, container: &str, attempt: u32) -> PathBuf {
+    let m = &pod.metadata;
+    agent
+        .log_dir()
+        .join(format!(
+            "{}_{}_{}",
+            m.namespace.as_deref().unwrap_or("default"),
+            m.name.as_deref().unwrap(),
+            m.uid.as_deref().unwrap()
+        ))
+        .join(container)
+        .join(format!("{attempt}.log"))
+}
+
+fn log_has(path: &Path, text: &str) -> bool {
+    std::fs::read_to_string(path).is_ok_and(|t| t.contains(text))
+}
+
+fn ticker(name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: main\n    image: {BUSYBOX}\n    command: [sh, -c, 'while true; do echo tick; sleep 0.5; done']\n"
+    )
+}
+
+/// Warning events about the named pod, as "reason: message" lines.
+fn warnings_for(events: &[Event], pod: &str) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e.type_.as_deref() == Some("Warning"))
+        .filter(|e| e.involved_object.name.as_deref() == Some(pod))
+        .map(|e| {
+            format!(
+                "{}: {}",
+                e.reason.as_deref().unwrap_or(""),
+                e.message.as_deref().unwrap_or("")
+            )
+        })
+        .collect()
+}
+
+fn assert_no_panic(agent: &Agent) {
+    let log = agent.agent_log();
+    assert!(
+        !log.contains("panicked"),
+        "the agent panicked:\n{}",
+        log.lines()
+            .filter(|l| l.contains("panicked"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[test]
+fn a_containerd_restart_leaves_pods_running_and_exits_are_still_seen() {
+    let _serial = serial();
+    let mut agent = Agent::start("chaos-containerd");
+    let _back = ContainerdBack;
+    let flags = agent.dir.path().join("flags");
+    std::fs::create_dir_all(&flags).unwrap();
+    // Runs until the host creates flags/exit, then fails once (OnFailure restarts it).
+    let yaml = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: waiter}}\nspec:\n  restartPolicy: OnFailure\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: main\n    image: {BUSYBOX}\n    command: [sh, -c, 'echo up; while [ ! -e /flags/exit ]; do sleep 0.2; done; rm /flags/exit; echo failing; exit 1']\n    volumeMounts: [{{name: flags, mountPath: /flags}}]\n  volumes:\n  - name: flags\n    hostPath: {{path: {}, type: Directory}}\n",
+        flags.display()
+    );
+    agent.write_manifest("waiter.yaml", &yaml);
+    let pod = agent.wait_phase("waiter", "Running", MINUTE);
+    let id = container_id(&pod, "main").unwrap();
+    let pid = agent.task_pid(&id).expect("a running task");
+    // One exit before the restart, so the event stream is established when containerd dies.
+    agent.write_manifest(
+        "blip.yaml",
+        &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: blip}}\nspec:\n  restartPolicy: Never\n  containers:\n  - name: main\n    image: {BUSYBOX}\n    command: [sh, -c, 'exit 0']\n"),
+    );
+    agent.wait_phase("blip", "Succeeded", MINUTE);
+    agent.wait_until("the blip's exit event", MINUTE, |a| {
+        a.agent_log().contains("exit event")
+    });
+
+    kill_containerd();
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "the container's process outlives containerd (its shim keeps it)"
+    );
+    start_containerd();
+    assert_eq!(
+        agent.task_pid(&id),
+        Some(pid),
+        "containerd re-attached the same task after its restart"
+    );
+    assert!(agent.alive(), "the agent survived containerd's restart");
+
+    // Give the agent a full resync with containerd back: it must not restart the container.
+    std::thread::sleep(RESYNC_AND_MORE);
+    let pod = agent.pod("waiter").unwrap();
+    assert_eq!(restarts(Some(&pod), "main"), Some(0), "not restarted");
+    assert!(running(Some(&pod), "main"));
+    assert_eq!(container_id(&pod, "main").as_deref(), Some(id.as_str()));
+    assert_eq!(
+        agent.task_pid(&id),
+        Some(pid),
+        "the same process throughout"
+    );
+
+    // An exit after the restart is still seen: OnFailure restarts the container once.
+    std::fs::write(flags.join("exit"), "").unwrap();
+    agent.wait_until("waiter restarted once and running", MINUTE, |a| {
+        let p = a.pod("waiter");
+        restarts(p.as_ref(), "main") == Some(1) && running(p.as_ref(), "main")
+    });
+    let pod = agent.pod("waiter").unwrap();
+    let last = status_of(&pod, "main")
+        .and_then(|s| s.last_state.as_ref())
+        .and_then(|s| s.terminated.as_ref())
+        .expect("the failed attempt as lastState");
+    assert_eq!(last.exit_code, 1);
+    // The exit came through the exit event stream, subscribed again after the break (not
+    // only through the worker's periodic re-inspection).
+    let log = agent.agent_log();
+    let lines: Vec<&str> = log.lines().collect();
+    let broke = lines
+        .iter()
+        .position(|l| l.contains("nodelet::runtime::eventstream") && l.contains("WARN"))
+        .unwrap_or_else(|| panic!("the agent saw the event stream break:\n{log}"));
+    assert!(
+        lines[broke..]
+            .iter()
+            .any(|l| l.contains("exit event") && l.contains(&format!("container_id={id}"))),
+        "the exit arrived as an event after the stream broke:\n{}",
+        lines[broke..].join("\n")
+    );
+
+    // A pod written after the restart starts normally.
+    agent.write_manifest("after.yaml", &ticker("after"));
+    let after = agent.wait_phase("after", "Running", MINUTE);
+    assert_eq!(restarts(Some(&after), "main"), Some(0));
+    assert_no_panic(&agent);
+}
+
+#[test]
+fn an_agent_killed_mid_termination_still_kills_the_container_after_its_term() {
+    let _serial = serial();
+    let mut agent = Agent::start("chaos-midterm");
+    // Ignores TERM (logs it) so only a KILL ends it.
+    let yaml = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: stubborn}}\nspec:\n  terminationGracePeriodSeconds: 20\n  containers:\n  - name: main\n    image: {BUSYBOX}\n    command: [sh, -c, 'trap \"echo got TERM\" TERM; echo started; while true; do sleep 0.2; done']\n"
+    );
+    agent.write_manifest("stubborn.yaml", &yaml);
+    let pod = agent.wait_phase("stubborn", "Running", MINUTE);
+    let id = container_id(&pod, "main").unwrap();
+    let pid = agent.task_pid(&id).expect("a running task");
+    let log = log_file(&agent, &pod, "main", 0);
+    agent.wait_until("the container's trap is set", MINUTE, |_| {
+        log_has(&log, "started")
+    });
+
+    agent.remove_manifest("stubborn.yaml");
+    agent.wait_until("the container got TERM", MINUTE, |_| {
+        log_has(&log, "got TERM")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        agent.task_pid(&id),
+        Some(pid),
+        "TERM is ignored: the container runs on within its grace"
+    );
+    agent.kill9();
+    assert_eq!(
+        agent.task_pid(&id),
+        Some(pid),
+        "the agent's death does not end the container"
+    );
+
+    // The restarted agent finishes the termination: the container is killed and removed.
+    agent.spawn();
+    agent.wait_until("the container is killed and removed", MINUTE, |a| {
+        a.task_pid(&id).is_none() && !a.containerd_containers().contains(&id)
+    });
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "its process is gone"
+    );
+    agent.wait_until("the pod is gone", MINUTE, |a| a.pod("stubborn").is_none());
+    assert!(log_has(&log, "got TERM"), "TERM came before the KILL");
+    assert_no_panic(&agent);
+}
+
+#[test]
+fn the_agent_waits_for_containerd_at_start_and_then_runs_pods() {
+    let _serial = serial();
+    let mut agent = Agent::unstarted("chaos-late");
+    let _back = ContainerdBack;
+    kill_containerd();
+    agent.spawn_without_waiting();
+    agent.wait_until("the agent says containerd is not answering", MINUTE, |a| {
+        a.agent_log().matches("containerd is not answering").count() >= 2
+    });
+    assert!(agent.alive(), "the agent retries instead of exiting");
+    assert!(!agent.healthy(), "no /healthz before the runtime connected");
+
+    start_containerd();
+    agent.wait_until("the agent serves /healthz", MINUTE, Agent::healthy);
+    assert!(agent.alive());
+    agent.write_manifest("ticker.yaml", &ticker("ticker"));
+    let pod = agent.wait_phase("ticker", "Running", MINUTE);
+    assert_eq!(restarts(Some(&pod), "main"), Some(0));
+    assert_no_panic(&agent);
+}
+
+/// Fills the filesystem holding `dir` by writing `dir/fill` until it is full.
+fn fill_up(dir: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(dir.join("fill")).expect("create the fill file");
+    let chunk = vec![0u8; 64 * 1024];
+    loop {
+        match f.write_all(&chunk) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => panic!("filling {}: {e}", dir.display()),
+        }
+    }
+    // Byte by byte, so not even a partial page is left.
+    while f.write_all(&[0]).is_ok() {}
+}
+
+#[test]
+fn a_full_root_disk_fails_the_writing_pod_clearly_and_spares_the_others() {
+    let _serial = serial();
+    let mut agent = Agent::unstarted("chaos-disk");
+    let root = agent.root_dir();
+    std::fs::create_dir_all(&root).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "chaos-disk"])
+        .arg(&root)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a 2 MiB tmpfs on the root dir");
+    agent.spawn();
+
+    agent.write_manifest("steady.yaml", &ticker("steady"));
+    let steady = agent.wait_phase("steady", "Running", MINUTE);
+    let steady_id = container_id(&steady, "main").unwrap();
+    let steady_pid = agent.task_pid(&steady_id).unwrap();
+
+    fill_up(&root);
+    let writer = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: writer}}\nspec:\n  restartPolicy: Never\n  containers:\n  - name: main\n    image: {BUSYBOX}\n    command: [sh, -c, 'echo data > /cache/file']\n    terminationMessagePolicy: FallbackToLogsOnError\n    volumeMounts: [{{name: cache, mountPath: /cache}}]\n  volumes:\n  - name: cache\n    emptyDir: {{}}\n"
+    );
+    agent.write_manifest("writer.yaml", &writer);
+    // Either the agent cannot prepare the pod (a Warning event) or the container's write
+    // fails (it terminates with the error as its message): both must name the cause.
+    let reported = |a: &Agent| {
+        let pod = a.pod("writer");
+        let failed = pod
+            .as_ref()
+            .and_then(|p| status_of(p, "main"))
+            .and_then(|s| s.state.as_ref()?.terminated.clone())
+            .is_some_and(|t| {
+                t.exit_code != 0
+                    && t.message
+                        .as_deref()
+                        .unwrap_or("")
+                        .contains("No space left on device")
+            });
+        failed
+            || warnings_for(&a.events(), "writer")
+                .iter()
+                .any(|w| w.contains("No space left on device"))
+    };
+    agent.wait_until(
+        "the writer's failure reported with its cause",
+        MINUTE,
+        reported,
+    );
+    let warnings = warnings_for(&agent.events(), "writer");
+    assert!(
+        !warnings.iter().any(|w| w.contains("volume : ")),
+        "a pod-wide volume error names no empty volume: {warnings:#?}"
+    );
+    println!(
+        "writer: phase {:?}, warnings {:#?}, status {}",
+        phase_of(agent.pod("writer").as_ref()),
+        warnings_for(&agent.events(), "writer"),
+        serde_json::to_string(&agent.pod("writer").and_then(|p| p.status)).unwrap()
+    );
+
+    assert!(agent.alive(), "the agent keeps running on a full disk");
+    assert!(agent.healthy());
+    let steady = agent.pod("steady").unwrap();
+    assert_eq!(phase_of(Some(&steady)), Some("Running"));
+    assert_eq!(restarts(Some(&steady), "main"), Some(0));
+    assert_eq!(agent.task_pid(&steady_id), Some(steady_pid));
+
+    // Space freed: a new pod with an emptyDir works again.
+    std::fs::remove_file(root.join("fill")).unwrap();
+    agent.write_manifest(
+        "later.yaml",
+        &writer.replace("name: writer", "name: later").replace(
+            "echo data",
+            "echo data > /cache/file && cat /cache/file && echo",
+        ),
+    );
+    agent.wait_phase("later", "Succeeded", MINUTE);
+    assert_no_panic(&agent);
+}
+
+#[test]
+fn many_bad_inputs_at_once_each_get_a_reason_and_the_good_pod_keeps_running() {
+    let _serial = serial();
+    let agent = Agent::start("chaos-bad");
+    let not_a_dir = agent.dir.path().join("plain-file");
+    std::fs::write(&not_a_dir, "not a directory").unwrap();
+    let pod = |name: &str, body: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: main\n    image: {BUSYBOX}\n{body}"
+        )
+    };
+    let sleep = "    command: [sh, -c, 'while true; do sleep 1; done']\n";
+    agent.write_manifest("good.yaml", &ticker("good"));
+    agent.write_manifest("garbage.yaml", "{{{ this is : not : yaml\n\t- [\n");
+    agent.write_manifest(
+        "oddvolume.yaml",
+        &pod(
+            "oddvolume",
+            &format!("{sleep}    volumeMounts: [{{name: v, mountPath: /v}}]\n  volumes:\n  - name: v\n    fancyNewVolume: {{size: 1}}\n"),
+        ),
+    );
+    agent.write_manifest(
+        "noport.yaml",
+        &pod(
+            "noport",
+            &format!("{sleep}    readinessProbe:\n      tcpSocket: {{port: 9}}\n      periodSeconds: 1\n"),
+        ),
+    );
+    agent.write_manifest(
+        "nocommand.yaml",
+        &pod("nocommand", "    command: [/no/such/binary]\n"),
+    );
+    agent.write_manifest(
+        "wrongtype.yaml",
+        &pod(
+            "wrongtype",
+            &format!(
+                "{sleep}    volumeMounts: [{{name: h, mountPath: /h}}]\n  volumes:\n  - name: h\n    hostPath: {{path: {}, type: Directory}}\n",
+                not_a_dir.display()
+            ),
+        ),
+    );
+
+    agent.wait_phase("good", "Running", MINUTE);
+    agent.wait_until("a FailedManifest event naming garbage.yaml", MINUTE, |a| {
+        a.events().iter().any(|e| {
+            e.reason.as_deref() == Some("FailedManifest")
+                && e.message.as_deref().unwrap_or("").contains("garbage.yaml")
+        })
+    });
+    // The volume without a known source: refused at parse time or at mount time, by name.
+    agent.wait_until("the odd volume is reported", MINUTE, |a| {
+        let at_parse = a.events().iter().any(|e| {
+            e.reason.as_deref() == Some("FailedManifest")
+                && e.message
+                    .as_deref()
+                    .unwrap_or("")
+                    .contains("oddvolume.yaml")
+        });
+        let at_mount = warnings_for(&a.events(), "oddvolume")
+            .iter()
+            .any(|w| w.starts_with("FailedMount") && w.contains("volume v: unsupported"));
+        at_parse || at_mount
+    });
+    agent.wait_until("the closed port's readiness failure", MINUTE, |a| {
+        warnings_for(&a.events(), "noport")
+            .iter()
+            .any(|w| w.starts_with("Unhealthy") && w.contains("Readiness probe failed"))
+    });
+    // The missing binary is named both in the container's status and in a Warning event.
+    agent.wait_until("the missing command's reason", MINUTE, |a| {
+        let pod = a.pod("nocommand");
+        let state = pod
+            .as_ref()
+            .and_then(|p| status_of(p, "main"))
+            .and_then(|s| s.state.clone());
+        let in_status = state.is_some_and(|s| {
+            let waiting = s.waiting.and_then(|w| w.message);
+            let terminated = s.terminated.and_then(|t| t.message);
+            [waiting, terminated]
+                .into_iter()
+                .flatten()
+                .any(|m| m.contains("/no/such/binary"))
+        });
+        in_status
+            && warnings_for(&a.events(), "nocommand")
+                .iter()
+                .any(|w| w.contains("/no/such/binary"))
+    });
+    agent.wait_until("the hostPath type mismatch", MINUTE, |a| {
+        warnings_for(&a.events(), "wrongtype")
+            .iter()
+            .any(|w| w.starts_with("FailedMount") && w.contains("plain-file"))
+    });
+    let bad = ["oddvolume", "noport", "nocommand", "wrongtype"];
+    for name in bad {
+        println!("{name}: {:#?}", warnings_for(&agent.events(), name));
+    }
+    assert_ne!(
+        phase_of(agent.pod("wrongtype").as_ref()),
+        Some("Running"),
+        "a pod whose volume failed does not run"
+    );
+
+    // The good pod ran through all of it untouched, and nothing panicked.
+    std::thread::sleep(RESYNC_AND_MORE);
+    let good = agent.pod("good").unwrap();
+    assert_eq!(phase_of(Some(&good)), Some("Running"));
+    assert_eq!(restarts(Some(&good), "main"), Some(0));
+    assert!(warnings_for(&agent.events(), "good").is_empty());
+    assert_no_panic(&agent);
+}
