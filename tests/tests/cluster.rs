@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret};
 use kube::api::{DeleteParams, EvictParams, PostParams};
 use kube::Api;
 
@@ -686,5 +686,61 @@ async fn a_statefulset_of_three_comes_up_in_order() {
                 ready[i] = true;
             }
         }
+    }
+}
+
+#[tokio::test]
+#[ignore = "cluster tier: needs KUBECONFIG, NODELET_NODE_KUBECONFIG, NODELET_NODE_NAME"]
+async fn config_maps_secrets_and_tokens_are_read_with_the_node_identity() {
+    let Some(c) = cluster("config_maps_secrets_and_tokens_are_read_with_the_node_identity").await
+    else {
+        return;
+    };
+    let _agent = Agent::start(&c);
+    wait_node_ready(&c).await;
+    let ns = TestNamespace::create(&c, "objects").await;
+    let cm: ConfigMap = serde_json::from_value(
+        serde_json::json!({"metadata": {"name": "cfg"}, "data": {"greeting": "hello"}}),
+    )
+    .unwrap();
+    Api::<ConfigMap>::namespaced(c.admin.clone(), &ns.name)
+        .create(&PostParams::default(), &cm)
+        .await
+        .unwrap();
+    let secret: Secret = serde_json::from_value(
+        serde_json::json!({"metadata": {"name": "creds"}, "stringData": {"password": "s3cret"}}),
+    )
+    .unwrap();
+    Api::<Secret>::namespaced(c.admin.clone(), &ns.name)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    // Ready only if the env var, the secret file and the service account token (with the
+    // kube-root-ca.crt ConfigMap beside it) all reached the container.
+    let check = "test \"$GREETING\" = hello && test \"$(cat /creds/password)\" = s3cret \
+                 && test -s /var/run/secrets/kubernetes.io/serviceaccount/token \
+                 && test -s /var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
+    let p: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "reader"},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": c.node},
+            "terminationGracePeriodSeconds": 2,
+            "volumes": [{"name": "creds", "secret": {"secretName": "creds"}}],
+            "containers": [{
+                "name": "app",
+                "image": IMAGE,
+                "command": ["sleep", "3600"],
+                "env": [{"name": "GREETING", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "greeting"}}}],
+                "volumeMounts": [{"name": "creds", "mountPath": "/creds"}],
+                "readinessProbe": {"exec": {"command": ["sh", "-c", check]}, "periodSeconds": 1},
+            }],
+        },
+    }))
+    .unwrap();
+    let pods = ns.pods();
+    pods.create(&PostParams::default(), &p).await.unwrap();
+    let d = Deadline::new("pod reader Ready with its ConfigMap, Secret and token", 180);
+    while pod_ready(&pods, "reader").await.is_none() {
+        d.tick().await;
     }
 }
