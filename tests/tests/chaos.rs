@@ -182,19 +182,29 @@ fn assert_no_panic(agent: &Agent) {
     );
 }
 
+/// A pod that runs until the host creates `<flags>/exit`, then fails once (OnFailure restarts
+/// it, and the restarted container runs on since the flag is gone).
+fn flag_waiter(name: &str, flags: &Path) -> String {
+    std::fs::create_dir_all(flags).unwrap();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  restartPolicy: OnFailure\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: main\n    image: {BUSYBOX}\n    command: [sh, -c, 'echo up; while [ ! -e /flags/exit ]; do sleep 0.2; done; rm /flags/exit; echo failing; exit 1']\n    volumeMounts: [{{name: flags, mountPath: /flags}}]\n  volumes:\n  - name: flags\n    hostPath: {{path: {}, type: Directory}}\n",
+        flags.display()
+    )
+}
+
 #[test]
 fn a_containerd_restart_leaves_pods_running_and_exits_are_still_seen() {
     let _serial = serial();
     let mut agent = Agent::start("chaos-containerd");
     let _back = ContainerdBack;
     let flags = agent.dir.path().join("flags");
-    std::fs::create_dir_all(&flags).unwrap();
-    // Runs until the host creates flags/exit, then fails once (OnFailure restarts it).
-    let yaml = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: waiter}}\nspec:\n  restartPolicy: OnFailure\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: main\n    image: {BUSYBOX}\n    command: [sh, -c, 'echo up; while [ ! -e /flags/exit ]; do sleep 0.2; done; rm /flags/exit; echo failing; exit 1']\n    volumeMounts: [{{name: flags, mountPath: /flags}}]\n  volumes:\n  - name: flags\n    hostPath: {{path: {}, type: Directory}}\n",
-        flags.display()
-    );
-    agent.write_manifest("waiter.yaml", &yaml);
+    let down_flags = agent.dir.path().join("down-flags");
+    agent.write_manifest("waiter.yaml", &flag_waiter("waiter", &flags));
+    agent.write_manifest("downexit.yaml", &flag_waiter("downexit", &down_flags));
+    let down = agent.wait_phase("downexit", "Running", MINUTE);
+    let down_pid = agent
+        .task_pid(&container_id(&down, "main").unwrap())
+        .expect("a running task");
     let pod = agent.wait_phase("waiter", "Running", MINUTE);
     let id = container_id(&pod, "main").unwrap();
     let pid = agent.task_pid(&id).expect("a running task");
@@ -213,6 +223,17 @@ fn a_containerd_restart_leaves_pods_running_and_exits_are_still_seen() {
         Path::new(&format!("/proc/{pid}")).exists(),
         "the container's process outlives containerd (its shim keeps it)"
     );
+    // Another container exits while containerd is down: nobody is there to see the event.
+    std::fs::write(down_flags.join("exit"), "").unwrap();
+    wait_for("downexit's process to end", MINUTE, || {
+        !Path::new(&format!("/proc/{down_pid}")).exists()
+    });
+    // Stay down over a worker resync: failed inspections must not be taken for exits.
+    std::thread::sleep(RESYNC_AND_MORE);
+    assert!(agent.alive(), "the agent rides out containerd's absence");
+    let pod = agent.pod("waiter").unwrap();
+    assert_eq!(restarts(Some(&pod), "main"), Some(0));
+    assert!(running(Some(&pod), "main"), "still reported running");
     start_containerd();
     assert_eq!(
         agent.task_pid(&id),
@@ -232,6 +253,12 @@ fn a_containerd_restart_leaves_pods_running_and_exits_are_still_seen() {
         Some(pid),
         "the same process throughout"
     );
+
+    // The exit during the outage is found once containerd is back (by re-inspection).
+    agent.wait_until("downexit restarted once and running", MINUTE, |a| {
+        let p = a.pod("downexit");
+        restarts(p.as_ref(), "main") == Some(1) && running(p.as_ref(), "main")
+    });
 
     // An exit after the restart is still seen: OnFailure restarts the container once.
     std::fs::write(flags.join("exit"), "").unwrap();
@@ -303,6 +330,11 @@ fn an_agent_killed_mid_termination_still_kills_the_container_after_its_term() {
     );
 
     // The restarted agent finishes the termination: the container is killed and removed.
+    // What nodelet does (upstream resumes the termination with the full original grace): the
+    // pod's file is gone and the removal was only in the dead agent's memory, so on start the
+    // pod is an orphan and its containers are SIGKILLed at once in the first sync, without
+    // waiting out the rest of the grace period.
+    let restarted = Instant::now();
     agent.spawn();
     agent.wait_until("the container is killed and removed", MINUTE, |a| {
         a.task_pid(&id).is_none() && !a.containerd_containers().contains(&id)
@@ -310,6 +342,10 @@ fn an_agent_killed_mid_termination_still_kills_the_container_after_its_term() {
     assert!(
         !Path::new(&format!("/proc/{pid}")).exists(),
         "its process is gone"
+    );
+    println!(
+        "stubborn killed {:?} after the agent's restart",
+        restarted.elapsed()
     );
     agent.wait_until("the pod is gone", MINUTE, |a| a.pod("stubborn").is_none());
     assert!(log_has(&log, "got TERM"), "TERM came before the KILL");
@@ -432,6 +468,8 @@ fn a_full_root_disk_fails_the_writing_pod_clearly_and_spares_the_others() {
         ),
     );
     agent.wait_phase("later", "Succeeded", MINUTE);
+    // The writer was only waiting for its volume: it is retried and succeeds too.
+    agent.wait_phase("writer", "Succeeded", MINUTE);
     assert_no_panic(&agent);
 }
 
