@@ -1,6 +1,6 @@
 //! The node heartbeat: a Lease named after the node in `kube-node-lease`, 40 s long, renewed
-//! every 10 s. The Lease is created once the Node is registered (it is owned by the Node, so it
-//! goes when the Node is deleted). Failed renewals are retried from 200 ms doubling to 7 s, and
+//! every 10 s. The Lease is created once the Node is registered and is owned by the Node (it
+//! goes when the Node is deleted; a Node registered again becomes its owner). Failed renewals are retried from 200 ms doubling to 7 s, and
 //! re-read the Lease first (a conflict means someone else wrote it).
 
 use std::time::Duration;
@@ -62,17 +62,16 @@ pub(super) async fn run(
     mut node_uid: watch::Receiver<Option<String>>,
     token: CancellationToken,
 ) {
-    let uid = tokio::select! {
+    tokio::select! {
         _ = token.cancelled() => return,
-        uid = node_uid.wait_for(|u| u.is_some()) => match uid {
-            Ok(uid) => uid.clone().unwrap_or_default(),
-            Err(_) => return,
-        },
-    };
+        uid = node_uid.wait_for(|u| u.is_some()) => if uid.is_err() { return },
+    }
     let api: Api<Lease> = Api::namespaced(client, NAMESPACE);
     let mut current: Option<Lease> = None;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(7));
     loop {
+        // The latest UID: a Node registered again (after it was deleted) owns the Lease anew.
+        let uid = node_uid.borrow().clone().unwrap_or_default();
         let delay = match renew(&api, current.take(), &node, &uid).await {
             Ok(lease) => {
                 current = Some(lease);

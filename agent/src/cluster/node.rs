@@ -4,8 +4,8 @@
 //! bring back only the labels this agent sets (NodeRestriction forbids a node to change its
 //! taints, so an existing Node keeps its own). Then, every 10 s, the task measures memory, the
 //! root dir's filesystem and the PID table, computes the conditions, and patches `nodes/status`
-//! when anything but the heartbeat changed, or every 5 minutes. A Node deleted under it is
-//! registered again.
+//! when anything but the heartbeat changed, or every 5 minutes. It reads its Node at each
+//! interval, and a Node deleted under it is registered again.
 //!
 //! Everything but the reads of /proc, /etc, /sys and statvfs is pure: [`node_object`],
 //! [`conditions`] and [`needs_post`] are unit tested.
@@ -413,6 +413,16 @@ pub(super) async fn run(
         let mut previous = node.status.and_then(|s| s.conditions).unwrap_or_default();
         let mut last_post: Option<Instant> = None;
         loop {
+            // Read the Node every interval (a GET of its own object): one deleted under the
+            // agent is registered again, whether or not a status is due.
+            match nodes.get_opt(&name).await {
+                Ok(None) => {
+                    tracing::warn!(node = name, "the Node was deleted; registering it again");
+                    continue 'register;
+                }
+                Ok(Some(_)) => {}
+                Err(e) => tracing::warn!(node = name, error = %e, "reading the Node failed"),
+            }
             let usage = Usage::read(&host.config.root_dir);
             let mut status = node_object(&host, &machine).status.unwrap_or_default();
             status.conditions = Some(conditions(&usage, &previous, jiff::Timestamp::now()));
