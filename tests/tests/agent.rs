@@ -381,3 +381,83 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn a_startup_probe_protects_a_slow_starter_from_its_liveness_probe() {
+    let agent = Agent::start("startup");
+    // Liveness alone would kill this container at its first probe: it is not "alive" for 5 s.
+    let yaml = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: slow}}\nspec:\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: app\n    image: {BUSYBOX}\n    command: [sh, -c, 'sleep 5; touch /tmp/up; exec sleep 3600']\n    startupProbe:\n      exec: {{command: [test, -f, /tmp/up]}}\n      periodSeconds: 1\n      failureThreshold: 30\n    livenessProbe:\n      exec: {{command: [test, -f, /tmp/up]}}\n      periodSeconds: 1\n      failureThreshold: 1\n    readinessProbe:\n      tcpSocket: {{port: 8080}}\n      periodSeconds: 1\n"
+    );
+    agent.write_manifest("slow.yaml", &yaml);
+    agent.wait_until("the container is started", MINUTE, |a| {
+        a.pod("slow").is_some_and(|p| {
+            let cs = p
+                .status
+                .and_then(|s| s.container_statuses)
+                .unwrap_or_default();
+            cs.first().is_some_and(|c| c.started == Some(true))
+        })
+    });
+    let pod = agent.pod("slow").unwrap();
+    let cs = &pod
+        .status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0];
+    assert_eq!(cs.restart_count, 0, "liveness waited for the startup probe");
+    assert!(!cs.ready, "readiness (a TCP port nobody opens) still fails");
+    let startup_failures = agent
+        .events()
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("Unhealthy"))
+        .filter(|e| {
+            e.message
+                .as_deref()
+                .unwrap_or("")
+                .starts_with("Startup probe failed")
+        })
+        .count();
+    assert!(
+        startup_failures >= 2,
+        "the startup probe failed while the app slept"
+    );
+}
+
+#[test]
+fn liveness_stops_when_the_pod_is_deleted() {
+    let agent = Agent::start("dying");
+    // On TERM the container marks itself unhealthy and lingers through its grace: a liveness
+    // probe still running would report failures during termination.
+    let yaml = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: dying}}\nspec:\n  terminationGracePeriodSeconds: 6\n  containers:\n  - name: app\n    image: {BUSYBOX}\n    command: [sh, -c, 'trap \"touch /tmp/sick; echo got TERM\" TERM; while true; do sleep 0.2; done']\n    livenessProbe:\n      exec: {{command: [sh, -c, 'test ! -f /tmp/sick']}}\n      periodSeconds: 1\n      failureThreshold: 1\n"
+    );
+    agent.write_manifest("dying.yaml", &yaml);
+    agent.wait_until("the container is started", MINUTE, |a| {
+        a.pod("dying").is_some_and(|p| {
+            let cs = p
+                .status
+                .and_then(|s| s.container_statuses)
+                .unwrap_or_default();
+            cs.first().is_some_and(|c| c.started == Some(true))
+        })
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    agent.remove_manifest("dying.yaml");
+    agent.wait_until("the pod is gone", MINUTE, |a| a.pod("dying").is_none());
+    let liveness_failures: Vec<String> = agent
+        .events()
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("Unhealthy"))
+        .filter_map(|e| e.message.clone())
+        .filter(|m| m.starts_with("Liveness probe failed"))
+        .collect();
+    assert!(liveness_failures.is_empty(), "{liveness_failures:?}");
+    let log = agent.agent_log();
+    assert!(
+        log.contains("Killing"),
+        "the container was stopped gracefully"
+    );
+}

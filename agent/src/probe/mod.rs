@@ -123,13 +123,23 @@ pub struct ProbeUpdate {
 /// Runs a command in a container for exec probes and hooks (the runtime implements it; tests
 /// use a fake).
 pub trait Exec: Send + Sync + 'static {
-    /// Returns (exit code, combined output); an Err is an exec failure or a timeout.
+    /// Returns (exit code, combined output), or why the command did not run to an exit code.
     fn exec(
         &self,
         container_id: &str,
         command: &[String],
         timeout: Duration,
-    ) -> BoxFuture<'static, Result<(i32, Vec<u8>), String>>;
+    ) -> BoxFuture<'static, Result<(i32, Vec<u8>), ExecError>>;
+}
+
+/// Why an exec gave no exit code.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExecError {
+    /// The command did not finish in time: a failure.
+    Failed(String),
+    /// The exec could not be carried out (containerd unreachable or restarting, the container
+    /// gone, the command could not start): no result, as upstream discards a probe that errored.
+    Errored(String),
 }
 
 /// What one run of a handler found, with its output (upstream's probe.Result).
@@ -193,6 +203,9 @@ pub enum ProbeError {
     /// The handler panicked (a bug); the run counts as an error.
     #[error("container {container}: the probe handler panicked")]
     Panicked { container: String },
+    /// The exec could not be carried out (see [`ExecError::Errored`]).
+    #[error("container {container}: {detail}")]
+    Exec { container: String, detail: String },
 }
 
 /// A probe's timing and thresholds with the API defaults applied.
@@ -244,7 +257,12 @@ pub async fn run_once(
                 container: container.name.clone(),
             });
         }
-        Ok(exec::exec_probe(exec, &target.container_id, command, timeout).await)
+        exec::exec_probe(exec, &target.container_id, command, timeout)
+            .await
+            .map_err(|detail| ProbeError::Exec {
+                container: container.name.clone(),
+                detail,
+            })
     } else if let Some(action) = &probe.http_get {
         http::http_get(action, container, target.pod_ip, timeout).await
     } else if let Some(action) = &probe.tcp_socket {

@@ -505,7 +505,7 @@ mod tests {
             _container_id: &str,
             command: &[String],
             _timeout: Duration,
-        ) -> BoxFuture<'static, Result<(i32, Vec<u8>), String>> {
+        ) -> BoxFuture<'static, Result<(i32, Vec<u8>), crate::probe::ExecError>> {
             let name = command[0].clone();
             self.calls
                 .lock()
@@ -525,7 +525,7 @@ mod tests {
                 let _guard = guard;
                 match step {
                     Step::Exit(code, out) => Ok((code, out.as_bytes().to_vec())),
-                    Step::Error(message) => Err(message.to_string()),
+                    Step::Error(message) => Err(crate::probe::ExecError::Failed(message.to_string())),
                     Step::Hang => futures::future::pending().await,
                     Step::Panic => panic!("the fake exec panics as asked"),
                 }

@@ -201,14 +201,19 @@ impl crate::probe::Exec for Runtime {
         container_id: &str,
         command: &[String],
         timeout: Duration,
-    ) -> BoxFuture<'static, std::result::Result<(i32, Vec<u8>), String>> {
+    ) -> BoxFuture<'static, std::result::Result<(i32, Vec<u8>), crate::probe::ExecError>> {
         let rt = self.clone();
         let id = container_id.to_string();
         let command = command.to_vec();
         Box::pin(async move {
             let out = Runtime::exec(&rt, &id, &command, timeout)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| match e {
+                    RuntimeError::ExecTimeout { .. } => {
+                        crate::probe::ExecError::Failed(e.to_string())
+                    }
+                    e => crate::probe::ExecError::Errored(e.to_string()),
+                })?;
             let mut combined = out.stdout;
             combined.extend_from_slice(&out.stderr);
             Ok((out.exit_code, combined))
