@@ -354,3 +354,16 @@ impl Agent {
         self.get("/healthz").is_some()
     }
 }
+
+impl Agent {
+    /// `GET /containerLogs/<ns>/<pod>/<container>?<query>`, None on an error status.
+    pub fn container_logs(
+        &self,
+        ns: &str,
+        pod: &str,
+        container: &str,
+        query: &str,
+    ) -> Option<String> {
+        self.get(&format!("/containerLogs/{ns}/{pod}/{container}?{query}"))
+    }
+}
