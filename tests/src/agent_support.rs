@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Event, Pod};
 use serde::Deserialize;
 
+pub use crate::runtime_support::ctr;
+
 /// The test images scripts/setup pushes.
 pub const BUSYBOX: &str = "127.0.0.1:5000/nodelet/busybox:latest";
 pub const HTTPD: &str = "127.0.0.1:5000/nodelet/httpd:latest";
@@ -47,17 +49,7 @@ fn free_port() -> u16 {
 impl Agent {
     /// Starts a fresh agent; `name` makes its containerd namespace unique.
     pub fn start(name: &str) -> Agent {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("nodelet-agent-{name}-"))
-            .tempdir()
-            .expect("tempdir");
-        std::fs::create_dir_all(dir.path().join("manifests")).unwrap();
-        let mut agent = Agent {
-            name: name.to_string(),
-            dir,
-            port: free_port(),
-            child: None,
-        };
+        let mut agent = Agent::unstarted(name);
         agent.spawn();
         agent
     }
@@ -80,29 +72,7 @@ impl Agent {
 
     /// (Re)starts the agent process on the same state, as systemd would after a crash.
     pub fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("agent.log"))
-            .unwrap();
-        let child = Command::new(nodelet_binary())
-            .arg("--pod-manifest-path")
-            .arg(self.manifests())
-            .arg("--root-dir")
-            .arg(self.root_dir())
-            .arg("--run-dir")
-            .arg(self.dir.path().join("run"))
-            .arg("--pod-logs-dir")
-            .arg(self.log_dir())
-            .args(["--containerd-namespace", &self.namespace()])
-            .args(["--read-only-port", &self.port.to_string()])
-            .args(["--node-ip", "127.0.0.1", "-v", "1"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start nodelet");
-        self.child = Some(child);
+        self.spawn_without_waiting();
         self.wait_until("the agent serves /healthz", Duration::from_secs(60), |a| {
             a.get("/healthz").is_some()
         });
@@ -244,16 +214,6 @@ pub fn container_id(pod: &Pod, container: &str) -> Option<String> {
     s.container_id
         .as_deref()
         .map(|id| id.trim_start_matches("containerd://").to_string())
-}
-
-pub fn ctr(namespace: &str, args: &[&str]) -> String {
-    let out = Command::new("ctr")
-        .arg("-n")
-        .arg(namespace)
-        .args(args)
-        .output()
-        .expect("run ctr");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 impl Drop for Agent {
