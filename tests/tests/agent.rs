@@ -13,6 +13,17 @@ fn sleeper(name: &str) -> String {
     )
 }
 
+/// Whether the pod's first container reports `started`.
+fn started(agent: &Agent, pod: &str) -> bool {
+    agent.pod(pod).is_some_and(|p| {
+        let cs = p
+            .status
+            .and_then(|s| s.container_statuses)
+            .unwrap_or_default();
+        cs.first().is_some_and(|c| c.started == Some(true))
+    })
+}
+
 fn ready(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
     pod.status
         .as_ref()
@@ -390,15 +401,7 @@ fn a_startup_probe_protects_a_slow_starter_from_its_liveness_probe() {
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: slow}}\nspec:\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: app\n    image: {BUSYBOX}\n    command: [sh, -c, 'sleep 5; touch /tmp/up; exec sleep 3600']\n    startupProbe:\n      exec: {{command: [test, -f, /tmp/up]}}\n      periodSeconds: 1\n      failureThreshold: 30\n    livenessProbe:\n      exec: {{command: [test, -f, /tmp/up]}}\n      periodSeconds: 1\n      failureThreshold: 1\n    readinessProbe:\n      tcpSocket: {{port: 8080}}\n      periodSeconds: 1\n"
     );
     agent.write_manifest("slow.yaml", &yaml);
-    agent.wait_until("the container is started", MINUTE, |a| {
-        a.pod("slow").is_some_and(|p| {
-            let cs = p
-                .status
-                .and_then(|s| s.container_statuses)
-                .unwrap_or_default();
-            cs.first().is_some_and(|c| c.started == Some(true))
-        })
-    });
+    agent.wait_until("the container is started", MINUTE, |a| started(a, "slow"));
     let pod = agent.pod("slow").unwrap();
     let cs = &pod
         .status
@@ -435,15 +438,7 @@ fn liveness_stops_when_the_pod_is_deleted() {
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: dying}}\nspec:\n  terminationGracePeriodSeconds: 6\n  containers:\n  - name: app\n    image: {BUSYBOX}\n    command: [sh, -c, 'trap \"touch /tmp/sick; echo got TERM\" TERM; while true; do sleep 0.2; done']\n    livenessProbe:\n      exec: {{command: [sh, -c, 'test ! -f /tmp/sick']}}\n      periodSeconds: 1\n      failureThreshold: 1\n"
     );
     agent.write_manifest("dying.yaml", &yaml);
-    agent.wait_until("the container is started", MINUTE, |a| {
-        a.pod("dying").is_some_and(|p| {
-            let cs = p
-                .status
-                .and_then(|s| s.container_statuses)
-                .unwrap_or_default();
-            cs.first().is_some_and(|c| c.started == Some(true))
-        })
-    });
+    agent.wait_until("the container is started", MINUTE, |a| started(a, "dying"));
     std::thread::sleep(Duration::from_secs(2));
     agent.remove_manifest("dying.yaml");
     agent.wait_until("the pod is gone", MINUTE, |a| a.pod("dying").is_none());
