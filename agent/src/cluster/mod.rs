@@ -244,43 +244,6 @@ impl ClusterAgent {
     }
 }
 
-/// Starts cluster mode and runs it until `shutdown` is cancelled, handing each new desired set
-/// to `on_desired`. The same as [`ClusterAgent::start`] for callers that want a single future.
-pub async fn run(
-    config: ClusterConfig,
-    store: ObjectStore,
-    status: StatusManager,
-    recorder: Recorder,
-    runtime_version: String,
-    shutdown: CancellationToken,
-    mut on_desired: impl FnMut(Vec<Desired>),
-) -> Result<(), ClusterError> {
-    let ClusterAgent {
-        mut desired, task, ..
-    } = ClusterAgent::start(
-        config,
-        store,
-        status,
-        recorder,
-        runtime_version,
-        shutdown.clone(),
-    )
-    .await?;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            changed = desired.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                on_desired(desired.borrow_and_update().clone());
-            }
-        }
-    }
-    let _ = task.await;
-    Ok(())
-}
-
 async fn client(path: &std::path::Path) -> Result<kube::Client, ClusterError> {
     let kubeconfig = |source| ClusterError::Kubeconfig {
         path: path.to_path_buf(),
