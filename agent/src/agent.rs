@@ -236,7 +236,7 @@ async fn connect_runtime(config: &Config, root: &CancellationToken) -> Result<Ru
     }
 }
 
-/// Re-reads the manifest folder every `period`, publishing objects to the store and pods to
+/// Re-reads the manifest folder on every change (inotify) and every `period`, publishing objects to the store and pods to
 /// the channel. Bad files are reported as Warning events on the node.
 async fn watch_manifests(
     mut source: ManifestSource,
@@ -247,12 +247,15 @@ async fn watch_manifests(
     token: CancellationToken,
 ) {
     let node = node_ref(&recorder);
+    let changed = Arc::new(tokio::sync::Notify::new());
+    crate::source::manifest::watch_dir(source.dir().to_path_buf(), changed.clone());
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = token.cancelled() => return,
             _ = tick.tick() => {}
+            _ = changed.notified() => {}
         }
         let (snapshot, errors) = source.scan();
         for e in errors {

@@ -3,7 +3,7 @@
 //! ConfigMaps, Secrets, PersistentVolumeClaims and PersistentVolumes go to the object store so
 //! pods' references resolve against them, as `podman kube play` does.
 //!
-//! The folder is re-read on a fixed period; a file that fails to parse is reported once per
+//! The folder is re-read when inotify reports a change, and on a fixed period as a fallback; a file that fails to parse is reported once per
 //! change and keeps its last good content, so one bad edit never stops running pods.
 //! A pod's UID is derived from its file, its content and the node name (as the kubelet does for
 //! static pods), so editing a manifest replaces the pod and re-reading it changes nothing.
@@ -80,6 +80,11 @@ impl ManifestSource {
             files: BTreeMap::new(),
             failed: BTreeMap::new(),
         }
+    }
+
+    /// The folder this source reads.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Re-reads the folder. Returns the merged content and the errors new since the last scan.
@@ -476,5 +481,69 @@ mod tests {
         let (snap, _) = source.scan();
         assert!(snap.pods.is_empty() && snap.errors.is_empty());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_write_into_the_folder_wakes_the_watcher() {
+        let dir = std::env::temp_dir().join(format!("nodelet-watch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let notify = std::sync::Arc::new(tokio::sync::Notify::new());
+        watch_dir(dir.clone(), notify.clone());
+        // The watch is set up on its own thread: keep writing until it reports.
+        let woke = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+            for i in 0.. {
+                std::fs::write(dir.join(format!("p{i}.yaml")), POD).unwrap();
+                let wait = tokio::time::sleep(std::time::Duration::from_millis(200));
+                tokio::select! {
+                    _ = notify.notified() => return,
+                    _ = wait => {}
+                }
+            }
+        })
+        .await;
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            woke.is_ok(),
+            "no inotify wake-up for writes into the folder"
+        );
+    }
+}
+
+/// Wakes `notify` whenever a file in `dir` is closed after writing, moved in or out, or removed
+/// (not on create: a file being written is read once it is closed), so a scan
+/// follows a change at once instead of at the next period (the period stays the fallback, and
+/// covers a folder that does not exist yet). Runs on a thread of its own, blocked in read(2).
+pub fn watch_dir(dir: PathBuf, notify: std::sync::Arc<tokio::sync::Notify>) {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let flags = AddWatchFlags::IN_CLOSE_WRITE
+        | AddWatchFlags::IN_MOVED_TO
+        | AddWatchFlags::IN_MOVED_FROM
+        | AddWatchFlags::IN_DELETE
+        | AddWatchFlags::IN_DELETE_SELF;
+    let spawned = std::thread::Builder::new()
+        .name("manifest-watch".into())
+        .spawn(move || loop {
+            let watched = Inotify::init(InitFlags::IN_CLOEXEC).and_then(|ino| {
+                ino.add_watch(&dir, flags)?;
+                Ok(ino)
+            });
+            match watched {
+                Ok(ino) => {
+                    // Until the folder itself goes (IN_IGNORED ends the watch) or reads fail.
+                    while let Ok(events) = ino.read_events() {
+                        notify.notify_one();
+                        if events
+                            .iter()
+                            .any(|e| e.mask.contains(AddWatchFlags::IN_IGNORED))
+                        {
+                            break;
+                        }
+                    }
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_secs(1)),
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no inotify watch of the manifest folder; polling only");
     }
 }
