@@ -374,6 +374,81 @@ fn the_agent_waits_for_containerd_at_start_and_then_runs_pods() {
     assert_no_panic(&agent);
 }
 
+#[test]
+fn an_agent_restarted_while_containerd_is_down_readopts_its_pods_once_it_answers() {
+    let _serial = serial();
+    let mut agent = Agent::start("chaos-both");
+    let _back = ContainerdBack;
+    agent.write_manifest("ticker.yaml", &ticker("ticker"));
+    let pod = agent.wait_phase("ticker", "Running", MINUTE);
+    let id = container_id(&pod, "main").unwrap();
+    let pid = agent.task_pid(&id).expect("a running task");
+
+    // Both die; the agent comes back first.
+    agent.kill9();
+    kill_containerd();
+    agent.spawn_without_waiting();
+    agent.wait_until("the agent says containerd is not answering", MINUTE, |a| {
+        a.agent_log().matches("containerd is not answering").count() >= 2
+    });
+    assert!(agent.alive(), "the agent retries instead of exiting");
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "the pod runs on with neither agent nor containerd"
+    );
+
+    start_containerd();
+    agent.wait_until("the agent serves /healthz", MINUTE, Agent::healthy);
+    let again = agent.wait_phase("ticker", "Running", MINUTE);
+    assert_eq!(container_id(&again, "main").as_deref(), Some(id.as_str()));
+    assert_eq!(agent.task_pid(&id), Some(pid), "re-adopted, same process");
+    // A resync later it is still the same container, never restarted.
+    std::thread::sleep(RESYNC_AND_MORE);
+    let again = agent.pod("ticker").unwrap();
+    assert_eq!(restarts(Some(&again), "main"), Some(0));
+    assert_eq!(agent.task_pid(&id), Some(pid));
+    assert_no_panic(&agent);
+}
+
+/// containerd is killed while the agent creates a container; where exactly the kill lands
+/// varies from run to run. The worst case (often hit): tasks.Create cut short leaves a shim
+/// without a container that tasks.Get does not see and tasks.Create refuses as "already
+/// exists" — before the fix in `Runtime::remove` the pod never started.
+#[test]
+fn a_containerd_restart_during_a_pod_start_is_retried_without_leaks() {
+    let _serial = serial();
+    let agent = Agent::start("chaos-midstart");
+    let _back = ContainerdBack;
+    // The image is present, so the pod's start is quick: kill containerd right in it.
+    agent.write_manifest("first.yaml", &ticker("first"));
+    agent.wait_phase("first", "Running", MINUTE);
+    agent.write_manifest("midstart.yaml", &ticker("midstart"));
+    agent.wait_until("the agent started on midstart", MINUTE, |a| {
+        a.agent_log().contains("pod=midstart")
+    });
+    kill_containerd();
+    std::thread::sleep(Duration::from_secs(2));
+    start_containerd();
+    let pod = agent.wait_phase("midstart", "Running", MINUTE);
+    let id = container_id(&pod, "main").unwrap();
+    assert!(agent.task_pid(&id).is_some());
+    // Exactly one container per pod: nothing half-made is left behind.
+    std::thread::sleep(RESYNC_AND_MORE);
+    let containers = agent.containerd_containers();
+    assert_eq!(
+        containers.len(),
+        2,
+        "{containers:?}; pods: {:?}",
+        agent
+            .pods()
+            .iter()
+            .map(|p| serde_json::to_string(&p.status).unwrap())
+            .collect::<Vec<_>>()
+    );
+    assert!(containers.contains(&id));
+    assert_no_panic(&agent);
+}
+
 /// Fills the filesystem holding `dir` by writing `dir/fill` until it is full.
 fn fill_up(dir: &Path) {
     use std::io::Write;

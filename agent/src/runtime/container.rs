@@ -360,15 +360,18 @@ impl Runtime {
                     Err(_) => tracing::warn!(container_id = id, "task did not exit after SIGKILL"),
                 }
             }
-            let deleted = self
-                .tasks()
-                .delete(DeleteTaskRequest {
-                    container_id: id.to_string(),
-                })
-                .await
-                .map(|_| ());
-            not_found_ok(deleted, "tasks.Delete")?;
         }
+        // Also when tasks.Get found nothing: a create cut short by a containerd restart leaves
+        // a shim without a container behind (tasks.Get says not found, tasks.Create says
+        // "already exists"), and only tasks.Delete removes it.
+        let deleted = self
+            .tasks()
+            .delete(DeleteTaskRequest {
+                container_id: id.to_string(),
+            })
+            .await
+            .map(|_| ());
+        not_found_ok(deleted, "tasks.Delete")?;
         let deleted = self
             .containers()
             .delete(DeleteContainerRequest { id: id.to_string() })
