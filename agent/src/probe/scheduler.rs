@@ -525,7 +525,9 @@ mod tests {
                 let _guard = guard;
                 match step {
                     Step::Exit(code, out) => Ok((code, out.as_bytes().to_vec())),
-                    Step::Error(message) => Err(crate::probe::ExecError::Failed(message.to_string())),
+                    Step::Error(message) => {
+                        Err(crate::probe::ExecError::Failed(message.to_string()))
+                    }
                     Step::Hang => futures::future::pending().await,
                     Step::Panic => panic!("the fake exec panics as asked"),
                 }
