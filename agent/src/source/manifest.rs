@@ -374,6 +374,45 @@ fn static_pod(mut pod: Pod, path: &Path, node_name: &str) -> Pod {
     pod
 }
 
+/// Wakes `notify` whenever a file in `dir` is closed after writing, moved in or out, or removed
+/// (not on create: a file being written is read once it is closed), so a scan
+/// follows a change at once instead of at the next period (the period stays the fallback, and
+/// covers a folder that does not exist yet). Runs on a thread of its own, blocked in read(2).
+pub fn watch_dir(dir: PathBuf, notify: std::sync::Arc<tokio::sync::Notify>) {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let flags = AddWatchFlags::IN_CLOSE_WRITE
+        | AddWatchFlags::IN_MOVED_TO
+        | AddWatchFlags::IN_MOVED_FROM
+        | AddWatchFlags::IN_DELETE
+        | AddWatchFlags::IN_DELETE_SELF;
+    let spawned = std::thread::Builder::new()
+        .name("manifest-watch".into())
+        .spawn(move || loop {
+            let watched = Inotify::init(InitFlags::IN_CLOEXEC).and_then(|ino| {
+                ino.add_watch(&dir, flags)?;
+                Ok(ino)
+            });
+            match watched {
+                Ok(ino) => {
+                    // Until the folder itself goes (IN_IGNORED ends the watch) or reads fail.
+                    while let Ok(events) = ino.read_events() {
+                        notify.notify_one();
+                        if events
+                            .iter()
+                            .any(|e| e.mask.contains(AddWatchFlags::IN_IGNORED))
+                        {
+                            break;
+                        }
+                    }
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_secs(1)),
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no inotify watch of the manifest folder; polling only");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -506,44 +545,5 @@ mod tests {
             woke.is_ok(),
             "no inotify wake-up for writes into the folder"
         );
-    }
-}
-
-/// Wakes `notify` whenever a file in `dir` is closed after writing, moved in or out, or removed
-/// (not on create: a file being written is read once it is closed), so a scan
-/// follows a change at once instead of at the next period (the period stays the fallback, and
-/// covers a folder that does not exist yet). Runs on a thread of its own, blocked in read(2).
-pub fn watch_dir(dir: PathBuf, notify: std::sync::Arc<tokio::sync::Notify>) {
-    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-    let flags = AddWatchFlags::IN_CLOSE_WRITE
-        | AddWatchFlags::IN_MOVED_TO
-        | AddWatchFlags::IN_MOVED_FROM
-        | AddWatchFlags::IN_DELETE
-        | AddWatchFlags::IN_DELETE_SELF;
-    let spawned = std::thread::Builder::new()
-        .name("manifest-watch".into())
-        .spawn(move || loop {
-            let watched = Inotify::init(InitFlags::IN_CLOEXEC).and_then(|ino| {
-                ino.add_watch(&dir, flags)?;
-                Ok(ino)
-            });
-            match watched {
-                Ok(ino) => {
-                    // Until the folder itself goes (IN_IGNORED ends the watch) or reads fail.
-                    while let Ok(events) = ino.read_events() {
-                        notify.notify_one();
-                        if events
-                            .iter()
-                            .any(|e| e.mask.contains(AddWatchFlags::IN_IGNORED))
-                        {
-                            break;
-                        }
-                    }
-                }
-                Err(_) => std::thread::sleep(std::time::Duration::from_secs(1)),
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "no inotify watch of the manifest folder; polling only");
     }
 }
