@@ -389,16 +389,20 @@ impl Runtime {
         not_found_ok(removed, "snapshots.Remove")
     }
 
-    /// The container and the state of its task.
-    pub async fn inspect(&self, id: &str) -> Result<ContainerRecord> {
-        let container = self
-            .containers()
+    /// The containerd record of container `id` (NotFound when there is none).
+    pub(super) async fn container(&self, id: &str) -> Result<Container> {
+        self.containers()
             .get(GetContainerRequest { id: id.to_string() })
             .await
             .map_err(|s| self.not_found_or(id, "containers.Get", s))?
             .into_inner()
             .container
-            .ok_or_else(|| RuntimeError::NotFound { id: id.to_string() })?;
+            .ok_or_else(|| RuntimeError::NotFound { id: id.to_string() })
+    }
+
+    /// The container and the state of its task.
+    pub async fn inspect(&self, id: &str) -> Result<ContainerRecord> {
+        let container = self.container(id).await?;
         let process = self.task_process(id).await?;
         Ok(self.record(container, process.as_ref()))
     }

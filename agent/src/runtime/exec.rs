@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use containerd_client::services::v1::{
-    DeleteProcessRequest, ExecProcessRequest, GetContainerRequest, KillRequest, StartRequest,
-    WaitRequest,
+    DeleteProcessRequest, ExecProcessRequest, KillRequest, StartRequest, WaitRequest,
 };
 use futures::future::BoxFuture;
 use tokio::io::AsyncReadExt;
@@ -70,14 +69,7 @@ fn make_fifo(path: &Path) -> std::io::Result<()> {
 impl Runtime {
     /// Runs `args` in the container; past `timeout` the process is killed and ExecTimeout returned.
     pub async fn exec(&self, id: &str, args: &[String], timeout: Duration) -> Result<ExecOutput> {
-        let container = self
-            .containers()
-            .get(GetContainerRequest { id: id.to_string() })
-            .await
-            .map_err(|s| self.not_found_or(id, "containers.Get", s))?
-            .into_inner()
-            .container
-            .ok_or_else(|| RuntimeError::NotFound { id: id.to_string() })?;
+        let container = self.container(id).await?;
         let spec = container.spec.map(|a| a.value).unwrap_or_default();
         let process = exec_process(&spec, args).map_err(|detail| RuntimeError::Spec {
             id: id.to_string(),
