@@ -13,6 +13,17 @@ fn sleeper(name: &str) -> String {
     )
 }
 
+/// Messages of the agent's Unhealthy events that start with `prefix`.
+fn unhealthy(agent: &Agent, prefix: &str) -> Vec<String> {
+    agent
+        .events()
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("Unhealthy"))
+        .filter_map(|e| e.message)
+        .filter(|m| m.starts_with(prefix))
+        .collect()
+}
+
 /// Whether the pod's first container reports `started`.
 fn started(agent: &Agent, pod: &str) -> bool {
     agent.pod(pod).is_some_and(|p| {
@@ -412,17 +423,7 @@ fn a_startup_probe_protects_a_slow_starter_from_its_liveness_probe() {
         .unwrap()[0];
     assert_eq!(cs.restart_count, 0, "liveness waited for the startup probe");
     assert!(!cs.ready, "readiness (a TCP port nobody opens) still fails");
-    let startup_failures = agent
-        .events()
-        .iter()
-        .filter(|e| e.reason.as_deref() == Some("Unhealthy"))
-        .filter(|e| {
-            e.message
-                .as_deref()
-                .unwrap_or("")
-                .starts_with("Startup probe failed")
-        })
-        .count();
+    let startup_failures = unhealthy(&agent, "Startup probe failed").len();
     assert!(
         startup_failures >= 2,
         "the startup probe failed while the app slept"
@@ -442,13 +443,7 @@ fn liveness_stops_when_the_pod_is_deleted() {
     std::thread::sleep(Duration::from_secs(2));
     agent.remove_manifest("dying.yaml");
     agent.wait_until("the pod is gone", MINUTE, |a| a.pod("dying").is_none());
-    let liveness_failures: Vec<String> = agent
-        .events()
-        .iter()
-        .filter(|e| e.reason.as_deref() == Some("Unhealthy"))
-        .filter_map(|e| e.message.clone())
-        .filter(|m| m.starts_with("Liveness probe failed"))
-        .collect();
+    let liveness_failures = unhealthy(&agent, "Liveness probe failed");
     assert!(liveness_failures.is_empty(), "{liveness_failures:?}");
     let log = agent.agent_log();
     assert!(

@@ -568,6 +568,16 @@ mod tests {
         serde_json::to_value(spec).unwrap()
     }
 
+    /// The spec's mount destinations, in order.
+    fn destinations(v: &serde_json::Value) -> Vec<&str> {
+        v["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["destination"].as_str().unwrap())
+            .collect()
+    }
+
     #[test]
     fn defaults_match_cri() {
         let inputs = SpecInputs {
@@ -583,12 +593,7 @@ mod tests {
         assert_eq!(v["process"]["args"], serde_json::json!(["sh"]));
         assert_eq!(v["process"]["cwd"], "/");
         assert_eq!(v["linux"]["cgroupsPath"], "/nodelet/podu1/c1");
-        let dests: Vec<&str> = v["mounts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["destination"].as_str().unwrap())
-            .collect();
+        let dests = destinations(&v);
         assert_eq!(
             dests,
             [
@@ -779,10 +784,7 @@ mod tests {
         };
         let v = json(&build_spec(&c, &inputs).unwrap());
         let mounts = v["mounts"].as_array().unwrap();
-        let dests: Vec<&str> = mounts
-            .iter()
-            .map(|m| m["destination"].as_str().unwrap())
-            .collect();
+        let dests = destinations(&v);
         assert_eq!(
             dests,
             [

@@ -86,23 +86,16 @@ pub fn ensure_shared_mount_point(dir: &Path) -> io::Result<()> {
                 MsFlags::MS_BIND | MsFlags::MS_REC,
                 None::<&str>,
             )?;
-            mount(
-                None::<&str>,
-                &dir,
-                None::<&str>,
-                MsFlags::MS_PRIVATE,
-                None::<&str>,
-            )?;
+            set_propagation(&dir, MsFlags::MS_PRIVATE)?;
         }
     }
-    mount(
-        None::<&str>,
-        &dir,
-        None::<&str>,
-        MsFlags::MS_SHARED,
-        None::<&str>,
-    )?;
+    set_propagation(&dir, MsFlags::MS_SHARED)?;
     Ok(())
+}
+
+/// Changes the propagation type (`MS_PRIVATE`, `MS_SHARED`, …) of the mount at `dir`.
+fn set_propagation(dir: &Path, propagation: MsFlags) -> nix::Result<()> {
+    mount(None::<&str>, dir, None::<&str>, propagation, None::<&str>)
 }
 
 /// Whether `path` is a bind mount of a namespace (nsfs).
