@@ -136,6 +136,15 @@ impl Harness {
         std::fs::read_to_string(self.work.path().join(file)).unwrap_or_default()
     }
 
+    /// How many recorded events have `reason`.
+    fn events(&self, reason: &str) -> usize {
+        let recent = self.ctx.recorder.recent();
+        recent
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .count()
+    }
+
     async fn wait_status(
         &self,
         pod: &Pod,
@@ -461,6 +470,49 @@ async fn on_failure_restarts_a_failing_container_with_back_off() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_that_cannot_start_counts_restarts_and_backs_off() {
+    let h = Harness::new("start-error").await;
+    let img = image();
+    let pod = h.pod(
+        "start-error",
+        &format!(
+            r#"  terminationGracePeriodSeconds: 2
+  containers:
+  - name: app
+    image: {img}
+    command: ["/no/such/binary"]
+  - name: fine
+    image: {img}
+    command: ["sleep", "3600"]
+"#
+        ),
+    );
+    h.run(&pod);
+    let s = h
+        .wait_status(&pod, "in CrashLoopBackOff after a StartError", |s| {
+            waiting_reason(container(s, "app")).as_deref() == Some("CrashLoopBackOff")
+        })
+        .await;
+    let app = container(&s, "app");
+    assert!(app.restart_count >= 1, "a failed start counts: {app:?}");
+    let last = app.last_state.as_ref().and_then(|l| l.terminated.as_ref());
+    let last = last.expect("lastState terminated");
+    assert_eq!(last.exit_code, 128);
+    assert_eq!(last.reason.as_deref(), Some("StartError"));
+    assert!(
+        last.message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("/no/such/binary"),
+        "the cause is named: {last:?}"
+    );
+    assert!(running(&s, "fine"), "the other container is not disturbed");
+    assert!(h.events("Failed") >= 2 && h.events("BackOff") >= 1);
+    h.delete(&pod, 0, true).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_delete_runs_pre_stop_then_sends_term() {
     let h = Harness::new("prestop").await;
     let img = image();
@@ -489,10 +541,7 @@ async fn graceful_delete_runs_pre_stop_then_sends_term() {
         Some((0, "Completed".into()))
     );
     assert!(h.containers_of(&pod).await.is_empty());
-    let killing = h.ctx.recorder.recent();
-    assert!(killing
-        .iter()
-        .any(|e| e.reason.as_deref() == Some("Killing")));
+    assert_eq!(h.events("Killing"), 1, "one Killing event per stop");
     h.stop().await;
 }
 
@@ -515,7 +564,13 @@ async fn a_container_ignoring_term_is_killed_after_the_grace() {
     h.run(&pod);
     h.wait_status(&pod, "running", |s| running(s, "app")).await;
     h.delete(&pod, 30, false).await;
-    assert!(h.work_file("log").contains("got-term"), "TERM came first");
+    let log = h.work_file("log");
+    assert_eq!(
+        log.matches("got-term").count(),
+        1,
+        "TERM once, then KILL: {log}"
+    );
+    assert_eq!(h.events("Killing"), 1, "one Killing event per stop");
     let s = h.ctx.status.get(&uid(&pod)).unwrap().pod.status.unwrap();
     assert_eq!(
         terminated(container(&s, "app")),

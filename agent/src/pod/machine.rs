@@ -21,6 +21,8 @@ use super::{Deletion, Desired};
 pub const MIN_KILL_GRACE: Duration = Duration::from_secs(2);
 /// terminationGracePeriodSeconds when the spec leaves it out.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+/// A kill under way is re-issued only when the grace shrank by more than this.
+const KILL_SLACK: Duration = Duration::from_secs(1);
 
 /// The pod worker's state; it only moves forward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -72,6 +74,8 @@ impl Kind {
 pub struct Exit {
     pub code: i32,
     pub oom_killed: bool,
+    /// The attempt never ran: its task could not start (reason StartError, code 128).
+    pub start_error: bool,
     pub started_at: Option<SystemTime>,
     pub finished_at: SystemTime,
     /// From the termination-message file (or the log tail, per policy).
@@ -495,7 +499,7 @@ fn terminate(
             .max(MIN_KILL_GRACE);
         let pre_stop = match o.killing {
             None => !grace.is_zero() && deadline > obs.now,
-            Some(at) if at > obs.now + left => false,
+            Some(at) if at > obs.now + left + KILL_SLACK => false,
             Some(_) => return,
         };
         actions.push(Action::KillContainer {
@@ -610,6 +614,7 @@ mod tests {
             state: Attempt::Exited(Exit {
                 code,
                 oom_killed: false,
+                start_error: false,
                 started_at: Some(t(1)),
                 finished_at: t(2),
                 message: None,
@@ -954,6 +959,20 @@ mod tests {
     }
 
     #[test]
+    fn kill_is_not_repeated_as_time_passes() {
+        let d = deleting(pod("Always", vec![], vec![c("app")]), 0, true);
+        let mut o = running(0);
+        o.killing = Some(t(102));
+        let mut obs = with(ready_obs(), &[("app", o)]);
+        obs.state = PodState::Terminating;
+        obs.terminating = Some((t(100), Why::Deleted));
+        for now in [t(100), t(101), t(102), t(110)] {
+            obs.now = now;
+            assert!(kills(&step(&d, &obs)).is_empty(), "at {now:?}");
+        }
+    }
+
+    #[test]
     fn grace_only_shrinks() {
         let mut o = running(0);
         o.killing = Some(t(130));
@@ -1140,6 +1159,7 @@ mod tests {
         let e = |code| Exit {
             code,
             oom_killed: false,
+            start_error: false,
             started_at: None,
             finished_at: t(0),
             message: None,

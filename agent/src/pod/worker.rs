@@ -210,6 +210,7 @@ impl Worker {
                 } => Attempt::Exited(Exit {
                     code: exit_code,
                     oom_killed,
+                    start_error: false,
                     started_at,
                     finished_at,
                     message: self.termination_message(&name, attempt, exit_code),
@@ -537,11 +538,13 @@ impl Worker {
         self.router.register(&config.id, &self.exit_tx);
         if let Err(e) = self.ctx.runtime.create(&config).await {
             self.router.unregister(&config.id);
-            let reason = match e.reason() {
-                "CreateContainerConfigError" => "CreateContainerConfigError",
-                _ => "CreateContainerError",
-            };
-            self.start_failed(name, reason, e.to_string(), None);
+            match e.reason() {
+                "RunContainerError" => self.start_error(name, attempt, &config, e.to_string()),
+                "CreateContainerConfigError" => {
+                    self.start_failed(name, "CreateContainerConfigError", e.to_string(), None)
+                }
+                _ => self.start_failed(name, "CreateContainerError", e.to_string(), None),
+            }
             return;
         }
         self.container_event(
@@ -553,7 +556,7 @@ impl Worker {
         if let Err(e) = self.ctx.runtime.start(&config.id).await {
             self.router.unregister(&config.id);
             let _ = self.ctx.runtime.remove(&config.id).await;
-            self.start_failed(name, "RunContainerError", e.to_string(), None);
+            self.start_error(name, attempt, &config, e.to_string());
             return;
         }
         self.container_event(
@@ -569,11 +572,7 @@ impl Worker {
         };
         let has_startup = c.startup_probe.is_some();
         let has_readiness = c.readiness_probe.is_some();
-        let o = self.obs_mut(name);
-        if let Attempt::Exited(e) = std::mem::take(&mut o.state) {
-            o.last_exit = Some(e);
-        }
-        o.attempt = attempt;
+        let o = self.begin_attempt(name, attempt, &config);
         o.state = Attempt::Running { started_at };
         o.started = !has_startup;
         o.ready = !has_startup && !has_readiness;
@@ -582,9 +581,6 @@ impl Worker {
         o.spec_changed = false;
         o.kill = None;
         o.killing = None;
-        o.container_id = Some(config.id.clone());
-        o.image_id = Some(config.image.repo_digest.clone());
-        o.image = c.image.clone();
         let live = self.live.entry(name.to_string()).or_default();
         live.id = Some(config.id.clone());
         live.stop_signal = config.image.config.stop_signal.clone();
@@ -593,6 +589,50 @@ impl Worker {
         self.dirty = true;
         self.post_start(name, &c, &config.id).await;
         self.start_pending_probes();
+    }
+
+    /// Attempt `attempt` of `name` was made: the previous one's exit becomes lastState.
+    fn begin_attempt(
+        &mut self,
+        name: &str,
+        attempt: u32,
+        config: &ContainerConfig,
+    ) -> &mut ContainerObs {
+        let image = self.spec(name).and_then(|(_, c)| c.image);
+        let o = self.obs_mut(name);
+        if let Attempt::Exited(e) = std::mem::take(&mut o.state) {
+            o.last_exit = Some(e);
+        }
+        o.attempt = attempt;
+        o.container_id = Some(config.id.clone());
+        o.image_id = Some(config.image.repo_digest.clone());
+        o.image = image;
+        o
+    }
+
+    /// The task of a created attempt would not start: as the kubelet's StartError, the
+    /// attempt counts (restartCount, back-off) and ends with exit code 128.
+    fn start_error(&mut self, name: &str, attempt: u32, config: &ContainerConfig, error: String) {
+        warn!(pod = %self.uid, container = %name, attempt, %error, "container did not start");
+        let detail = format!("Error: {error}");
+        self.container_event(name, EventType::Warning, "Failed", &detail);
+        self.begin_attempt(name, attempt, config);
+        let exit = Exit {
+            code: 128,
+            oom_killed: false,
+            start_error: true,
+            started_at: None,
+            finished_at: self.obs.now,
+            message: Some(error.clone()),
+        };
+        self.record_exit(name, exit);
+        let o = self.obs_mut(name);
+        if o.backoff.is_none() {
+            o.waiting = Some(Waiting {
+                reason: "RunContainerError".into(),
+                message: error,
+            });
+        }
     }
 
     async fn post_start(&mut self, name: &str, c: &Container, id: &str) {
@@ -859,7 +899,8 @@ impl Worker {
         if let Some(live) = self.live.get_mut(name) {
             live.kill = Some(handle.abort_handle());
         }
-        self.obs_mut(name).killing = Some(SystemTime::now() + grace);
+        let kill_at = self.obs.now + grace;
+        self.obs_mut(name).killing = Some(kill_at);
     }
 
     async fn remove_containers(&mut self) {
@@ -1003,10 +1044,16 @@ impl Worker {
         let exit = Exit {
             code,
             oom_killed,
+            start_error: false,
             started_at: started_at.or(Some(previous_start)),
             finished_at,
             message: self.termination_message(name, attempt, code),
         };
+        self.record_exit(name, exit);
+    }
+
+    /// The latest attempt ended (or never started): decides on the restart back-off.
+    fn record_exit(&mut self, name: &str, exit: Exit) {
         let spec_changed = self
             .obs
             .containers
@@ -1018,7 +1065,7 @@ impl Worker {
                 machine::wants_restart(machine::restart_policy(self.pod()), kind, &exit)
             });
         let window = restarts
-            .then(|| self.crash.failed(name, finished_at, exit.ran_for()))
+            .then(|| self.crash.failed(name, exit.finished_at, exit.ran_for()))
             .flatten();
         if let Some(w) = window {
             let msg = format!(
@@ -1036,6 +1083,7 @@ impl Worker {
         o.ready = false;
         o.kill = None;
         o.killing = None;
+        o.waiting = None;
         o.backoff = window;
         self.dirty = true;
     }
