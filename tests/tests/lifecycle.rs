@@ -661,13 +661,24 @@ async fn a_new_manager_re_adopts_running_containers() {
         })
         .await;
     let id_before = container(&before, "app").container_id.clone().unwrap();
-    let pid_before = match h.containers_of(&pod).await.as_slice() {
-        [r] => match r.state {
-            TaskState::Running { pid, .. } => pid,
-            ref other => panic!("container not running: {other:?}"),
-        },
-        other => panic!("expected exactly one container (old attempt removed), got {other:?}"),
+    let last_exit = |s: &PodStatus| {
+        let last = container(s, "app").last_state.clone();
+        last.and_then(|l| l.terminated).map(|t| (t.exit_code, t.finished_at))
     };
+    assert_eq!(last_exit(&before).map(|e| e.0), Some(1));
+    let running_pid = |records: &[nodelet::runtime::ContainerRecord]| {
+        let pids: Vec<u32> = records
+            .iter()
+            .filter_map(|r| match r.state {
+                TaskState::Running { pid, .. } => Some(pid),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(records.len(), 2, "the latest and the previous attempt: {records:?}");
+        assert_eq!(pids.len(), 1, "one attempt runs: {records:?}");
+        pids[0]
+    };
+    let pid_before = running_pid(&h.containers_of(&pod).await);
 
     // Simulated agent restart: the old manager stops, a new one over a fresh context recovers.
     h.manager.shutdown().await;
@@ -698,9 +709,8 @@ async fn a_new_manager_re_adopts_running_containers() {
         container(&before, "app").image_id,
         "imageID restored"
     );
-    let records = h.containers_of(&pod).await;
-    assert_eq!(records.len(), 1);
-    assert!(matches!(records[0].state, TaskState::Running { pid, .. } if pid == pid_before));
+    assert_eq!(last_exit(&after), last_exit(&before), "lastState kept");
+    assert_eq!(running_pid(&h.containers_of(&pod).await), pid_before);
 
     let mut finished = manager.subscribe_finished();
     manager.update(Desired {

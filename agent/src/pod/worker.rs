@@ -77,6 +77,8 @@ pub(crate) enum Outcome {
 struct Live {
     /// containerd id of the latest attempt.
     id: Option<String>,
+    /// containerd id of the attempt before, kept (exited) for lastState after a restart.
+    previous: Option<String>,
     /// The image's STOPSIGNAL.
     stop_signal: Option<String>,
     /// Probes run for the current attempt.
@@ -166,10 +168,10 @@ impl Worker {
         (worker, stale)
     }
 
-    /// Takes over the latest attempt of each container; returns ids of older attempts to remove.
+    /// Takes over the latest attempt of each container, and the one before it (lastState);
+    /// returns ids of older attempts to remove.
     fn adopt(&mut self, records: Vec<ContainerRecord>) -> Vec<String> {
-        let mut latest: BTreeMap<String, (u32, ContainerRecord)> = BTreeMap::new();
-        let mut stale = Vec::new();
+        let mut by_name: BTreeMap<String, Vec<(u32, ContainerRecord)>> = BTreeMap::new();
         for r in records {
             let name = r
                 .labels
@@ -181,14 +183,28 @@ impl Worker {
                 .get(labels::ATTEMPT)
                 .and_then(|a| a.parse().ok())
                 .unwrap_or(0);
-            match latest.get(&name) {
-                Some((a, _)) if *a >= attempt => stale.push(r.id),
-                _ => {
-                    if let Some((_, old)) = latest.insert(name, (attempt, r)) {
-                        stale.push(old.id);
+            by_name.entry(name).or_default().push((attempt, r));
+        }
+        let mut stale = Vec::new();
+        let mut latest = BTreeMap::new();
+        for (name, mut attempts) in by_name {
+            attempts.sort_by_key(|(attempt, _)| std::cmp::Reverse(*attempt));
+            let mut attempts = attempts.into_iter();
+            let Some(newest) = attempts.next() else {
+                continue;
+            };
+            if let Some((attempt, r)) = attempts.next() {
+                match self.exit_of(&name, attempt, &r.state) {
+                    Some(exit) if attempt < newest.0 => {
+                        let live = self.live.entry(name.clone()).or_default();
+                        live.previous = Some(r.id.clone());
+                        self.obs_mut(&name).last_exit = Some(exit);
                     }
+                    _ => stale.push(r.id),
                 }
             }
+            stale.extend(attempts.map(|(_, r)| r.id));
+            latest.insert(name, newest);
         }
         let names: Vec<String> = machine::containers(&self.desired.pod)
             .iter()
@@ -200,22 +216,12 @@ impl Worker {
                 stale.push(r.id);
                 continue;
             }
-            let state = match r.state {
-                TaskState::Running { started_at, .. } => Attempt::Running { started_at },
-                TaskState::Exited {
-                    exit_code,
-                    started_at,
-                    finished_at,
-                    oom_killed,
-                } => Attempt::Exited(Exit {
-                    code: exit_code,
-                    oom_killed,
-                    start_error: false,
-                    started_at,
-                    finished_at,
-                    message: self.termination_message(&name, attempt, exit_code),
-                }),
-                TaskState::NoTask | TaskState::Created => {
+            let state = match (&r.state, self.exit_of(&name, attempt, &r.state)) {
+                (TaskState::Running { started_at, .. }, _) => Attempt::Running {
+                    started_at: *started_at,
+                },
+                (_, Some(exit)) => Attempt::Exited(exit),
+                (_, None) => {
                     stale.push(r.id.clone());
                     Attempt::None
                 }
@@ -229,21 +235,36 @@ impl Worker {
                 live.hash = r.labels.get(labels::SPEC_HASH).cloned();
             }
             info!(pod = %self.uid, container = %name, attempt, running, "re-adopted container");
-            self.obs.containers.insert(
-                name.clone(),
-                ContainerObs {
-                    attempt,
-                    state,
-                    started: running,
-                    ready: running && ready_before.contains(&name),
-                    container_id: adopted.then(|| r.id.clone()),
-                    image: adopted.then(|| r.image.clone()),
-                    image_id: None,
-                    ..Default::default()
-                },
-            );
+            let o = self.obs_mut(&name);
+            o.attempt = attempt;
+            o.state = state;
+            o.started = running;
+            o.ready = running && ready_before.contains(&name);
+            o.container_id = adopted.then(|| r.id.clone());
+            o.image = adopted.then(|| r.image.clone());
         }
         stale
+    }
+
+    /// The exit of a recovered attempt that ran and ended.
+    fn exit_of(&self, name: &str, attempt: u32, state: &TaskState) -> Option<Exit> {
+        let TaskState::Exited {
+            exit_code,
+            started_at,
+            finished_at,
+            oom_killed,
+        } = *state
+        else {
+            return None;
+        };
+        Some(Exit {
+            code: exit_code,
+            oom_killed,
+            start_error: false,
+            started_at,
+            finished_at,
+            message: self.termination_message(name, attempt, exit_code),
+        })
     }
 
     /// Image facts of re-adopted containers (imageID, STOPSIGNAL), from the local image store.
@@ -526,8 +547,10 @@ impl Worker {
         let Some(config) = self.container_config(kind, &c, attempt).await else {
             return;
         };
-        let previous = self.live.get(name).and_then(|l| l.id.clone());
-        if let Some(old) = previous.filter(|old| *old != config.id) {
+        // The latest attempt stays (exited) as the previous one; the one before it goes.
+        let live = self.live.entry(name.to_string()).or_default();
+        let older = live.id.take().and_then(|latest| live.previous.replace(latest));
+        if let Some(old) = older.filter(|old| *old != config.id) {
             self.router.unregister(&old);
             if let Err(e) = self.ctx.runtime.remove(&old).await {
                 warn!(pod = %self.uid, container = %name, error = %e, "removing old attempt");
@@ -905,7 +928,11 @@ impl Worker {
 
     async fn remove_containers(&mut self) {
         self.ctx.prober.stop_pod(&self.uid);
-        let ids: Vec<String> = self.live.values().filter_map(|l| l.id.clone()).collect();
+        let ids: Vec<String> = self
+            .live
+            .values()
+            .flat_map(|l| l.id.iter().chain(&l.previous).cloned())
+            .collect();
         for id in ids {
             self.router.unregister(&id);
             if let Err(e) = self.ctx.runtime.remove(&id).await {
