@@ -305,7 +305,12 @@ async fn sync_pods(
 ) {
     let mut finished = manager.subscribe_finished();
     let mut previous: BTreeMap<String, Pod> = BTreeMap::new();
-    let mut removed: BTreeMap<String, Pod> = BTreeMap::new();
+    // Static pods whose manifest went while the agent was down stop as if removed now.
+    let mut removed: BTreeMap<String, Pod> = manager
+        .recovered_static_pods()
+        .into_iter()
+        .map(|p| (p.metadata.uid.clone().unwrap_or_default(), p))
+        .collect();
     loop {
         let current = manifests.borrow_and_update().clone();
         let api_set = match api.as_mut() {
@@ -333,7 +338,7 @@ async fn sync_pods(
             desired.extend(removed.values().map(|pod| Desired {
                 pod: pod.clone(),
                 deletion: Some(Deletion {
-                    grace: own_grace(pod),
+                    grace: crate::pod::machine::grace(pod, None),
                     gone: true,
                 }),
             }));
@@ -360,15 +365,6 @@ async fn sync_pods(
             }
         }
     }
-}
-
-fn own_grace(pod: &Pod) -> Duration {
-    let seconds = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.termination_grace_period_seconds)
-        .unwrap_or(30);
-    Duration::from_secs(seconds.max(0) as u64)
 }
 
 /// The first non-loopback IPv4 address of this host, for hostIP.

@@ -292,6 +292,55 @@ fn a_pod_removed_while_the_agent_was_down_is_cleaned_up_on_start() {
         !a.containerd_containers().contains(&id)
     });
     assert!(agent.pod("ticker").is_none());
+    let pod_dir = agent
+        .root_dir()
+        .join("pods")
+        .join(pod.metadata.uid.as_deref().unwrap());
+    agent.wait_until("the pod directory is removed", MINUTE, |_| {
+        !pod_dir.exists()
+    });
+}
+
+#[test]
+fn an_agent_restart_during_termination_stops_the_pod_gracefully_again() {
+    let mut agent = Agent::start("regrace");
+    let out = agent.dir.path().join("out");
+    let log = out.join("log");
+    agent.write_manifest(
+        "stubborn.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: stubborn\nspec:\n  terminationGracePeriodSeconds: 20\n  containers:\n  - name: main\n    image: {BUSYBOX}\n    command: [sh, -c, \"trap 'echo term >> /out/log' TERM; while true; do sleep 1; done\"]\n    volumeMounts: [{{name: out, mountPath: /out}}]\n  volumes:\n  - name: out\n    hostPath: {{path: {}, type: DirectoryOrCreate}}\n",
+            out.display()
+        ),
+    );
+    let pod = agent.wait_phase("stubborn", "Running", MINUTE);
+    let id = container_id(&pod, "main").unwrap();
+    let uid = pod.metadata.uid.clone().unwrap();
+    let terms = || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines().filter(|l| *l == "term").count()
+    };
+    agent.remove_manifest("stubborn.yaml");
+    agent.wait_until("the stop signal", MINUTE, |_| terms() == 1);
+    agent.kill9();
+    assert!(agent.task_pid(&id).is_some(), "still in its grace");
+
+    agent.spawn();
+    agent.wait_until("the stop signal again after the restart", MINUTE, |_| {
+        terms() == 2
+    });
+    assert!(
+        agent.task_pid(&id).is_some(),
+        "the restarted agent gives the pod its grace, it does not kill it at once"
+    );
+    agent.wait_until("the container is gone after the grace", MINUTE, |a| {
+        !a.containerd_containers().contains(&id)
+    });
+    assert_eq!(terms(), 2);
+    let pod_dir = agent.root_dir().join("pods").join(&uid);
+    agent.wait_until("the pod directory is removed", MINUTE, |_| {
+        !pod_dir.exists()
+    });
 }
 
 #[test]

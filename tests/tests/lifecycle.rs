@@ -663,7 +663,8 @@ async fn a_new_manager_re_adopts_running_containers() {
     let id_before = container(&before, "app").container_id.clone().unwrap();
     let last_exit = |s: &PodStatus| {
         let last = container(s, "app").last_state.clone();
-        last.and_then(|l| l.terminated).map(|t| (t.exit_code, t.finished_at))
+        last.and_then(|l| l.terminated)
+            .map(|t| (t.exit_code, t.finished_at))
     };
     assert_eq!(last_exit(&before).map(|e| e.0), Some(1));
     let running_pid = |records: &[nodelet::runtime::ContainerRecord]| {
@@ -674,7 +675,11 @@ async fn a_new_manager_re_adopts_running_containers() {
                 _ => None,
             })
             .collect();
-        assert_eq!(records.len(), 2, "the latest and the previous attempt: {records:?}");
+        assert_eq!(
+            records.len(),
+            2,
+            "the latest and the previous attempt: {records:?}"
+        );
         assert_eq!(pids.len(), 1, "one attempt runs: {records:?}");
         pids[0]
     };

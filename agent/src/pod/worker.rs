@@ -23,7 +23,7 @@ use super::machine::{
     self, Action, Attempt, ContainerObs, Exit, KillReason, KillRequest, Kind, Observed, PodState,
     Waiting,
 };
-use super::{env, hooks, resources, status, Desired, PodContext};
+use super::{checkpoint, env, hooks, resources, status, Desired, PodContext};
 use crate::events::{pod_ref, EventType};
 use crate::probe::{ProbeKey, ProbeKind, ProbeResult, ProbeTarget, ProbeUpdate};
 use crate::runtime::{
@@ -365,6 +365,11 @@ impl Worker {
         cancel: CancellationToken,
     ) -> Outcome {
         let mut store = self.ctx.store.subscribe();
+        if checkpoint::is_static(self.pod()) {
+            if let Err(e) = checkpoint::write(&self.pod_dir(), self.pod()) {
+                warn!(pod = %self.uid, error = %e, "writing the static pod checkpoint");
+            }
+        }
         self.restore_images().await;
         loop {
             self.desired = merge(&self.desired, &desired.borrow_and_update());
@@ -549,7 +554,10 @@ impl Worker {
         };
         // The latest attempt stays (exited) as the previous one; the one before it goes.
         let live = self.live.entry(name.to_string()).or_default();
-        let older = live.id.take().and_then(|latest| live.previous.replace(latest));
+        let older = live
+            .id
+            .take()
+            .and_then(|latest| live.previous.replace(latest));
         if let Some(old) = older.filter(|old| *old != config.id) {
             self.router.unregister(&old);
             if let Err(e) = self.ctx.runtime.remove(&old).await {
@@ -978,10 +986,7 @@ impl Worker {
         self.report();
         self.obs.released = true;
         if done {
-            let _ = std::fs::remove_dir_all(self.pod_dir().join("containers"));
-            // Volumes and sandbox files are gone by now; remove_dir (not _all) never reaches
-            // through a mount that failed to go.
-            let _ = std::fs::remove_dir(self.pod_dir());
+            remove_pod_dir(&self.pod_dir());
         }
         if self.gone() {
             self.ctx.status.forget(&self.uid);
@@ -1308,6 +1313,15 @@ fn merge(old: &Desired, new: &Desired) -> Desired {
         pod: new.pod.clone(),
         deletion,
     }
+}
+
+/// Removes a released pod's directory: its container files and checkpoint. Volumes and
+/// sandbox files are gone by now; remove_dir (not _all) never reaches through a mount that
+/// failed to go.
+pub(crate) fn remove_pod_dir(dir: &std::path::Path) {
+    let _ = std::fs::remove_dir_all(dir.join("containers"));
+    checkpoint::remove(dir);
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// Removes the pod's cgroup directories (cgroup v2, and each v1 hierarchy); best effort.
