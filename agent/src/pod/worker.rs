@@ -1096,9 +1096,8 @@ impl Worker {
             && self.spec(name).is_some_and(|(kind, _)| {
                 machine::wants_restart(machine::restart_policy(self.pod()), kind, &exit)
             });
-        let window = restarts
-            .then(|| self.crash.failed(name, exit.finished_at, exit.ran_for()))
-            .flatten();
+        let o = self.obs.containers.entry(name.to_string()).or_default();
+        let window = machine::record_exit(o, exit, restarts, &mut self.crash, name);
         if let Some(w) = window {
             let msg = format!(
                 "Back-off {}s restarting failed container {name}",
@@ -1109,14 +1108,6 @@ impl Worker {
         if let Some(live) = self.live.get_mut(name) {
             live.probing = false;
         }
-        let o = self.obs_mut(name);
-        o.state = Attempt::Exited(exit);
-        o.started = false;
-        o.ready = false;
-        o.kill = None;
-        o.killing = None;
-        o.waiting = None;
-        o.backoff = window;
         self.dirty = true;
     }
 
