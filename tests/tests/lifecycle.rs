@@ -1068,8 +1068,16 @@ async fn a_changed_image_restarts_the_container_even_under_never() {
     assert_eq!(container(&s, "app").restart_count, 1);
     assert_eq!(phase(&s), "Running");
     let records = h.containers_of(&pod).await;
-    assert_eq!(records.len(), 1, "the old attempt is removed");
-    assert!(records[0].image.contains("httpd"), "{}", records[0].image);
+    assert_eq!(
+        records.len(),
+        2,
+        "the new attempt and the previous: {records:?}"
+    );
+    let (running, exited): (Vec<_>, Vec<_>) = records
+        .iter()
+        .partition(|r| matches!(r.state, TaskState::Running { .. }));
+    assert!(running[0].image.contains("httpd"), "{}", running[0].image);
+    assert!(exited[0].image.contains("busybox"), "{}", exited[0].image);
     h.delete(&pod, 0, true).await;
     h.stop().await;
 }
