@@ -26,6 +26,7 @@ use crate::pod::{Deletion, Desired, NodeFacts, PodContext};
 use crate::probe::Prober;
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::sandbox::{SandboxConfig, SandboxManager};
+use crate::server::secure::{self, SecureConfig};
 use crate::server::{self, ServerState};
 use crate::source::manifest::ManifestSource;
 use crate::status::StatusManager;
@@ -52,6 +53,9 @@ pub enum AgentError {
     /// Cluster mode could not start (an unusable kubeconfig).
     #[error("{0}")]
     Cluster(#[from] crate::cluster::ClusterError),
+    /// The secure port could not start (TLS material or the address).
+    #[error("the secure port: {0}")]
+    Secure(#[from] secure::BindError),
 }
 
 /// How long shutdown waits for workers to stop (they never stop containers).
@@ -103,6 +107,7 @@ pub async fn run(
         tokio::spawn(async move { volumes.plugins().watch(token).await });
     }
     let host_ip = config.node_ip.or_else(node_ip);
+    let mut authorizer = None;
     let api = match ClusterConfig::from_config(&config) {
         Some(mut cluster) => {
             cluster.node_ip = host_ip;
@@ -118,6 +123,9 @@ pub async fn run(
             )
             .await?;
             volumes.set_token_source(agent.tokens.clone());
+            if config.authorization_webhook {
+                authorizer = Some(agent.authorizer.clone());
+            }
             Some(ApiPods {
                 desired: agent.desired,
                 synced: agent.synced,
@@ -161,7 +169,14 @@ pub async fn run(
     }
     tokio::spawn(sync_pods(manager.clone(), manifest_rx, api, root.clone()));
 
-    let server_task = if config.read_only_port != 0 {
+    let state = ServerState {
+        status: status.clone(),
+        recorder: recorder.clone(),
+        metrics: Arc::new(move || prober.metrics_text()),
+        log_dir: config.log_dir.clone(),
+    };
+    let mut server_tasks = Vec::new();
+    if config.read_only_port != 0 {
         let addr = format!("{}:{}", config.address, config.read_only_port);
         let listener = TcpListener::bind(&addr)
             .await
@@ -170,19 +185,37 @@ pub async fn run(
                 source,
             })?;
         info!(%addr, "serving the read-only endpoint");
-        let state = ServerState {
-            status: status.clone(),
-            recorder: recorder.clone(),
-            metrics: Arc::new(move || prober.metrics_text()),
-            log_dir: config.log_dir.clone(),
-        };
         let token = root.clone();
-        Some(tokio::spawn(server::serve(listener, state, async move {
+        let state = state.clone();
+        server_tasks.push(tokio::spawn(async move {
+            let served = server::serve(listener, state, async move { token.cancelled().await });
+            if let Err(e) = served.await {
+                warn!(error = %e, "the read-only endpoint stopped");
+            }
+        }));
+    }
+    if config.port != 0 {
+        let mut serving_names = vec![config.node_name.clone(), "localhost".into()];
+        serving_names.extend(host_ip.map(|ip| ip.to_string()));
+        serving_names.push("127.0.0.1".into());
+        let addr = format!("{}:{}", config.address, config.port);
+        let bound = secure::bind(SecureConfig {
+            addr: addr.clone(),
+            node_name: config.node_name.clone(),
+            tls_cert_file: config.tls_cert_file.clone(),
+            tls_private_key_file: config.tls_private_key_file.clone(),
+            cert_dir: config.root_dir.join("pki"),
+            serving_names,
+            client_ca_file: config.client_ca_file.clone(),
+            authorizer,
+        })
+        .await?;
+        info!(%addr, webhook = config.authorization_webhook, "serving the secure port");
+        let token = root.clone();
+        server_tasks.push(tokio::spawn(secure::serve(bound, state, async move {
             token.cancelled().await
-        })))
-    } else {
-        None
-    };
+        })));
+    }
 
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     if let Some(period) = sd_notify::watchdog_enabled() {
@@ -208,7 +241,7 @@ pub async fn run(
     {
         warn!(after = ?DRAIN, "pod workers did not stop in time; exiting anyway");
     }
-    if let Some(task) = server_task {
+    for task in server_tasks {
         let _ = task.await;
     }
     Ok(())

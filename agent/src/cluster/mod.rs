@@ -45,6 +45,7 @@ use crate::pod::Desired;
 use crate::status::StatusManager;
 use crate::store::ObjectStore;
 
+mod authz;
 mod events;
 mod lease;
 mod node;
@@ -86,7 +87,7 @@ impl ClusterConfig {
             taints: config.taints.clone(),
             max_pods: config.max_pods,
             root_dir: config.root_dir.clone(),
-            kubelet_port: 10250,
+            kubelet_port: config.port,
         })
     }
 }
@@ -154,6 +155,8 @@ pub struct ClusterAgent {
     /// Service account tokens through the TokenRequest API, for projected volumes: give it
     /// to `VolumeManager::set_token_source`.
     pub tokens: std::sync::Arc<ApiTokens>,
+    /// The secure port's Webhook authorizer (SubjectAccessReview with the node's identity).
+    pub authorizer: crate::server::secure::Authorizer,
     /// Ends when the token given to [`ClusterAgent::start`] is cancelled.
     pub task: JoinHandle<()>,
 }
@@ -238,6 +241,7 @@ impl ClusterAgent {
         Ok(Self {
             desired,
             synced,
+            authorizer: authz::webhook(client.clone()),
             tokens: std::sync::Arc::new(ApiTokens::new(client)),
             task,
         })
