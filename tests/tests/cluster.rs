@@ -122,6 +122,8 @@ impl Agent {
             .arg(d.join("logs"))
             .args(["--containerd-namespace", CONTAINERD_NS])
             .args(["--read-only-port", "0"])
+            .arg("--client-ca-file")
+            .arg(credential_files(&self.kubeconfig, d).0)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -161,6 +163,45 @@ impl Drop for Agent {
             }
         }
     }
+}
+
+/// The CA, client certificate and key of a kubeconfig with inline data, written to files in
+/// `dir`: the agent trusts that CA for clients of its secure port (the API server's kubelet
+/// client certificate is signed by the cluster CA, as kubeadm sets it up).
+fn credential_files(
+    kubeconfig: &std::path::Path,
+    dir: &std::path::Path,
+) -> (PathBuf, PathBuf, PathBuf) {
+    let text = std::fs::read_to_string(kubeconfig).expect("read kubeconfig");
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("kubeconfig YAML");
+    let field = |list: &str, item: &str, key: &str| {
+        let value = &doc[list][0][item][key];
+        let data = value.as_str().unwrap_or_else(|| {
+            panic!(
+                "{}: {list}[0].{item}.{key} (inline data) is needed",
+                kubeconfig.display()
+            )
+        });
+        let decoded = Command::new("base64")
+            .arg("-d")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child.stdin.take().unwrap().write_all(data.as_bytes())?;
+                child.wait_with_output()
+            })
+            .expect("base64 -d");
+        let path = dir.join(key);
+        std::fs::write(&path, decoded.stdout).unwrap();
+        path
+    };
+    (
+        field("clusters", "cluster", "certificate-authority-data"),
+        field("users", "user", "client-certificate-data"),
+        field("users", "user", "client-key-data"),
+    )
 }
 
 /// A namespace of the test's own, deleted at the end with its pods (declare it after the
@@ -743,4 +784,98 @@ async fn config_maps_secrets_and_tokens_are_read_with_the_node_identity() {
     while pod_ready(&pods, "reader").await.is_none() {
         d.tick().await;
     }
+}
+
+#[tokio::test]
+#[ignore = "cluster tier: needs KUBECONFIG, NODELET_NODE_KUBECONFIG, NODELET_NODE_NAME"]
+async fn kubectl_logs_reach_the_secure_port_and_others_are_refused() {
+    let Some(c) = cluster("kubectl_logs_reach_the_secure_port").await else {
+        return;
+    };
+    let agent = Agent::start(&c);
+    let ns = TestNamespace::create(&c, "logs").await;
+    wait_node_ready(&c).await;
+    let pods = ns.pods();
+    let mut p = pod("talker", &c.node, 2);
+    p.spec.as_mut().unwrap().containers[0].command = Some(vec![
+        "sh".into(),
+        "-c".into(),
+        "echo hello; touch /tmp; i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done"
+            .into(),
+    ]);
+    pods.create(&PostParams::default(), &p)
+        .await
+        .expect("create");
+    let d = Deadline::new("talker Ready", 90);
+    while pod_ready(&pods, "talker").await.is_none() {
+        d.tick().await;
+    }
+
+    // Through the API server (its kubelet client certificate, authorized by a
+    // SubjectAccessReview the agent makes with the node's identity).
+    let logs = pods
+        .logs("talker", &kube::api::LogParams::default())
+        .await
+        .expect("logs through the API server");
+    assert!(logs.starts_with("hello\n"), "{logs}");
+    let params = kube::api::LogParams {
+        follow: true,
+        tail_lines: Some(1),
+        ..Default::default()
+    };
+    let stream = pods.log_stream("talker", &params).await.expect("follow");
+    use futures::AsyncBufReadExt;
+    let mut lines = stream.lines();
+    let mut followed = Vec::new();
+    while followed.len() < 6 {
+        let next = tokio::time::timeout(
+            Duration::from_secs(20),
+            futures::StreamExt::next(&mut lines),
+        );
+        let line = next
+            .await
+            .expect("a followed line in time")
+            .expect("stream open");
+        followed.push(line.expect("line"));
+    }
+    assert!(
+        followed.iter().all(|l| l.starts_with("tick ")),
+        "{followed:?}"
+    );
+
+    // Straight to the port: the node's own credential and anonymous clients are refused.
+    let (_, cert, key) = credential_files(&c.node_kubeconfig, agent.dir.path());
+    let url = format!(
+        "https://127.0.0.1:10250/containerLogs/{}/talker/app",
+        ns.name
+    );
+    let curl = |extra: &[&std::ffi::OsStr]| {
+        let out = Command::new("curl")
+            .args([
+                "-sk",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "10",
+            ])
+            .args(extra)
+            .arg(&url)
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(curl(&[]), "403", "anonymous");
+    let with_cert = [
+        "--cert".as_ref(),
+        cert.as_os_str(),
+        "--key".as_ref(),
+        key.as_os_str(),
+    ];
+    assert_eq!(
+        curl(&with_cert),
+        "403",
+        "a node may not read pod logs on a node"
+    );
 }
