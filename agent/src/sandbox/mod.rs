@@ -493,8 +493,9 @@ impl SandboxManager {
                 Err(e) => warn!(uid = %uid, error = %e, "CNI DEL failed; going on"),
                 Ok(()) => {}
             }
-            remove_if_exists(&self.pod_file(uid, CNI_CACHE)).map_err(SandboxError::io(uid))?;
         }
+        // Gone after DEL, or unreadable (no DEL could ever use it).
+        remove_if_exists(&self.pod_file(uid, CNI_CACHE)).map_err(SandboxError::io(uid))?;
         for pin in ["net", "ipc", "uts"] {
             ns::remove_pin(&dir.join(pin)).map_err(SandboxError::io(uid))?;
         }
