@@ -100,6 +100,11 @@ impl Agent {
         self.dir.path().join("agent.log")
     }
 
+    /// The agent's manifest folder (static pods).
+    fn manifests(&self) -> PathBuf {
+        self.dir.path().join("manifests")
+    }
+
     /// Starts the agent (again) with the same dirs.
     fn restart(&mut self) {
         assert!(self.child.is_none(), "agent already running");
@@ -109,6 +114,7 @@ impl Agent {
             .append(true)
             .open(self.log())
             .expect("agent log");
+        std::fs::create_dir_all(self.manifests()).expect("manifest folder");
         let bin = agent_binary();
         let child = Command::new(&bin)
             .arg("--kubeconfig")
@@ -120,6 +126,8 @@ impl Agent {
             .arg(d.join("run"))
             .arg("--pod-logs-dir")
             .arg(d.join("logs"))
+            .arg("--pod-manifest-path")
+            .arg(self.manifests())
             .args(["--containerd-namespace", CONTAINERD_NS])
             .args(["--read-only-port", "0"])
             .stdin(Stdio::null())
@@ -743,4 +751,135 @@ async fn config_maps_secrets_and_tokens_are_read_with_the_node_identity() {
     while pod_ready(&pods, "reader").await.is_none() {
         d.tick().await;
     }
+}
+
+/// The mirror pods in `pods` (annotation `kubernetes.io/config.mirror`).
+async fn mirror_pods(pods: &Api<Pod>) -> Vec<Pod> {
+    pods.list(&Default::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| {
+            p.metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key("kubernetes.io/config.mirror"))
+        })
+        .collect()
+}
+
+/// Waits for the one mirror pod of `name` that satisfies `want`, and for it to be Ready.
+async fn wait_mirror(pods: &Api<Pod>, name: &str, what: &str, want: impl Fn(&Pod) -> bool) -> Pod {
+    let d = Deadline::new(format!("mirror pod {name}: {what}"), 120);
+    loop {
+        let mirrors = mirror_pods(pods).await;
+        if let [m] = mirrors.as_slice() {
+            if m.metadata.name.as_deref() == Some(name) && want(m) {
+                if let Some(ready) = pod_ready(pods, name).await {
+                    if ready.metadata.uid == m.metadata.uid {
+                        return ready;
+                    }
+                }
+            }
+        }
+        d.tick().await;
+    }
+}
+
+fn annotation(p: &Pod, key: &str) -> String {
+    p.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The static pod's UID as nodelet derives it from its hash.
+fn static_uid(hash: &str) -> String {
+    assert_eq!(hash.len(), 32, "config.hash {hash:?}");
+    nodelet::source::manifest::uid_of_hash(hash)
+}
+
+#[tokio::test]
+#[ignore = "cluster tier: needs KUBECONFIG, NODELET_NODE_KUBECONFIG, NODELET_NODE_NAME"]
+async fn static_pods_get_mirror_pods_that_follow_them() {
+    let Some(c) = cluster("static_pods_get_mirror_pods_that_follow_them").await else {
+        return;
+    };
+    let agent = Agent::start(&c);
+    wait_node_ready(&c).await;
+    let ns = TestNamespace::create(&c, "mirror").await;
+    let pods = ns.pods();
+    let manifest = |version: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: {}\n  labels: {{version: {version}}}\n\
+             spec:\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: app\n    image: {IMAGE}\n    \
+             command: [sleep, '3600']\n    readinessProbe:\n      exec: {{command: [test, -d, /tmp]}}\n      periodSeconds: 1\n",
+            ns.name
+        )
+    };
+    let file = agent.manifests().join("web.yaml");
+    std::fs::write(&file, manifest("one")).unwrap();
+    let name = format!("web-{}", c.node.to_lowercase());
+    let node_uid = Api::<Node>::all(c.admin.clone())
+        .get(&c.node)
+        .await
+        .unwrap()
+        .metadata
+        .uid;
+
+    // The mirror pod: the kubelet's annotations, bound here, owned by the Node; its status is
+    // the static pod's (Running and Ready through the static pod's probe).
+    let first = wait_mirror(&pods, &name, "created", |_| true).await;
+    let hash = annotation(&first, "kubernetes.io/config.hash");
+    assert_eq!(annotation(&first, "kubernetes.io/config.mirror"), hash);
+    assert_eq!(annotation(&first, "kubernetes.io/config.source"), "file");
+    assert_eq!(
+        first.spec.as_ref().unwrap().node_name.as_deref(),
+        Some(c.node.as_str())
+    );
+    let owners = first.metadata.owner_references.clone().unwrap_or_default();
+    assert_eq!(owners.len(), 1, "{owners:?}");
+    assert_eq!(owners[0].kind, "Node");
+    assert_eq!(owners[0].name, c.node);
+    assert_eq!(Some(owners[0].uid.clone()), node_uid);
+    assert_eq!(owners[0].controller, Some(true));
+    let first_uid = static_uid(&hash);
+    assert!(running_containers(&first_uid) >= 1, "the static pod runs");
+
+    // Deleted by someone: made again, and the static pod is not disturbed.
+    pods.delete(&name, &DeleteParams::default()).await.unwrap();
+    let again = wait_mirror(&pods, &name, "created again", |m| {
+        m.metadata.uid != first.metadata.uid
+    })
+    .await;
+    assert_eq!(annotation(&again, "kubernetes.io/config.mirror"), hash);
+    assert!(
+        running_containers(&first_uid) >= 1,
+        "deleting the mirror pod leaves the static pod running"
+    );
+
+    // The manifest changes: the mirror pod is replaced by the new static pod's.
+    std::fs::write(&file, manifest("two")).unwrap();
+    let changed = wait_mirror(&pods, &name, "replaced after the manifest changed", |m| {
+        annotation(m, "kubernetes.io/config.mirror") != hash
+    })
+    .await;
+    assert_eq!(
+        changed.metadata.labels.clone().unwrap_or_default()["version"],
+        "two"
+    );
+    let new_uid = static_uid(&annotation(&changed, "kubernetes.io/config.hash"));
+    wait_containers_gone(&first_uid, 60).await;
+    assert!(running_containers(&new_uid) >= 1);
+
+    // The manifest is removed: the mirror pod goes with the static pod.
+    std::fs::remove_file(&file).unwrap();
+    let d = Deadline::new("the mirror pod to be deleted", 60);
+    while !mirror_pods(&pods).await.is_empty() {
+        d.tick().await;
+    }
+    wait_containers_gone(&new_uid, 60).await;
 }

@@ -17,6 +17,8 @@
 //! - `status_sink`: pod status from the [`StatusManager`] to `pods/status`, then the final
 //!   DELETE (grace 0, UID precondition) of finished pods the API is deleting.
 //! - `events`: the [`Recorder`]'s events to core v1 Events.
+//! - `mirror`: a mirror pod in the API for every static pod (the manifest folder's pods, which
+//!   cluster mode names `<name>-<node>` as the kubelet does); the sink writes their status.
 //!
 //! [`ApiTokens`] serves projected service account tokens through the TokenRequest API.
 //!
@@ -34,7 +36,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Taint;
+use k8s_openapi::api::core::v1::{Pod, Taint};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -47,6 +49,7 @@ use crate::store::ObjectStore;
 
 mod events;
 mod lease;
+mod mirror;
 mod node;
 mod objects;
 mod pods;
@@ -154,6 +157,9 @@ pub struct ClusterAgent {
     /// Service account tokens through the TokenRequest API, for projected volumes: give it
     /// to `VolumeManager::set_token_source`.
     pub tokens: std::sync::Arc<ApiTokens>,
+    /// The manifest folder's pods as cluster mode runs them: named `<name>-<node>`, each
+    /// mirrored in the API. `None` until the folder was read once, as its input.
+    pub static_pods: watch::Receiver<Option<Vec<Pod>>>,
     /// Ends when the token given to [`ClusterAgent::start`] is cancelled.
     pub task: JoinHandle<()>,
 }
@@ -163,9 +169,11 @@ impl ClusterAgent {
     /// when the kubeconfig is unusable; an unreachable API server is retried with back-off.
     ///
     /// `runtime_version` is the containerd version (reported as `containerd://<version>`).
-    /// The recorder's sink is set here. Cancelling `shutdown` stops the tasks, never the pods.
+    /// The recorder's sink is set here. `manifests` is the manifest folder's pods (`None` until
+    /// first read). Cancelling `shutdown` stops the tasks, never the pods.
     pub async fn start(
         config: ClusterConfig,
+        mut manifests: watch::Receiver<Option<Vec<Pod>>>,
         store: ObjectStore,
         status: StatusManager,
         recorder: Recorder,
@@ -180,6 +188,24 @@ impl ClusterAgent {
         recorder.set_sink(events_tx);
 
         let mut tasks = tokio::task::JoinSet::new();
+        let (statics_tx, static_pods) = watch::channel(None);
+        {
+            let node = config.node_name.clone();
+            let token = shutdown.child_token();
+            tasks.spawn(async move {
+                loop {
+                    let mut pods = manifests.borrow_and_update().clone();
+                    if let Some(pods) = pods.as_mut() {
+                        mirror::rename(pods, &node);
+                    }
+                    statics_tx.send_replace(pods);
+                    tokio::select! {
+                        _ = token.cancelled() => return,
+                        r = manifests.changed() => if r.is_err() { return },
+                    }
+                }
+            });
+        }
         let node_uid = {
             let (tx, rx) = watch::channel(None);
             let host = node::Host {
@@ -198,6 +224,15 @@ impl ClusterAgent {
         tasks.spawn(lease::run(
             client.clone(),
             config.node_name.clone(),
+            node_uid.clone(),
+            shutdown.child_token(),
+        ));
+        tasks.spawn(mirror::run(
+            client.clone(),
+            config.node_name.clone(),
+            static_pods.clone(),
+            api_pods.clone(),
+            synced.clone(),
             node_uid,
             shutdown.child_token(),
         ));
@@ -239,6 +274,7 @@ impl ClusterAgent {
             desired,
             synced,
             tokens: std::sync::Arc::new(ApiTokens::new(client)),
+            static_pods,
             task,
         })
     }

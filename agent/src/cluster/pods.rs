@@ -88,9 +88,14 @@ impl PodSet {
         &self.pods
     }
 
-    /// The desired set: every known pod, with a deletion for those the API is deleting.
+    /// The desired set: every known pod but mirror pods (the API's copies of static pods,
+    /// which run from the manifest folder), with a deletion for those the API is deleting.
     pub fn desired(&self) -> Vec<Desired> {
-        self.pods.values().map(desired).collect()
+        self.pods
+            .values()
+            .filter(|p| !super::mirror::is_mirror(p))
+            .map(desired)
+            .collect()
     }
 }
 
@@ -231,6 +236,29 @@ mod tests {
         assert_eq!(uids(&set), ["b"]);
         assert!(!set.apply(Event::Delete(pod("zz", "gone"))));
         assert!(!set.apply(Event::Apply(Pod::default())), "no UID, ignored");
+    }
+
+    #[test]
+    fn mirror_pods_are_listed_but_never_desired() {
+        let mut set = PodSet::default();
+        set.apply(Event::Init);
+        set.apply(Event::InitApply(pod("a", "web")));
+        let mut m = pod("m", "etcd-node");
+        m.metadata.annotations = Some(
+            [(
+                super::super::mirror::CONFIG_MIRROR.to_string(),
+                "h".to_string(),
+            )]
+            .into(),
+        );
+        set.apply(Event::InitApply(m));
+        set.apply(Event::InitDone);
+        assert_eq!(
+            set.pods().len(),
+            2,
+            "the status sink and mirror keeper see it"
+        );
+        assert_eq!(uids(&set), ["a"], "the pod manager does not run it");
     }
 
     #[test]
