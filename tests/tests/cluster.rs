@@ -5,7 +5,10 @@
 //! - `KUBECONFIG`: an admin kubeconfig (the test creates and inspects objects with it);
 //! - `NODELET_NODE_KUBECONFIG`: the node's own credential (`system:node:<name>`), given to the
 //!   agent as `--kubeconfig`;
-//! - `NODELET_NODE_NAME`: the node name that credential is for.
+//! - `NODELET_NODE_NAME`: the node name that credential is for;
+//! - `NODELET_NODE2_KUBECONFIG` and `NODELET_NODE2_NAME`: a second node's credential, only for
+//!   the taint-eviction test (the control plane evicts from an unreachable node only while
+//!   another node is Ready); without them that test fails, saying they are missing.
 //!
 //! With none of them set a test prints a loud SKIPPED line and returns; with only some set it
 //! fails, since that is a broken setup rather than an absent cluster. Each test runs its own
@@ -82,15 +85,23 @@ struct Agent {
     dir: tempfile::TempDir,
     node: String,
     kubeconfig: PathBuf,
+    containerd_ns: String,
 }
 
 impl Agent {
     fn start(c: &Cluster) -> Agent {
+        Agent::start_as(&c.node, &c.node_kubeconfig, CONTAINERD_NS)
+    }
+
+    /// An agent for node `node` with that node's credential and a containerd namespace of its
+    /// own (a second node on this machine).
+    fn start_as(node: &str, kubeconfig: &std::path::Path, containerd_ns: &str) -> Agent {
         let mut agent = Agent {
             child: None,
             dir: tempfile::tempdir().expect("temp dir"),
-            node: c.node.clone(),
-            kubeconfig: c.node_kubeconfig.clone(),
+            node: node.to_string(),
+            kubeconfig: kubeconfig.to_path_buf(),
+            containerd_ns: containerd_ns.to_string(),
         };
         agent.restart();
         agent
@@ -128,7 +139,7 @@ impl Agent {
             .arg(d.join("logs"))
             .arg("--pod-manifest-path")
             .arg(self.manifests())
-            .args(["--containerd-namespace", CONTAINERD_NS])
+            .args(["--containerd-namespace", &self.containerd_ns])
             .args(["--read-only-port", "0"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -136,6 +147,14 @@ impl Agent {
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e} (cargo build first)", bin.display()));
         self.child = Some(child);
+    }
+
+    /// Kills the agent with SIGKILL (a crash: no shutdown at all) and reaps it.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// Stops the agent with SIGTERM (its pods keep running) and waits for it to exit.
@@ -215,42 +234,52 @@ impl TestNamespace {
 impl Drop for TestNamespace {
     fn drop(&mut self) {
         // Best effort: force-delete the pods, give the agent (dropped after this) 30 s to kill
-        // their containers, then delete the namespace. A client of its own: the test's client
-        // lives on the runtime this drop is blocking.
+        // their containers, then delete the namespace.
         let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let Ok(client) = kube::Client::try_default().await else {
-                    return;
-                };
-                let pods: Api<Pod> = Api::namespaced(client.clone(), &name);
-                let uids: Vec<String> = match pods.list(&Default::default()).await {
-                    Ok(list) => list.items.iter().map(uid).collect(),
-                    Err(_) => Vec::new(),
-                };
-                let _ = pods
-                    .delete_collection(
-                        &DeleteParams::default().grace_period(0),
-                        &Default::default(),
-                    )
-                    .await;
-                for _ in 0..120 {
-                    if uids.iter().all(|u| running_containers(u) == 0) {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(250)).await;
+        with_own_client(move |client| async move {
+            let pods: Api<Pod> = Api::namespaced(client.clone(), &name);
+            let uids: Vec<String> = match pods.list(&Default::default()).await {
+                Ok(list) => list.items.iter().map(uid).collect(),
+                Err(_) => Vec::new(),
+            };
+            let _ = pods
+                .delete_collection(
+                    &DeleteParams::default().grace_period(0),
+                    &Default::default(),
+                )
+                .await;
+            for _ in 0..120 {
+                if uids.iter().all(|u| running_containers(u) == 0) {
+                    break;
                 }
-                let _ = Api::<Namespace>::all(client)
-                    .delete(&name, &DeleteParams::default())
-                    .await;
-            });
-        })
-        .join();
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            let _ = Api::<Namespace>::all(client)
+                .delete(&name, &DeleteParams::default())
+                .await;
+        });
     }
+}
+
+/// Runs `work` with an admin client of its own on a runtime of its own, on another thread, and
+/// waits for it: for clean-up in `Drop` (the test's client lives on the runtime a drop blocks).
+fn with_own_client<F, Fut>(work: F)
+where
+    F: FnOnce(kube::Client) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            if let Ok(client) = kube::Client::try_default().await {
+                work(client).await;
+            }
+        });
+    })
+    .join();
 }
 
 /// A bound for a polling loop: `tick` sleeps 250 ms and panics once `seconds` have passed.
@@ -882,4 +911,164 @@ async fn static_pods_get_mirror_pods_that_follow_them() {
         d.tick().await;
     }
     wait_containers_gone(&new_uid, 60).await;
+}
+
+/// The second node's credential (`NODELET_NODE2_KUBECONFIG`, `NODELET_NODE2_NAME`); a test that
+/// needs it fails without it (an #[ignore]d test asked for by --ignored must not pass unrun).
+fn second_node(test: &str) -> (String, PathBuf) {
+    let var = |v: &str| std::env::var(v).ok().filter(|s| !s.is_empty());
+    match (var("NODELET_NODE2_NAME"), var("NODELET_NODE2_KUBECONFIG")) {
+        (Some(name), Some(kubeconfig)) => (name, kubeconfig.into()),
+        _ => panic!(
+            "cluster test {test} needs a second node: set NODELET_NODE2_NAME and \
+             NODELET_NODE2_KUBECONFIG (a system:node:<name> credential; /work/cluster/up.sh \
+             makes nodelet-2's) — the control plane evicts from an unreachable node only \
+             while another node is Ready"
+        ),
+    }
+}
+
+/// Deletes a Node at the end of a test (its Lease goes with it).
+struct NodeCleanup {
+    name: String,
+}
+
+impl Drop for NodeCleanup {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        with_own_client(move |client| async move {
+            let _ = Api::<Node>::all(client)
+                .delete(&name, &DeleteParams::default())
+                .await;
+        });
+    }
+}
+
+fn has_taint(node: &Node, key: &str, effect: &str) -> bool {
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == key && t.effect == effect))
+}
+
+#[tokio::test]
+#[ignore = "cluster tier: needs KUBECONFIG, NODELET_NODE_KUBECONFIG, NODELET_NODE_NAME, NODELET_NODE2_KUBECONFIG, NODELET_NODE2_NAME"]
+async fn an_unreachable_node_is_tainted_its_pod_evicted_and_killed_on_restart() {
+    let test = "an_unreachable_node_is_tainted_its_pod_evicted_and_killed_on_restart";
+    let Some(c) = cluster(test).await else {
+        return;
+    };
+    let (node2, node2_kubeconfig) = second_node(test);
+    assert_ne!(node2, c.node, "the second node must be another node");
+    let _node2_cleanup = NodeCleanup {
+        name: node2.clone(),
+    };
+    let _other = Agent::start_as(
+        &node2,
+        &node2_kubeconfig,
+        &format!("{CONTAINERD_NS}-{node2}"),
+    );
+    let mut agent = Agent::start(&c);
+    wait_node_ready(&c).await;
+    let other = Cluster {
+        admin: c.admin.clone(),
+        node: node2.clone(),
+        node_kubeconfig: node2_kubeconfig.clone(),
+    };
+    wait_node_ready(&other).await;
+
+    let ns = TestNamespace::create(&c, "taint").await;
+    let pods = ns.pods();
+    // Tolerates the node being unreachable or not ready for 2 s only. Its process ignores TERM,
+    // so its containers stop before the grace is over only if the agent gives none.
+    let grace = 30;
+    let mut p = pod("web", &c.node, grace);
+    p.spec.as_mut().unwrap().tolerations = Some(
+        [
+            "node.kubernetes.io/unreachable",
+            "node.kubernetes.io/not-ready",
+        ]
+        .map(|key| {
+            serde_json::from_value(serde_json::json!({
+                "key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 2,
+            }))
+            .unwrap()
+        })
+        .to_vec(),
+    );
+    pods.create(&PostParams::default(), &p).await.unwrap();
+    let d = Deadline::new("pod web Running and Ready", 180);
+    let web = loop {
+        if let Some(p) = pod_ready(&pods, "web").await {
+            break p;
+        }
+        d.tick().await;
+    };
+    let uid = uid(&web);
+
+    // The agent crashes; past the node-monitor grace the control plane taints the node
+    // unreachable and evicts the pod (a graceful delete: Terminating).
+    agent.kill();
+    let nodes: Api<Node> = Api::all(c.admin.clone());
+    let d = Deadline::new("the unreachable NoExecute taint on the node", 150);
+    while !nodes
+        .get(&c.node)
+        .await
+        .is_ok_and(|n| has_taint(&n, "node.kubernetes.io/unreachable", "NoExecute"))
+    {
+        d.tick().await;
+    }
+    let d = Deadline::new("the taint eviction of pod web (deletionTimestamp)", 60);
+    let deadline = loop {
+        let p = pods
+            .get("web")
+            .await
+            .expect("the evicted pod stays until the final delete");
+        if let Some(at) = p.metadata.deletion_timestamp.clone() {
+            assert_eq!(self::uid(&p), uid);
+            let conditions = p.status.and_then(|s| s.conditions).unwrap_or_default();
+            assert!(
+                condition(conditions.clone(), "DisruptionTarget"),
+                "the taint manager marks its evictions: {conditions:?}"
+            );
+            break at.0;
+        }
+        d.tick().await;
+    };
+    // The agent stays down past the deletion's deadline (deletionTimestamp: the eviction plus
+    // the grace); the pod keeps running meanwhile.
+    while jiff::Timestamp::now() < deadline + jiff::SignedDuration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        running_containers(&uid) >= 1,
+        "nothing stops the pod while its agent is down"
+    );
+    // Restarted, the agent kills the containers at once: no fresh grace (30 s) is given.
+    agent.restart();
+    let start = std::time::Instant::now();
+    while running_containers(&uid) > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(grace as u64 - 5),
+            "the evicted pod's containers still run {:?} after the restart: the agent gave a \
+             grace that was already over",
+            start.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "taint eviction: the evicted pod's containers were gone {:?} after the restart",
+        start.elapsed()
+    );
+    wait_pod_gone(&pods, "web", &uid, 60).await;
+    let d = Deadline::new("the node Ready and untainted again", 120);
+    while !nodes.get(&c.node).await.is_ok_and(|n| {
+        !has_taint(&n, "node.kubernetes.io/unreachable", "NoExecute")
+            && condition(
+                n.status.and_then(|s| s.conditions).unwrap_or_default(),
+                "Ready",
+            )
+    }) {
+        d.tick().await;
+    }
 }
