@@ -121,7 +121,16 @@ pub async fn run(
     let api = match ClusterConfig::from_config(&config) {
         Some(mut cluster) => {
             cluster.node_ip = host_ip;
-            let version = runtime.version().await.unwrap_or_default();
+            let check_runtime = runtime.clone();
+            let runtime_info = crate::cluster::RuntimeInfo {
+                version: runtime.version().await.unwrap_or_default(),
+                check: Arc::new(move || {
+                    let runtime = check_runtime.clone();
+                    Box::pin(
+                        async move { runtime.version().await.map(drop).map_err(|e| e.to_string()) },
+                    )
+                }),
+            };
             info!(kubeconfig = %cluster.kubeconfig.display(), "joining the cluster");
             let agent = ClusterAgent::start(
                 cluster,
@@ -129,7 +138,7 @@ pub async fn run(
                 store.clone(),
                 status.clone(),
                 recorder.clone(),
-                version,
+                runtime_info,
                 root.child_token(),
             )
             .await?;

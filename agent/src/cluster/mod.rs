@@ -7,7 +7,8 @@
 //! of the caller's cancellation token; each task owns its own state and talks to the others only
 //! through channels:
 //! - `node`: registers the Node (create, or update the labels of the existing one), then computes
-//!   NodeStatus every 10 s and patches it on change or every 5 minutes.
+//!   NodeStatus every 10 s (Ready follows the container runtime's health check) and patches it
+//!   on change or every 5 minutes.
 //! - `lease`: renews the Lease in `kube-node-lease` every 10 s, backing off on errors.
 //! - `pods`: list+watch of the pods bound to this node; publishes the full desired set (and a
 //!   `synced` flag after the first complete list). Any watch error rebuilds the watcher, so a
@@ -26,7 +27,7 @@
 //!
 //! Wiring (agent.rs): build a [`ClusterConfig`] with [`ClusterConfig::from_config`] and set its
 //! `node_ip` to the IP the pods report as hostIP; call [`ClusterAgent::start`] with the shared
-//! store, status manager and recorder and containerd's version; hand `tokens` to
+//! store, status manager and recorder and the runtime's version and health check; hand `tokens` to
 //! `VolumeManager::set_token_source`; wait for `synced` before the first full sync of the pod
 //! manager (an empty set before the first list would kill re-adopted pods), then merge every
 //! new `desired` set with the manifest folder's pods into each full sync. A pod absent from
@@ -57,6 +58,23 @@ mod status_sink;
 mod tokens;
 
 pub use tokens::ApiTokens;
+
+/// Asks the container runtime whether it answers: `Err` carries what went wrong.
+pub type RuntimeCheck = std::sync::Arc<
+    dyn Fn() -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync,
+>;
+
+/// The container runtime as the Node reports it.
+#[derive(Clone)]
+pub struct RuntimeInfo {
+    /// `containerd://<version>` (a bare version gets the prefix).
+    pub version: String,
+    /// Run every NodeStatus interval; the node is not Ready while the runtime has not answered
+    /// for [`RUNTIME_DOWN_AFTER`], as the kubelet's "container runtime is down".
+    pub check: RuntimeCheck,
+}
+
+pub use node::RUNTIME_DOWN_AFTER;
 
 /// What cluster mode needs from the agent's configuration.
 #[derive(Clone, Debug)]
@@ -168,7 +186,8 @@ impl ClusterAgent {
     /// Builds the client from `config.kubeconfig` and spawns every cluster-mode task. Fails only
     /// when the kubeconfig is unusable; an unreachable API server is retried with back-off.
     ///
-    /// `runtime_version` is the containerd version (reported as `containerd://<version>`).
+    /// `runtime` is the container runtime's version (reported as `containerd://<version>`)
+    /// and its health check (the Ready condition follows it).
     /// The recorder's sink is set here. `manifests` is the manifest folder's pods (`None` until
     /// first read). Cancelling `shutdown` stops the tasks, never the pods.
     pub async fn start(
@@ -177,7 +196,7 @@ impl ClusterAgent {
         store: ObjectStore,
         status: StatusManager,
         recorder: Recorder,
-        runtime_version: String,
+        runtime: RuntimeInfo,
         shutdown: CancellationToken,
     ) -> Result<Self, ClusterError> {
         let client = client(&config.kubeconfig).await?;
@@ -210,7 +229,8 @@ impl ClusterAgent {
             let (tx, rx) = watch::channel(None);
             let host = node::Host {
                 config: config.clone(),
-                runtime_version,
+                runtime_version: runtime.version,
+                runtime_check: runtime.check,
             };
             tasks.spawn(node::run(
                 client.clone(),
