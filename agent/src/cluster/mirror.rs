@@ -16,7 +16,7 @@
 //! created anew; a mirror pod whose static pod is gone is deleted. The pods' status goes to the
 //! mirror pods through the status sink ([`mirror_of`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -138,7 +138,7 @@ pub(super) fn plan(statics: &[Pod], api: &ApiPods, node: &str, node_uid: &str) -
         .map(|p| (key(p), p))
         .collect();
     let mut actions = Vec::new();
-    let mut present: BTreeMap<(String, String), ()> = BTreeMap::new();
+    let mut present: BTreeSet<(String, String)> = BTreeSet::new();
     for mirror in api.values().filter(|p| is_mirror(p)) {
         let k = key(mirror);
         let why = match wanted.get(&k) {
@@ -157,12 +157,12 @@ pub(super) fn plan(statics: &[Pod], api: &ApiPods, node: &str, node_uid: &str) -
                 why,
             }),
             None => {
-                present.insert(k, ());
+                present.insert(k);
             }
         }
     }
     for (k, pod) in &wanted {
-        if !present.contains_key(k) {
+        if !present.contains(k) {
             actions.push(Action::Create(Box::new(mirror_pod(pod, node, node_uid))));
         }
     }
