@@ -933,9 +933,9 @@ fn second_node(test: &str) -> (String, PathBuf) {
         (Some(name), Some(kubeconfig)) => (name, kubeconfig.into()),
         _ => panic!(
             "cluster test {test} needs a second node: set NODELET_NODE2_NAME and \
-             NODELET_NODE2_KUBECONFIG (a system:node:<name> credential; /work/cluster/up.sh \
-             makes nodelet-2's) — the control plane evicts from an unreachable node only \
-             while another node is Ready"
+             NODELET_NODE2_KUBECONFIG (that node's system:node:<name> credential, group \
+             system:nodes) — the control plane evicts from an unreachable node only while \
+             another node is Ready"
         ),
     }
 }
