@@ -2,7 +2,8 @@
 //! manager and the read-only server, and on shutdown stops the agent but never the pods.
 //!
 //! Start order: directories → runtime (retried until containerd answers) → sandboxes, volumes,
-//! prober, status, recorder → pod manager (recovers containers from containerd) → sources →
+//! prober, status, recorder → manifest folder, cluster mode → pod manager (recovers containers
+//! from containerd) → merge of the sources →
 //! first full sync (orphans are cleaned up only then) → server → READY=1. CSI node plugins are
 //! discovered from `<root>/plugins_registry` all along.
 
@@ -108,17 +109,41 @@ pub async fn run(
     }
     let host_ip = config.node_ip.or_else(node_ip);
     let mut authorizer = None;
+    let (manifest_tx, mut manifest_rx) = watch::channel(None::<Vec<Pod>>);
+    if let Some(dir) = config.pod_manifest_path.clone() {
+        info!(dir = %dir.display(), "reading pods from the manifest folder");
+        tokio::spawn(watch_manifests(
+            ManifestSource::new(dir, &config.node_name),
+            config.file_check_frequency,
+            store.clone(),
+            recorder.clone(),
+            manifest_tx,
+            root.clone(),
+        ));
+    } else {
+        manifest_tx.send_replace(Some(Vec::new()));
+    }
     let api = match ClusterConfig::from_config(&config) {
         Some(mut cluster) => {
             cluster.node_ip = host_ip;
-            let version = runtime.version().await.unwrap_or_default();
+            let check_runtime = runtime.clone();
+            let runtime_info = crate::cluster::RuntimeInfo {
+                version: runtime.version().await.unwrap_or_default(),
+                check: Arc::new(move || {
+                    let runtime = check_runtime.clone();
+                    Box::pin(
+                        async move { runtime.version().await.map(drop).map_err(|e| e.to_string()) },
+                    )
+                }),
+            };
             info!(kubeconfig = %cluster.kubeconfig.display(), "joining the cluster");
             let agent = ClusterAgent::start(
                 cluster,
+                manifest_rx.clone(),
                 store.clone(),
                 status.clone(),
                 recorder.clone(),
-                version,
+                runtime_info,
                 root.child_token(),
             )
             .await?;
@@ -126,6 +151,8 @@ pub async fn run(
             if config.authorization_webhook {
                 authorizer = Some(agent.authorizer.clone());
             }
+            // Static pods run as cluster mode names them (mirrored in the API).
+            manifest_rx = agent.static_pods;
             Some(ApiPods {
                 desired: agent.desired,
                 synced: agent.synced,
@@ -153,20 +180,6 @@ pub async fn run(
         warn!(error = %e, "could not list containers; pods will be recreated as needed");
     }
 
-    let (manifest_tx, manifest_rx) = watch::channel(None::<Vec<Pod>>);
-    if let Some(dir) = config.pod_manifest_path.clone() {
-        info!(dir = %dir.display(), "reading pods from the manifest folder");
-        tokio::spawn(watch_manifests(
-            ManifestSource::new(dir, &config.node_name),
-            config.file_check_frequency,
-            store.clone(),
-            recorder.clone(),
-            manifest_tx,
-            root.clone(),
-        ));
-    } else {
-        manifest_tx.send_replace(Some(Vec::new()));
-    }
     tokio::spawn(sync_pods(manager.clone(), manifest_rx, api, root.clone()));
 
     let state = ServerState {
