@@ -709,25 +709,81 @@ async fn pods_deleted_while_the_agent_was_down_are_killed_on_restart() {
         running_containers(&uid(&gone)) >= 1,
         "stopping the agent leaves its pods running"
     );
+    force_delete_unseen(&pods, &gone, &kept, "the agent is down").await;
+    agent.restart();
+    gone_is_stopped_kept_stays(&pods, &gone, &kept, "the restart").await;
+}
+
+/// Force-deletes pod `gone` while the agent cannot see it (`why`): both pods keep running.
+async fn force_delete_unseen(pods: &Api<Pod>, gone: &Pod, kept: &Pod, why: &str) {
     pods.delete("gone", &DeleteParams::default().grace_period(0))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
-        running_containers(&uid(&gone)) >= 1,
-        "nothing kills the pod while the agent is down"
+        running_containers(&uid(gone)) >= 1 && running_containers(&uid(kept)) >= 1,
+        "nothing is stopped while {why}"
     );
-    agent.restart();
-    let took = wait_containers_gone(&uid(&gone), 60).await;
-    eprintln!("restart: the deleted pod's containers were gone after {took:?}");
+}
+
+/// Once the agent sees the API again (after `what`): the deleted pod's containers are killed,
+/// the pod that still exists runs on (re-adopted, not restarted away) and is Ready.
+async fn gone_is_stopped_kept_stays(pods: &Api<Pod>, gone: &Pod, kept: &Pod, what: &str) {
+    let took = wait_containers_gone(&uid(gone), 120).await;
+    eprintln!("{what}: the deleted pod's containers were gone after {took:?}");
     assert!(
-        running_containers(&uid(&kept)) >= 1,
-        "the pod that still exists was re-adopted, not restarted away"
+        running_containers(&uid(kept)) >= 1,
+        "the kept pod runs on after {what}"
     );
-    let d = Deadline::new("the kept pod to be Ready after the restart", 60);
-    while pod_ready(&pods, "kept").await.is_none() {
+    let d = Deadline::new(format!("the kept pod Ready after {what}"), 60);
+    while pod_ready(pods, "kept").await.is_none() {
         d.tick().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "cluster tier: needs KUBECONFIG, NODELET_NODE_KUBECONFIG, NODELET_NODE_NAME"]
+async fn a_partition_keeps_pods_running_and_the_relist_stops_deleted_ones() {
+    let Some(c) = cluster("a_partition_keeps_pods_running_and_the_relist_stops_deleted_ones").await
+    else {
+        return;
+    };
+    // The agent reaches the API server only through a proxy the test can cut.
+    let text = std::fs::read_to_string(&c.node_kubeconfig).unwrap();
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let server = doc["clusters"][0]["cluster"]["server"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let api: std::net::SocketAddr = server
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("a server address of the form https://<ip>:<port>");
+    let mut proxy = Proxy::new(
+        Endpoint::Tcp("127.0.0.1:0".parse().unwrap()),
+        Endpoint::Tcp(api),
+    );
+    let Endpoint::Tcp(through) = proxy.listen else {
+        unreachable!()
+    };
+    doc["clusters"][0]["cluster"]["server"] = format!("https://{through}").into();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, serde_yaml::to_string(&doc).unwrap()).unwrap();
+    let _agent = Agent::start_as(&c.node, &kubeconfig, CONTAINERD_NS, &[]);
+    wait_node_ready(&c).await;
+    let ns = TestNamespace::create(&c, "cut").await;
+    let pods = ns.pods();
+    let gone = create_ready_pod(&pods, &c, "gone", 30).await;
+    let kept = create_ready_pod(&pods, &c, "kept", 30).await;
+
+    // The API is unreachable: the agent keeps its pods (the API decides, not the agent).
+    proxy.stop();
+    force_delete_unseen(&pods, &gone, &kept, "the API is unreachable").await;
+    // Back: the relist finds the force-deleted pod gone and stops it; the other stays.
+    proxy.start();
+    gone_is_stopped_kept_stays(&pods, &gone, &kept, "the partition").await;
 }
 
 #[tokio::test]
@@ -1222,26 +1278,80 @@ async fn an_unreachable_node_is_tainted_its_pod_evicted_and_killed_on_restart() 
     }
 }
 
-/// A stand-in for containerd's socket: forwards every connection to the real one while up;
-/// taking it down closes the listener and every forwarded connection. The agent sees its
-/// container runtime go away and come back without the shared containerd being touched.
-struct RuntimeProxy {
-    path: PathBuf,
+/// One end of a proxied connection.
+trait Duplex: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Duplex for T {}
+
+/// Where a proxy listens or forwards to.
+#[derive(Clone)]
+enum Endpoint {
+    Unix(PathBuf),
+    Tcp(std::net::SocketAddr),
+}
+
+enum Listener {
+    Unix(tokio::net::UnixListener),
+    Tcp(tokio::net::TcpListener),
+}
+
+impl Endpoint {
+    async fn connect(&self) -> std::io::Result<Box<dyn Duplex>> {
+        Ok(match self {
+            Endpoint::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await?),
+            Endpoint::Tcp(a) => Box::new(tokio::net::TcpStream::connect(a).await?),
+        })
+    }
+
+    /// Binds (a Unix socket path is replaced); a TCP port 0 becomes the bound port.
+    fn bind(&mut self) -> Listener {
+        match self {
+            Endpoint::Unix(p) => {
+                let _ = std::fs::remove_file(&*p);
+                Listener::Unix(tokio::net::UnixListener::bind(&*p).expect("proxy socket"))
+            }
+            Endpoint::Tcp(a) => {
+                let std = std::net::TcpListener::bind(*a).expect("proxy port");
+                *a = std.local_addr().unwrap();
+                std.set_nonblocking(true).unwrap();
+                Listener::Tcp(tokio::net::TcpListener::from_std(std).unwrap())
+            }
+        }
+    }
+}
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<Box<dyn Duplex>> {
+        Ok(match self {
+            Listener::Unix(l) => Box::new(l.accept().await?.0),
+            Listener::Tcp(l) => Box::new(l.accept().await?.0),
+        })
+    }
+}
+
+/// A stand-in for a socket the agent uses (containerd's, the API server's): forwards every
+/// connection to the real one while up; taking it down closes the listener and every
+/// forwarded connection. The agent loses its runtime or its API server and gets it back
+/// without the shared one being touched.
+struct Proxy {
+    listen: Endpoint,
+    target: Endpoint,
     up: Option<tokio_util::sync::CancellationToken>,
 }
 
-impl RuntimeProxy {
-    const TARGET: &'static str = "/run/containerd/containerd.sock";
-
-    fn new(path: PathBuf) -> Self {
-        let mut proxy = RuntimeProxy { path, up: None };
+impl Proxy {
+    fn new(listen: Endpoint, target: Endpoint) -> Self {
+        let mut proxy = Proxy {
+            listen,
+            target,
+            up: None,
+        };
         proxy.start();
         proxy
     }
 
     fn start(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-        let listener = tokio::net::UnixListener::bind(&self.path).expect("proxy socket");
+        let listener = self.listen.bind();
+        let target = self.target.clone();
         let token = tokio_util::sync::CancellationToken::new();
         let stop = token.clone();
         tokio::spawn(async move {
@@ -1250,12 +1360,12 @@ impl RuntimeProxy {
                     _ = stop.cancelled() => return,
                     a = listener.accept() => a,
                 };
-                let Ok((mut client, _)) = accepted else {
+                let Ok(mut client) = accepted else {
                     continue;
                 };
-                let stop = stop.clone();
+                let (stop, target) = (stop.clone(), target.clone());
                 tokio::spawn(async move {
-                    let Ok(mut server) = tokio::net::UnixStream::connect(Self::TARGET).await else {
+                    let Ok(mut server) = target.connect().await else {
                         return;
                     };
                     tokio::select! {
@@ -1272,11 +1382,13 @@ impl RuntimeProxy {
         if let Some(token) = self.up.take() {
             token.cancel();
         }
-        let _ = std::fs::remove_file(&self.path);
+        if let Endpoint::Unix(p) = &self.listen {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 
-impl Drop for RuntimeProxy {
+impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop();
     }
@@ -1329,7 +1441,10 @@ async fn the_node_is_not_ready_while_its_container_runtime_is_down() {
     };
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("containerd.sock");
-    let mut proxy = RuntimeProxy::new(socket.clone());
+    let mut proxy = Proxy::new(
+        Endpoint::Unix(socket.clone()),
+        Endpoint::Unix("/run/containerd/containerd.sock".into()),
+    );
     // The API keeps whole seconds.
     let started = jiff::Timestamp::from_second(jiff::Timestamp::now().as_second()).unwrap();
     let _agent = Agent::start_as(
