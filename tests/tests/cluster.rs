@@ -739,6 +739,36 @@ async fn gone_is_stopped_kept_stays(pods: &Api<Pod>, gone: &Pod, kept: &Pod, wha
     while pod_ready(pods, "kept").await.is_none() {
         d.tick().await;
     }
+    // Its status never flapped: Ready did not change since before, and nothing restarted.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let now = pods.get("kept").await.expect("the kept pod");
+    assert_eq!(uid(&now), uid(kept));
+    let ready_since = |p: &Pod| {
+        let conditions = p.status.as_ref().and_then(|s| s.conditions.clone());
+        let ready = conditions
+            .unwrap_or_default()
+            .into_iter()
+            .find(|c| c.type_ == "Ready");
+        ready.map(|c| (c.status, c.last_transition_time))
+    };
+    assert_eq!(
+        ready_since(&now),
+        ready_since(kept),
+        "Ready flapped after {what}"
+    );
+    let restarts = |p: &Pod| {
+        let statuses = p.status.as_ref().and_then(|s| s.container_statuses.clone());
+        statuses
+            .unwrap_or_default()
+            .iter()
+            .map(|c| c.restart_count)
+            .sum::<i32>()
+    };
+    assert_eq!(
+        restarts(&now),
+        restarts(kept),
+        "a container restarted after {what}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -181,14 +181,15 @@ pub(super) async fn run(
     }
 }
 
-/// Publishes the set; `synced` first, so whoever wakes on `desired` already sees it.
+/// Publishes the set, then `synced`: whoever sees `synced` true (and reads `desired` after)
+/// gets the complete first list, never the empty set from before it.
 fn publish(set: &PodSet, out: &Outputs) {
-    if set.synced() {
-        out.synced.send_if_modified(|s| !std::mem::replace(s, true));
-    }
     out.api_pods.send_replace(Arc::new(set.pods().clone()));
     out.desired
         .send_replace(set.desired(jiff::Timestamp::now()));
+    if set.synced() {
+        out.synced.send_if_modified(|s| !std::mem::replace(s, true));
+    }
 }
 
 #[cfg(test)]

@@ -143,6 +143,9 @@ impl Worker {
             .and_then(|s| s.start_time.as_ref())
             .map(|t| SystemTime::from(t.0));
         let first_created = recovered.iter().filter_map(|r| r.created_at).min();
+        // A re-adopted pod's status goes on from what the API holds (written by the agent
+        // before its restart): conditions keep their lastTransitionTime, nothing flaps.
+        let reported = desired.pod.status.clone().filter(|_| !recovered.is_empty());
         let mut worker = Worker {
             ctx,
             router,
@@ -157,7 +160,7 @@ impl Worker {
             failures: Backoff::default(),
             sandbox: None,
             volumes: None,
-            reported: None,
+            reported,
             exit_tx,
             exit_rx,
             probe_tx,
