@@ -339,7 +339,8 @@ struct ApiPods {
 }
 
 /// Merges the sources into full desired sets for the pod manager. Nothing is synced before
-/// every source has listed once (an empty first set would kill re-adopted pods). A pod removed
+/// every source has listed once (an empty first set would kill re-adopted pods); until the API
+/// has, static pods are started (or stopped) one by one. A pod removed
 /// from the manifest folder is deleted gracefully (its own grace period), as the kubelet deletes
 /// a static pod whose file is gone; it stays in the set until its worker has finished. A pod
 /// gone from the API is simply absent from the set: the manager deletes it as gone.
@@ -366,7 +367,7 @@ async fn sync_pods(
                 synced.then(|| a.desired.borrow_and_update().clone())
             }
         };
-        if let (Some(pods), Some(mut desired)) = (current, api_set) {
+        if let Some(pods) = current {
             let now: BTreeMap<String, Pod> = pods
                 .into_iter()
                 .map(|p| (p.metadata.uid.clone().unwrap_or_default(), p))
@@ -377,19 +378,30 @@ async fn sync_pods(
                 }
             }
             removed.retain(|uid, _| !now.contains_key(uid));
-            desired.extend(now.values().map(|pod| Desired {
-                pod: pod.clone(),
-                deletion: None,
-            }));
-            desired.extend(removed.values().map(|pod| Desired {
-                pod: pod.clone(),
-                deletion: Some(Deletion {
-                    grace: crate::pod::machine::grace(pod, None),
-                    gone: true,
-                }),
-            }));
+            let statics = now
+                .values()
+                .map(|pod| Desired {
+                    pod: pod.clone(),
+                    deletion: None,
+                })
+                .chain(removed.values().map(|pod| Desired {
+                    pod: pod.clone(),
+                    deletion: Some(Deletion {
+                        grace: crate::pod::machine::grace(pod, None),
+                        gone: true,
+                    }),
+                }));
+            match api_set {
+                Some(mut desired) => {
+                    desired.extend(statics);
+                    manager.sync_all(desired).await;
+                }
+                // The API has not listed yet (it may be unreachable): static pods run
+                // regardless, as the kubelet runs them (a control plane may be among them);
+                // nothing is cleaned up before the first full set.
+                None => statics.for_each(|d| manager.update(d)),
+            }
             previous = now;
-            manager.sync_all(desired).await;
         }
         let api_changed = async {
             match api.as_mut() {

@@ -147,7 +147,13 @@ impl Agent {
             .arg("--pod-manifest-path")
             .arg(self.manifests())
             .args(["--containerd-namespace", &self.containerd_ns])
-            .args(["--read-only-port", "0"])
+            // No read-only port unless the test asks for one.
+            .args(
+                (!self.extra.iter().any(|a| a == "--read-only-port"))
+                    .then_some(["--read-only-port", "0"])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--client-ca-file")
             .arg(credential_files(&self.kubeconfig, d).0)
             .args(&self.extra)
@@ -779,28 +785,7 @@ async fn a_partition_keeps_pods_running_and_the_relist_stops_deleted_ones() {
         return;
     };
     // The agent reaches the API server only through a proxy the test can cut.
-    let text = std::fs::read_to_string(&c.node_kubeconfig).unwrap();
-    let mut doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
-    let server = doc["clusters"][0]["cluster"]["server"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let api: std::net::SocketAddr = server
-        .trim_start_matches("https://")
-        .trim_end_matches('/')
-        .parse()
-        .expect("a server address of the form https://<ip>:<port>");
-    let mut proxy = Proxy::new(
-        Endpoint::Tcp("127.0.0.1:0".parse().unwrap()),
-        Endpoint::Tcp(api),
-    );
-    let Endpoint::Tcp(through) = proxy.listen else {
-        unreachable!()
-    };
-    doc["clusters"][0]["cluster"]["server"] = format!("https://{through}").into();
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, serde_yaml::to_string(&doc).unwrap()).unwrap();
+    let (mut proxy, kubeconfig, _dir) = api_proxy(&c);
     let _agent = Agent::start_as(&c.node, &kubeconfig, CONTAINERD_NS, &[]);
     wait_node_ready(&c).await;
     let ns = TestNamespace::create(&c, "cut").await;
@@ -1144,6 +1129,95 @@ async fn static_pods_get_mirror_pods_that_follow_them() {
         d.tick().await;
     }
     wait_containers_gone(&new_uid, 60).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "cluster tier: needs KUBECONFIG, NODELET_NODE_KUBECONFIG, NODELET_NODE_NAME"]
+async fn static_pods_run_while_the_api_is_unreachable() {
+    let Some(c) = cluster("static_pods_run_while_the_api_is_unreachable").await else {
+        return;
+    };
+    let ns = TestNamespace::create(&c, "offline").await;
+    let (mut proxy, kubeconfig, _dir) = api_proxy(&c);
+    proxy.stop();
+    let read_only = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let agent = Agent::start_as(
+        &c.node,
+        &kubeconfig,
+        CONTAINERD_NS,
+        &["--read-only-port".into(), read_only.to_string()],
+    );
+    std::fs::write(
+        agent.manifests().join("boot.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: boot\n  namespace: {}\nspec:\n  \
+             terminationGracePeriodSeconds: 2\n  containers:\n  - name: app\n    image: {IMAGE}\n    \
+             command: [sleep, '3600']\n",
+            ns.name
+        ),
+    )
+    .unwrap();
+    let name = format!("boot-{}", c.node.to_lowercase());
+
+    // No API server: the static pod runs all the same (the agent's own view of it).
+    let url = format!("http://127.0.0.1:{read_only}/pods");
+    let d = Deadline::new("the static pod Running with no API server", 120);
+    loop {
+        let out = Command::new("curl")
+            .args(["-fsS", "--max-time", "5", &url])
+            .output();
+        let list: serde_json::Value = out
+            .ok()
+            .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+            .unwrap_or_default();
+        let items = list["items"].as_array().cloned().unwrap_or_default();
+        if items
+            .iter()
+            .any(|p| p["metadata"]["name"] == name.as_str() && p["status"]["phase"] == "Running")
+        {
+            break;
+        }
+        d.tick().await;
+    }
+    // The API comes back: the mirror pod follows.
+    proxy.start();
+    wait_mirror(&ns.pods(), &name, "created once the API answers", |_| true).await;
+    std::fs::remove_file(agent.manifests().join("boot.yaml")).unwrap();
+    let d = Deadline::new("the mirror pod deleted with its manifest", 60);
+    while !mirror_pods(&ns.pods()).await.is_empty() {
+        d.tick().await;
+    }
+}
+
+/// A proxy to the API server and a copy of the node's kubeconfig that goes through it (in the
+/// returned temp dir): cutting the proxy makes the API unreachable for that agent only.
+fn api_proxy(c: &Cluster) -> (Proxy, PathBuf, tempfile::TempDir) {
+    let text = std::fs::read_to_string(&c.node_kubeconfig).unwrap();
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let server = doc["clusters"][0]["cluster"]["server"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let api: std::net::SocketAddr = server
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("a server address of the form https://<ip>:<port>");
+    let proxy = Proxy::new(
+        Endpoint::Tcp("127.0.0.1:0".parse().unwrap()),
+        Endpoint::Tcp(api),
+    );
+    let Endpoint::Tcp(through) = proxy.listen else {
+        unreachable!()
+    };
+    doc["clusters"][0]["cluster"]["server"] = format!("https://{through}").into();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, serde_yaml::to_string(&doc).unwrap()).unwrap();
+    (proxy, kubeconfig, dir)
 }
 
 /// The second node's credential (`NODELET_NODE2_KUBECONFIG`, `NODELET_NODE2_NAME`); a test that
