@@ -209,6 +209,8 @@ pub struct Plugins {
     seen: Mutex<BTreeSet<PathBuf>>,
     /// Serialises discovery passes.
     discovering: tokio::sync::Mutex<()>,
+    /// Bumped on every registration, for whoever waits for a driver to come (back).
+    registered: tokio::sync::watch::Sender<u64>,
 }
 
 impl Plugins {
@@ -218,7 +220,13 @@ impl Plugins {
             drivers: Mutex::new(BTreeMap::new()),
             seen: Mutex::new(BTreeSet::new()),
             discovering: tokio::sync::Mutex::new(()),
+            registered: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Changes whenever a driver registers.
+    pub fn registrations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.registered.subscribe()
     }
 
     /// The drivers registered now.
@@ -263,6 +271,7 @@ impl Plugins {
                         .expect("drivers lock")
                         .insert(driver.name.clone(), driver);
                     self.seen.lock().expect("seen lock").insert(socket);
+                    self.registered.send_modify(|n| *n += 1);
                 }
                 Ok(None) => {
                     self.seen.lock().expect("seen lock").insert(socket);
@@ -314,12 +323,22 @@ impl Plugins {
     }
 
     /// NodeStage (when the driver stages and the staging path is not mounted yet) and
-    /// NodePublish (when the target is not mounted yet).
+    /// NodePublish, unless the target is mounted already: a published volume found in the
+    /// mount table (after an agent restart) is re-adopted without a call, so a pod keeps its
+    /// volume while its driver is not back yet.
     pub async fn setup(
         &self,
         rec: &CsiRecord,
         context: BTreeMap<String, String>,
     ) -> Result<ReadyVolume, String> {
+        let ready = ReadyVolume {
+            host_path: rec.target_path.clone(),
+            read_only: rec.read_only,
+            block: false,
+        };
+        if mount::is_mounted(&rec.target_path).map_err(|e| e.to_string())? {
+            return Ok(ready);
+        }
         let mut client = self.client(&rec.driver).await?;
         let caps = timed(
             "NodeGetCapabilities",
@@ -369,30 +388,24 @@ impl Plugins {
             std::fs::create_dir_all(parent)
                 .map_err(|e| format!("mkdir {}: {e}", parent.display()))?;
         }
-        if !mount::is_mounted(&rec.target_path).map_err(|e| e.to_string())? {
-            timed(
-                "NodePublishVolume",
-                client.node_publish_volume(proto::NodePublishVolumeRequest {
-                    volume_id: rec.volume_handle.clone(),
-                    publish_context: Default::default(),
-                    staging_target_path: staging
-                        .as_ref()
-                        .map(|s| s.display().to_string())
-                        .unwrap_or_default(),
-                    target_path: rec.target_path.display().to_string(),
-                    volume_capability: Some(capability),
-                    readonly: rec.read_only,
-                    secrets: Default::default(),
-                    volume_context: context,
-                }),
-            )
-            .await?;
-        }
-        Ok(ReadyVolume {
-            host_path: rec.target_path.clone(),
-            read_only: rec.read_only,
-            block: false,
-        })
+        timed(
+            "NodePublishVolume",
+            client.node_publish_volume(proto::NodePublishVolumeRequest {
+                volume_id: rec.volume_handle.clone(),
+                publish_context: Default::default(),
+                staging_target_path: staging
+                    .as_ref()
+                    .map(|s| s.display().to_string())
+                    .unwrap_or_default(),
+                target_path: rec.target_path.display().to_string(),
+                volume_capability: Some(capability),
+                readonly: rec.read_only,
+                secrets: Default::default(),
+                volume_context: context,
+            }),
+        )
+        .await?;
+        Ok(ready)
     }
 
     /// NodeUnpublish of the pod's target (skipped when nothing is there).

@@ -24,14 +24,16 @@ mod mount;
 mod projection;
 mod subpath;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::{Container, Pod, Volume};
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use self::atomic::Payload;
 use self::downward::NodeAllocatable;
@@ -191,8 +193,15 @@ pub struct VolumeManager {
     records: Mutex<BTreeMap<String, PodRecord>>,
     /// Serialises setup/refresh/teardown so staging and claim checks see a consistent state.
     op: tokio::sync::Mutex<()>,
+    /// UIDs set up by this process and not torn down since: an orphan's retried teardown
+    /// leaves them alone (a worker owns their volumes again).
+    set_up: Mutex<BTreeSet<String>>,
     plugins: csi::Plugins,
 }
+
+/// Back-off of an orphan's retried teardown.
+const ORPHAN_RETRY_FIRST: Duration = Duration::from_secs(1);
+const ORPHAN_RETRY_MAX: Duration = Duration::from_secs(30);
 
 const STATE_FILE: &str = ".state.json";
 
@@ -208,6 +217,7 @@ impl VolumeManager {
             tokens: RwLock::new(None),
             records: Mutex::new(BTreeMap::new()),
             op: tokio::sync::Mutex::new(()),
+            set_up: Mutex::new(BTreeSet::new()),
             plugins: csi::Plugins::new(config.plugins_registry),
         };
         // Re-adopt what a previous run recorded.
@@ -237,6 +247,7 @@ impl VolumeManager {
     pub async fn setup(&self, pod: &Pod) -> Result<PodVolumes, VolumeError> {
         let _op = self.op.lock().await;
         let uid = pod_uid(pod)?;
+        self.set_up.lock().expect("set_up lock").insert(uid.clone());
         let dir = self.ctx.volumes_dir(&uid);
         fs::create_dir_all(&dir)
             .map_err(|e| failed("", format!("mkdir {}: {e}", dir.display())))?;
@@ -548,6 +559,44 @@ impl VolumeManager {
     /// Unmounts and removes every volume of the pod (CSI unpublish/unstage). Idempotent.
     pub async fn teardown(&self, pod_uid: &str) -> Result<(), VolumeError> {
         let _op = self.op.lock().await;
+        self.teardown_locked(pod_uid).await
+    }
+
+    /// Retries the teardown of a pod no source wants (found on disk after a restart) whose
+    /// first teardown failed, typically because its CSI driver has not registered again yet:
+    /// with back-off (1 s doubling to 30 s, and at once when a driver registers) until it
+    /// succeeds or `cancel` fires. A pod set up again meanwhile is left to its worker.
+    pub async fn retry_orphan_teardown(&self, uid: String, cancel: CancellationToken) {
+        let mut registered = self.plugins.registrations();
+        let mut delay = ORPHAN_RETRY_FIRST;
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+                _ = registered.changed() => {}
+            }
+            let result = {
+                let _op = self.op.lock().await;
+                if self.set_up.lock().expect("set_up lock").contains(&uid) {
+                    tracing::info!(pod = %uid, "orphan set up again; its worker owns its volumes");
+                    return;
+                }
+                self.teardown_locked(&uid).await
+            };
+            match result {
+                Ok(()) => {
+                    tracing::info!(pod = %uid, "orphan volumes torn down");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %uid, error = %e, retry_in = ?delay, "tearing down orphan volumes")
+                }
+            }
+            delay = (delay * 2).min(ORPHAN_RETRY_MAX);
+        }
+    }
+
+    async fn teardown_locked(&self, pod_uid: &str) -> Result<(), VolumeError> {
         if pod_uid.is_empty() || pod_uid.contains('/') || pod_uid.starts_with('.') {
             return Err(invalid("", format!("bad pod uid {pod_uid:?}")));
         }
@@ -607,6 +656,7 @@ impl VolumeManager {
         })
         .await?;
         self.records.lock().expect("records lock").remove(pod_uid);
+        self.set_up.lock().expect("set_up lock").remove(pod_uid);
         Ok(())
     }
 

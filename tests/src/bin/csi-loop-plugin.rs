@@ -11,7 +11,12 @@
 //! It registers through the kubelet plugin registration API: a `Registration` service on
 //! `<registry>/<driver>-reg.sock` answering GetInfo with its CSI endpoint.
 //!
+//! With `--call-log FILE` every Node stage/publish call that succeeded is appended to FILE
+//! once it is done, one line `<RPC> <volume id> <path>`, so tests can check what was called
+//! (idempotent repeats included) and in which order.
+//!
 //! Usage: csi-loop-plugin --driver NAME --state-dir DIR --registry DIR [--node-id ID]
+//! [--call-log FILE]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -35,6 +40,7 @@ struct Plugin {
     node_id: String,
     state_dir: PathBuf,
     endpoint: PathBuf,
+    call_log: Option<PathBuf>,
 }
 
 fn run(cmd: &mut Command) -> Result<String, Status> {
@@ -69,6 +75,20 @@ fn require(value: &str, what: &str) -> Result<(), Status> {
 }
 
 impl Plugin {
+    /// Appends `<rpc> <volume id> <path>` to the call log, when there is one.
+    fn log_call(&self, rpc: &str, volume_id: &str, path: &str) -> Result<(), Status> {
+        let Some(log) = &self.call_log else {
+            return Ok(());
+        };
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .and_then(|mut f| writeln!(f, "{rpc} {volume_id} {path}"))
+            .map_err(|e| Status::internal(format!("call log {}: {e}", log.display())))
+    }
+
     fn backing_file(&self, volume_id: &str) -> Result<PathBuf, Status> {
         if !volume_id
             .chars()
@@ -184,16 +204,15 @@ impl Identity for Plugin {
     }
 }
 
-#[tonic::async_trait]
-impl Node for Plugin {
-    async fn node_stage_volume(
-        &self,
-        request: Request<NodeStageVolumeRequest>,
-    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
-        let req = request.into_inner();
+impl Plugin {
+    fn stage_volume(&self, req: &NodeStageVolumeRequest) -> Result<(), Status> {
         require(&req.volume_id, "volume_id")?;
         require(&req.staging_target_path, "staging_target_path")?;
-        let fs_type = match req.volume_capability.and_then(|c| c.access_type) {
+        let fs_type = match req
+            .volume_capability
+            .as_ref()
+            .and_then(|c| c.access_type.as_ref())
+        {
             Some(AccessType::Mount(m)) if m.fs_type.is_empty() || m.fs_type == "ext4" => "ext4",
             Some(AccessType::Mount(m)) => {
                 return Err(Status::invalid_argument(format!(
@@ -208,26 +227,10 @@ impl Node for Plugin {
             Path::new(&req.staging_target_path),
             fs_type,
             &req.volume_context,
-        )?;
-        Ok(Response::new(NodeStageVolumeResponse {}))
+        )
     }
 
-    async fn node_unstage_volume(
-        &self,
-        request: Request<NodeUnstageVolumeRequest>,
-    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
-        let req = request.into_inner();
-        require(&req.volume_id, "volume_id")?;
-        require(&req.staging_target_path, "staging_target_path")?;
-        self.unstage(&req.volume_id, Path::new(&req.staging_target_path))?;
-        Ok(Response::new(NodeUnstageVolumeResponse {}))
-    }
-
-    async fn node_publish_volume(
-        &self,
-        request: Request<NodePublishVolumeRequest>,
-    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
-        let req = request.into_inner();
+    fn publish_volume(&self, req: &NodePublishVolumeRequest) -> Result<(), Status> {
         require(&req.volume_id, "volume_id")?;
         require(&req.target_path, "target_path")?;
         let ephemeral = req
@@ -251,7 +254,7 @@ impl Node for Plugin {
         }
         let target = PathBuf::from(&req.target_path);
         if mounted_source(&target).is_some() {
-            return Ok(Response::new(NodePublishVolumeResponse {}));
+            return Ok(());
         }
         std::fs::create_dir_all(&target).map_err(|e| Status::internal(e.to_string()))?;
         run(Command::new("mount")
@@ -263,14 +266,10 @@ impl Node for Plugin {
                 .args(["-o", "remount,bind,ro"])
                 .arg(&target))?;
         }
-        Ok(Response::new(NodePublishVolumeResponse {}))
+        Ok(())
     }
 
-    async fn node_unpublish_volume(
-        &self,
-        request: Request<NodeUnpublishVolumeRequest>,
-    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
-        let req = request.into_inner();
+    fn unpublish_volume(&self, req: &NodeUnpublishVolumeRequest) -> Result<(), Status> {
         require(&req.volume_id, "volume_id")?;
         require(&req.target_path, "target_path")?;
         let target = PathBuf::from(&req.target_path);
@@ -286,6 +285,60 @@ impl Node for Plugin {
             let _ = std::fs::remove_dir(&inline);
             let _ = std::fs::remove_file(self.backing_file(&req.volume_id)?);
         }
+        Ok(())
+    }
+
+    fn unstage_volume(&self, req: &NodeUnstageVolumeRequest) -> Result<(), Status> {
+        require(&req.volume_id, "volume_id")?;
+        require(&req.staging_target_path, "staging_target_path")?;
+        self.unstage(&req.volume_id, Path::new(&req.staging_target_path))
+    }
+}
+
+/// The stage/publish RPCs: each carried out, then logged once it succeeded.
+#[tonic::async_trait]
+impl Node for Plugin {
+    async fn node_stage_volume(
+        &self,
+        request: Request<NodeStageVolumeRequest>,
+    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        let req = request.into_inner();
+        self.stage_volume(&req)?;
+        self.log_call("NodeStageVolume", &req.volume_id, &req.staging_target_path)?;
+        Ok(Response::new(NodeStageVolumeResponse {}))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        request: Request<NodeUnstageVolumeRequest>,
+    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
+        let req = request.into_inner();
+        self.unstage_volume(&req)?;
+        self.log_call(
+            "NodeUnstageVolume",
+            &req.volume_id,
+            &req.staging_target_path,
+        )?;
+        Ok(Response::new(NodeUnstageVolumeResponse {}))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        request: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        self.publish_volume(&req)?;
+        self.log_call("NodePublishVolume", &req.volume_id, &req.target_path)?;
+        Ok(Response::new(NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        self.unpublish_volume(&req)?;
+        self.log_call("NodeUnpublishVolume", &req.volume_id, &req.target_path)?;
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }
 
@@ -367,6 +420,7 @@ fn listen(path: &Path) -> std::io::Result<UnixListenerStream> {
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut driver, mut state_dir, mut registry, mut node_id) = (None, None, None, None);
+    let mut call_log = None;
     while let Some(flag) = args.next() {
         let value = args
             .next()
@@ -376,6 +430,7 @@ async fn main() -> anyhow::Result<()> {
             "--state-dir" => state_dir = Some(PathBuf::from(value)),
             "--registry" => registry = Some(PathBuf::from(value)),
             "--node-id" => node_id = Some(value),
+            "--call-log" => call_log = Some(PathBuf::from(value)),
             other => anyhow::bail!("unknown flag {other}"),
         }
     }
@@ -387,6 +442,7 @@ async fn main() -> anyhow::Result<()> {
         endpoint: state_dir.join("csi.sock"),
         driver: driver.clone(),
         state_dir,
+        call_log,
     };
     let csi = listen(&plugin.endpoint)?;
     let reg = listen(&registry.join(format!("{driver}-reg.sock")))?;
