@@ -687,3 +687,51 @@ fn a_csi_plugin_down_across_an_agent_restart_neither_stops_a_running_pod_nor_str
         plugin.attached_loops()
     );
 }
+
+#[test]
+fn a_csi_block_volume_is_a_device_in_the_container() {
+    let (agent, plugin) = csi_agent("csi-block");
+    let manifests = format!(
+        "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: raw-pv}}\nspec:\n  capacity: {{storage: 16Mi}}\n  accessModes: [ReadWriteOnce]\n  volumeMode: Block\n  claimRef: {{namespace: default, name: raw-data}}\n  csi:\n    driver: {LOOP_DRIVER}\n    volumeHandle: vol-b\n    volumeAttributes: {{size: \"16777216\"}}\n---\n\
+         apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: raw-data}}\nspec:\n  accessModes: [ReadWriteOnce]\n  volumeMode: Block\n  volumeName: raw-pv\n  resources: {{requests: {{storage: 16Mi}}}}\n"
+    );
+    agent.write_manifest("claim.yaml", &manifests);
+    // Writes a pattern 1 MiB into the device, syncs, and reads it back through the device.
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: raw}}\nspec:\n  restartPolicy: Never\n  containers:\n  - name: c\n    image: {BUSYBOX}\n    command: [sh, -c, 'test -b /dev/xvda && printf nodelet-block | dd of=/dev/xvda bs=512 seek=2048 conv=notrunc,fsync && test \"$(dd if=/dev/xvda bs=512 skip=2048 count=1 2>/dev/null | head -c 13)\" = nodelet-block && echo pattern read back']\n    volumeDevices: [{{name: raw, devicePath: /dev/xvda}}]\n  volumes:\n  - name: raw\n    persistentVolumeClaim: {{claimName: raw-data}}\n"
+    );
+    agent.write_manifest("raw.yaml", &pod);
+    let done = agent.wait_phase("raw", "Succeeded", MINUTE);
+    let uid = done.metadata.uid.clone().unwrap();
+    let staging = nodelet::volume::csi::block_staging_path(&agent.root_dir(), LOOP_DRIVER, "vol-b");
+    let target = nodelet::volume::csi::block_target_path(&agent.root_dir(), &uid, "raw-pv");
+    let calls = plugin.calls();
+    assert_eq!(plugin.rpcs()[..2], [STAGE, PUBLISH], "{calls:?}");
+    assert_eq!(calls[0].2, staging.display().to_string());
+    assert_eq!(calls[1].2, target.display().to_string());
+    // The pattern reached the volume's backing file through the loop device.
+    let mut data = vec![0u8; 13];
+    {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(plugin.backing_file("vol-b")).unwrap();
+        f.seek(SeekFrom::Start(1 << 20)).unwrap();
+        f.read_exact(&mut data).unwrap();
+    }
+    assert_eq!(data, b"nodelet-block");
+
+    agent.remove_manifest("raw.yaml");
+    agent.wait_until("the pod is gone", MINUTE, |a| a.pod("raw").is_none());
+    agent.wait_until("the block volume is unstaged", MINUTE, |_| {
+        plugin.rpcs().len() == 4
+    });
+    assert_eq!(plugin.rpcs()[2..], [UNPUBLISH, UNSTAGE]);
+    assert!(loop_mounts(&agent).is_empty(), "{:?}", loop_mounts(&agent));
+    assert!(
+        plugin.attached_loops().is_empty(),
+        "{:?}",
+        plugin.attached_loops()
+    );
+    assert!(!target.exists() && !staging.exists());
+    let pod_dir = agent.root_dir().join("pods").join(&uid);
+    assert!(!pod_dir.join("volumeDevices").exists());
+}

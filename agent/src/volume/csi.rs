@@ -1,7 +1,11 @@
 //! CSI on the node: plugin discovery through the kubelet plugin registration API (sockets in
 //! `<root>/plugins_registry`, GetInfo, NotifyRegistrationStatus, a driver → endpoint map) and
 //! the Node service calls (NodeStage once per volume per node at the global staging path,
-//! NodePublish per pod, and the reverse on teardown).
+//! NodePublish per pod, and the reverse on teardown). Raw block volumes (volumeMode Block) are
+//! staged with the Block access type at a staging dir of their own and published to a per-pod
+//! target file (`<pod>/volumeDevices/kubernetes.io~csi/<pv>`) that becomes the container's
+//! device; since a driver need not mount anything to stage a block volume, the agent records
+//! the staging in a marker file beside the staging dir.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::FileTypeExt;
@@ -32,7 +36,7 @@ pub mod registration {
 
 use proto::node_client::NodeClient;
 use proto::volume_capability::access_mode::Mode;
-use proto::volume_capability::{AccessMode, AccessType, MountVolume};
+use proto::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use proto::VolumeCapability;
 
 /// The plugin type a CSI driver registers as.
@@ -53,6 +57,9 @@ pub struct CsiRecord {
     pub fs_type: String,
     /// Kubernetes access modes of the claim.
     pub access_modes: Vec<String>,
+    /// A raw block volume (volumeMode Block): the target is a file that becomes a device.
+    #[serde(default)]
+    pub block: bool,
 }
 
 fn sha256_hex(s: &str) -> String {
@@ -76,6 +83,37 @@ pub fn staging_path(root: &Path, driver: &str, handle: &str) -> PathBuf {
         .join("globalmount")
 }
 
+/// The staging dir of a raw block volume's handle (one per volume per node).
+pub fn block_staging_path(root: &Path, driver: &str, handle: &str) -> PathBuf {
+    root.join("plugins/kubernetes.io/csi/volumeDevices")
+        .join(driver)
+        .join(sha256_hex(handle))
+        .join("staging")
+}
+
+/// The per-pod publish target of a raw block volume: a file the driver puts the device on.
+pub fn block_target_path(root: &Path, uid: &str, pv: &str) -> PathBuf {
+    root.join("pods")
+        .join(uid)
+        .join(super::VOLUME_DEVICES)
+        .join(super::plugin::CSI)
+        .join(pv)
+}
+
+/// The agent's record that a block volume is staged (drivers mount nothing for those).
+fn staged_marker(staging: &Path) -> PathBuf {
+    staging.with_file_name("staged")
+}
+
+/// Whether the volume is staged at `staging`: mounted there, or for a block volume, marked.
+fn is_staged(rec: &CsiRecord, staging: &Path) -> Result<bool, String> {
+    if rec.block {
+        Ok(staged_marker(staging).exists())
+    } else {
+        mount::is_mounted(staging).map_err(|e| e.to_string())
+    }
+}
+
 /// The record of an inline (ephemeral) CSI volume: published without staging, with a handle
 /// derived from the pod UID and volume name as upstream does.
 pub fn inline_record(root: &Path, uid: &str, volume: &str, src: &CSIVolumeSource) -> CsiRecord {
@@ -87,10 +125,11 @@ pub fn inline_record(root: &Path, uid: &str, volume: &str, src: &CSIVolumeSource
         read_only: src.read_only.unwrap_or(false),
         fs_type: src.fs_type.clone().unwrap_or_default(),
         access_modes: Vec::new(),
+        block: false,
     }
 }
 
-/// The record of a CSI PV.
+/// The record of a CSI PV (`block`: its volumeMode is Block).
 pub fn pv_record(
     root: &Path,
     uid: &str,
@@ -98,15 +137,29 @@ pub fn pv_record(
     src: &CSIPersistentVolumeSource,
     read_only: bool,
     access_modes: &[String],
+    block: bool,
 ) -> CsiRecord {
+    let (driver, handle) = (&src.driver, &src.volume_handle);
+    let (target_path, staging) = if block {
+        (
+            block_target_path(root, uid, pv),
+            block_staging_path(root, driver, handle),
+        )
+    } else {
+        (
+            target_path(root, uid, pv),
+            staging_path(root, driver, handle),
+        )
+    };
     CsiRecord {
-        driver: src.driver.clone(),
-        volume_handle: src.volume_handle.clone(),
-        target_path: target_path(root, uid, pv),
-        staging_path: Some(staging_path(root, &src.driver, &src.volume_handle)),
+        driver: driver.clone(),
+        volume_handle: handle.clone(),
+        target_path,
+        staging_path: Some(staging),
         read_only,
         fs_type: src.fs_type.clone().unwrap_or_default(),
         access_modes: access_modes.to_vec(),
+        block,
     }
 }
 
@@ -334,7 +387,7 @@ impl Plugins {
         let ready = ReadyVolume {
             host_path: rec.target_path.clone(),
             read_only: rec.read_only,
-            block: false,
+            block: rec.block,
         };
         if mount::is_mounted(&rec.target_path).map_err(|e| e.to_string())? {
             return Ok(ready);
@@ -355,11 +408,15 @@ impl Plugins {
             access_mode: Some(AccessMode {
                 mode: access_mode(&rec.access_modes, has(Cap::SingleNodeMultiWriter)) as i32,
             }),
-            access_type: Some(AccessType::Mount(MountVolume {
-                fs_type: rec.fs_type.clone(),
-                mount_flags: Vec::new(),
-                volume_mount_group: String::new(),
-            })),
+            access_type: Some(if rec.block {
+                AccessType::Block(BlockVolume {})
+            } else {
+                AccessType::Mount(MountVolume {
+                    fs_type: rec.fs_type.clone(),
+                    mount_flags: Vec::new(),
+                    volume_mount_group: String::new(),
+                })
+            }),
         };
         let context: std::collections::HashMap<String, String> = context.into_iter().collect();
         let staging = match &rec.staging_path {
@@ -369,7 +426,7 @@ impl Plugins {
         if let Some(staging) = &staging {
             std::fs::create_dir_all(staging)
                 .map_err(|e| format!("mkdir {}: {e}", staging.display()))?;
-            if !mount::is_mounted(staging).map_err(|e| e.to_string())? {
+            if !is_staged(rec, staging)? {
                 timed(
                     "NodeStageVolume",
                     client.node_stage_volume(proto::NodeStageVolumeRequest {
@@ -382,6 +439,11 @@ impl Plugins {
                     }),
                 )
                 .await?;
+                if rec.block {
+                    let marker = staged_marker(staging);
+                    std::fs::write(&marker, rec.volume_handle.as_bytes())
+                        .map_err(|e| format!("writing {}: {e}", marker.display()))?;
+                }
             }
         }
         if let Some(parent) = rec.target_path.parent() {
@@ -440,7 +502,7 @@ impl Plugins {
         if !staging.exists() {
             return Ok(());
         }
-        let mounted = mount::is_mounted(staging).map_err(|e| e.to_string())?;
+        let staged = is_staged(rec, staging)?;
         match self.client(&rec.driver).await {
             Ok(mut client) => {
                 timed(
@@ -452,8 +514,16 @@ impl Plugins {
                 )
                 .await?;
             }
-            Err(_) if !mounted => {}
+            Err(_) if !staged => {}
             Err(e) => return Err(e),
+        }
+        if rec.block {
+            let marker = staged_marker(staging);
+            if let Err(e) = std::fs::remove_file(&marker) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(format!("removing {}: {e}", marker.display()));
+                }
+            }
         }
         if mount::is_mounted(staging).map_err(|e| e.to_string())? {
             return Err(format!(
@@ -531,6 +601,35 @@ mod tests {
         assert_eq!(m(&["ReadWriteOncePod"], false), Mode::SingleNodeWriter);
         assert_eq!(m(&["ReadOnlyMany"], false), Mode::MultiNodeReaderOnly);
         assert_eq!(m(&["ReadWriteMany"], false), Mode::MultiNodeMultiWriter);
+    }
+
+    #[test]
+    fn block_volumes_stage_and_publish_apart_from_filesystem_ones() {
+        let src = CSIPersistentVolumeSource {
+            driver: "loop.csi".into(),
+            volume_handle: "vol-1".into(),
+            ..Default::default()
+        };
+        let root = Path::new("/r");
+        let fs = pv_record(root, "u1", "pv1", &src, false, &[], false);
+        let block = pv_record(root, "u1", "pv1", &src, false, &[], true);
+        assert!(!fs.block && block.block);
+        assert_eq!(
+            block.target_path,
+            Path::new("/r/pods/u1/volumeDevices/kubernetes.io~csi/pv1")
+        );
+        assert_eq!(
+            fs.target_path,
+            Path::new("/r/pods/u1/volumes/kubernetes.io~csi/pv1/mount")
+        );
+        let staging = block.staging_path.unwrap();
+        assert_ne!(Some(&staging), fs.staging_path.as_ref());
+        assert!(staging.starts_with("/r/plugins/kubernetes.io/csi/volumeDevices/loop.csi"));
+        assert_eq!(
+            staged_marker(&staging).parent(),
+            staging.parent(),
+            "the marker sits beside the staging dir, not in the driver's"
+        );
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //! Layout (the kubelet's): `<root>/pods/<uid>/volumes/<plugin>/<volume>` with plugin dirs such
 //! as `kubernetes.io~empty-dir`; PV-backed volumes are named by the PV; CSI volumes publish to
 //! `kubernetes.io~csi/<volume>/mount` and stage once per node under
-//! `<root>/plugins/kubernetes.io/csi/<driver>/<sha256(handle)>/globalmount`. subPath binds live
-//! under `<root>/pods/<uid>/volume-subpaths/<volume>/<container>/<index>`.
+//! `<root>/plugins/kubernetes.io/csi/<driver>/<sha256(handle)>/globalmount`; CSI raw block
+//! volumes publish to the file `<root>/pods/<uid>/volumeDevices/kubernetes.io~csi/<pv>` and
+//! stage under `<root>/plugins/kubernetes.io/csi/volumeDevices/<driver>/<sha256(handle)>`.
+//! subPath binds live under `<root>/pods/<uid>/volume-subpaths/<volume>/<container>/<index>`.
 //!
 //! What the manager did for a pod (claims it uses, CSI publications) is recorded in
 //! `<root>/pods/<uid>/volumes/.state.json` before each mount, so teardown needs only the UID and
@@ -204,6 +206,8 @@ const ORPHAN_RETRY_FIRST: Duration = Duration::from_secs(1);
 const ORPHAN_RETRY_MAX: Duration = Duration::from_secs(30);
 
 const STATE_FILE: &str = ".state.json";
+/// The pod dir's subdir for raw block volumes' publish targets.
+const VOLUME_DEVICES: &str = "volumeDevices";
 
 impl VolumeManager {
     pub fn new(config: VolumeConfig, store: ObjectStore) -> Self {
@@ -357,12 +361,6 @@ impl VolumeManager {
         self.record(uid, volume, |r| r.claim = Some(use_.clone()))?;
         let spec = bound.pv.spec.clone().unwrap_or_default();
         if let Some(src) = &spec.csi {
-            if bound.block {
-                return Err(invalid(
-                    volume,
-                    "CSI volumes with volumeMode Block are not supported",
-                ));
-            }
             let read_only = pod_read_only || src.read_only.unwrap_or(false);
             let rec = csi::pv_record(
                 &self.ctx.root,
@@ -371,6 +369,7 @@ impl VolumeManager {
                 src,
                 read_only,
                 &bound.access_modes,
+                bound.block,
             );
             self.record(uid, volume, |r| r.csi = Some(rec.clone()))?;
             let context = csi::pod_context(pod, false, src.volume_attributes.clone());
@@ -602,6 +601,7 @@ impl VolumeManager {
         }
         let pod_dir = self.ctx.pod_dir(pod_uid);
         let subpaths = pod_dir.join("volume-subpaths");
+        let devices = pod_dir.join(VOLUME_DEVICES);
         let volumes = self.ctx.volumes_dir(pod_uid);
         unmount_blocking(subpaths.clone()).await?;
         let record = self
@@ -621,6 +621,7 @@ impl VolumeManager {
                 .await
                 .map_err(|e| failed(name, e))?;
         }
+        unmount_blocking(devices.clone()).await?;
         unmount_blocking(volumes.clone()).await?;
         for (name, rec) in &csi_records {
             let Some(staging) = &rec.staging_path else {
@@ -646,7 +647,8 @@ impl VolumeManager {
         }
         let pod_dir2 = pod_dir.clone();
         blocking(move || {
-            for dir in [&subpaths, &volumes] {
+            // The volumes dir (with the pod's record) goes last.
+            for dir in [&subpaths, &devices, &volumes] {
                 remove_tree(dir)
                     .map_err(|e| failed("", format!("removing {}: {e}", dir.display())))?;
             }

@@ -4,6 +4,9 @@
 //! - NodeStageVolume: losetup the backing file (created at the `size` volume attribute, 64 MiB
 //!   by default), mkfs.ext4 when blank, mount it at the staging path.
 //! - NodePublishVolume: bind mount staging → target, remounted read-only when asked.
+//! - Raw block volumes (access type Block): NodeStageVolume only attaches the loop device (no
+//!   filesystem, nothing mounted); NodePublishVolume creates the target file and bind-mounts
+//!   the device node onto it.
 //! - NodeUnpublishVolume / NodeUnstageVolume: unmount (and losetup -d on unstage).
 //! - Inline ephemeral volumes (volume context `csi.storage.k8s.io/ephemeral=true`) are staged
 //!   privately on publish and deleted on unpublish.
@@ -66,6 +69,13 @@ fn mounted_source(path: &Path) -> Option<String> {
     })
 }
 
+/// The access type of a request's volume capability (required).
+fn access_type(capability: Option<&VolumeCapability>) -> Result<&AccessType, Status> {
+    capability
+        .and_then(|c| c.access_type.as_ref())
+        .ok_or_else(|| Status::invalid_argument("volume_capability.access_type is required"))
+}
+
 fn require(value: &str, what: &str) -> Result<(), Status> {
     if value.is_empty() {
         Err(Status::invalid_argument(format!("{what} is required")))
@@ -117,19 +127,7 @@ impl Plugin {
         if mounted_source(staging).is_some() {
             return Ok(());
         }
-        let file = self.backing_file(volume_id)?;
-        if !file.exists() {
-            let size: u64 = context
-                .get("size")
-                .map(|s| s.parse().map_err(|_| Status::invalid_argument("bad size")))
-                .transpose()?
-                .unwrap_or(64 << 20);
-            std::fs::create_dir_all(file.parent().unwrap_or(Path::new("/")))
-                .and_then(|()| std::fs::File::create(&file))
-                .and_then(|f| f.set_len(size))
-                .map_err(|e| Status::internal(format!("creating {}: {e}", file.display())))?;
-        }
-        let dev = self.attach(&file)?;
+        let dev = self.attach_volume(volume_id, context)?;
         let existing = Command::new("blkid")
             .args(["-p", "-s", "TYPE", "-o", "value", &dev])
             .output()
@@ -142,6 +140,41 @@ impl Plugin {
             .args(["-t", fs_type, &dev])
             .arg(staging))?;
         Ok(())
+    }
+
+    /// The loop device of a volume, creating its backing file (at the `size` volume attribute,
+    /// 64 MiB by default) and attaching it when needed. Idempotent.
+    fn attach_volume(
+        &self,
+        volume_id: &str,
+        context: &std::collections::HashMap<String, String>,
+    ) -> Result<String, Status> {
+        let file = self.backing_file(volume_id)?;
+        if !file.exists() {
+            let size: u64 = context
+                .get("size")
+                .map(|s| s.parse().map_err(|_| Status::invalid_argument("bad size")))
+                .transpose()?
+                .unwrap_or(64 << 20);
+            std::fs::create_dir_all(file.parent().unwrap_or(Path::new("/")))
+                .and_then(|()| std::fs::File::create(&file))
+                .and_then(|f| f.set_len(size))
+                .map_err(|e| Status::internal(format!("creating {}: {e}", file.display())))?;
+        }
+        self.attach(&file)
+    }
+
+    /// The loop device a staged block volume is attached to.
+    fn attached_device(&self, volume_id: &str) -> Result<String, Status> {
+        let file = self.backing_file(volume_id)?;
+        let existing = run(Command::new("losetup").arg("-j").arg(&file))?;
+        existing
+            .lines()
+            .next()
+            .and_then(|l| l.split(':').next())
+            .filter(|d| !d.is_empty())
+            .map(str::to_string)
+            .ok_or_else(|| Status::failed_precondition("volume is not staged"))
     }
 
     /// Unmounts `staging` and detaches the volume's loop devices. Idempotent.
@@ -208,19 +241,22 @@ impl Plugin {
     fn stage_volume(&self, req: &NodeStageVolumeRequest) -> Result<(), Status> {
         require(&req.volume_id, "volume_id")?;
         require(&req.staging_target_path, "staging_target_path")?;
-        let fs_type = match req
-            .volume_capability
-            .as_ref()
-            .and_then(|c| c.access_type.as_ref())
-        {
-            Some(AccessType::Mount(m)) if m.fs_type.is_empty() || m.fs_type == "ext4" => "ext4",
-            Some(AccessType::Mount(m)) => {
+        let fs_type = match access_type(req.volume_capability.as_ref())? {
+            AccessType::Mount(m) if m.fs_type.is_empty() || m.fs_type == "ext4" => "ext4",
+            AccessType::Mount(m) => {
                 return Err(Status::invalid_argument(format!(
                     "fsType {:?} is not supported",
                     m.fs_type
                 )))
             }
-            _ => return Err(Status::invalid_argument("only mount volumes are supported")),
+            // A raw block volume: staged by attaching its loop device; nothing is mounted.
+            AccessType::Block(_) => {
+                std::fs::create_dir_all(&req.staging_target_path)
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                return self
+                    .attach_volume(&req.volume_id, &req.volume_context)
+                    .map(drop);
+            }
         };
         self.stage(
             &req.volume_id,
@@ -233,6 +269,9 @@ impl Plugin {
     fn publish_volume(&self, req: &NodePublishVolumeRequest) -> Result<(), Status> {
         require(&req.volume_id, "volume_id")?;
         require(&req.target_path, "target_path")?;
+        if let AccessType::Block(_) = access_type(req.volume_capability.as_ref())? {
+            return self.publish_block(req);
+        }
         let ephemeral = req
             .volume_context
             .get("csi.storage.k8s.io/ephemeral")
@@ -269,6 +308,25 @@ impl Plugin {
         Ok(())
     }
 
+    /// A raw block volume is published by bind-mounting its loop device node onto the target
+    /// file, which the SP creates (the CO creates only its parent dir).
+    fn publish_block(&self, req: &NodePublishVolumeRequest) -> Result<(), Status> {
+        require(&req.staging_target_path, "staging_target_path")?;
+        let dev = self.attached_device(&req.volume_id)?;
+        let target = PathBuf::from(&req.target_path);
+        if mounted_source(&target).is_some() {
+            return Ok(());
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&target)
+            .map_err(|e| Status::internal(format!("creating {}: {e}", target.display())))?;
+        run(Command::new("mount").arg("--bind").arg(&dev).arg(&target))?;
+        Ok(())
+    }
+
     fn unpublish_volume(&self, req: &NodeUnpublishVolumeRequest) -> Result<(), Status> {
         require(&req.volume_id, "volume_id")?;
         require(&req.target_path, "target_path")?;
@@ -276,8 +334,12 @@ impl Plugin {
         while mounted_source(&target).is_some() {
             run(Command::new("umount").arg(&target))?;
         }
-        // The SP deletes what it created at the target path.
-        let _ = std::fs::remove_dir(&target);
+        // The SP deletes what it created at the target path (a dir, or a block volume's file).
+        if target.is_dir() {
+            let _ = std::fs::remove_dir(&target);
+        } else {
+            let _ = std::fs::remove_file(&target);
+        }
         // An inline ephemeral volume ends with its pod: unstage it and delete its data.
         let inline = self.inline_staging(&req.volume_id)?;
         if inline.exists() {
