@@ -108,6 +108,12 @@ pub async fn run(
             cluster.node_ip = host_ip;
             let version = runtime.version().await.unwrap_or_default();
             info!(kubeconfig = %cluster.kubeconfig.display(), "joining the cluster");
+            crate::cluster::start_csi_node(
+                &cluster,
+                volumes.plugins().subscribe(),
+                root.child_token(),
+            )
+            .await?;
             let agent = ClusterAgent::start(
                 cluster,
                 store.clone(),

@@ -21,11 +21,23 @@ pub struct LoopPlugin {
     pub registry: PathBuf,
     pub node_id: String,
     pub call_log: PathBuf,
+    /// More flags for the plugin (`--max-volumes`, `--topology`).
+    pub args: Vec<String>,
 }
 
 impl LoopPlugin {
     /// Starts the plugin and waits until its registration socket exists in `registry`.
     pub fn start(state_dir: &Path, registry: &Path, node_id: &str) -> LoopPlugin {
+        LoopPlugin::start_with(state_dir, registry, node_id, &[])
+    }
+
+    /// `start` with more flags for the plugin.
+    pub fn start_with(
+        state_dir: &Path,
+        registry: &Path,
+        node_id: &str,
+        args: &[&str],
+    ) -> LoopPlugin {
         std::fs::create_dir_all(state_dir).unwrap();
         let mut plugin = LoopPlugin {
             child: None,
@@ -33,6 +45,7 @@ impl LoopPlugin {
             registry: registry.to_path_buf(),
             node_id: node_id.to_string(),
             call_log: state_dir.join("calls.log"),
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         plugin.spawn();
         plugin
@@ -51,6 +64,7 @@ impl LoopPlugin {
             .arg(&self.registry)
             .arg("--call-log")
             .arg(&self.call_log)
+            .args(&self.args)
             .spawn()
             .expect("start csi-loop-plugin");
         self.child = Some(child);
@@ -101,6 +115,12 @@ impl LoopPlugin {
     /// Loop devices attached to backing files under the state dir.
     pub fn attached_loops(&self) -> Vec<String> {
         loops_backed_under(&self.state_dir)
+    }
+
+    /// Kills the plugin and removes its registration socket, as when a plugin is uninstalled.
+    pub fn unregister(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(self.registration_socket());
     }
 
     /// Kills the plugin process (its mounts, loop devices and stale sockets stay, as after a

@@ -18,7 +18,8 @@
 //!   DELETE (grace 0, UID precondition) of finished pods the API is deleting.
 //! - `events`: the [`Recorder`]'s events to core v1 Events.
 //!
-//! [`ApiTokens`] serves projected service account tokens through the TokenRequest API.
+//! [`ApiTokens`] serves projected service account tokens through the TokenRequest API;
+//! [`start_csi_node`] keeps the node's CSINode in step with the registered CSI drivers.
 //!
 //! Stopping the agent (cancelling the token) stops these tasks and nothing else: pods keep running.
 //!
@@ -45,6 +46,7 @@ use crate::pod::Desired;
 use crate::status::StatusManager;
 use crate::store::ObjectStore;
 
+mod csinode;
 mod events;
 mod lease;
 mod node;
@@ -242,6 +244,24 @@ impl ClusterAgent {
             task,
         })
     }
+}
+
+/// Spawns the task that keeps the node's CSINode (`csinode`) in step with the CSI drivers
+/// registered on this node (`VolumeManager::plugins().subscribe()`), until `shutdown` is
+/// cancelled. Fails only when the kubeconfig is unusable.
+pub async fn start_csi_node(
+    config: &ClusterConfig,
+    drivers: watch::Receiver<crate::volume::csi::Registered>,
+    shutdown: CancellationToken,
+) -> Result<(), ClusterError> {
+    let client = client(&config.kubeconfig).await?;
+    tokio::spawn(csinode::run(
+        client,
+        config.node_name.clone(),
+        drivers,
+        shutdown,
+    ));
+    Ok(())
 }
 
 async fn client(path: &std::path::Path) -> Result<kube::Client, ClusterError> {

@@ -252,48 +252,63 @@ pub struct Driver {
     /// The registration socket it came from.
     pub registration: PathBuf,
     pub versions: Vec<String>,
+    /// NodeGetInfo's answer, asked at registration (what the CSINode object records).
+    pub node: NodeInfo,
+}
+
+/// What a driver says of this node (NodeGetInfo).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// The driver's id of this node.
+    pub node_id: String,
+    /// The most volumes of this driver the node can take; 0 when the driver sets no limit.
+    pub max_volumes: i64,
+    /// The keys of the driver's accessible topology segments, sorted.
+    pub topology_keys: Vec<String>,
+}
+
+/// The drivers registered on this node, as watchers see them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Registered {
+    /// A first full pass over the registration dir is done: `drivers` is the whole set (before
+    /// it, an empty set means only "not looked yet").
+    pub listed: bool,
+    pub drivers: BTreeMap<String, Driver>,
 }
 
 /// The CSI drivers known on this node, discovered from the registration dir.
 pub struct Plugins {
     registry: PathBuf,
-    drivers: Mutex<BTreeMap<String, Driver>>,
+    /// The registered drivers; every change (a driver registered or gone) wakes subscribers.
+    registered: tokio::sync::watch::Sender<Registered>,
     /// Registration sockets already handled (registered or refused).
     seen: Mutex<BTreeSet<PathBuf>>,
     /// Serialises discovery passes.
     discovering: tokio::sync::Mutex<()>,
-    /// Bumped on every registration, for whoever waits for a driver to come (back).
-    registered: tokio::sync::watch::Sender<u64>,
 }
 
 impl Plugins {
     pub fn new(registry: PathBuf) -> Self {
         Self {
             registry,
-            drivers: Mutex::new(BTreeMap::new()),
+            registered: tokio::sync::watch::Sender::new(Registered::default()),
             seen: Mutex::new(BTreeSet::new()),
             discovering: tokio::sync::Mutex::new(()),
-            registered: tokio::sync::watch::Sender::new(0),
         }
     }
 
-    /// Changes whenever a driver registers.
-    pub fn registrations(&self) -> tokio::sync::watch::Receiver<u64> {
+    /// The registered drivers, now and on every change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Registered> {
         self.registered.subscribe()
     }
 
     /// The drivers registered now.
     pub fn drivers(&self) -> Vec<Driver> {
-        self.drivers
-            .lock()
-            .expect("drivers lock")
-            .values()
-            .cloned()
-            .collect()
+        self.registered.borrow().drivers.values().cloned().collect()
     }
 
-    /// One pass over the registration dir: new sockets are asked GetInfo and told the outcome;
-    /// drivers whose registration socket is gone are dropped.
+    /// One pass over the registration dir: new sockets are asked GetInfo (and the driver
+    /// NodeGetInfo) and told the outcome; drivers whose registration socket is gone are dropped.
     pub async fn discover(&self) {
         let _pass = self.discovering.lock().await;
         let mut sockets = BTreeSet::new();
@@ -304,27 +319,32 @@ impl Plugins {
                 }
             }
         }
-        {
-            let mut seen = self.seen.lock().expect("seen lock");
-            seen.retain(|s| sockets.contains(s));
-            self.drivers
-                .lock()
-                .expect("drivers lock")
-                .retain(|_, d| sockets.contains(&d.registration));
-        }
+        self.seen
+            .lock()
+            .expect("seen lock")
+            .retain(|s| sockets.contains(s));
+        self.registered.send_if_modified(|r| {
+            let before = r.drivers.len();
+            r.drivers.retain(|name, d| {
+                let kept = sockets.contains(&d.registration);
+                if !kept {
+                    tracing::info!(driver = %name, "CSI driver gone (its registration socket was removed)");
+                }
+                kept
+            });
+            r.drivers.len() != before
+        });
         for socket in sockets {
             if self.seen.lock().expect("seen lock").contains(&socket) {
                 continue;
             }
             match register(&socket).await {
                 Ok(Some(driver)) => {
-                    tracing::info!(driver = %driver.name, endpoint = %driver.endpoint.display(), "CSI driver registered");
-                    self.drivers
-                        .lock()
-                        .expect("drivers lock")
-                        .insert(driver.name.clone(), driver);
+                    tracing::info!(driver = %driver.name, endpoint = %driver.endpoint.display(), node_id = %driver.node.node_id, "CSI driver registered");
                     self.seen.lock().expect("seen lock").insert(socket);
-                    self.registered.send_modify(|n| *n += 1);
+                    self.registered.send_modify(|r| {
+                        r.drivers.insert(driver.name.clone(), driver);
+                    });
                 }
                 Ok(None) => {
                     self.seen.lock().expect("seen lock").insert(socket);
@@ -335,6 +355,8 @@ impl Plugins {
                 }
             }
         }
+        self.registered
+            .send_if_modified(|r| !std::mem::replace(&mut r.listed, true));
     }
 
     /// Watches the registration dir until cancelled.
@@ -350,21 +372,18 @@ impl Plugins {
 
     /// The endpoint of `driver`, discovering once more when it is not known yet.
     pub async fn endpoint(&self, driver: &str) -> Option<PathBuf> {
-        let known = self
-            .drivers
-            .lock()
-            .expect("drivers lock")
-            .get(driver)
-            .map(|d| d.endpoint.clone());
-        if known.is_some() {
-            return known;
+        let known = |p: &Self| {
+            p.registered
+                .borrow()
+                .drivers
+                .get(driver)
+                .map(|d| d.endpoint.clone())
+        };
+        if let Some(endpoint) = known(self) {
+            return Some(endpoint);
         }
         self.discover().await;
-        self.drivers
-            .lock()
-            .expect("drivers lock")
-            .get(driver)
-            .map(|d| d.endpoint.clone())
+        known(self)
     }
 
     async fn client(&self, driver: &str) -> Result<NodeClient<Channel>, String> {
@@ -539,8 +558,9 @@ impl Plugins {
     }
 }
 
-/// Asks one registration socket for its plugin info and tells it the outcome. Ok(None) for a
-/// plugin that is not a usable CSI driver (it is told why).
+/// Asks one registration socket for its plugin info, the driver for its node info, and tells
+/// the plugin the outcome. Ok(None) for a plugin that is not a usable CSI driver (it is told
+/// why); Err when either does not answer (it is told too, and asked again on a later pass).
 async fn register(socket: &Path) -> Result<Option<Driver>, String> {
     use registration::registration_client::RegistrationClient;
     let mut client = RegistrationClient::new(connect(socket).await?);
@@ -561,16 +581,8 @@ async fn register(socket: &Path) -> Result<Option<Driver>, String> {
     } else {
         None
     };
-    let status = registration::RegistrationStatus {
-        plugin_registered: refusal.is_none(),
-        error: refusal.clone().unwrap_or_default(),
-    };
-    timed(
-        "NotifyRegistrationStatus",
-        client.notify_registration_status(status),
-    )
-    .await?;
     if let Some(reason) = refusal {
+        notify(&mut client, Some(reason.clone())).await?;
         tracing::warn!(socket = %socket.display(), %reason, "plugin registration refused");
         return Ok(None);
     }
@@ -579,12 +591,61 @@ async fn register(socket: &Path) -> Result<Option<Driver>, String> {
     } else {
         PathBuf::from(info.endpoint.trim_start_matches("unix://"))
     };
+    let node = match node_info(&endpoint).await {
+        Ok(node) => node,
+        Err(e) => {
+            notify(&mut client, Some(e.clone())).await?;
+            return Err(e);
+        }
+    };
+    notify(&mut client, None).await?;
     Ok(Some(Driver {
         name: info.name,
         endpoint,
         registration: socket.to_path_buf(),
         versions: info.supported_versions,
+        node,
     }))
+}
+
+/// Tells a plugin whether it is registered (`error` None) or why not.
+async fn notify(
+    client: &mut registration::registration_client::RegistrationClient<Channel>,
+    error: Option<String>,
+) -> Result<(), String> {
+    let status = registration::RegistrationStatus {
+        plugin_registered: error.is_none(),
+        error: error.unwrap_or_default(),
+    };
+    timed(
+        "NotifyRegistrationStatus",
+        client.notify_registration_status(status),
+    )
+    .await
+    .map(drop)
+}
+
+/// NodeGetInfo of the driver at `endpoint`.
+async fn node_info(endpoint: &Path) -> Result<NodeInfo, String> {
+    let mut client = NodeClient::new(connect(endpoint).await?);
+    let info = timed(
+        "NodeGetInfo",
+        client.node_get_info(proto::NodeGetInfoRequest {}),
+    )
+    .await?;
+    if info.node_id.is_empty() {
+        return Err("NodeGetInfo: the driver returned no node_id".into());
+    }
+    let mut topology_keys: Vec<String> = info
+        .accessible_topology
+        .map(|t| t.segments.into_keys().collect())
+        .unwrap_or_default();
+    topology_keys.sort();
+    Ok(NodeInfo {
+        node_id: info.node_id,
+        max_volumes: info.max_volumes_per_node.max(0),
+        topology_keys,
+    })
 }
 
 #[cfg(test)]

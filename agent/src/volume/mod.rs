@@ -566,7 +566,7 @@ impl VolumeManager {
     /// with back-off (1 s doubling to 30 s, and at once when a driver registers) until it
     /// succeeds or `cancel` fires. A pod set up again meanwhile is left to its worker.
     pub async fn retry_orphan_teardown(&self, uid: String, cancel: CancellationToken) {
-        let mut registered = self.plugins.registrations();
+        let mut registered = self.plugins.subscribe();
         let mut delay = ORPHAN_RETRY_FIRST;
         loop {
             tokio::select! {

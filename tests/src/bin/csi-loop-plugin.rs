@@ -18,8 +18,11 @@
 //! once it is done, one line `<RPC> <volume id> <path>`, so tests can check what was called
 //! (idempotent repeats included) and in which order.
 //!
+//! NodeGetInfo answers `--node-id` (default `node-1`), `--max-volumes` (default 0: no limit)
+//! and one accessible topology segment per `--topology KEY=VALUE`.
+//!
 //! Usage: csi-loop-plugin --driver NAME --state-dir DIR --registry DIR [--node-id ID]
-//! [--call-log FILE]
+//! [--call-log FILE] [--max-volumes N] [--topology KEY=VALUE]...
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -44,6 +47,8 @@ struct Plugin {
     state_dir: PathBuf,
     endpoint: PathBuf,
     call_log: Option<PathBuf>,
+    max_volumes: i64,
+    topology: std::collections::HashMap<String, String>,
 }
 
 fn run(cmd: &mut Command) -> Result<String, Status> {
@@ -437,8 +442,10 @@ impl Node for Plugin {
     ) -> Result<Response<NodeGetInfoResponse>, Status> {
         Ok(Response::new(NodeGetInfoResponse {
             node_id: self.node_id.clone(),
-            max_volumes_per_node: 0,
-            accessible_topology: None,
+            max_volumes_per_node: self.max_volumes,
+            accessible_topology: (!self.topology.is_empty()).then(|| Topology {
+                segments: self.topology.clone(),
+            }),
         }))
     }
 }
@@ -483,6 +490,7 @@ async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut driver, mut state_dir, mut registry, mut node_id) = (None, None, None, None);
     let mut call_log = None;
+    let (mut max_volumes, mut topology) = (0, std::collections::HashMap::new());
     while let Some(flag) = args.next() {
         let value = args
             .next()
@@ -493,6 +501,13 @@ async fn main() -> anyhow::Result<()> {
             "--registry" => registry = Some(PathBuf::from(value)),
             "--node-id" => node_id = Some(value),
             "--call-log" => call_log = Some(PathBuf::from(value)),
+            "--max-volumes" => max_volumes = value.parse()?,
+            "--topology" => {
+                let (key, value) = value
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("--topology takes KEY=VALUE"))?;
+                topology.insert(key.to_string(), value.to_string());
+            }
             other => anyhow::bail!("unknown flag {other}"),
         }
     }
@@ -505,6 +520,8 @@ async fn main() -> anyhow::Result<()> {
         driver: driver.clone(),
         state_dir,
         call_log,
+        max_volumes,
+        topology,
     };
     let csi = listen(&plugin.endpoint)?;
     let reg = listen(&registry.join(format!("{driver}-reg.sock")))?;
