@@ -160,16 +160,26 @@ pub fn loops_backed_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Mount points at or below `dir` in /proc/self/mountinfo whose source is a loop device (what
-/// the plugin staged and published), in mount table order.
-pub fn loop_mounts_below(dir: &Path) -> Vec<PathBuf> {
+/// `(mount point, source)` of every mount at or below `dir` in /proc/self/mountinfo, in mount
+/// table order.
+pub fn mounts_below(dir: &Path) -> Vec<(PathBuf, String)> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     text.lines()
         .filter_map(|l| {
             let (left, right) = l.split_once(" - ")?;
             let point = PathBuf::from(left.split(' ').nth(4)?);
-            let source = right.split(' ').nth(1)?;
-            (point.starts_with(dir) && source.starts_with("/dev/loop")).then_some(point)
+            let source = right.split(' ').nth(1)?.to_string();
+            point.starts_with(dir).then_some((point, source))
         })
+        .collect()
+}
+
+/// Mount points at or below `dir` whose source is a loop device (what the plugin staged and
+/// published as filesystems), in mount table order.
+pub fn loop_mounts_below(dir: &Path) -> Vec<PathBuf> {
+    mounts_below(dir)
+        .into_iter()
+        .filter(|(_, source)| source.starts_with("/dev/loop"))
+        .map(|(point, _)| point)
         .collect()
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use nodelet_tests::agent_support::{container_id, phase_of, Agent, BUSYBOX, HTTPD};
-use nodelet_tests::csi_support::{loop_mounts_below, LoopPlugin, LOOP_DRIVER};
+use nodelet_tests::csi_support::{loop_mounts_below, mounts_below, LoopPlugin, LOOP_DRIVER};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -689,26 +689,41 @@ fn a_csi_plugin_down_across_an_agent_restart_neither_stops_a_running_pod_nor_str
 }
 
 #[test]
-fn a_csi_block_volume_is_a_device_in_the_container() {
-    let (agent, plugin) = csi_agent("csi-block");
+fn a_csi_block_volume_is_a_device_in_the_container_and_survives_an_agent_restart() {
+    let (mut agent, plugin) = csi_agent("csi-block");
     let manifests = format!(
         "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: raw-pv}}\nspec:\n  capacity: {{storage: 16Mi}}\n  accessModes: [ReadWriteOnce]\n  volumeMode: Block\n  claimRef: {{namespace: default, name: raw-data}}\n  csi:\n    driver: {LOOP_DRIVER}\n    volumeHandle: vol-b\n    volumeAttributes: {{size: \"16777216\"}}\n---\n\
          apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: raw-data}}\nspec:\n  accessModes: [ReadWriteOnce]\n  volumeMode: Block\n  volumeName: raw-pv\n  resources: {{requests: {{storage: 16Mi}}}}\n"
     );
     agent.write_manifest("claim.yaml", &manifests);
-    // Writes a pattern 1 MiB into the device, syncs, and reads it back through the device.
+    // Writes a pattern 1 MiB into the device, syncs, reads it back through the device, and
+    // keeps running.
     let pod = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: raw}}\nspec:\n  restartPolicy: Never\n  containers:\n  - name: c\n    image: {BUSYBOX}\n    command: [sh, -c, 'test -b /dev/xvda && printf nodelet-block | dd of=/dev/xvda bs=512 seek=2048 conv=notrunc,fsync && test \"$(dd if=/dev/xvda bs=512 skip=2048 count=1 2>/dev/null | head -c 13)\" = nodelet-block && echo pattern read back']\n    volumeDevices: [{{name: raw, devicePath: /dev/xvda}}]\n  volumes:\n  - name: raw\n    persistentVolumeClaim: {{claimName: raw-data}}\n"
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: raw}}\nspec:\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: c\n    image: {BUSYBOX}\n    command: [sh, -c, 'test -b /dev/xvda && printf nodelet-block | dd of=/dev/xvda bs=512 seek=2048 conv=notrunc,fsync && test \"$(dd if=/dev/xvda bs=512 skip=2048 count=1 2>/dev/null | head -c 13)\" = nodelet-block && echo pattern read back && exec sleep 3600']\n    volumeDevices: [{{name: raw, devicePath: /dev/xvda}}]\n  volumes:\n  - name: raw\n    persistentVolumeClaim: {{claimName: raw-data}}\n"
     );
     agent.write_manifest("raw.yaml", &pod);
-    let done = agent.wait_phase("raw", "Succeeded", MINUTE);
-    let uid = done.metadata.uid.clone().unwrap();
+    let running = agent.wait_phase("raw", "Running", MINUTE);
+    agent.wait_until("the pattern read back in the container", MINUTE, |a| {
+        a.container_logs("default", "raw", "c", "")
+            .is_some_and(|l| l.contains("pattern read back"))
+    });
+    let uid = running.metadata.uid.clone().unwrap();
+    let id = container_id(&running, "c").unwrap();
     let staging = nodelet::volume::csi::block_staging_path(&agent.root_dir(), LOOP_DRIVER, "vol-b");
     let target = nodelet::volume::csi::block_target_path(&agent.root_dir(), &uid, "raw-pv");
     let calls = plugin.calls();
-    assert_eq!(plugin.rpcs()[..2], [STAGE, PUBLISH], "{calls:?}");
+    assert_eq!(plugin.rpcs(), [STAGE, PUBLISH], "{calls:?}");
     assert_eq!(calls[0].2, staging.display().to_string());
     assert_eq!(calls[1].2, target.display().to_string());
+    // Published by the device node bound onto the target file; nothing mounted at staging.
+    let published = |a: &Agent| -> Vec<std::path::PathBuf> {
+        mounts_below(a.dir.path())
+            .into_iter()
+            .map(|(p, _)| p)
+            .filter(|p| p.starts_with(a.root_dir()))
+            .collect()
+    };
+    assert_eq!(published(&agent), [target.clone()]);
     // The pattern reached the volume's backing file through the loop device.
     let mut data = vec![0u8; 13];
     {
@@ -718,6 +733,18 @@ fn a_csi_block_volume_is_a_device_in_the_container() {
         f.read_exact(&mut data).unwrap();
     }
     assert_eq!(data, b"nodelet-block");
+
+    // Across a restart of the agent the block volume is neither staged nor published again.
+    agent.kill9();
+    agent.spawn();
+    agent.wait_until("the restarted agent reports the container", MINUTE, |a| {
+        a.pod("raw").is_some_and(|p| {
+            phase_of(Some(&p)) == Some("Running")
+                && container_id(&p, "c").as_deref() == Some(id.as_str())
+        })
+    });
+    assert_eq!(plugin.rpcs(), [STAGE, PUBLISH]);
+    assert_eq!(published(&agent), [target.clone()]);
 
     agent.remove_manifest("raw.yaml");
     agent.wait_until("the pod is gone", MINUTE, |a| a.pod("raw").is_none());
