@@ -723,7 +723,7 @@ fn a_csi_block_volume_is_a_device_in_the_container_and_survives_an_agent_restart
             .filter(|p| p.starts_with(a.root_dir()))
             .collect()
     };
-    assert_eq!(published(&agent), [target.clone()]);
+    assert_eq!(published(&agent), std::slice::from_ref(&target));
     // The pattern reached the volume's backing file through the loop device.
     let mut data = vec![0u8; 13];
     {
@@ -744,7 +744,7 @@ fn a_csi_block_volume_is_a_device_in_the_container_and_survives_an_agent_restart
         })
     });
     assert_eq!(plugin.rpcs(), [STAGE, PUBLISH]);
-    assert_eq!(published(&agent), [target.clone()]);
+    assert_eq!(published(&agent), std::slice::from_ref(&target));
 
     agent.remove_manifest("raw.yaml");
     agent.wait_until("the pod is gone", MINUTE, |a| a.pod("raw").is_none());
