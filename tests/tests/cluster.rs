@@ -481,6 +481,75 @@ async fn node_registers_becomes_ready_and_its_lease_renews() {
     );
 }
 
+/// The entry of `driver` in the node's CSINode, once the CSINode exists.
+async fn csinode_driver(
+    csinodes: &Api<CSINode>,
+    node: &str,
+    driver: &str,
+) -> Option<Option<k8s_openapi::api::storage::v1::CSINodeDriver>> {
+    let csinode = csinodes.get_opt(node).await.ok().flatten()?;
+    Some(csinode.spec.drivers.into_iter().find(|d| d.name == driver))
+}
+
+#[tokio::test]
+#[ignore = "cluster tier: needs KUBECONFIG, NODELET_NODE_KUBECONFIG, NODELET_NODE_NAME"]
+async fn a_registered_csi_driver_is_recorded_in_the_nodes_csinode() {
+    let Some(c) = cluster("a_registered_csi_driver_is_recorded_in_the_nodes_csinode").await else {
+        return;
+    };
+    let agent = Agent::start(&c);
+    wait_node_ready(&c).await;
+    let node_uid = Api::<Node>::all(c.admin.clone())
+        .get(&c.node)
+        .await
+        .unwrap()
+        .metadata
+        .uid
+        .unwrap();
+    let csinodes: Api<CSINode> = Api::all(c.admin.clone());
+    let mut plugin = LoopPlugin::start_with(
+        &agent.dir.path().join("csi-state"),
+        &agent.dir.path().join("root/plugins_registry"),
+        "loop-node-7",
+        &[
+            "--max-volumes",
+            "5",
+            "--topology",
+            "topology.loop.csi/zone=z1",
+        ],
+    );
+
+    // Registration: GetInfo, NodeGetInfo, then the driver's entry in the CSINode.
+    let d = Deadline::new("the loop driver in the CSINode", 60);
+    let entry = loop {
+        if let Some(Some(entry)) = csinode_driver(&csinodes, &c.node, LOOP_DRIVER).await {
+            break entry;
+        }
+        d.tick().await;
+    };
+    assert_eq!(entry.node_id, "loop-node-7");
+    assert_eq!(
+        entry.topology_keys,
+        Some(vec!["topology.loop.csi/zone".to_string()])
+    );
+    assert_eq!(entry.allocatable.and_then(|a| a.count), Some(5));
+    let csinode = csinodes.get(&c.node).await.unwrap();
+    let owners = csinode.metadata.owner_references.unwrap_or_default();
+    assert!(
+        owners
+            .iter()
+            .any(|o| o.kind == "Node" && o.name == c.node && o.uid == node_uid),
+        "owned by the Node: {owners:?}"
+    );
+
+    // The plugin's registration socket goes away: so does its entry, not the CSINode.
+    plugin.unregister();
+    let d = Deadline::new("the loop driver's entry to be removed", 60);
+    while csinode_driver(&csinodes, &c.node, LOOP_DRIVER).await != Some(None) {
+        d.tick().await;
+    }
+}
+
 #[tokio::test]
 #[ignore = "cluster tier: needs KUBECONFIG, NODELET_NODE_KUBECONFIG, NODELET_NODE_NAME"]
 async fn a_scheduled_pod_runs_and_becomes_ready() {
@@ -743,75 +812,6 @@ async fn config_maps_secrets_and_tokens_are_read_with_the_node_identity() {
     pods.create(&PostParams::default(), &p).await.unwrap();
     let d = Deadline::new("pod reader Ready with its ConfigMap, Secret and token", 180);
     while pod_ready(&pods, "reader").await.is_none() {
-        d.tick().await;
-    }
-}
-
-/// The entry of `driver` in the node's CSINode, once the CSINode exists.
-async fn csinode_driver(
-    csinodes: &Api<CSINode>,
-    node: &str,
-    driver: &str,
-) -> Option<Option<k8s_openapi::api::storage::v1::CSINodeDriver>> {
-    let csinode = csinodes.get_opt(node).await.ok().flatten()?;
-    Some(csinode.spec.drivers.into_iter().find(|d| d.name == driver))
-}
-
-#[tokio::test]
-#[ignore = "cluster tier: needs KUBECONFIG, NODELET_NODE_KUBECONFIG, NODELET_NODE_NAME"]
-async fn a_registered_csi_driver_is_recorded_in_the_nodes_csinode() {
-    let Some(c) = cluster("a_registered_csi_driver_is_recorded_in_the_nodes_csinode").await else {
-        return;
-    };
-    let agent = Agent::start(&c);
-    wait_node_ready(&c).await;
-    let node_uid = Api::<Node>::all(c.admin.clone())
-        .get(&c.node)
-        .await
-        .unwrap()
-        .metadata
-        .uid
-        .unwrap();
-    let csinodes: Api<CSINode> = Api::all(c.admin.clone());
-    let mut plugin = LoopPlugin::start_with(
-        &agent.dir.path().join("csi-state"),
-        &agent.dir.path().join("root/plugins_registry"),
-        "loop-node-7",
-        &[
-            "--max-volumes",
-            "5",
-            "--topology",
-            "topology.loop.csi/zone=z1",
-        ],
-    );
-
-    // Registration: GetInfo, NodeGetInfo, then the driver's entry in the CSINode.
-    let d = Deadline::new("the loop driver in the CSINode", 60);
-    let entry = loop {
-        if let Some(Some(entry)) = csinode_driver(&csinodes, &c.node, LOOP_DRIVER).await {
-            break entry;
-        }
-        d.tick().await;
-    };
-    assert_eq!(entry.node_id, "loop-node-7");
-    assert_eq!(
-        entry.topology_keys,
-        Some(vec!["topology.loop.csi/zone".to_string()])
-    );
-    assert_eq!(entry.allocatable.and_then(|a| a.count), Some(5));
-    let csinode = csinodes.get(&c.node).await.unwrap();
-    let owners = csinode.metadata.owner_references.unwrap_or_default();
-    assert!(
-        owners
-            .iter()
-            .any(|o| o.kind == "Node" && o.name == c.node && o.uid == node_uid),
-        "owned by the Node: {owners:?}"
-    );
-
-    // The plugin's registration socket goes away: so does its entry, not the CSINode.
-    plugin.unregister();
-    let d = Deadline::new("the loop driver's entry to be removed", 60);
-    while csinode_driver(&csinodes, &c.node, LOOP_DRIVER).await != Some(None) {
         d.tick().await;
     }
 }
