@@ -7,7 +7,7 @@
 //! device; since a driver need not mount anything to stage a block volume, the agent records
 //! the staging in a marker file beside the staging dir.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -281,8 +281,9 @@ pub struct Plugins {
     registry: PathBuf,
     /// The registered drivers; every change (a driver registered or gone) wakes subscribers.
     registered: tokio::sync::watch::Sender<Registered>,
-    /// Registration sockets already handled (registered or refused).
-    seen: Mutex<BTreeSet<PathBuf>>,
+    /// Registration sockets already handled (registered or refused), with their inode: a
+    /// socket made anew (a restarted plugin) is a new registration.
+    seen: Mutex<BTreeMap<PathBuf, u64>>,
     /// Serialises discovery passes.
     discovering: tokio::sync::Mutex<()>,
 }
@@ -292,7 +293,7 @@ impl Plugins {
         Self {
             registry,
             registered: tokio::sync::watch::Sender::new(Registered::default()),
-            seen: Mutex::new(BTreeSet::new()),
+            seen: Mutex::new(BTreeMap::new()),
             discovering: tokio::sync::Mutex::new(()),
         }
     }
@@ -307,26 +308,30 @@ impl Plugins {
         self.registered.borrow().drivers.values().cloned().collect()
     }
 
-    /// One pass over the registration dir: new sockets are asked GetInfo (and the driver
-    /// NodeGetInfo) and told the outcome; drivers whose registration socket is gone are dropped.
+    /// One pass over the registration dir: new sockets (or sockets made anew) are asked
+    /// GetInfo (and the driver NodeGetInfo) and told the outcome; drivers whose registration
+    /// socket is gone are dropped.
     pub async fn discover(&self) {
+        use std::os::unix::fs::MetadataExt;
         let _pass = self.discovering.lock().await;
-        let mut sockets = BTreeSet::new();
+        let mut sockets = BTreeMap::new();
         if let Ok(entries) = std::fs::read_dir(&self.registry) {
             for entry in entries.flatten() {
-                if entry.file_type().is_ok_and(|t| t.is_socket()) {
-                    sockets.insert(entry.path());
+                if let Ok(meta) = entry.metadata() {
+                    if meta.file_type().is_socket() {
+                        sockets.insert(entry.path(), meta.ino());
+                    }
                 }
             }
         }
         self.seen
             .lock()
             .expect("seen lock")
-            .retain(|s| sockets.contains(s));
+            .retain(|s, ino| sockets.get(s) == Some(ino));
         self.registered.send_if_modified(|r| {
             let before = r.drivers.len();
             r.drivers.retain(|name, d| {
-                let kept = sockets.contains(&d.registration);
+                let kept = sockets.contains_key(&d.registration);
                 if !kept {
                     tracing::info!(driver = %name, "CSI driver gone (its registration socket was removed)");
                 }
@@ -334,20 +339,25 @@ impl Plugins {
             });
             r.drivers.len() != before
         });
-        for socket in sockets {
-            if self.seen.lock().expect("seen lock").contains(&socket) {
+        for (socket, ino) in sockets {
+            if self.seen.lock().expect("seen lock").contains_key(&socket) {
                 continue;
             }
             match register(&socket).await {
                 Ok(Some(driver)) => {
                     tracing::info!(driver = %driver.name, endpoint = %driver.endpoint.display(), node_id = %driver.node.node_id, "CSI driver registered");
-                    self.seen.lock().expect("seen lock").insert(socket);
+                    self.seen
+                        .lock()
+                        .expect("seen lock")
+                        .insert(socket.clone(), ino);
                     self.registered.send_modify(|r| {
+                        // What this socket registered before gives way to what it says now.
+                        r.drivers.retain(|_, d| d.registration != socket);
                         r.drivers.insert(driver.name.clone(), driver);
                     });
                 }
                 Ok(None) => {
-                    self.seen.lock().expect("seen lock").insert(socket);
+                    self.seen.lock().expect("seen lock").insert(socket, ino);
                 }
                 // Not answering yet (still starting): try again on the next pass.
                 Err(e) => {
