@@ -1090,3 +1090,60 @@ async fn csi_loop_volume_is_staged_once_and_published_per_pod() {
     assert!(host.mounts().is_empty());
     assert!(attached_loops(&backing).is_empty());
 }
+
+#[tokio::test]
+async fn csi_calls_carry_the_pvs_secrets_and_mount_options() {
+    let host = Host::new();
+    let _plugin = start_plugin(&host).await;
+    let secret = |name: &str, key: &str| -> Secret {
+        serde_json::from_value(json!({"metadata": {"name": name, "namespace": "default"},
+                                      "stringData": {key: "s3cret"}}))
+        .unwrap()
+    };
+    // The plugin refuses NodeStage without the stage secret's key and NodePublish without the
+    // publish secret's.
+    let source = json!({"csi": {"driver": DRIVER, "volumeHandle": "vol-s", "fsType": "ext4",
+        "volumeAttributes": {"size": "16777216", "requireStageSecret": "password",
+                             "requirePublishSecret": "token"},
+        "nodeStageSecretRef": {"name": "stage-creds", "namespace": "default"},
+        "nodePublishSecretRef": {"name": "publish-creds"}},
+        "mountOptions": ["noatime"]});
+    host.objects(|o| {
+        o.claims.insert(
+            key("sec-data"),
+            claim("sec-data", Some("pv-sec"), &["ReadWriteOnce"]),
+        );
+        o.volumes
+            .insert("pv-sec".into(), pv("pv-sec", Some("sec-data"), source));
+        o.secrets
+            .insert(key("stage-creds"), secret("stage-creds", "password"));
+    });
+    let user = pod(
+        "sec-csi-1",
+        json!([{"name": "v", "persistentVolumeClaim": {"claimName": "sec-data"}}]),
+        json!([{"name": "v", "mountPath": "/data"}]),
+    );
+    // The publish secret (its namespace is the claim's) does not exist yet: a clear error.
+    let err = host.vm.setup(&user).await.unwrap_err();
+    assert!(
+        matches!(&err, VolumeError::Missing { kind: "secret", name, .. } if name == "default/publish-creds"),
+        "{err}"
+    );
+    host.objects(|o| {
+        o.secrets
+            .insert(key("publish-creds"), secret("publish-creds", "token"));
+    });
+    let v = host.vm.setup(&user).await.unwrap();
+    let staging = nodelet::volume::csi::staging_path(&host.root, DRIVER, "vol-s");
+    let staged = mount_at(&host, &staging).expect("staged");
+    assert!(
+        staged.opts.split(',').any(|o| o == "noatime"),
+        "the PV's mountOptions reach the staging mount: {staged:?}"
+    );
+    assert!(mount_at(&host, &host_path(&v, "v")).is_some(), "published");
+    // Nothing secret is written to the pod's volume record.
+    let record = fs::read_to_string(host.root.join("pods/sec-csi-1/volumes/.state.json")).unwrap();
+    assert!(!record.contains("s3cret"), "{record}");
+    host.vm.teardown("sec-csi-1").await.unwrap();
+    assert!(host.mounts().is_empty(), "{:?}", host.mounts());
+}

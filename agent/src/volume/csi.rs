@@ -60,6 +60,18 @@ pub struct CsiRecord {
     /// A raw block volume (volumeMode Block): the target is a file that becomes a device.
     #[serde(default)]
     pub block: bool,
+    /// The PV's mountOptions, passed as the mount capability's mount_flags.
+    #[serde(default)]
+    pub mount_flags: Vec<String>,
+}
+
+/// The secrets a driver gets with NodeStage and NodePublish (from the PV's
+/// nodeStageSecretRef/nodePublishSecretRef, or an inline volume's nodePublishSecretRef). Never
+/// persisted and never printed.
+#[derive(Clone, Default)]
+pub struct CsiSecrets {
+    pub stage: std::collections::HashMap<String, String>,
+    pub publish: std::collections::HashMap<String, String>,
 }
 
 fn sha256_hex(s: &str) -> String {
@@ -126,6 +138,7 @@ pub fn inline_record(root: &Path, uid: &str, volume: &str, src: &CSIVolumeSource
         fs_type: src.fs_type.clone().unwrap_or_default(),
         access_modes: Vec::new(),
         block: false,
+        mount_flags: Vec::new(),
     }
 }
 
@@ -160,6 +173,7 @@ pub fn pv_record(
         fs_type: src.fs_type.clone().unwrap_or_default(),
         access_modes: access_modes.to_vec(),
         block,
+        mount_flags: Vec::new(),
     }
 }
 
@@ -276,14 +290,17 @@ pub struct Registered {
     pub drivers: BTreeMap<String, Driver>,
 }
 
+/// A socket file's identity: inode and change time (seconds, nanoseconds).
+type SocketId = (u64, i64, i64);
+
 /// The CSI drivers known on this node, discovered from the registration dir.
 pub struct Plugins {
     registry: PathBuf,
     /// The registered drivers; every change (a driver registered or gone) wakes subscribers.
     registered: tokio::sync::watch::Sender<Registered>,
-    /// Registration sockets already handled (registered or refused), with their inode: a
+    /// Registration sockets already handled (registered or refused), with their identity: a
     /// socket made anew (a restarted plugin) is a new registration.
-    seen: Mutex<BTreeMap<PathBuf, u64>>,
+    seen: Mutex<BTreeMap<PathBuf, SocketId>>,
     /// Serialises discovery passes.
     discovering: tokio::sync::Mutex<()>,
 }
@@ -319,7 +336,10 @@ impl Plugins {
             for entry in entries.flatten() {
                 if let Ok(meta) = entry.metadata() {
                     if meta.file_type().is_socket() {
-                        sockets.insert(entry.path(), meta.ino());
+                        // A new file may get the inode number of the one it replaces; its
+                        // change time tells them apart.
+                        let id = (meta.ino(), meta.ctime(), meta.ctime_nsec());
+                        sockets.insert(entry.path(), id);
                     }
                 }
             }
@@ -327,7 +347,7 @@ impl Plugins {
         self.seen
             .lock()
             .expect("seen lock")
-            .retain(|s, ino| sockets.get(s) == Some(ino));
+            .retain(|s, id| sockets.get(s) == Some(id));
         self.registered.send_if_modified(|r| {
             let before = r.drivers.len();
             r.drivers.retain(|name, d| {
@@ -339,7 +359,7 @@ impl Plugins {
             });
             r.drivers.len() != before
         });
-        for (socket, ino) in sockets {
+        for (socket, id) in sockets {
             if self.seen.lock().expect("seen lock").contains_key(&socket) {
                 continue;
             }
@@ -349,7 +369,7 @@ impl Plugins {
                     self.seen
                         .lock()
                         .expect("seen lock")
-                        .insert(socket.clone(), ino);
+                        .insert(socket.clone(), id);
                     self.registered.send_modify(|r| {
                         // What this socket registered before gives way to what it says now.
                         r.drivers.retain(|_, d| d.registration != socket);
@@ -357,7 +377,7 @@ impl Plugins {
                     });
                 }
                 Ok(None) => {
-                    self.seen.lock().expect("seen lock").insert(socket, ino);
+                    self.seen.lock().expect("seen lock").insert(socket, id);
                 }
                 // Not answering yet (still starting): try again on the next pass.
                 Err(e) => {
@@ -412,6 +432,7 @@ impl Plugins {
         &self,
         rec: &CsiRecord,
         context: BTreeMap<String, String>,
+        secrets: &CsiSecrets,
     ) -> Result<ReadyVolume, String> {
         let ready = ReadyVolume {
             host_path: rec.target_path.clone(),
@@ -442,7 +463,7 @@ impl Plugins {
             } else {
                 AccessType::Mount(MountVolume {
                     fs_type: rec.fs_type.clone(),
-                    mount_flags: Vec::new(),
+                    mount_flags: rec.mount_flags.clone(),
                     volume_mount_group: String::new(),
                 })
             }),
@@ -463,7 +484,7 @@ impl Plugins {
                         publish_context: Default::default(),
                         staging_target_path: staging.display().to_string(),
                         volume_capability: Some(capability.clone()),
-                        secrets: Default::default(),
+                        secrets: secrets.stage.clone(),
                         volume_context: context.clone(),
                     }),
                 )
@@ -491,7 +512,7 @@ impl Plugins {
                 target_path: rec.target_path.display().to_string(),
                 volume_capability: Some(capability),
                 readonly: rec.read_only,
-                secrets: Default::default(),
+                secrets: secrets.publish.clone(),
                 volume_context: context,
             }),
         )

@@ -299,16 +299,12 @@ impl VolumeManager {
         }
         if let Some(src) = &vol.csi {
             let rec = csi::inline_record(&self.ctx.root, uid, name, src);
-            self.record(uid, name, |r| r.csi = Some(rec.clone()))?;
             let context = csi::pod_context(pod, true, src.volume_attributes.clone());
-            let ready = self
-                .plugins
-                .setup(&rec, context)
-                .await
-                .map_err(|e| failed(name, e))?;
-            self.apply_fs_group_async(pod, name, &ready, src.fs_type.is_some())
-                .await?;
-            return Ok(ready);
+            let mut secrets = csi::CsiSecrets::default();
+            if let Some(r) = &src.node_publish_secret_ref {
+                secrets.publish = self.csi_secret(name, namespace(pod), &r.name)?;
+            }
+            return self.setup_csi(pod, uid, name, rec, context, &secrets).await;
         }
         let tokens = self.fetch_tokens(pod, vol).await?;
         let (ctx, pod, vol) = (self.ctx.clone(), pod.clone(), vol.clone());
@@ -362,7 +358,7 @@ impl VolumeManager {
         let spec = bound.pv.spec.clone().unwrap_or_default();
         if let Some(src) = &spec.csi {
             let read_only = pod_read_only || src.read_only.unwrap_or(false);
-            let rec = csi::pv_record(
+            let mut rec = csi::pv_record(
                 &self.ctx.root,
                 uid,
                 &pv_name,
@@ -371,20 +367,81 @@ impl VolumeManager {
                 &bound.access_modes,
                 bound.block,
             );
-            self.record(uid, volume, |r| r.csi = Some(rec.clone()))?;
+            rec.mount_flags = spec.mount_options.clone().unwrap_or_default();
             let context = csi::pod_context(pod, false, src.volume_attributes.clone());
-            let ready = self
-                .plugins
-                .setup(&rec, context)
-                .await
-                .map_err(|e| failed(volume, e))?;
-            self.apply_fs_group_async(pod, volume, &ready, src.fs_type.is_some())
-                .await?;
-            return Ok(ready);
+            // A SecretReference without a namespace means the claim's, as upstream.
+            let refs = [&src.node_stage_secret_ref, &src.node_publish_secret_ref].map(|r| {
+                r.as_ref().map(|r| {
+                    let ns = r.namespace.as_deref().unwrap_or(&bound.namespace);
+                    (ns.to_string(), r.name.clone().unwrap_or_default())
+                })
+            });
+            let mut secrets = csi::CsiSecrets::default();
+            for (to, r) in [&mut secrets.stage, &mut secrets.publish]
+                .into_iter()
+                .zip(refs)
+            {
+                if let Some((ns, name)) = r {
+                    *to = self.csi_secret(volume, &ns, &name)?;
+                }
+            }
+            return self
+                .setup_csi(pod, uid, volume, rec, context, &secrets)
+                .await;
         }
         let (ctx, pod, volume) = (self.ctx.clone(), pod.clone(), volume.to_string());
         let uid = uid.to_string();
         blocking(move || ctx.setup_pv(&pod, &uid, &volume, &bound, pod_read_only)).await
+    }
+
+    /// Records a CSI volume, then stages and publishes it (see `csi::Plugins::setup`).
+    async fn setup_csi(
+        &self,
+        pod: &Arc<Pod>,
+        uid: &str,
+        volume: &str,
+        rec: csi::CsiRecord,
+        context: BTreeMap<String, String>,
+        secrets: &csi::CsiSecrets,
+    ) -> Result<ReadyVolume, VolumeError> {
+        self.record(uid, volume, |r| r.csi = Some(rec.clone()))?;
+        let ready = self
+            .plugins
+            .setup(&rec, context, secrets)
+            .await
+            .map_err(|e| failed(volume, e))?;
+        self.apply_fs_group_async(pod, volume, &ready, !rec.fs_type.is_empty())
+            .await?;
+        Ok(ready)
+    }
+
+    /// The values of a Secret a CSI volume references (drivers take them as text).
+    fn csi_secret(
+        &self,
+        volume: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<std::collections::HashMap<String, String>, VolumeError> {
+        let shown = format!("{namespace}/{name}");
+        let secret =
+            self.ctx
+                .store
+                .secret(namespace, name)
+                .ok_or_else(|| VolumeError::Missing {
+                    volume: volume.to_string(),
+                    kind: "secret",
+                    name: shown.clone(),
+                })?;
+        projection::secret_data(&secret)
+            .into_iter()
+            .map(|(k, v)| match String::from_utf8(v) {
+                Ok(v) => Ok((k, v)),
+                Err(_) => Err(invalid(
+                    volume,
+                    format!("secret {shown:?} key {k:?} is not UTF-8 text"),
+                )),
+            })
+            .collect()
     }
 
     async fn apply_fs_group_async(

@@ -18,6 +18,10 @@
 //! once it is done, one line `<RPC> <volume id> <path>`, so tests can check what was called
 //! (idempotent repeats included) and in which order.
 //!
+//! The volume attributes `requireStageSecret: KEY` and `requirePublishSecret: KEY` make
+//! NodeStageVolume or NodePublishVolume refuse a call whose secrets lack KEY; NodeStageVolume
+//! mounts with the capability's mount_flags.
+//!
 //! NodeGetInfo answers `--node-id` (default `node-1`), `--max-volumes` (default 0: no limit)
 //! and one accessible topology segment per `--topology KEY=VALUE`.
 //!
@@ -74,6 +78,20 @@ fn mounted_source(path: &Path) -> Option<String> {
     })
 }
 
+/// With the volume attribute `attribute` naming a key, refuses a call whose secrets lack it.
+fn require_secret(
+    context: &std::collections::HashMap<String, String>,
+    attribute: &str,
+    secrets: &std::collections::HashMap<String, String>,
+) -> Result<(), Status> {
+    match context.get(attribute) {
+        Some(key) if !secrets.contains_key(key) => Err(Status::unauthenticated(format!(
+            "secret key {key:?} is required ({attribute})"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// The access type of a request's volume capability (required).
 fn access_type(capability: Option<&VolumeCapability>) -> Result<&AccessType, Status> {
     capability
@@ -121,12 +139,12 @@ impl Plugin {
     }
 
     /// Attaches (creating it first when new) the volume's backing file, formats it when blank
-    /// and mounts it at `staging`. Idempotent.
+    /// and mounts it at `staging` with `mount_flags`. Idempotent.
     fn stage(
         &self,
         volume_id: &str,
         staging: &Path,
-        fs_type: &str,
+        (fs_type, mount_flags): (&str, &[String]),
         context: &std::collections::HashMap<String, String>,
     ) -> Result<(), Status> {
         if mounted_source(staging).is_some() {
@@ -141,9 +159,12 @@ impl Plugin {
             run(Command::new("mkfs.ext4").args(["-F", "-q", &dev]))?;
         }
         std::fs::create_dir_all(staging).map_err(|e| Status::internal(e.to_string()))?;
-        run(Command::new("mount")
-            .args(["-t", fs_type, &dev])
-            .arg(staging))?;
+        let mut mount = Command::new("mount");
+        mount.args(["-t", fs_type]);
+        if !mount_flags.is_empty() {
+            mount.arg("-o").arg(mount_flags.join(","));
+        }
+        run(mount.arg(&dev).arg(staging))?;
         Ok(())
     }
 
@@ -246,8 +267,11 @@ impl Plugin {
     fn stage_volume(&self, req: &NodeStageVolumeRequest) -> Result<(), Status> {
         require(&req.volume_id, "volume_id")?;
         require(&req.staging_target_path, "staging_target_path")?;
-        let fs_type = match access_type(req.volume_capability.as_ref())? {
-            AccessType::Mount(m) if m.fs_type.is_empty() || m.fs_type == "ext4" => "ext4",
+        require_secret(&req.volume_context, "requireStageSecret", &req.secrets)?;
+        let mount = match access_type(req.volume_capability.as_ref())? {
+            AccessType::Mount(m) if m.fs_type.is_empty() || m.fs_type == "ext4" => {
+                ("ext4", m.mount_flags.as_slice())
+            }
             AccessType::Mount(m) => {
                 return Err(Status::invalid_argument(format!(
                     "fsType {:?} is not supported",
@@ -266,7 +290,7 @@ impl Plugin {
         self.stage(
             &req.volume_id,
             Path::new(&req.staging_target_path),
-            fs_type,
+            mount,
             &req.volume_context,
         )
     }
@@ -274,6 +298,7 @@ impl Plugin {
     fn publish_volume(&self, req: &NodePublishVolumeRequest) -> Result<(), Status> {
         require(&req.volume_id, "volume_id")?;
         require(&req.target_path, "target_path")?;
+        require_secret(&req.volume_context, "requirePublishSecret", &req.secrets)?;
         if let AccessType::Block(_) = access_type(req.volume_capability.as_ref())? {
             return self.publish_block(req);
         }
@@ -284,7 +309,7 @@ impl Plugin {
         let staging = if ephemeral {
             // Inline ephemeral volume: no NodeStage from the CO, so stage privately.
             let staging = self.inline_staging(&req.volume_id)?;
-            self.stage(&req.volume_id, &staging, "ext4", &req.volume_context)?;
+            self.stage(&req.volume_id, &staging, ("ext4", &[]), &req.volume_context)?;
             staging
         } else if req.staging_target_path.is_empty() {
             return Err(Status::failed_precondition(
