@@ -19,7 +19,9 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod, Secret,
+};
 use k8s_openapi::api::storage::v1::CSINode;
 use kube::api::{DeleteParams, EvictParams, PostParams};
 use kube::Api;
@@ -548,6 +550,105 @@ async fn a_registered_csi_driver_is_recorded_in_the_nodes_csinode() {
     while csinode_driver(&csinodes, &c.node, LOOP_DRIVER).await != Some(None) {
         d.tick().await;
     }
+}
+
+#[tokio::test]
+#[ignore = "cluster tier: needs KUBECONFIG, NODELET_NODE_KUBECONFIG, NODELET_NODE_NAME"]
+async fn a_csi_pv_is_staged_with_its_secret_read_through_the_node_identity() {
+    let Some(c) =
+        cluster("a_csi_pv_is_staged_with_its_secret_read_through_the_node_identity").await
+    else {
+        return;
+    };
+    let agent = Agent::start(&c);
+    // Declared before the namespace, so that it outlives the pods' teardown.
+    let plugin = LoopPlugin::start(
+        &agent.dir.path().join("csi-state"),
+        &agent.dir.path().join("root/plugins_registry"),
+        "loop-node",
+    );
+    let ns = TestNamespace::create(&c, "csi").await;
+    wait_node_ready(&c).await;
+    let admin = c.admin.clone();
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "stage-creds"}, "stringData": {"password": "s3cret"}
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(admin.clone(), &ns.name)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    // The Secret lives in the test namespace, referenced by the PV (cluster-scoped, named after
+    // the namespace so runs never collide); the plugin refuses NodeStage without it.
+    let pv_name = ns.name.clone();
+    let pv: PersistentVolume = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": pv_name},
+        "spec": {
+            "capacity": {"storage": "32Mi"},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": "",
+            "claimRef": {"namespace": ns.name, "name": "data"},
+            "csi": {
+                "driver": LOOP_DRIVER,
+                "volumeHandle": pv_name,
+                "fsType": "ext4",
+                "volumeAttributes": {"size": "33554432", "requireStageSecret": "password"},
+                "nodeStageSecretRef": {"name": "stage-creds", "namespace": ns.name},
+            },
+        },
+    }))
+    .unwrap();
+    let pvs: Api<PersistentVolume> = Api::all(admin.clone());
+    pvs.create(&PostParams::default(), &pv).await.unwrap();
+    let claim: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "data"},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": "",
+            "volumeName": pv_name,
+            "resources": {"requests": {"storage": "32Mi"}},
+        },
+    }))
+    .unwrap();
+    Api::<PersistentVolumeClaim>::namespaced(admin.clone(), &ns.name)
+        .create(&PostParams::default(), &claim)
+        .await
+        .unwrap();
+    let mut user = pod("user", &c.node, 2);
+    let spec = user.spec.as_mut().unwrap();
+    spec.volumes = Some(vec![serde_json::from_value(serde_json::json!(
+        {"name": "data", "persistentVolumeClaim": {"claimName": "data"}}
+    ))
+    .unwrap()]);
+    spec.containers[0].volume_mounts = Some(vec![serde_json::from_value(
+        serde_json::json!({"name": "data", "mountPath": "/data"}),
+    )
+    .unwrap()]);
+    let pods = ns.pods();
+    pods.create(&PostParams::default(), &user).await.unwrap();
+    let d = Deadline::new("the CSI pod Running and Ready", 180);
+    let running = loop {
+        if let Some(p) = pod_ready(&pods, "user").await {
+            break p;
+        }
+        d.tick().await;
+    };
+    assert_eq!(plugin.rpcs(), ["NodeStageVolume", "NodePublishVolume"]);
+
+    // Deleting the pod releases the volume before the final delete.
+    pods.delete("user", &DeleteParams::default()).await.unwrap();
+    wait_pod_gone(&pods, "user", &uid(&running), 120).await;
+    assert_eq!(
+        plugin.rpcs(),
+        [
+            "NodeStageVolume",
+            "NodePublishVolume",
+            "NodeUnpublishVolume",
+            "NodeUnstageVolume"
+        ]
+    );
+    let _ = pvs.delete(&pv_name, &DeleteParams::default()).await;
 }
 
 #[tokio::test]
