@@ -2,7 +2,8 @@
 //! manager and the read-only server, and on shutdown stops the agent but never the pods.
 //!
 //! Start order: directories → runtime (retried until containerd answers) → sandboxes, volumes,
-//! prober, status, recorder → pod manager (recovers containers from containerd) → sources →
+//! prober, status, recorder → manifest folder, cluster mode → pod manager (recovers containers
+//! from containerd) → merge of the sources →
 //! first full sync (orphans are cleaned up only then) → server → READY=1. CSI node plugins are
 //! discovered from `<root>/plugins_registry` all along.
 
@@ -26,6 +27,7 @@ use crate::pod::{Deletion, Desired, NodeFacts, PodContext};
 use crate::probe::Prober;
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::sandbox::{SandboxConfig, SandboxManager};
+use crate::server::secure::{self, SecureConfig};
 use crate::server::{self, ServerState};
 use crate::source::manifest::ManifestSource;
 use crate::status::StatusManager;
@@ -52,6 +54,9 @@ pub enum AgentError {
     /// Cluster mode could not start (an unusable kubeconfig).
     #[error("{0}")]
     Cluster(#[from] crate::cluster::ClusterError),
+    /// The secure port could not start (TLS material or the address).
+    #[error("the secure port: {0}")]
+    Secure(#[from] secure::BindError),
 }
 
 /// How long shutdown waits for workers to stop (they never stop containers).
@@ -103,10 +108,34 @@ pub async fn run(
         tokio::spawn(async move { volumes.plugins().watch(token).await });
     }
     let host_ip = config.node_ip.or_else(node_ip);
+    let mut authorizer = None;
+    let (manifest_tx, mut manifest_rx) = watch::channel(None::<Vec<Pod>>);
+    if let Some(dir) = config.pod_manifest_path.clone() {
+        info!(dir = %dir.display(), "reading pods from the manifest folder");
+        tokio::spawn(watch_manifests(
+            ManifestSource::new(dir, &config.node_name),
+            config.file_check_frequency,
+            store.clone(),
+            recorder.clone(),
+            manifest_tx,
+            root.clone(),
+        ));
+    } else {
+        manifest_tx.send_replace(Some(Vec::new()));
+    }
     let api = match ClusterConfig::from_config(&config) {
         Some(mut cluster) => {
             cluster.node_ip = host_ip;
-            let version = runtime.version().await.unwrap_or_default();
+            let check_runtime = runtime.clone();
+            let runtime_info = crate::cluster::RuntimeInfo {
+                version: runtime.version().await.unwrap_or_default(),
+                check: Arc::new(move || {
+                    let runtime = check_runtime.clone();
+                    Box::pin(
+                        async move { runtime.version().await.map(drop).map_err(|e| e.to_string()) },
+                    )
+                }),
+            };
             info!(kubeconfig = %cluster.kubeconfig.display(), "joining the cluster");
             crate::cluster::start_csi_node(
                 &cluster,
@@ -116,14 +145,20 @@ pub async fn run(
             .await?;
             let agent = ClusterAgent::start(
                 cluster,
+                manifest_rx.clone(),
                 store.clone(),
                 status.clone(),
                 recorder.clone(),
-                version,
+                runtime_info,
                 root.child_token(),
             )
             .await?;
             volumes.set_token_source(agent.tokens.clone());
+            if config.authorization_webhook {
+                authorizer = Some(agent.authorizer.clone());
+            }
+            // Static pods run as cluster mode names them (mirrored in the API).
+            manifest_rx = agent.static_pods;
             Some(ApiPods {
                 desired: agent.desired,
                 synced: agent.synced,
@@ -151,23 +186,16 @@ pub async fn run(
         warn!(error = %e, "could not list containers; pods will be recreated as needed");
     }
 
-    let (manifest_tx, manifest_rx) = watch::channel(None::<Vec<Pod>>);
-    if let Some(dir) = config.pod_manifest_path.clone() {
-        info!(dir = %dir.display(), "reading pods from the manifest folder");
-        tokio::spawn(watch_manifests(
-            ManifestSource::new(dir, &config.node_name),
-            config.file_check_frequency,
-            store.clone(),
-            recorder.clone(),
-            manifest_tx,
-            root.clone(),
-        ));
-    } else {
-        manifest_tx.send_replace(Some(Vec::new()));
-    }
     tokio::spawn(sync_pods(manager.clone(), manifest_rx, api, root.clone()));
 
-    let server_task = if config.read_only_port != 0 {
+    let state = ServerState {
+        status: status.clone(),
+        recorder: recorder.clone(),
+        metrics: Arc::new(move || prober.metrics_text()),
+        log_dir: config.log_dir.clone(),
+    };
+    let mut server_tasks = Vec::new();
+    if config.read_only_port != 0 {
         let addr = format!("{}:{}", config.address, config.read_only_port);
         let listener = TcpListener::bind(&addr)
             .await
@@ -176,19 +204,37 @@ pub async fn run(
                 source,
             })?;
         info!(%addr, "serving the read-only endpoint");
-        let state = ServerState {
-            status: status.clone(),
-            recorder: recorder.clone(),
-            metrics: Arc::new(move || prober.metrics_text()),
-            log_dir: config.log_dir.clone(),
-        };
         let token = root.clone();
-        Some(tokio::spawn(server::serve(listener, state, async move {
+        let state = state.clone();
+        server_tasks.push(tokio::spawn(async move {
+            let served = server::serve(listener, state, async move { token.cancelled().await });
+            if let Err(e) = served.await {
+                warn!(error = %e, "the read-only endpoint stopped");
+            }
+        }));
+    }
+    if config.port != 0 {
+        let mut serving_names = vec![config.node_name.clone(), "localhost".into()];
+        serving_names.extend(host_ip.map(|ip| ip.to_string()));
+        serving_names.push("127.0.0.1".into());
+        let addr = format!("{}:{}", config.address, config.port);
+        let bound = secure::bind(SecureConfig {
+            addr: addr.clone(),
+            node_name: config.node_name.clone(),
+            tls_cert_file: config.tls_cert_file.clone(),
+            tls_private_key_file: config.tls_private_key_file.clone(),
+            cert_dir: config.root_dir.join("pki"),
+            serving_names,
+            client_ca_file: config.client_ca_file.clone(),
+            authorizer,
+        })
+        .await?;
+        info!(%addr, webhook = config.authorization_webhook, "serving the secure port");
+        let token = root.clone();
+        server_tasks.push(tokio::spawn(secure::serve(bound, state, async move {
             token.cancelled().await
-        })))
-    } else {
-        None
-    };
+        })));
+    }
 
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     if let Some(period) = sd_notify::watchdog_enabled() {
@@ -214,7 +260,7 @@ pub async fn run(
     {
         warn!(after = ?DRAIN, "pod workers did not stop in time; exiting anyway");
     }
-    if let Some(task) = server_task {
+    for task in server_tasks {
         let _ = task.await;
     }
     Ok(())
@@ -311,7 +357,12 @@ async fn sync_pods(
 ) {
     let mut finished = manager.subscribe_finished();
     let mut previous: BTreeMap<String, Pod> = BTreeMap::new();
-    let mut removed: BTreeMap<String, Pod> = BTreeMap::new();
+    // Static pods whose manifest went while the agent was down stop as if removed now.
+    let mut removed: BTreeMap<String, Pod> = manager
+        .recovered_static_pods()
+        .into_iter()
+        .map(|p| (p.metadata.uid.clone().unwrap_or_default(), p))
+        .collect();
     loop {
         let current = manifests.borrow_and_update().clone();
         let api_set = match api.as_mut() {
@@ -339,7 +390,7 @@ async fn sync_pods(
             desired.extend(removed.values().map(|pod| Desired {
                 pod: pod.clone(),
                 deletion: Some(Deletion {
-                    grace: own_grace(pod),
+                    grace: crate::pod::machine::grace(pod, None),
                     gone: true,
                 }),
             }));
@@ -366,15 +417,6 @@ async fn sync_pods(
             }
         }
     }
-}
-
-fn own_grace(pod: &Pod) -> Duration {
-    let seconds = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.termination_grace_period_seconds)
-        .unwrap_or(30);
-    Duration::from_secs(seconds.max(0) as u64)
 }
 
 /// The first non-loopback IPv4 address of this host, for hostIP.

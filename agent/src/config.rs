@@ -77,9 +77,24 @@ pub struct Flags {
     /// Read-only HTTP port on 127.0.0.1; 0 disables it. Default 10255.
     #[arg(long)]
     pub read_only_port: Option<u16>,
-    /// Address the read-only port binds. Default 127.0.0.1.
+    /// Address the read-only and secure ports bind. Default 127.0.0.1.
     #[arg(long)]
     pub address: Option<String>,
+    /// The authenticated HTTPS port (logs for the API server); 0 disables it. Default 10250.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// The secure port's certificate (PEM); default a self-signed one in <root-dir>/pki.
+    #[arg(long)]
+    pub tls_cert_file: Option<PathBuf>,
+    #[arg(long)]
+    pub tls_private_key_file: Option<PathBuf>,
+    /// Client certificates signed by this CA authenticate on the secure port.
+    #[arg(long)]
+    pub client_ca_file: Option<PathBuf>,
+    /// AlwaysAllow or Webhook (SubjectAccessReview; needs --kubeconfig). Default Webhook with
+    /// a kubeconfig, else AlwaysAllow.
+    #[arg(long)]
+    pub authorization_mode: Option<String>,
     /// The node IP to report; default the first non-loopback IPv4 address.
     #[arg(long)]
     pub node_ip: Option<String>,
@@ -119,6 +134,9 @@ pub struct FileConfig {
     pub register_with_taints: Option<Vec<k8s_openapi::api::core::v1::Taint>>,
     pub read_only_port: Option<u16>,
     pub address: Option<String>,
+    pub port: Option<u16>,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_private_key_file: Option<PathBuf>,
     pub node_ip: Option<String>,
     pub pod_logs_dir: Option<PathBuf>,
     pub run_dir: Option<PathBuf>,
@@ -143,6 +161,12 @@ pub struct Config {
     pub taints: Vec<k8s_openapi::api::core::v1::Taint>,
     pub read_only_port: u16,
     pub address: String,
+    pub port: u16,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_private_key_file: Option<PathBuf>,
+    pub client_ca_file: Option<PathBuf>,
+    /// Webhook authorization on the secure port (else AlwaysAllow).
+    pub authorization_webhook: bool,
     pub node_ip: Option<std::net::IpAddr>,
     pub log_dir: PathBuf,
     pub run_dir: PathBuf,
@@ -178,6 +202,20 @@ impl Config {
             })?),
             None => None,
         };
+        let kubeconfig = flags.kubeconfig.or(file.kubeconfig);
+        let authorization_webhook = match flags.authorization_mode.as_deref() {
+            None => kubeconfig.is_some(),
+            Some("AlwaysAllow") => false,
+            Some("Webhook") if kubeconfig.is_some() => true,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    flag: "--authorization-mode",
+                    detail: format!(
+                        "{other:?}: AlwaysAllow, or Webhook (which needs --kubeconfig)"
+                    ),
+                })
+            }
+        };
         let node_name = flags
             .hostname_override
             .or(file.hostname_override)
@@ -185,7 +223,7 @@ impl Config {
             .to_lowercase();
         Ok(Config {
             pod_manifest_path: flags.pod_manifest_path.or(file.static_pod_path),
-            kubeconfig: flags.kubeconfig.or(file.kubeconfig),
+            kubeconfig,
             node_name,
             root_dir: flags
                 .root_dir
@@ -215,6 +253,11 @@ impl Config {
                 .address
                 .or(file.address)
                 .unwrap_or_else(|| "127.0.0.1".into()),
+            port: flags.port.or(file.port).unwrap_or(10250),
+            tls_cert_file: flags.tls_cert_file.or(file.tls_cert_file),
+            tls_private_key_file: flags.tls_private_key_file.or(file.tls_private_key_file),
+            client_ca_file: flags.client_ca_file,
+            authorization_webhook,
             node_ip,
             log_dir: flags
                 .pod_logs_dir
@@ -316,6 +359,10 @@ mod tests {
         assert_eq!(c.root_dir, PathBuf::from("/var/lib/nodelet"));
         assert_eq!(c.runtime_endpoint, "unix:///run/containerd/containerd.sock");
         assert_eq!(c.read_only_port, 10255);
+        assert_eq!(c.port, 10250);
+        assert!(!c.authorization_webhook, "standalone: AlwaysAllow");
+        let with_api = Config::resolve(flags(&["--kubeconfig", "/k"]), "n").unwrap();
+        assert!(with_api.authorization_webhook, "with the API: Webhook");
         assert_eq!(c.max_pods, 110);
         assert_eq!(c.cluster_domain, "cluster.local");
         assert!(c.kubeconfig.is_none());
@@ -365,6 +412,8 @@ mod tests {
         assert!(Config::resolve(flags(&["--node-labels", "novalue"]), "n").is_err());
         assert!(Config::resolve(flags(&["--register-with-taints", "a=b:Bad"]), "n").is_err());
         assert!(Config::resolve(flags(&["--node-ip", "not-an-ip"]), "n").is_err());
+        assert!(Config::resolve(flags(&["--authorization-mode", "Webhook"]), "n").is_err());
+        assert!(Config::resolve(flags(&["--authorization-mode", "RBAC"]), "n").is_err());
         let missing = Flags {
             config: Some("/nonexistent/nodelet.yaml".into()),
             ..Default::default()

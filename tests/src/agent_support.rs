@@ -25,6 +25,8 @@ pub struct Agent {
     pub name: String,
     pub dir: tempfile::TempDir,
     pub port: u16,
+    /// The secure (HTTPS) port.
+    pub secure_port: u16,
     child: Option<Child>,
 }
 
@@ -277,6 +279,7 @@ impl Agent {
             name: name.to_string(),
             dir,
             port: free_port(),
+            secure_port: free_port(),
             child: None,
         }
     }
@@ -300,6 +303,7 @@ impl Agent {
             .arg(self.log_dir())
             .args(["--containerd-namespace", &self.namespace()])
             .args(["--read-only-port", &self.port.to_string()])
+            .args(["--port", &self.secure_port.to_string()])
             .args(["--node-ip", "127.0.0.1", "-v", "1"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -323,6 +327,24 @@ impl Agent {
 }
 
 impl Agent {
+    /// curl on the secure port, trusting the agent's self-signed certificate: (exit code,
+    /// HTTP status, body). `--max-time` bounds a followed stream.
+    pub fn https(&self, path: &str, max_time: u64) -> (i32, u16, String) {
+        let url = format!("https://127.0.0.1:{}{}", self.secure_port, path);
+        let cert = self.root_dir().join("pki/nodelet.crt");
+        let out = Command::new("curl")
+            .args(["-sS", "-N", "--max-time", &max_time.to_string()])
+            .arg("--cacert")
+            .arg(cert)
+            .args(["-w", "\n%{http_code}", &url])
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        let code = code.trim().parse().unwrap_or(0);
+        (out.status.code().unwrap_or(-1), code, body.to_string())
+    }
+
     /// `GET /containerLogs/<ns>/<pod>/<container>?<query>`, None on an error status.
     pub fn container_logs(
         &self,

@@ -293,6 +293,113 @@ fn a_pod_removed_while_the_agent_was_down_is_cleaned_up_on_start() {
         !a.containerd_containers().contains(&id)
     });
     assert!(agent.pod("ticker").is_none());
+    let pod_dir = agent
+        .root_dir()
+        .join("pods")
+        .join(pod.metadata.uid.as_deref().unwrap());
+    agent.wait_until("the pod directory is removed", MINUTE, |_| {
+        !pod_dir.exists()
+    });
+}
+
+#[test]
+fn an_agent_restart_during_termination_stops_the_pod_gracefully_again() {
+    let mut agent = Agent::start("regrace");
+    let out = agent.dir.path().join("out");
+    let log = out.join("log");
+    agent.write_manifest(
+        "stubborn.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: stubborn\nspec:\n  terminationGracePeriodSeconds: 20\n  containers:\n  - name: main\n    image: {BUSYBOX}\n    command: [sh, -c, \"trap 'echo term >> /out/log' TERM; while true; do sleep 1; done\"]\n    volumeMounts: [{{name: out, mountPath: /out}}]\n  volumes:\n  - name: out\n    hostPath: {{path: {}, type: DirectoryOrCreate}}\n",
+            out.display()
+        ),
+    );
+    let pod = agent.wait_phase("stubborn", "Running", MINUTE);
+    let id = container_id(&pod, "main").unwrap();
+    let uid = pod.metadata.uid.clone().unwrap();
+    let terms = || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines().filter(|l| *l == "term").count()
+    };
+    agent.remove_manifest("stubborn.yaml");
+    agent.wait_until("the stop signal", MINUTE, |_| terms() == 1);
+    agent.kill9();
+    assert!(agent.task_pid(&id).is_some(), "still in its grace");
+
+    agent.spawn();
+    agent.wait_until("the stop signal again after the restart", MINUTE, |_| {
+        terms() == 2
+    });
+    assert!(
+        agent.task_pid(&id).is_some(),
+        "the restarted agent gives the pod its grace, it does not kill it at once"
+    );
+    agent.wait_until("the container is gone after the grace", MINUTE, |a| {
+        !a.containerd_containers().contains(&id)
+    });
+    assert_eq!(terms(), 2);
+    let pod_dir = agent.root_dir().join("pods").join(&uid);
+    agent.wait_until("the pod directory is removed", MINUTE, |_| {
+        !pod_dir.exists()
+    });
+}
+
+/// The highest `tick N` in a log text.
+fn last_tick(text: &str) -> Option<u64> {
+    let ticks = text.lines().filter_map(|l| l.strip_prefix("tick "));
+    ticks.filter_map(|n| n.trim().parse().ok()).max()
+}
+
+#[test]
+fn the_secure_port_follows_logs_over_tls_and_refuses_exec() {
+    let agent = Agent::start("secure");
+    agent.write_manifest("ticker.yaml", &sleeper("ticker"));
+    agent.write_manifest(
+        "counter.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: counter\nspec:\n  restartPolicy: Never\n  containers:\n  - name: main\n    image: {BUSYBOX}\n    command: [sh, -c, 'sleep 2; for i in 1 2 3 4 5 6 7 8 9 10; do echo line $i; sleep 0.2; done']\n"
+        ),
+    );
+    agent.wait_phase("ticker", "Running", MINUTE);
+    agent.wait_phase("counter", "Running", MINUTE);
+
+    // The self-signed certificate covers 127.0.0.1: curl verifies it with --cacert.
+    let (rc, code, body) = agent.https("/healthz", 10);
+    assert_eq!((rc, code, body.as_str()), (0, 200, "ok"));
+
+    let (_, code, before) = agent.https("/containerLogs/default/ticker/main", 10);
+    assert_eq!(code, 200);
+    let seen = last_tick(&before).expect("ticks so far");
+    // follow streams until curl gives up (exit 28: the stream was still open).
+    let (rc, _, followed) = agent.https("/containerLogs/default/ticker/main?follow=true", 3);
+    assert_eq!(rc, 28, "a followed log of a running container stays open");
+    let reached = last_tick(&followed).expect("followed ticks");
+    assert!(reached > seen + 3, "new lines arrive: {seen} → {reached}");
+
+    // A followed log ends by itself when the container exits.
+    let (rc, code, all) = agent.https("/containerLogs/default/counter/main?follow=true", 60);
+    assert_eq!(
+        (rc, code),
+        (0, 200),
+        "the stream ends with the container: {all}"
+    );
+    let expected: String = (1..=10).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(all, expected);
+
+    let (_, code, body) = agent.https(
+        "/containerLogs/default/counter/main?tailLines=2&timestamps=true",
+        10,
+    );
+    assert_eq!(code, 200);
+    let lines: Vec<&str> = body.lines().collect();
+    assert_eq!(lines.len(), 2, "{body}");
+    assert!(
+        lines[1].ends_with(" line 10") && lines[1].len() > "line 10".len() + 20,
+        "{body}"
+    );
+
+    let (_, code, body) = agent.https("/exec/default/ticker/main?command=sh", 10);
+    assert_eq!(code, 501, "{body}");
 }
 
 #[test]

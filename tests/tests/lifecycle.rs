@@ -136,6 +136,15 @@ impl Harness {
         std::fs::read_to_string(self.work.path().join(file)).unwrap_or_default()
     }
 
+    /// How many recorded events have `reason`.
+    fn events(&self, reason: &str) -> usize {
+        let recent = self.ctx.recorder.recent();
+        recent
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .count()
+    }
+
     async fn wait_status(
         &self,
         pod: &Pod,
@@ -461,6 +470,49 @@ async fn on_failure_restarts_a_failing_container_with_back_off() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_that_cannot_start_counts_restarts_and_backs_off() {
+    let h = Harness::new("start-error").await;
+    let img = image();
+    let pod = h.pod(
+        "start-error",
+        &format!(
+            r#"  terminationGracePeriodSeconds: 2
+  containers:
+  - name: app
+    image: {img}
+    command: ["/no/such/binary"]
+  - name: fine
+    image: {img}
+    command: ["sleep", "3600"]
+"#
+        ),
+    );
+    h.run(&pod);
+    let s = h
+        .wait_status(&pod, "in CrashLoopBackOff after a StartError", |s| {
+            waiting_reason(container(s, "app")).as_deref() == Some("CrashLoopBackOff")
+        })
+        .await;
+    let app = container(&s, "app");
+    assert!(app.restart_count >= 1, "a failed start counts: {app:?}");
+    let last = app.last_state.as_ref().and_then(|l| l.terminated.as_ref());
+    let last = last.expect("lastState terminated");
+    assert_eq!(last.exit_code, 128);
+    assert_eq!(last.reason.as_deref(), Some("StartError"));
+    assert!(
+        last.message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("/no/such/binary"),
+        "the cause is named: {last:?}"
+    );
+    assert!(running(&s, "fine"), "the other container is not disturbed");
+    assert!(h.events("Failed") >= 2 && h.events("BackOff") >= 1);
+    h.delete(&pod, 0, true).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_delete_runs_pre_stop_then_sends_term() {
     let h = Harness::new("prestop").await;
     let img = image();
@@ -489,10 +541,7 @@ async fn graceful_delete_runs_pre_stop_then_sends_term() {
         Some((0, "Completed".into()))
     );
     assert!(h.containers_of(&pod).await.is_empty());
-    let killing = h.ctx.recorder.recent();
-    assert!(killing
-        .iter()
-        .any(|e| e.reason.as_deref() == Some("Killing")));
+    assert_eq!(h.events("Killing"), 1, "one Killing event per stop");
     h.stop().await;
 }
 
@@ -515,7 +564,13 @@ async fn a_container_ignoring_term_is_killed_after_the_grace() {
     h.run(&pod);
     h.wait_status(&pod, "running", |s| running(s, "app")).await;
     h.delete(&pod, 30, false).await;
-    assert!(h.work_file("log").contains("got-term"), "TERM came first");
+    let log = h.work_file("log");
+    assert_eq!(
+        log.matches("got-term").count(),
+        1,
+        "TERM once, then KILL: {log}"
+    );
+    assert_eq!(h.events("Killing"), 1, "one Killing event per stop");
     let s = h.ctx.status.get(&uid(&pod)).unwrap().pod.status.unwrap();
     assert_eq!(
         terminated(container(&s, "app")),
@@ -606,13 +661,29 @@ async fn a_new_manager_re_adopts_running_containers() {
         })
         .await;
     let id_before = container(&before, "app").container_id.clone().unwrap();
-    let pid_before = match h.containers_of(&pod).await.as_slice() {
-        [r] => match r.state {
-            TaskState::Running { pid, .. } => pid,
-            ref other => panic!("container not running: {other:?}"),
-        },
-        other => panic!("expected exactly one container (old attempt removed), got {other:?}"),
+    let last_exit = |s: &PodStatus| {
+        let last = container(s, "app").last_state.clone();
+        last.and_then(|l| l.terminated)
+            .map(|t| (t.exit_code, t.finished_at))
     };
+    assert_eq!(last_exit(&before).map(|e| e.0), Some(1));
+    let running_pid = |records: &[nodelet::runtime::ContainerRecord]| {
+        let pids: Vec<u32> = records
+            .iter()
+            .filter_map(|r| match r.state {
+                TaskState::Running { pid, .. } => Some(pid),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            records.len(),
+            2,
+            "the latest and the previous attempt: {records:?}"
+        );
+        assert_eq!(pids.len(), 1, "one attempt runs: {records:?}");
+        pids[0]
+    };
+    let pid_before = running_pid(&h.containers_of(&pod).await);
 
     // Simulated agent restart: the old manager stops, a new one over a fresh context recovers.
     h.manager.shutdown().await;
@@ -643,9 +714,8 @@ async fn a_new_manager_re_adopts_running_containers() {
         container(&before, "app").image_id,
         "imageID restored"
     );
-    let records = h.containers_of(&pod).await;
-    assert_eq!(records.len(), 1);
-    assert!(matches!(records[0].state, TaskState::Running { pid, .. } if pid == pid_before));
+    assert_eq!(last_exit(&after), last_exit(&before), "lastState kept");
+    assert_eq!(running_pid(&h.containers_of(&pod).await), pid_before);
 
     let mut finished = manager.subscribe_finished();
     manager.update(Desired {
@@ -998,8 +1068,16 @@ async fn a_changed_image_restarts_the_container_even_under_never() {
     assert_eq!(container(&s, "app").restart_count, 1);
     assert_eq!(phase(&s), "Running");
     let records = h.containers_of(&pod).await;
-    assert_eq!(records.len(), 1, "the old attempt is removed");
-    assert!(records[0].image.contains("httpd"), "{}", records[0].image);
+    assert_eq!(
+        records.len(),
+        2,
+        "the new attempt and the previous: {records:?}"
+    );
+    let (running, exited): (Vec<_>, Vec<_>) = records
+        .iter()
+        .partition(|r| matches!(r.state, TaskState::Running { .. }));
+    assert!(running[0].image.contains("httpd"), "{}", running[0].image);
+    assert!(exited[0].image.contains("busybox"), "{}", exited[0].image);
     h.delete(&pod, 0, true).await;
     h.stop().await;
 }

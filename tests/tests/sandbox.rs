@@ -305,6 +305,56 @@ async fn teardown_tolerates_a_vanished_netns() {
     assert!(!Path::new(RUN_DIR).join(&uid).exists());
 }
 
+/// What a reboot does to a sandbox: the pinned namespaces and the run dir (tmpfs) are gone;
+/// the root dir, with host-local's reservations and the CNI cache, stays.
+fn reboot(uid: &str) {
+    let dir = Path::new(RUN_DIR).join(uid);
+    for pin in ["net", "ipc", "uts"] {
+        let _ = Command::new("umount").arg(dir.join(pin)).status();
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn ip_reservations_are_released_after_a_reboot() {
+    require_root();
+    let conf = template_conf_dir();
+    let root = tempfile::tempdir().unwrap();
+    let mgr = manager(conf.path(), root.path());
+    let uid = unique_uid("reboot");
+    let _guard = Guard {
+        mgr: mgr.clone(),
+        uid: uid.clone(),
+    };
+    let p = pod(&uid, "reboot", "default", PodSpec::default());
+    mgr.ensure(&p).await.unwrap();
+    assert_eq!(ipam_reservations(&uid).len(), 1);
+
+    // The pod is still wanted after the reboot: a new sandbox, and still one reservation.
+    reboot(&uid);
+    let again = manager(conf.path(), root.path());
+    let sb = again
+        .ensure(&p)
+        .await
+        .expect("a sandbox again after the reboot");
+    assert!(sb.ip.is_some());
+    assert_eq!(ipam_reservations(&uid).len(), 1, "the old IP was released");
+
+    // The pod went while the node was down: teardown releases what only the cache knew.
+    reboot(&uid);
+    manager(conf.path(), root.path())
+        .teardown(&uid)
+        .await
+        .unwrap();
+    assert!(ipam_reservations(&uid).is_empty(), "IP still reserved");
+    assert!(!root
+        .path()
+        .join("pods")
+        .join(&uid)
+        .join("cni.json")
+        .exists());
+}
+
 #[tokio::test]
 async fn statefulset_pod_gets_hostname_subdomain_hosts_and_cluster_dns() {
     require_root();

@@ -7,7 +7,8 @@
 //! of the caller's cancellation token; each task owns its own state and talks to the others only
 //! through channels:
 //! - `node`: registers the Node (create, or update the labels of the existing one), then computes
-//!   NodeStatus every 10 s and patches it on change or every 5 minutes.
+//!   NodeStatus every 10 s (Ready follows the container runtime's health check) and patches it
+//!   on change or every 5 minutes.
 //! - `lease`: renews the Lease in `kube-node-lease` every 10 s, backing off on errors.
 //! - `pods`: list+watch of the pods bound to this node; publishes the full desired set (and a
 //!   `synced` flag after the first complete list). Any watch error rebuilds the watcher, so a
@@ -17,6 +18,8 @@
 //! - `status_sink`: pod status from the [`StatusManager`] to `pods/status`, then the final
 //!   DELETE (grace 0, UID precondition) of finished pods the API is deleting.
 //! - `events`: the [`Recorder`]'s events to core v1 Events.
+//! - `mirror`: a mirror pod in the API for every static pod (the manifest folder's pods, which
+//!   cluster mode names `<name>-<node>` as the kubelet does); the sink writes their status.
 //!
 //! [`ApiTokens`] serves projected service account tokens through the TokenRequest API;
 //! [`start_csi_node`] keeps the node's CSINode in step with the registered CSI drivers.
@@ -25,7 +28,7 @@
 //!
 //! Wiring (agent.rs): build a [`ClusterConfig`] with [`ClusterConfig::from_config`] and set its
 //! `node_ip` to the IP the pods report as hostIP; call [`ClusterAgent::start`] with the shared
-//! store, status manager and recorder and containerd's version; hand `tokens` to
+//! store, status manager and recorder and the runtime's version and health check; hand `tokens` to
 //! `VolumeManager::set_token_source`; wait for `synced` before the first full sync of the pod
 //! manager (an empty set before the first list would kill re-adopted pods), then merge every
 //! new `desired` set with the manifest folder's pods into each full sync. A pod absent from
@@ -35,7 +38,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Taint;
+use k8s_openapi::api::core::v1::{Pod, Taint};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -46,9 +49,11 @@ use crate::pod::Desired;
 use crate::status::StatusManager;
 use crate::store::ObjectStore;
 
+mod authz;
 mod csinode;
 mod events;
 mod lease;
+mod mirror;
 mod node;
 mod objects;
 mod pods;
@@ -56,6 +61,23 @@ mod status_sink;
 mod tokens;
 
 pub use tokens::ApiTokens;
+
+/// Asks the container runtime whether it answers: `Err` carries what went wrong.
+pub type RuntimeCheck = std::sync::Arc<
+    dyn Fn() -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync,
+>;
+
+/// The container runtime as the Node reports it.
+#[derive(Clone)]
+pub struct RuntimeInfo {
+    /// `containerd://<version>` (a bare version gets the prefix).
+    pub version: String,
+    /// Run every NodeStatus interval; the node is not Ready while the runtime has not answered
+    /// for [`RUNTIME_DOWN_AFTER`], as the kubelet's "container runtime is down".
+    pub check: RuntimeCheck,
+}
+
+pub use node::RUNTIME_DOWN_AFTER;
 
 /// What cluster mode needs from the agent's configuration.
 #[derive(Clone, Debug)]
@@ -88,7 +110,7 @@ impl ClusterConfig {
             taints: config.taints.clone(),
             max_pods: config.max_pods,
             root_dir: config.root_dir.clone(),
-            kubelet_port: 10250,
+            kubelet_port: config.port,
         })
     }
 }
@@ -156,6 +178,11 @@ pub struct ClusterAgent {
     /// Service account tokens through the TokenRequest API, for projected volumes: give it
     /// to `VolumeManager::set_token_source`.
     pub tokens: std::sync::Arc<ApiTokens>,
+    /// The secure port's Webhook authorizer (SubjectAccessReview with the node's identity).
+    pub authorizer: crate::server::secure::Authorizer,
+    /// The manifest folder's pods as cluster mode runs them: named `<name>-<node>`, each
+    /// mirrored in the API. `None` until the folder was read once, as its input.
+    pub static_pods: watch::Receiver<Option<Vec<Pod>>>,
     /// Ends when the token given to [`ClusterAgent::start`] is cancelled.
     pub task: JoinHandle<()>,
 }
@@ -164,14 +191,17 @@ impl ClusterAgent {
     /// Builds the client from `config.kubeconfig` and spawns every cluster-mode task. Fails only
     /// when the kubeconfig is unusable; an unreachable API server is retried with back-off.
     ///
-    /// `runtime_version` is the containerd version (reported as `containerd://<version>`).
-    /// The recorder's sink is set here. Cancelling `shutdown` stops the tasks, never the pods.
+    /// `runtime` is the container runtime's version (reported as `containerd://<version>`)
+    /// and its health check (the Ready condition follows it).
+    /// The recorder's sink is set here. `manifests` is the manifest folder's pods (`None` until
+    /// first read). Cancelling `shutdown` stops the tasks, never the pods.
     pub async fn start(
         config: ClusterConfig,
+        mut manifests: watch::Receiver<Option<Vec<Pod>>>,
         store: ObjectStore,
         status: StatusManager,
         recorder: Recorder,
-        runtime_version: String,
+        runtime: RuntimeInfo,
         shutdown: CancellationToken,
     ) -> Result<Self, ClusterError> {
         let client = client(&config.kubeconfig).await?;
@@ -182,11 +212,30 @@ impl ClusterAgent {
         recorder.set_sink(events_tx);
 
         let mut tasks = tokio::task::JoinSet::new();
+        let (statics_tx, static_pods) = watch::channel(None);
+        {
+            let node = config.node_name.clone();
+            let token = shutdown.child_token();
+            tasks.spawn(async move {
+                loop {
+                    let mut pods = manifests.borrow_and_update().clone();
+                    if let Some(pods) = pods.as_mut() {
+                        mirror::rename(pods, &node);
+                    }
+                    statics_tx.send_replace(pods);
+                    tokio::select! {
+                        _ = token.cancelled() => return,
+                        r = manifests.changed() => if r.is_err() { return },
+                    }
+                }
+            });
+        }
         let node_uid = {
             let (tx, rx) = watch::channel(None);
             let host = node::Host {
                 config: config.clone(),
-                runtime_version,
+                runtime_version: runtime.version,
+                runtime_check: runtime.check,
             };
             tasks.spawn(node::run(
                 client.clone(),
@@ -200,6 +249,15 @@ impl ClusterAgent {
         tasks.spawn(lease::run(
             client.clone(),
             config.node_name.clone(),
+            node_uid.clone(),
+            shutdown.child_token(),
+        ));
+        tasks.spawn(mirror::run(
+            client.clone(),
+            config.node_name.clone(),
+            static_pods.clone(),
+            api_pods.clone(),
+            synced.clone(),
             node_uid,
             shutdown.child_token(),
         ));
@@ -240,7 +298,9 @@ impl ClusterAgent {
         Ok(Self {
             desired,
             synced,
+            authorizer: authz::webhook(client.clone()),
             tokens: std::sync::Arc::new(ApiTokens::new(client)),
+            static_pods,
             task,
         })
     }

@@ -7,8 +7,12 @@
 //! when anything but the heartbeat changed, or every 5 minutes. It reads its Node at each
 //! interval, and a Node deleted under it is registered again.
 //!
-//! Everything but the reads of /proc, /etc, /sys and statvfs is pure: [`node_object`],
-//! [`conditions`] and [`needs_post`] are unit tested.
+//! Ready follows the container runtime: the runtime's health check runs every interval, and
+//! once it has not answered for [`RUNTIME_DOWN_AFTER`] Ready turns False (KubeletNotReady,
+//! "container runtime is down"), and True again at the first answer.
+//!
+//! Everything but the reads of /proc, /etc, /sys and statvfs and the runtime check is pure:
+//! [`node_object`], [`runtime_error`], [`conditions`] and [`needs_post`] are unit tested.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -37,10 +41,38 @@ pub(super) const REPORT_INTERVAL: Duration = Duration::from_secs(300);
 /// The kubelet's default hard eviction threshold for memory.available.
 const MEMORY_THRESHOLD: u64 = 100 * 1024 * 1024;
 
+/// The node is not Ready once the container runtime has not answered for this long (the
+/// kubelet's runtime sync threshold).
+pub const RUNTIME_DOWN_AFTER: Duration = Duration::from_secs(30);
+/// How long one runtime health check may take before it counts as failed.
+const RUNTIME_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What the node task is given.
 pub(super) struct Host {
     pub config: ClusterConfig,
     pub runtime_version: String,
+    pub runtime_check: super::RuntimeCheck,
+}
+
+/// Why the runtime keeps the node from being Ready, from when it last answered (`None`: never),
+/// as the kubelet words it; `None` when it is healthy.
+pub(super) fn runtime_error(last_ok: Option<Instant>, now: Instant) -> Option<&'static str> {
+    match last_ok {
+        None => Some("container runtime status check may not have completed yet"),
+        Some(at) if now.duration_since(at) >= RUNTIME_DOWN_AFTER => {
+            Some("container runtime is down")
+        }
+        Some(_) => None,
+    }
+}
+
+/// `containerd://<version>` for the runtime version the agent was given (bare or prefixed).
+fn runtime_version(version: &str) -> String {
+    if version.contains("://") {
+        version.to_string()
+    } else {
+        format!("containerd://{version}")
+    }
 }
 
 /// Facts about the machine that do not change while the agent runs.
@@ -251,7 +283,7 @@ pub(super) fn node_object(host: &Host, machine: &Machine) -> Node {
             node_info: Some(NodeSystemInfo {
                 architecture: arch.to_string(),
                 boot_id: machine.boot_id.clone(),
-                container_runtime_version: format!("containerd://{}", host.runtime_version),
+                container_runtime_version: runtime_version(&host.runtime_version),
                 kernel_version: machine.kernel.clone(),
                 kubelet_version: KUBELET_VERSION.into(),
                 machine_id: machine.machine_id.clone(),
@@ -265,10 +297,12 @@ pub(super) fn node_object(host: &Host, machine: &Machine) -> Node {
     }
 }
 
-/// The four conditions for `usage`, heartbeat `now`; a condition keeps its previous
-/// lastTransitionTime while its status stays the same.
+/// The four conditions for `usage` and the runtime's error (see [`runtime_error`]), heartbeat
+/// `now`; a condition keeps its previous lastTransitionTime while its status stays the same.
+/// Ready is False (KubeletNotReady, the error as message) while the runtime is not healthy.
 pub(super) fn conditions(
     usage: &Usage,
+    runtime: Option<&str>,
     previous: &[NodeCondition],
     now: jiff::Timestamp,
 ) -> Vec<NodeCondition> {
@@ -316,12 +350,20 @@ pub(super) fn conditions(
                 "node has sufficient PID available",
             ),
         ),
-        (
-            "Ready".to_string(),
-            true,
-            "KubeletReady".to_string(),
-            "nodelet is posting ready status".to_string(),
-        ),
+        match runtime {
+            None => (
+                "Ready".to_string(),
+                true,
+                "KubeletReady".to_string(),
+                "nodelet is posting ready status".to_string(),
+            ),
+            Some(error) => (
+                "Ready".to_string(),
+                false,
+                "KubeletNotReady".to_string(),
+                error.to_string(),
+            ),
+        },
     ];
     list.into_iter()
         .map(|(type_, on, reason, message)| {
@@ -377,6 +419,7 @@ pub(super) async fn run(
     let name = host.config.node_name.clone();
     let machine = Machine::read(&host.config.root_dir);
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let mut runtime_ok: Option<Instant> = None;
     'register: loop {
         let node = loop {
             match register(&nodes, &host, &machine).await {
@@ -423,9 +466,30 @@ pub(super) async fn run(
                 Ok(Some(_)) => {}
                 Err(e) => tracing::warn!(node = name, error = %e, "reading the Node failed"),
             }
+            match tokio::time::timeout(RUNTIME_CHECK_TIMEOUT, (host.runtime_check)()).await {
+                Ok(Ok(())) => runtime_ok = Some(Instant::now()),
+                Ok(Err(e)) => {
+                    tracing::warn!(
+                        node = name,
+                        error = e,
+                        "the container runtime is not answering"
+                    )
+                }
+                Err(_) => tracing::warn!(
+                    node = name,
+                    after = ?RUNTIME_CHECK_TIMEOUT,
+                    "the container runtime did not answer in time"
+                ),
+            }
+            let runtime = runtime_error(runtime_ok, Instant::now());
             let usage = Usage::read(&host.config.root_dir);
             let mut status = node_object(&host, &machine).status.unwrap_or_default();
-            status.conditions = Some(conditions(&usage, &previous, jiff::Timestamp::now()));
+            status.conditions = Some(conditions(
+                &usage,
+                runtime,
+                &previous,
+                jiff::Timestamp::now(),
+            ));
             if needs_post(posted.as_ref(), &status, last_post, Instant::now()) {
                 let body = serde_json::json!({ "status": status });
                 match nodes
@@ -500,6 +564,7 @@ mod tests {
                 kubelet_port: 10250,
             },
             runtime_version: "1.6.20".into(),
+            runtime_check: std::sync::Arc::new(|| Box::pin(async { Ok(()) })),
         }
     }
 
@@ -595,7 +660,7 @@ mod tests {
     #[test]
     fn pressure_conditions_follow_the_thresholds() {
         let now = jiff::Timestamp::from_second(100).unwrap();
-        let c = conditions(&healthy(), &[], now);
+        let c = conditions(&healthy(), None, &[], now);
         let types: Vec<_> = c.iter().map(|c| c.type_.as_str()).collect();
         assert_eq!(
             types,
@@ -611,7 +676,7 @@ mod tests {
             pids: 960,
             ..healthy()
         };
-        let c = conditions(&low, &[], now);
+        let c = conditions(&low, None, &[], now);
         for t in ["MemoryPressure", "DiskPressure", "PIDPressure"] {
             assert_eq!(status_of(&c, t), "True", "{t}");
         }
@@ -620,7 +685,7 @@ mod tests {
             ..healthy()
         };
         assert_eq!(
-            status_of(&conditions(&edge, &[], now), "DiskPressure"),
+            status_of(&conditions(&edge, None, &[], now), "DiskPressure"),
             "False"
         );
     }
@@ -629,8 +694,8 @@ mod tests {
     fn transition_time_moves_only_on_change() {
         let t1 = jiff::Timestamp::from_second(100).unwrap();
         let t2 = jiff::Timestamp::from_second(110).unwrap();
-        let first = conditions(&healthy(), &[], t1);
-        let second = conditions(&healthy(), &first, t2);
+        let first = conditions(&healthy(), None, &[], t1);
+        let second = conditions(&healthy(), None, &first, t2);
         for c in &second {
             assert_eq!(c.last_transition_time, Some(Time(t1)));
             assert_eq!(c.last_heartbeat_time, Some(Time(t2)));
@@ -639,9 +704,59 @@ mod tests {
             fs_available: 1,
             ..healthy()
         };
-        let third = conditions(&full, &second, t2);
+        let third = conditions(&full, None, &second, t2);
         let disk = third.iter().find(|c| c.type_ == "DiskPressure").unwrap();
         assert_eq!(disk.last_transition_time, Some(Time(t2)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_runtime_is_down_after_the_threshold_without_an_answer() {
+        let start = Instant::now();
+        assert_eq!(
+            runtime_error(None, start),
+            Some("container runtime status check may not have completed yet")
+        );
+        assert_eq!(runtime_error(Some(start), start), None);
+        tokio::time::advance(RUNTIME_DOWN_AFTER - Duration::from_secs(1)).await;
+        assert_eq!(runtime_error(Some(start), Instant::now()), None);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            runtime_error(Some(start), Instant::now()),
+            Some("container runtime is down")
+        );
+    }
+
+    #[test]
+    fn ready_follows_the_runtime_and_only_ready_changes() {
+        let t1 = jiff::Timestamp::from_second(100).unwrap();
+        let t2 = jiff::Timestamp::from_second(110).unwrap();
+        let t3 = jiff::Timestamp::from_second(120).unwrap();
+        let up = conditions(&healthy(), None, &[], t1);
+        let down = conditions(&healthy(), Some("container runtime is down"), &up, t2);
+        let ready = down.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(ready.status, "False");
+        assert_eq!(ready.reason.as_deref(), Some("KubeletNotReady"));
+        assert_eq!(ready.message.as_deref(), Some("container runtime is down"));
+        assert_eq!(ready.last_transition_time, Some(Time(t2)));
+        for t in ["MemoryPressure", "DiskPressure", "PIDPressure"] {
+            let c = down.iter().find(|c| c.type_ == t).unwrap();
+            assert_eq!(c.status, "False", "{t}");
+            assert_eq!(c.last_transition_time, Some(Time(t1)), "{t}");
+        }
+        let back = conditions(&healthy(), None, &down, t3);
+        let ready = back.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(ready.status, "True");
+        assert_eq!(ready.reason.as_deref(), Some("KubeletReady"));
+        assert_eq!(ready.last_transition_time, Some(Time(t3)));
+    }
+
+    #[test]
+    fn the_runtime_version_is_prefixed_once() {
+        assert_eq!(runtime_version("1.6.20"), "containerd://1.6.20");
+        assert_eq!(
+            runtime_version("containerd://1.6.20"),
+            "containerd://1.6.20"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -651,6 +766,7 @@ mod tests {
         let status = |usage: &Usage, previous: &NodeStatus, now| NodeStatus {
             conditions: Some(conditions(
                 usage,
+                None,
                 previous.conditions.as_deref().unwrap_or_default(),
                 now,
             )),

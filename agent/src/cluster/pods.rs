@@ -4,6 +4,8 @@
 //! watcher's Init … InitDone) is buffered and replaces the set only once complete, so a partial
 //! list never makes running pods look deleted. The task in [`run`] owns the watcher; on any
 //! error it drops it and starts a new one, so every reconnect relists before anything else.
+//! A deletion whose deadline (`deletionTimestamp`) passed while the agent was away is given no
+//! grace: the pod is killed at once.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -88,9 +90,14 @@ impl PodSet {
         &self.pods
     }
 
-    /// The desired set: every known pod, with a deletion for those the API is deleting.
-    pub fn desired(&self) -> Vec<Desired> {
-        self.pods.values().map(desired).collect()
+    /// The desired set: every known pod but mirror pods (the API's copies of static pods,
+    /// which run from the manifest folder), with a deletion for those the API is deleting.
+    pub fn desired(&self, now: jiff::Timestamp) -> Vec<Desired> {
+        self.pods
+            .values()
+            .filter(|p| !super::mirror::is_mirror(p))
+            .map(|p| desired(p, now))
+            .collect()
     }
 }
 
@@ -98,10 +105,19 @@ fn uid(pod: &Pod) -> Option<String> {
     pod.metadata.uid.clone().filter(|u| !u.is_empty())
 }
 
-/// One API pod as a desired pod: `deletionTimestamp` set means a graceful deletion with the
-/// grace the API recorded (or the spec's, or 30 s).
-pub(super) fn desired(pod: &Pod) -> Desired {
-    let deletion = pod.metadata.deletion_timestamp.as_ref().map(|_| {
+/// One API pod as a desired pod at `now`: `deletionTimestamp` set means a graceful deletion
+/// with the grace the API recorded (or the spec's, or 30 s). The API sets `deletionTimestamp`
+/// to the deletion's time plus its grace; once that is past (the agent was down meanwhile, as
+/// when the control plane evicts the pods of an unreachable node) no grace is left: the pod is
+/// killed at once.
+pub(super) fn desired(pod: &Pod, now: jiff::Timestamp) -> Desired {
+    let deletion = pod.metadata.deletion_timestamp.as_ref().map(|at| {
+        if at.0 <= now {
+            return Deletion {
+                grace: Duration::ZERO,
+                gone: false,
+            };
+        }
         let seconds = pod
             .metadata
             .deletion_grace_period_seconds
@@ -171,7 +187,8 @@ fn publish(set: &PodSet, out: &Outputs) {
         out.synced.send_if_modified(|s| !std::mem::replace(s, true));
     }
     out.api_pods.send_replace(Arc::new(set.pods().clone()));
-    out.desired.send_replace(set.desired());
+    out.desired
+        .send_replace(set.desired(jiff::Timestamp::now()));
 }
 
 #[cfg(test)]
@@ -193,7 +210,7 @@ mod tests {
     }
 
     fn uids(set: &PodSet) -> Vec<String> {
-        set.desired()
+        set.desired(jiff::Timestamp::UNIX_EPOCH)
             .into_iter()
             .map(|d| d.pod.metadata.uid.unwrap())
             .collect()
@@ -205,7 +222,7 @@ mod tests {
         assert!(!set.apply(Event::Init));
         assert!(!set.apply(Event::InitApply(pod("a", "a"))));
         assert!(!set.synced());
-        assert!(set.desired().is_empty());
+        assert!(set.desired(jiff::Timestamp::UNIX_EPOCH).is_empty());
         assert!(set.apply(Event::InitDone));
         assert!(set.synced());
         assert_eq!(uids(&set), ["a"]);
@@ -234,10 +251,35 @@ mod tests {
     }
 
     #[test]
+    fn mirror_pods_are_listed_but_never_desired() {
+        let mut set = PodSet::default();
+        set.apply(Event::Init);
+        set.apply(Event::InitApply(pod("a", "web")));
+        let mut m = pod("m", "etcd-node");
+        m.metadata.annotations = Some(
+            [(
+                super::super::mirror::CONFIG_MIRROR.to_string(),
+                "h".to_string(),
+            )]
+            .into(),
+        );
+        set.apply(Event::InitApply(m));
+        set.apply(Event::InitDone);
+        assert_eq!(
+            set.pods().len(),
+            2,
+            "the status sink and mirror keeper see it"
+        );
+        assert_eq!(uids(&set), ["a"], "the pod manager does not run it");
+    }
+
+    #[test]
     fn a_deletion_timestamp_becomes_a_graceful_deletion() {
         let mut p = pod("a", "a");
+        let before = jiff::Timestamp::UNIX_EPOCH;
+        let desired = |p: &Pod| desired(p, before);
         assert!(desired(&p).deletion.is_none());
-        p.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::UNIX_EPOCH));
+        p.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::from_second(60).unwrap()));
         p.metadata.deletion_grace_period_seconds = Some(7);
         let d = desired(&p).deletion.unwrap();
         assert_eq!(d.grace, Duration::from_secs(7));
@@ -253,5 +295,22 @@ mod tests {
         assert_eq!(desired(&p).deletion.unwrap().grace, Duration::from_secs(30));
         p.metadata.deletion_grace_period_seconds = Some(-1);
         assert_eq!(desired(&p).deletion.unwrap().grace, Duration::ZERO);
+    }
+
+    #[test]
+    fn a_deletion_whose_deadline_passed_leaves_no_grace() {
+        let mut p = pod("a", "a");
+        p.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::from_second(60).unwrap()));
+        p.metadata.deletion_grace_period_seconds = Some(30);
+        let at = |s| desired(&p, jiff::Timestamp::from_second(s).unwrap());
+        assert_eq!(at(30).deletion.unwrap().grace, Duration::from_secs(30));
+        assert_eq!(at(59).deletion.unwrap().grace, Duration::from_secs(30));
+        let late = at(60).deletion.unwrap();
+        assert_eq!(late.grace, Duration::ZERO);
+        assert!(
+            !late.gone,
+            "still the API's to finish with the final DELETE"
+        );
+        assert_eq!(at(600).deletion.unwrap().grace, Duration::ZERO);
     }
 }

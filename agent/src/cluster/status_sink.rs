@@ -8,6 +8,9 @@
 //! Failed writes are retried with a per-pod back-off; a pod that is gone from the API (404) or
 //! was replaced by a same-name pod (409) is not written again.
 //!
+//! A static pod's status goes to its mirror pod (the one of its name and hash that is not being
+//! deleted); the final DELETE is never the sink's for those: mirror pods are the mirror task's.
+//!
 //! Status is sent as a JSON merge patch of the whole status with `metadata.uid` in it (the API
 //! refuses it if the name now belongs to another pod). Lists are replaced whole in a merge
 //! patch, so a condition carries no stale reason or message from an earlier write; conditions of
@@ -78,7 +81,7 @@ pub(super) fn plan(reported: &Reported, api: Option<&Pod>, written: Option<&Writ
     }
 }
 
-/// The patch body: the whole status, with the UID as precondition, keeping the API's
+/// The patch body: the whole status, with the API object's UID as precondition, keeping the API's
 /// conditions of types the agent does not report.
 pub(super) fn patch_body(reported: &Reported, api: Option<&Pod>) -> serde_json::Value {
     let mut status = reported.pod.status.clone().unwrap_or_default();
@@ -102,8 +105,12 @@ pub(super) fn patch_body(reported: &Reported, api: Option<&Pod>) -> serde_json::
             .get_or_insert_with(Vec::new)
             .extend(foreign);
     }
+    // The API object's own UID: a mirror pod's differs from its static pod's.
+    let uid = api
+        .and_then(|p| p.metadata.uid.as_ref())
+        .or(reported.pod.metadata.uid.as_ref());
     serde_json::json!({
-        "metadata": { "uid": reported.pod.metadata.uid },
+        "metadata": { "uid": uid },
         "status": status,
     })
 }
@@ -132,6 +139,7 @@ pub(super) async fn run(
         // A write that went through may enable the next step (the final DELETE after the
         // terminal status) without anything else changing: plan again before waiting.
         let mut progressed = false;
+        let mut seen: BTreeSet<String> = BTreeSet::new();
         for reported in &all {
             let Some(uid) = reported.pod.metadata.uid.clone() else {
                 continue;
@@ -139,14 +147,22 @@ pub(super) async fn run(
             if retries.get(&uid).is_some_and(|r| r.at > now) {
                 continue;
             }
-            let api = pods.get(&uid);
+            // An API pod is written to itself, a static pod to its mirror pod; the sink's
+            // memory is kept per API object (a mirror made anew is written anew).
+            let api = pods
+                .get(&uid)
+                .or_else(|| super::mirror::mirror_of(&reported.pod, &pods));
+            let key = api
+                .and_then(|p| p.metadata.uid.clone())
+                .unwrap_or_else(|| uid.clone());
             if api.is_some() {
-                written.entry(uid.clone()).or_default();
+                written.entry(key.clone()).or_default();
             }
-            let result = match plan(reported, api, written.get(&uid)) {
+            seen.insert(key.clone());
+            let result = match plan(reported, api, written.get(&key)) {
                 Action::Nothing => Ok(None),
                 Action::Forget => {
-                    written.remove(&uid);
+                    written.remove(&key);
                     retries.remove(&uid);
                     status.forget(&uid);
                     Ok(None)
@@ -157,7 +173,7 @@ pub(super) async fn run(
             match result {
                 Ok(None) => {}
                 Ok(Some(Done { deleted })) => {
-                    let w = written.entry(uid.clone()).or_default();
+                    let w = written.entry(key).or_default();
                     w.version = w.version.max(reported.version);
                     w.deleted |= deleted;
                     retries.remove(&uid);
@@ -174,12 +190,12 @@ pub(super) async fn run(
                 }
             }
         }
-        // Forget the memory of pods the status manager dropped.
+        // Forget the memory of pods the status manager dropped, and of replaced mirror pods.
         let known: BTreeSet<&str> = all
             .iter()
             .filter_map(|r| r.pod.metadata.uid.as_deref())
             .collect();
-        written.retain(|uid, _| known.contains(uid.as_str()));
+        written.retain(|key, _| seen.contains(key));
         retries.retain(|uid, _| known.contains(uid.as_str()));
 
         if progressed {
@@ -386,6 +402,19 @@ mod tests {
         let body = patch_body(&reported(1, false), None);
         assert_eq!(body["metadata"]["uid"], "u1");
         assert_eq!(body["status"]["phase"], "Running");
+    }
+
+    #[test]
+    fn a_mirror_pod_is_patched_under_its_own_uid() {
+        let mut mirror = api_pod(false);
+        mirror.metadata.uid = Some("mirror-uid".into());
+        let body = patch_body(&reported(1, false), Some(&mirror));
+        assert_eq!(body["metadata"]["uid"], "mirror-uid");
+        // A finished static pod never gets the final DELETE through its mirror.
+        assert_eq!(
+            plan(&reported(1, true), Some(&mirror), Some(&w(1))),
+            Action::Nothing
+        );
     }
 
     #[test]

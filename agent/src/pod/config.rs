@@ -99,7 +99,7 @@ pub fn parse_signal(name: &str) -> Option<i32> {
 
 /// The content of a CRI log file's last lines.
 pub fn log_tail(cri_log: &str) -> String {
-    let out = super::logs::output(cri_log, Some(LOG_TAIL_LINES));
+    let out = super::logs::output(cri_log, Some(LOG_TAIL_LINES), false);
     let cut = out.len().saturating_sub(LOG_TAIL_BYTES);
     let cut = (cut..=out.len())
         .find(|i| out.is_char_boundary(*i))

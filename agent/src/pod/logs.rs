@@ -23,19 +23,32 @@ pub fn log_path(log_dir: &Path, pod: &Pod, container: &str, attempt: u32) -> Pat
 
 /// The container's output from the last `max_lines` CRI records (all when None), with
 /// partial records (`P`) joined to the line they continue.
-pub fn output(cri_log: &str, max_lines: Option<usize>) -> String {
+pub fn output(cri_log: &str, max_lines: Option<usize>, timestamps: bool) -> String {
     let lines: Vec<&str> = cri_log.lines().collect();
     let start = max_lines.map_or(0, |n| lines.len().saturating_sub(n));
     let mut out = String::new();
+    let mut continues = false;
     for line in &lines[start..] {
-        let mut parts = line.splitn(4, ' ');
-        let (_, _, tag, text) = (parts.next(), parts.next(), parts.next(), parts.next());
-        out.push_str(text.unwrap_or_default());
-        if tag != Some("P") {
-            out.push('\n');
-        }
+        continues = render(line, timestamps, continues, &mut out);
     }
     out
+}
+
+/// Appends one CRI record's text to `out` (prefixed with its time when `timestamps`, unless it
+/// continues a partial record); returns whether the next record continues this line.
+pub fn render(record: &str, timestamps: bool, continues: bool, out: &mut String) -> bool {
+    let mut parts = record.splitn(4, ' ');
+    let (time, _, tag, text) = (parts.next(), parts.next(), parts.next(), parts.next());
+    if timestamps && !continues {
+        out.push_str(time.unwrap_or_default());
+        out.push(' ');
+    }
+    out.push_str(text.unwrap_or_default());
+    let partial = tag == Some("P");
+    if !partial {
+        out.push('\n');
+    }
+    partial
 }
 
 #[cfg(test)]
@@ -45,8 +58,10 @@ mod tests {
     #[test]
     fn partial_records_join_their_line_and_tails_count_records() {
         let log = "t stdout P part\nt stdout F ial\nt stderr F two\nt stdout F three\n";
-        assert_eq!(output(log, None), "partial\ntwo\nthree\n");
-        assert_eq!(output(log, Some(2)), "two\nthree\n");
+        assert_eq!(output(log, None, false), "partial\ntwo\nthree\n");
+        assert_eq!(output(log, Some(2), false), "two\nthree\n");
+        assert_eq!(output(log, Some(3), true), "t ial\nt two\nt three\n");
+        assert_eq!(output(log, None, true), "t partial\nt two\nt three\n");
     }
 
     #[test]

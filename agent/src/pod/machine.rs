@@ -14,13 +14,15 @@ use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 
-use super::backoff::Window;
+use super::backoff::{Backoff, Window};
 use super::{Deletion, Desired};
 
 /// The least time between the stop signal and KILL.
 pub const MIN_KILL_GRACE: Duration = Duration::from_secs(2);
 /// terminationGracePeriodSeconds when the spec leaves it out.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+/// A kill under way is re-issued only when the grace shrank by more than this.
+const KILL_SLACK: Duration = Duration::from_secs(1);
 
 /// The pod worker's state; it only moves forward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -72,6 +74,8 @@ impl Kind {
 pub struct Exit {
     pub code: i32,
     pub oom_killed: bool,
+    /// The attempt never ran: its task could not start (reason StartError, code 128).
+    pub start_error: bool,
     pub started_at: Option<SystemTime>,
     pub finished_at: SystemTime,
     /// From the termination-message file (or the log tail, per policy).
@@ -278,6 +282,28 @@ pub fn wants_restart(policy: &str, kind: Kind, exit: &Exit) -> bool {
         (Kind::Init, _) | (Kind::App, "OnFailure") => exit.code != 0,
         (Kind::App, _) => true,
     }
+}
+
+/// The latest attempt of a container ended (`restarts`: the policy restarts it). Returns the
+/// back-off window the next attempt waits for (None: it starts at once, or never).
+pub fn record_exit(
+    o: &mut ContainerObs,
+    exit: Exit,
+    restarts: bool,
+    crash: &mut Backoff,
+    name: &str,
+) -> Option<Window> {
+    let window = restarts
+        .then(|| crash.failed(name, exit.finished_at, exit.ran_for()))
+        .flatten();
+    o.state = Attempt::Exited(exit);
+    o.started = false;
+    o.ready = false;
+    o.kill = None;
+    o.killing = None;
+    o.waiting = None;
+    o.backoff = window;
+    window
 }
 
 /// The pod's grace: terminationGracePeriodSeconds, shrunk by the deletion's (a force delete
@@ -495,7 +521,7 @@ fn terminate(
             .max(MIN_KILL_GRACE);
         let pre_stop = match o.killing {
             None => !grace.is_zero() && deadline > obs.now,
-            Some(at) if at > obs.now + left => false,
+            Some(at) if at > obs.now + left + KILL_SLACK => false,
             Some(_) => return,
         };
         actions.push(Action::KillContainer {
@@ -610,6 +636,7 @@ mod tests {
             state: Attempt::Exited(Exit {
                 code,
                 oom_killed: false,
+                start_error: false,
                 started_at: Some(t(1)),
                 finished_at: t(2),
                 message: None,
@@ -833,6 +860,56 @@ mod tests {
         assert!(st.actions.is_empty());
     }
 
+    /// A container that crashes 1 s after every start, driven through `step` and
+    /// `record_exit` on tokio's paused clock: starts come after 0, 10, 20, 40 … 300 s of
+    /// back-off, and an attempt that ran 10 minutes resets it.
+    #[tokio::test(start_paused = true)]
+    async fn crash_loop_back_off_on_paused_time() {
+        let d = desired(pod("Always", vec![], vec![c("app")]));
+        let mut obs = ready_obs();
+        let mut crash = Backoff::default();
+        let origin = tokio::time::Instant::now();
+        let clock = || t(0) + origin.elapsed();
+        let mut gaps = Vec::new();
+        let mut last_exit = None;
+        while gaps.len() < 10 {
+            obs.now = clock();
+            let st = step(&d, &obs);
+            match st.actions.as_slice() {
+                [Action::StartContainer { attempt, .. }] => {
+                    if let Some(exited) = last_exit {
+                        gaps.push((obs.now.duration_since(exited).unwrap()).as_secs());
+                    }
+                    let o = obs.containers.entry("app".into()).or_default();
+                    o.attempt = *attempt;
+                    o.state = Attempt::Running {
+                        started_at: obs.now,
+                    };
+                    // The 8th attempt runs for 10 minutes, the others for 1 s.
+                    let runs = if *attempt == 7 { 600 } else { 1 };
+                    tokio::time::sleep(Duration::from_secs(runs)).await;
+                    let exit = Exit {
+                        code: 1,
+                        oom_killed: false,
+                        start_error: false,
+                        started_at: Some(obs.now),
+                        finished_at: clock(),
+                        message: None,
+                    };
+                    last_exit = Some(exit.finished_at);
+                    let o = obs.containers.get_mut("app").unwrap();
+                    record_exit(o, exit, true, &mut crash, "app");
+                }
+                [Action::WaitUntil(at)] => {
+                    let wait = at.duration_since(clock()).unwrap();
+                    tokio::time::sleep(wait).await;
+                }
+                other => panic!("unexpected actions {other:?}"),
+            }
+        }
+        assert_eq!(gaps, [0, 10, 20, 40, 80, 160, 300, 0, 10, 20]);
+    }
+
     #[test]
     fn crash_loop_waits_for_backoff_then_restarts() {
         let d = desired(pod("Always", vec![], vec![c("app")]));
@@ -951,6 +1028,20 @@ mod tests {
         obs.terminating = Some((t(100), Why::Deleted));
         obs.now = t(105);
         assert!(kills(&step(&d, &obs)).is_empty());
+    }
+
+    #[test]
+    fn kill_is_not_repeated_as_time_passes() {
+        let d = deleting(pod("Always", vec![], vec![c("app")]), 0, true);
+        let mut o = running(0);
+        o.killing = Some(t(102));
+        let mut obs = with(ready_obs(), &[("app", o)]);
+        obs.state = PodState::Terminating;
+        obs.terminating = Some((t(100), Why::Deleted));
+        for now in [t(100), t(101), t(102), t(110)] {
+            obs.now = now;
+            assert!(kills(&step(&d, &obs)).is_empty(), "at {now:?}");
+        }
     }
 
     #[test]
@@ -1140,6 +1231,7 @@ mod tests {
         let e = |code| Exit {
             code,
             oom_killed: false,
+            start_error: false,
             started_at: None,
             finished_at: t(0),
             message: None,

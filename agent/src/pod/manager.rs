@@ -8,13 +8,14 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
+use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, info_span, warn, Instrument};
 
-use super::worker::{ExitRouter, Outcome, Worker};
-use super::{Deletion, Desired, PodContext};
+use super::worker::{remove_pod_dir, ExitRouter, Outcome, Worker};
+use super::{checkpoint, Deletion, Desired, PodContext};
 use crate::runtime::{labels, ContainerRecord, RuntimeError};
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +49,8 @@ struct State {
     done: HashSet<String>,
     /// Containers found in containerd at start, by pod UID, until a worker adopts them.
     recovered: HashMap<String, Vec<ContainerRecord>>,
+    /// Checkpointed static pods among the recovered, by UID.
+    checkpointed: HashMap<String, Pod>,
     /// The first full sync has happened (orphans were cleaned up).
     synced: bool,
 }
@@ -115,10 +118,28 @@ impl PodManager {
                 groups.entry(uid).or_default().push(r);
             }
         }
+        let pods_dir = self.inner.ctx.node.root_dir.join("pods");
+        let checkpointed: HashMap<String, Pod> = groups
+            .keys()
+            .filter_map(|uid| checkpoint::read(&pods_dir.join(uid)).map(|p| (uid.clone(), p)))
+            .collect();
         let pods = groups.len();
-        info!(pods, "recovered containers from containerd");
-        self.inner.state.lock().expect("manager lock").recovered = groups;
+        info!(
+            pods,
+            static_pods = checkpointed.len(),
+            "recovered containers from containerd"
+        );
+        let mut st = self.inner.state.lock().expect("manager lock");
+        st.recovered = groups;
+        st.checkpointed = checkpointed;
         Ok(pods)
+    }
+
+    /// The static pods whose containers `recover` found, as checkpointed by their workers: a
+    /// source that no longer lists one stops it with its own grace (see `checkpoint`).
+    pub fn recovered_static_pods(&self) -> Vec<Pod> {
+        let st = self.inner.state.lock().expect("manager lock");
+        st.checkpointed.values().cloned().collect()
     }
 
     /// Hands one desired pod to its worker (spawning it if needed).
@@ -189,6 +210,9 @@ impl PodManager {
             let st = self.inner.state.lock().expect("manager lock");
             st.workers.keys().cloned().collect()
         };
+        let pod_dirs = std::fs::read_dir(ctx.node.root_dir.join("pods"));
+        let pod_dirs = pod_dirs.into_iter().flatten().flatten();
+        uids.extend(pod_dirs.map(|e| e.file_name().to_string_lossy().into_owned()));
         uids.extend(ctx.volumes.list());
         uids.extend(ctx.sandboxes.list());
         for uid in uids {
@@ -206,6 +230,7 @@ impl PodManager {
             if let Err(e) = ctx.sandboxes.teardown(&uid).await {
                 warn!(pod = %uid, error = %e, "tearing down orphan sandbox");
             }
+            remove_pod_dir(&ctx.node.root_dir.join("pods").join(&uid));
         }
     }
 

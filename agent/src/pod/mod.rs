@@ -21,6 +21,7 @@ use crate::store::ObjectStore;
 use crate::volume::VolumeManager;
 
 pub mod backoff;
+pub mod checkpoint;
 pub mod config;
 pub mod env;
 pub mod hooks;

@@ -177,6 +177,7 @@ fn container_status(input: &Input, kind: Kind, c: &Container) -> ContainerStatus
 
 fn terminated(e: &Exit, id: Option<&str>) -> ContainerStateTerminated {
     let reason = match (e.oom_killed, e.code) {
+        _ if e.start_error => "StartError",
         (true, _) => "OOMKilled",
         (false, 0) => "Completed",
         _ => "Error",
@@ -552,6 +553,7 @@ mod tests {
         Exit {
             code,
             oom_killed: false,
+            start_error: false,
             started_at: Some(t(10)),
             finished_at: t(20),
             message: None,
@@ -761,13 +763,23 @@ mod tests {
 
     #[test]
     fn terminated_reasons_and_signal() {
-        let p = pod("Never", vec![], vec![c("a"), c("b"), c("c")]);
+        let p = pod("Never", vec![], vec![c("a"), c("b"), c("c"), c("d")]);
         let mut oom = exited(0, 137);
         if let Attempt::Exited(e) = &mut oom.state {
             e.oom_killed = true;
             e.message = Some("bye".into());
         }
-        let o = obs(&[("a", exited(0, 0)), ("b", exited(0, 143)), ("c", oom)]);
+        let mut never_ran = exited(0, 128);
+        if let Attempt::Exited(e) = &mut never_ran.state {
+            e.start_error = true;
+            e.started_at = None;
+        }
+        let o = obs(&[
+            ("a", exited(0, 0)),
+            ("b", exited(0, 143)),
+            ("c", oom),
+            ("d", never_ran),
+        ]);
         let s = run(&p, &o, PodState::Terminated, None);
         let term = |n| app(&s, n).state.clone().unwrap().terminated.unwrap();
         assert_eq!(term("a").reason.as_deref(), Some("Completed"));
@@ -778,6 +790,8 @@ mod tests {
         assert_eq!(term("c").message.as_deref(), Some("bye"));
         assert_eq!(term("c").started_at, Some(time(t(10))));
         assert_eq!(term("c").finished_at, Some(time(t(20))));
+        assert_eq!(term("d").reason.as_deref(), Some("StartError"));
+        assert_eq!((term("d").exit_code, term("d").started_at), (128, None));
         assert_eq!(s.phase.as_deref(), Some("Failed"));
     }
 

@@ -23,7 +23,7 @@ use super::machine::{
     self, Action, Attempt, ContainerObs, Exit, KillReason, KillRequest, Kind, Observed, PodState,
     Waiting,
 };
-use super::{env, hooks, resources, status, Desired, PodContext};
+use super::{checkpoint, env, hooks, resources, status, Desired, PodContext};
 use crate::events::{pod_ref, EventType};
 use crate::probe::{ProbeKey, ProbeKind, ProbeResult, ProbeTarget, ProbeUpdate};
 use crate::runtime::{
@@ -77,6 +77,8 @@ pub(crate) enum Outcome {
 struct Live {
     /// containerd id of the latest attempt.
     id: Option<String>,
+    /// containerd id of the attempt before, kept (exited) for lastState after a restart.
+    previous: Option<String>,
     /// The image's STOPSIGNAL.
     stop_signal: Option<String>,
     /// Probes run for the current attempt.
@@ -166,10 +168,10 @@ impl Worker {
         (worker, stale)
     }
 
-    /// Takes over the latest attempt of each container; returns ids of older attempts to remove.
+    /// Takes over the latest attempt of each container, and the one before it (lastState);
+    /// returns ids of older attempts to remove.
     fn adopt(&mut self, records: Vec<ContainerRecord>) -> Vec<String> {
-        let mut latest: BTreeMap<String, (u32, ContainerRecord)> = BTreeMap::new();
-        let mut stale = Vec::new();
+        let mut by_name: BTreeMap<String, Vec<(u32, ContainerRecord)>> = BTreeMap::new();
         for r in records {
             let name = r
                 .labels
@@ -181,14 +183,28 @@ impl Worker {
                 .get(labels::ATTEMPT)
                 .and_then(|a| a.parse().ok())
                 .unwrap_or(0);
-            match latest.get(&name) {
-                Some((a, _)) if *a >= attempt => stale.push(r.id),
-                _ => {
-                    if let Some((_, old)) = latest.insert(name, (attempt, r)) {
-                        stale.push(old.id);
+            by_name.entry(name).or_default().push((attempt, r));
+        }
+        let mut stale = Vec::new();
+        let mut latest = BTreeMap::new();
+        for (name, mut attempts) in by_name {
+            attempts.sort_by_key(|(attempt, _)| std::cmp::Reverse(*attempt));
+            let mut attempts = attempts.into_iter();
+            let Some(newest) = attempts.next() else {
+                continue;
+            };
+            if let Some((attempt, r)) = attempts.next() {
+                match self.exit_of(&name, attempt, &r.state) {
+                    Some(exit) if attempt < newest.0 => {
+                        let live = self.live.entry(name.clone()).or_default();
+                        live.previous = Some(r.id.clone());
+                        self.obs_mut(&name).last_exit = Some(exit);
                     }
+                    _ => stale.push(r.id),
                 }
             }
+            stale.extend(attempts.map(|(_, r)| r.id));
+            latest.insert(name, newest);
         }
         let names: Vec<String> = machine::containers(&self.desired.pod)
             .iter()
@@ -200,21 +216,12 @@ impl Worker {
                 stale.push(r.id);
                 continue;
             }
-            let state = match r.state {
-                TaskState::Running { started_at, .. } => Attempt::Running { started_at },
-                TaskState::Exited {
-                    exit_code,
-                    started_at,
-                    finished_at,
-                    oom_killed,
-                } => Attempt::Exited(Exit {
-                    code: exit_code,
-                    oom_killed,
-                    started_at,
-                    finished_at,
-                    message: self.termination_message(&name, attempt, exit_code),
-                }),
-                TaskState::NoTask | TaskState::Created => {
+            let state = match (&r.state, self.exit_of(&name, attempt, &r.state)) {
+                (TaskState::Running { started_at, .. }, _) => Attempt::Running {
+                    started_at: *started_at,
+                },
+                (_, Some(exit)) => Attempt::Exited(exit),
+                (_, None) => {
                     stale.push(r.id.clone());
                     Attempt::None
                 }
@@ -228,21 +235,36 @@ impl Worker {
                 live.hash = r.labels.get(labels::SPEC_HASH).cloned();
             }
             info!(pod = %self.uid, container = %name, attempt, running, "re-adopted container");
-            self.obs.containers.insert(
-                name.clone(),
-                ContainerObs {
-                    attempt,
-                    state,
-                    started: running,
-                    ready: running && ready_before.contains(&name),
-                    container_id: adopted.then(|| r.id.clone()),
-                    image: adopted.then(|| r.image.clone()),
-                    image_id: None,
-                    ..Default::default()
-                },
-            );
+            let o = self.obs_mut(&name);
+            o.attempt = attempt;
+            o.state = state;
+            o.started = running;
+            o.ready = running && ready_before.contains(&name);
+            o.container_id = adopted.then(|| r.id.clone());
+            o.image = adopted.then(|| r.image.clone());
         }
         stale
+    }
+
+    /// The exit of a recovered attempt that ran and ended.
+    fn exit_of(&self, name: &str, attempt: u32, state: &TaskState) -> Option<Exit> {
+        let TaskState::Exited {
+            exit_code,
+            started_at,
+            finished_at,
+            oom_killed,
+        } = *state
+        else {
+            return None;
+        };
+        Some(Exit {
+            code: exit_code,
+            oom_killed,
+            start_error: false,
+            started_at,
+            finished_at,
+            message: self.termination_message(name, attempt, exit_code),
+        })
     }
 
     /// Image facts of re-adopted containers (imageID, STOPSIGNAL), from the local image store.
@@ -343,6 +365,11 @@ impl Worker {
         cancel: CancellationToken,
     ) -> Outcome {
         let mut store = self.ctx.store.subscribe();
+        if checkpoint::is_static(self.pod()) {
+            if let Err(e) = checkpoint::write(&self.pod_dir(), self.pod()) {
+                warn!(pod = %self.uid, error = %e, "writing the static pod checkpoint");
+            }
+        }
         self.restore_images().await;
         loop {
             self.desired = merge(&self.desired, &desired.borrow_and_update());
@@ -525,8 +552,13 @@ impl Worker {
         let Some(config) = self.container_config(kind, &c, attempt).await else {
             return;
         };
-        let previous = self.live.get(name).and_then(|l| l.id.clone());
-        if let Some(old) = previous.filter(|old| *old != config.id) {
+        // The latest attempt stays (exited) as the previous one; the one before it goes.
+        let live = self.live.entry(name.to_string()).or_default();
+        let older = live
+            .id
+            .take()
+            .and_then(|latest| live.previous.replace(latest));
+        if let Some(old) = older.filter(|old| *old != config.id) {
             self.router.unregister(&old);
             if let Err(e) = self.ctx.runtime.remove(&old).await {
                 warn!(pod = %self.uid, container = %name, error = %e, "removing old attempt");
@@ -537,11 +569,13 @@ impl Worker {
         self.router.register(&config.id, &self.exit_tx);
         if let Err(e) = self.ctx.runtime.create(&config).await {
             self.router.unregister(&config.id);
-            let reason = match e.reason() {
-                "CreateContainerConfigError" => "CreateContainerConfigError",
-                _ => "CreateContainerError",
-            };
-            self.start_failed(name, reason, e.to_string(), None);
+            match e.reason() {
+                "RunContainerError" => self.start_error(name, attempt, &config, e.to_string()),
+                "CreateContainerConfigError" => {
+                    self.start_failed(name, "CreateContainerConfigError", e.to_string(), None)
+                }
+                _ => self.start_failed(name, "CreateContainerError", e.to_string(), None),
+            }
             return;
         }
         self.container_event(
@@ -553,7 +587,7 @@ impl Worker {
         if let Err(e) = self.ctx.runtime.start(&config.id).await {
             self.router.unregister(&config.id);
             let _ = self.ctx.runtime.remove(&config.id).await;
-            self.start_failed(name, "RunContainerError", e.to_string(), None);
+            self.start_error(name, attempt, &config, e.to_string());
             return;
         }
         self.container_event(
@@ -569,11 +603,7 @@ impl Worker {
         };
         let has_startup = c.startup_probe.is_some();
         let has_readiness = c.readiness_probe.is_some();
-        let o = self.obs_mut(name);
-        if let Attempt::Exited(e) = std::mem::take(&mut o.state) {
-            o.last_exit = Some(e);
-        }
-        o.attempt = attempt;
+        let o = self.begin_attempt(name, attempt, &config);
         o.state = Attempt::Running { started_at };
         o.started = !has_startup;
         o.ready = !has_startup && !has_readiness;
@@ -582,9 +612,6 @@ impl Worker {
         o.spec_changed = false;
         o.kill = None;
         o.killing = None;
-        o.container_id = Some(config.id.clone());
-        o.image_id = Some(config.image.repo_digest.clone());
-        o.image = c.image.clone();
         let live = self.live.entry(name.to_string()).or_default();
         live.id = Some(config.id.clone());
         live.stop_signal = config.image.config.stop_signal.clone();
@@ -593,6 +620,50 @@ impl Worker {
         self.dirty = true;
         self.post_start(name, &c, &config.id).await;
         self.start_pending_probes();
+    }
+
+    /// Attempt `attempt` of `name` was made: the previous one's exit becomes lastState.
+    fn begin_attempt(
+        &mut self,
+        name: &str,
+        attempt: u32,
+        config: &ContainerConfig,
+    ) -> &mut ContainerObs {
+        let image = self.spec(name).and_then(|(_, c)| c.image);
+        let o = self.obs_mut(name);
+        if let Attempt::Exited(e) = std::mem::take(&mut o.state) {
+            o.last_exit = Some(e);
+        }
+        o.attempt = attempt;
+        o.container_id = Some(config.id.clone());
+        o.image_id = Some(config.image.repo_digest.clone());
+        o.image = image;
+        o
+    }
+
+    /// The task of a created attempt would not start: as the kubelet's StartError, the
+    /// attempt counts (restartCount, back-off) and ends with exit code 128.
+    fn start_error(&mut self, name: &str, attempt: u32, config: &ContainerConfig, error: String) {
+        warn!(pod = %self.uid, container = %name, attempt, %error, "container did not start");
+        let detail = format!("Error: {error}");
+        self.container_event(name, EventType::Warning, "Failed", &detail);
+        self.begin_attempt(name, attempt, config);
+        let exit = Exit {
+            code: 128,
+            oom_killed: false,
+            start_error: true,
+            started_at: None,
+            finished_at: self.obs.now,
+            message: Some(error.clone()),
+        };
+        self.record_exit(name, exit);
+        let o = self.obs_mut(name);
+        if o.backoff.is_none() {
+            o.waiting = Some(Waiting {
+                reason: "RunContainerError".into(),
+                message: error,
+            });
+        }
     }
 
     async fn post_start(&mut self, name: &str, c: &Container, id: &str) {
@@ -859,12 +930,17 @@ impl Worker {
         if let Some(live) = self.live.get_mut(name) {
             live.kill = Some(handle.abort_handle());
         }
-        self.obs_mut(name).killing = Some(SystemTime::now() + grace);
+        let kill_at = self.obs.now + grace;
+        self.obs_mut(name).killing = Some(kill_at);
     }
 
     async fn remove_containers(&mut self) {
         self.ctx.prober.stop_pod(&self.uid);
-        let ids: Vec<String> = self.live.values().filter_map(|l| l.id.clone()).collect();
+        let ids: Vec<String> = self
+            .live
+            .values()
+            .flat_map(|l| l.id.iter().chain(&l.previous).cloned())
+            .collect();
         for id in ids {
             self.router.unregister(&id);
             if let Err(e) = self.ctx.runtime.remove(&id).await {
@@ -910,10 +986,7 @@ impl Worker {
         self.report();
         self.obs.released = true;
         if done {
-            let _ = std::fs::remove_dir_all(self.pod_dir().join("containers"));
-            // Volumes and sandbox files are gone by now; remove_dir (not _all) never reaches
-            // through a mount that failed to go.
-            let _ = std::fs::remove_dir(self.pod_dir());
+            remove_pod_dir(&self.pod_dir());
         }
         if self.gone() {
             self.ctx.status.forget(&self.uid);
@@ -1003,10 +1076,16 @@ impl Worker {
         let exit = Exit {
             code,
             oom_killed,
+            start_error: false,
             started_at: started_at.or(Some(previous_start)),
             finished_at,
             message: self.termination_message(name, attempt, code),
         };
+        self.record_exit(name, exit);
+    }
+
+    /// The latest attempt ended (or never started): decides on the restart back-off.
+    fn record_exit(&mut self, name: &str, exit: Exit) {
         let spec_changed = self
             .obs
             .containers
@@ -1017,9 +1096,8 @@ impl Worker {
             && self.spec(name).is_some_and(|(kind, _)| {
                 machine::wants_restart(machine::restart_policy(self.pod()), kind, &exit)
             });
-        let window = restarts
-            .then(|| self.crash.failed(name, finished_at, exit.ran_for()))
-            .flatten();
+        let o = self.obs.containers.entry(name.to_string()).or_default();
+        let window = machine::record_exit(o, exit, restarts, &mut self.crash, name);
         if let Some(w) = window {
             let msg = format!(
                 "Back-off {}s restarting failed container {name}",
@@ -1030,13 +1108,6 @@ impl Worker {
         if let Some(live) = self.live.get_mut(name) {
             live.probing = false;
         }
-        let o = self.obs_mut(name);
-        o.state = Attempt::Exited(exit);
-        o.started = false;
-        o.ready = false;
-        o.kill = None;
-        o.killing = None;
-        o.backoff = window;
         self.dirty = true;
     }
 
@@ -1233,6 +1304,15 @@ fn merge(old: &Desired, new: &Desired) -> Desired {
         pod: new.pod.clone(),
         deletion,
     }
+}
+
+/// Removes a released pod's directory: its container files and checkpoint. Volumes and
+/// sandbox files are gone by now; remove_dir (not _all) never reaches through a mount that
+/// failed to go.
+pub(crate) fn remove_pod_dir(dir: &std::path::Path) {
+    let _ = std::fs::remove_dir_all(dir.join("containers"));
+    checkpoint::remove(dir);
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// Removes the pod's cgroup directories (cgroup v2, and each v1 hierarchy); best effort.

@@ -286,6 +286,11 @@ impl RuntimeError {
             RuntimeError::NeverPull { .. } => "ErrImageNeverPull",
             RuntimeError::InvalidReference { .. } => "InvalidImageName",
             RuntimeError::Spec { .. } => "CreateContainerConfigError",
+            // The task (the process) could not be made: CRI's StartContainer failing.
+            RuntimeError::Grpc {
+                op: "tasks.Create" | "tasks.Start",
+                ..
+            } => "RunContainerError",
             _ => "CreateContainerError",
         }
     }

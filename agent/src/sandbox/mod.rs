@@ -3,13 +3,13 @@
 //! plugins) wires the pinned netns; the pod's /etc/hosts, /etc/resolv.conf and /etc/hostname
 //! are written in the pod dir. Containers join the pinned namespaces by path.
 //!
-//! OWNER: sandbox helper. Signatures here are the contract the pod worker codes against.
-//!
 //! On-disk layout (the run dir is the checkpoint an agent restart recovers from):
 //! - `<run_dir>/<uid>/{net,ipc,uts}`: namespace pins (a pin is absent when the pod uses the
 //!   host's namespace: hostNetwork → no net and no uts; hostIPC → no ipc).
-//! - `<run_dir>/<uid>/cni.json`: the network list, the invocation and the ADD result (written
-//!   before ADD with no result, so an interrupted ADD is still undone by DEL).
+//! - `<root_dir>/pods/<uid>/cni.json`: the network list, the invocation and the ADD result
+//!   (written before ADD with no result, so an interrupted ADD is still undone by DEL). It is
+//!   on disk, not in the run dir: after a reboot the IPAM reservations outlive the netns, and
+//!   only this cache can release them.
 //! - `<run_dir>/<uid>/sandbox.json`: the finished sandbox, written last; a run dir without it
 //!   is a half-made sandbox that `ensure` tears down and makes again.
 //! - `<root_dir>/pods/<uid>/{etc-hosts,resolv.conf,hostname}`: the files bound into containers.
@@ -44,6 +44,8 @@ pub const POD_IFNAME: &str = "eth0";
 /// The node files read for Default DNS and hostNetwork pods.
 const HOST_RESOLV_CONF: &str = "/etc/resolv.conf";
 const HOST_HOSTS: &str = "/etc/hosts";
+/// The CNI cache's file name in the pod dir.
+const CNI_CACHE: &str = "cni.json";
 
 #[derive(Clone, Debug)]
 pub struct SandboxConfig {
@@ -178,7 +180,9 @@ impl SandboxManager {
             }
             warn!(uid = %uid, "sandbox pins are gone; making the sandbox again");
         }
-        if self.pod_run_dir(&uid).exists() {
+        // Leftovers of an earlier sandbox: a half-made one, or one a reboot took the run dir
+        // (and the netns) of while the CNI cache kept its IP reserved. DEL before the new ADD.
+        if self.pod_run_dir(&uid).exists() || self.pod_file(&uid, CNI_CACHE).exists() {
             self.cleanup(&uid, true).await?;
         }
         match self.create(pod, &uid).await {
@@ -407,13 +411,17 @@ impl SandboxManager {
             uid: uid.to_string(),
             source: io::Error::other(e),
         })?;
-        write_atomic(&self.pod_run_dir(uid).join("cni.json"), &text).map_err(SandboxError::io(uid))
+        let path = self.pod_file(uid, CNI_CACHE);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(SandboxError::io(uid))?;
+        }
+        write_atomic(&path, &text).map_err(SandboxError::io(uid))
     }
 
     /// The cached CNI inputs and result. An unreadable cache cannot be used for DEL however
     /// often it is retried, so it counts as absent (with a warning).
     fn load_cni_cache(&self, uid: &str) -> Result<Option<CniCache>, SandboxError> {
-        let path = self.pod_run_dir(uid).join("cni.json");
+        let path = self.pod_file(uid, CNI_CACHE);
         let text = match std::fs::read(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -485,8 +493,9 @@ impl SandboxManager {
                 Err(e) => warn!(uid = %uid, error = %e, "CNI DEL failed; going on"),
                 Ok(()) => {}
             }
-            remove_if_exists(&dir.join("cni.json")).map_err(SandboxError::io(uid))?;
         }
+        // Gone after DEL, or unreadable (no DEL could ever use it).
+        remove_if_exists(&self.pod_file(uid, CNI_CACHE)).map_err(SandboxError::io(uid))?;
         for pin in ["net", "ipc", "uts"] {
             ns::remove_pin(&dir.join(pin)).map_err(SandboxError::io(uid))?;
         }
@@ -648,10 +657,10 @@ mod tests {
         // A half-made sandbox: no pins, a corrupt CNI cache, a stale state, pod files.
         std::fs::create_dir_all(run.join("u1")).unwrap();
         std::fs::create_dir_all(run.join("u2")).unwrap();
-        std::fs::write(run.join("u1/cni.json"), "{ not json").unwrap();
         std::fs::write(run.join("u1/sandbox.json"), "{}").unwrap();
         std::fs::write(run.join("u1/net"), "").unwrap();
         std::fs::create_dir_all(root.join("pods/u1")).unwrap();
+        std::fs::write(root.join("pods/u1/cni.json"), "{ not json").unwrap();
         std::fs::write(root.join("pods/u1/etc-hosts"), "x").unwrap();
         std::fs::write(root.join("pods/u1/keep-me"), "x").unwrap();
         assert_eq!(mgr.list(), ["u1", "u2"]);
@@ -663,6 +672,7 @@ mod tests {
         mgr.teardown("u1").await.unwrap();
         assert!(!run.join("u1").exists());
         assert!(!root.join("pods/u1/etc-hosts").exists());
+        assert!(!root.join("pods/u1/cni.json").exists());
         assert!(
             root.join("pods/u1/keep-me").exists(),
             "other modules' files stay"

@@ -348,17 +348,9 @@ fn static_pod(mut pod: Pod, path: &Path, node_name: &str) -> Pod {
     hasher.update([0]);
     hasher.update(&spec_json);
     let hash = hex::encode(&hasher.finalize()[..16]);
-    let uid = format!(
-        "{}-{}-{}-{}-{}",
-        &hash[0..8],
-        &hash[8..12],
-        &hash[12..16],
-        &hash[16..20],
-        &hash[20..32]
-    );
     let meta = &mut pod.metadata;
     meta.namespace.get_or_insert_with(|| "default".into());
-    meta.uid = Some(uid);
+    meta.uid = Some(uid_of_hash(&hash));
     let annotations = meta.annotations.get_or_insert_with(Default::default);
     annotations.insert(CONFIG_SOURCE.into(), "file".into());
     annotations.insert(CONFIG_HASH.into(), hash);
@@ -372,6 +364,19 @@ fn static_pod(mut pod: Pod, path: &Path, node_name: &str) -> Pod {
     }
     pod.status = None;
     pod
+}
+
+/// A static pod's UID from its hash (`kubernetes.io/config.hash`, 32 hex digits): the same
+/// digits in the 8-4-4-4-12 form.
+pub fn uid_of_hash(hash: &str) -> String {
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hash[0..8],
+        &hash[8..12],
+        &hash[12..16],
+        &hash[16..20],
+        &hash[20..32]
+    )
 }
 
 /// Wakes `notify` whenever a file in `dir` is closed after writing, moved in or out, or removed
