@@ -595,6 +595,13 @@ fn csi_agent(name: &str) -> (Agent, LoopPlugin) {
     (agent, plugin)
 }
 
+/// No loop device mount below the agent's dir and no loop device of the plugin's is left.
+fn assert_nothing_left(agent: &Agent, plugin: &LoopPlugin) {
+    assert!(loop_mounts(agent).is_empty(), "{:?}", loop_mounts(agent));
+    let loops = plugin.attached_loops();
+    assert!(loops.is_empty(), "{loops:?}");
+}
+
 const STAGE: &str = "NodeStageVolume";
 const PUBLISH: &str = "NodePublishVolume";
 const UNPUBLISH: &str = "NodeUnpublishVolume";
@@ -654,12 +661,7 @@ fn a_csi_volume_is_neither_staged_nor_published_again_after_an_agent_restart() {
     let calls = plugin.calls();
     assert_eq!(calls[2].2, target.display().to_string());
     assert_eq!(calls[3].2, staging.display().to_string());
-    assert!(loop_mounts(&agent).is_empty(), "{:?}", loop_mounts(&agent));
-    assert!(
-        plugin.attached_loops().is_empty(),
-        "{:?}",
-        plugin.attached_loops()
-    );
+    assert_nothing_left(&agent, &plugin);
 }
 
 #[test]
@@ -683,12 +685,7 @@ fn a_pod_deleted_while_the_agent_was_down_has_its_csi_volume_released_after_the_
         plugin.rpcs().len() == 4
     });
     assert_eq!(plugin.rpcs(), [STAGE, PUBLISH, UNPUBLISH, UNSTAGE]);
-    assert!(loop_mounts(&agent).is_empty(), "{:?}", loop_mounts(&agent));
-    assert!(
-        plugin.attached_loops().is_empty(),
-        "{:?}",
-        plugin.attached_loops()
-    );
+    assert_nothing_left(&agent, &plugin);
     let staging = nodelet::volume::csi::staging_path(&agent.root_dir(), LOOP_DRIVER, "vol-o");
     assert!(!staging.exists(), "{} is removed", staging.display());
     let volumes = agent.root_dir().join("pods").join(&uid).join("volumes");
@@ -787,12 +784,7 @@ fn a_csi_plugin_down_across_an_agent_restart_neither_stops_a_running_pod_nor_str
         plugin.rpcs().len() == 8
     });
     assert_eq!(plugin.rpcs()[6..], [UNPUBLISH, UNSTAGE]);
-    assert!(loop_mounts(&agent).is_empty(), "{:?}", loop_mounts(&agent));
-    assert!(
-        plugin.attached_loops().is_empty(),
-        "{:?}",
-        plugin.attached_loops()
-    );
+    assert_nothing_left(&agent, &plugin);
 }
 
 #[test]
@@ -859,12 +851,7 @@ fn a_csi_block_volume_is_a_device_in_the_container_and_survives_an_agent_restart
         plugin.rpcs().len() == 4
     });
     assert_eq!(plugin.rpcs()[2..], [UNPUBLISH, UNSTAGE]);
-    assert!(loop_mounts(&agent).is_empty(), "{:?}", loop_mounts(&agent));
-    assert!(
-        plugin.attached_loops().is_empty(),
-        "{:?}",
-        plugin.attached_loops()
-    );
+    assert_nothing_left(&agent, &plugin);
     assert!(!target.exists() && !staging.exists());
     let pod_dir = agent.root_dir().join("pods").join(&uid);
     assert!(!pod_dir.join("volumeDevices").exists());
