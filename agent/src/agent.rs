@@ -137,6 +137,12 @@ pub async fn run(
                 }),
             };
             info!(kubeconfig = %cluster.kubeconfig.display(), "joining the cluster");
+            crate::cluster::start_csi_node(
+                &cluster,
+                volumes.plugins().subscribe(),
+                root.child_token(),
+            )
+            .await?;
             let agent = ClusterAgent::start(
                 cluster,
                 manifest_rx.clone(),

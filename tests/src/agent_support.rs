@@ -32,10 +32,17 @@ pub struct Agent {
 
 /// The nodelet binary built by `cargo build` (scripts/test builds all targets first).
 pub fn nodelet_binary() -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/nodelet");
+    built_binary("nodelet")
+}
+
+/// A workspace binary built by `cargo build --all-targets` (scripts/test does that first).
+pub fn built_binary(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/debug")
+        .join(name);
     assert!(
         path.exists(),
-        "{} is missing: run `cargo build -p nodelet` first (scripts/test does)",
+        "{} is missing: run `cargo build --all-targets` first (scripts/test does)",
         path.display()
     );
     path

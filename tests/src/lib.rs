@@ -1,4 +1,5 @@
 //! Shared helpers for the integration tests.
 
 pub mod agent_support;
+pub mod csi_support;
 pub mod runtime_support;

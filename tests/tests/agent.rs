@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use nodelet_tests::agent_support::{container_id, phase_of, Agent, BUSYBOX, HTTPD};
+use nodelet_tests::csi_support::{loop_mounts_below, mounts_below, LoopPlugin, LOOP_DRIVER};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -557,4 +558,301 @@ fn liveness_stops_when_the_pod_is_deleted() {
         log.contains("Killing"),
         "the container was stopped gracefully"
     );
+}
+
+/// A CSI PV on the loop plugin (ext4, 32 MiB) and a claim bound to it.
+fn csi_claim_manifests(handle: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: csi-pv}}\nspec:\n  capacity: {{storage: 32Mi}}\n  accessModes: [ReadWriteOnce]\n  claimRef: {{namespace: default, name: csi-data}}\n  csi:\n    driver: {LOOP_DRIVER}\n    volumeHandle: {handle}\n    fsType: ext4\n    volumeAttributes: {{size: \"33554432\"}}\n---\n\
+         apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: csi-data}}\nspec:\n  accessModes: [ReadWriteOnce]\n  volumeName: csi-pv\n  resources: {{requests: {{storage: 32Mi}}}}\n"
+    )
+}
+
+/// A long-running pod that writes `word` into the CSI claim and keeps running.
+fn csi_pod(name: &str, word: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: c\n    image: {BUSYBOX}\n    command: [sh, -c, 'echo {word} >> /data/words; exec sleep 3600']\n    volumeMounts: [{{name: data, mountPath: /data}}]\n  volumes:\n  - name: data\n    persistentVolumeClaim: {{claimName: csi-data}}\n"
+    )
+}
+
+/// Loop device mounts below the agent's dir, sorted: the CSI staging and publish mounts (the
+/// container's own bind of the volume lives in its mount namespace, not here).
+fn loop_mounts(agent: &Agent) -> Vec<std::path::PathBuf> {
+    let mut mounts = loop_mounts_below(agent.dir.path());
+    mounts.sort();
+    mounts
+}
+
+/// An agent and the loop plugin registered in its plugins_registry, its state beside the
+/// agent's dirs.
+fn csi_agent(name: &str) -> (Agent, LoopPlugin) {
+    let agent = Agent::start(name);
+    let plugin = LoopPlugin::start(
+        &agent.dir.path().join("csi-state"),
+        &agent.root_dir().join("plugins_registry"),
+        "node-1",
+    );
+    (agent, plugin)
+}
+
+/// No loop device mount below the agent's dir and no loop device of the plugin's is left.
+fn assert_nothing_left(agent: &Agent, plugin: &LoopPlugin) {
+    assert!(loop_mounts(agent).is_empty(), "{:?}", loop_mounts(agent));
+    let loops = plugin.attached_loops();
+    assert!(loops.is_empty(), "{loops:?}");
+}
+
+const STAGE: &str = "NodeStageVolume";
+const PUBLISH: &str = "NodePublishVolume";
+const UNPUBLISH: &str = "NodeUnpublishVolume";
+const UNSTAGE: &str = "NodeUnstageVolume";
+
+#[test]
+fn a_csi_volume_is_neither_staged_nor_published_again_after_an_agent_restart() {
+    let (mut agent, plugin) = csi_agent("csi-restart");
+    agent.write_manifest("claim.yaml", &csi_claim_manifests("vol-r"));
+    agent.write_manifest("user.yaml", &csi_pod("user", "one"));
+    let pod = agent.wait_phase("user", "Running", MINUTE);
+    let id = container_id(&pod, "c").unwrap();
+    let pid = agent.task_pid(&id).expect("running task");
+    let uid = pod.metadata.uid.clone().unwrap();
+    let staging = nodelet::volume::csi::staging_path(&agent.root_dir(), LOOP_DRIVER, "vol-r");
+    let target = agent
+        .root_dir()
+        .join("pods")
+        .join(&uid)
+        .join("volumes/kubernetes.io~csi/csi-pv/mount");
+    assert_eq!(plugin.rpcs(), [STAGE, PUBLISH]);
+    let mut both = vec![staging.clone(), target.clone()];
+    both.sort();
+    assert_eq!(
+        loop_mounts(&agent),
+        both,
+        "one staging and one publish mount"
+    );
+
+    agent.kill9();
+    agent.spawn();
+    // The restarted agent has synced the pod once it reports it Running again.
+    agent.wait_phase("user", "Running", MINUTE);
+    agent.wait_until("the restarted agent reports the container", MINUTE, |a| {
+        a.pod("user")
+            .is_some_and(|p| container_id(&p, "c").as_deref() == Some(id.as_str()))
+    });
+    assert_eq!(agent.task_pid(&id), Some(pid), "the pod kept running");
+    assert_eq!(
+        plugin.rpcs(),
+        [STAGE, PUBLISH],
+        "nothing staged or published a second time"
+    );
+    let mut mounted = loop_mounts(&agent);
+    mounted.sort();
+    assert_eq!(
+        mounted, both,
+        "still exactly one staging and one publish mount"
+    );
+
+    agent.remove_manifest("user.yaml");
+    agent.wait_until("the pod is gone", MINUTE, |a| a.pod("user").is_none());
+    agent.wait_until("the volume is unstaged", MINUTE, |_| {
+        plugin.rpcs().len() == 4
+    });
+    assert_eq!(plugin.rpcs(), [STAGE, PUBLISH, UNPUBLISH, UNSTAGE]);
+    let calls = plugin.calls();
+    assert_eq!(calls[2].2, target.display().to_string());
+    assert_eq!(calls[3].2, staging.display().to_string());
+    assert_nothing_left(&agent, &plugin);
+}
+
+#[test]
+fn a_pod_deleted_while_the_agent_was_down_has_its_csi_volume_released_after_the_restart() {
+    let (mut agent, plugin) = csi_agent("csi-orphan");
+    agent.write_manifest("claim.yaml", &csi_claim_manifests("vol-o"));
+    agent.write_manifest("user.yaml", &csi_pod("user", "one"));
+    let pod = agent.wait_phase("user", "Running", MINUTE);
+    let id = container_id(&pod, "c").unwrap();
+    let uid = pod.metadata.uid.clone().unwrap();
+    assert_eq!(plugin.rpcs(), [STAGE, PUBLISH]);
+    assert_eq!(loop_mounts(&agent).len(), 2);
+
+    agent.kill9();
+    agent.remove_manifest("user.yaml");
+    agent.spawn();
+    agent.wait_until("the orphan container is removed", MINUTE, |a| {
+        !a.containerd_containers().contains(&id)
+    });
+    agent.wait_until("the orphan's volume is unstaged", MINUTE, |_| {
+        plugin.rpcs().len() == 4
+    });
+    assert_eq!(plugin.rpcs(), [STAGE, PUBLISH, UNPUBLISH, UNSTAGE]);
+    assert_nothing_left(&agent, &plugin);
+    let staging = nodelet::volume::csi::staging_path(&agent.root_dir(), LOOP_DRIVER, "vol-o");
+    assert!(!staging.exists(), "{} is removed", staging.display());
+    let volumes = agent.root_dir().join("pods").join(&uid).join("volumes");
+    assert!(walk(&volumes).is_empty(), "{:?}", walk(&volumes));
+
+    // The data is still on the volume: a new pod sees it.
+    agent.write_manifest("again.yaml", &csi_pod("again", "two"));
+    agent.wait_phase("again", "Running", MINUTE);
+    assert_eq!(plugin.rpcs().len(), 6, "{:?}", plugin.rpcs());
+    let again = agent.pod("again").unwrap();
+    let target = agent
+        .root_dir()
+        .join("pods")
+        .join(again.metadata.uid.as_deref().unwrap())
+        .join("volumes/kubernetes.io~csi/csi-pv/mount");
+    agent.wait_until("the new pod appended its word", MINUTE, |_| {
+        std::fs::read_to_string(target.join("words")).is_ok_and(|w| w == "one\ntwo\n")
+    });
+}
+
+#[test]
+fn a_csi_plugin_down_across_an_agent_restart_neither_stops_a_running_pod_nor_strands_an_orphans_volume(
+) {
+    let (mut agent, mut plugin) = csi_agent("csi-plugin-down");
+    let two_claims = csi_claim_manifests("vol-keep")
+        + "---\n"
+        + &csi_claim_manifests("vol-gone")
+            .replace("csi-pv", "gone-pv")
+            .replace("csi-data", "gone-data");
+    agent.write_manifest("claims.yaml", &two_claims);
+    agent.write_manifest("keep.yaml", &csi_pod("keep", "k"));
+    agent.write_manifest(
+        "gone.yaml",
+        &csi_pod("gone", "g").replace("claimName: csi-data", "claimName: gone-data"),
+    );
+    let keep = agent.wait_phase("keep", "Running", MINUTE);
+    let gone = agent.wait_phase("gone", "Running", MINUTE);
+    let keep_id = container_id(&keep, "c").unwrap();
+    let keep_pid = agent.task_pid(&keep_id).expect("running task");
+    let gone_id = container_id(&gone, "c").unwrap();
+    assert_eq!(loop_mounts(&agent).len(), 4, "{:?}", loop_mounts(&agent));
+
+    // The node's CSI plugin and the agent both die; the agent comes back first, as on a node
+    // whose plugin runs in a pod the agent itself has to start.
+    agent.kill9();
+    plugin.kill();
+    agent.remove_manifest("gone.yaml");
+    agent.spawn();
+    agent.wait_until("the orphan container is removed", MINUTE, |a| {
+        !a.containerd_containers().contains(&gone_id)
+    });
+    agent.wait_until("the restarted agent reports the kept pod", MINUTE, |a| {
+        a.pod("keep").is_some_and(|p| {
+            phase_of(Some(&p)) == Some("Running")
+                && container_id(&p, "c").as_deref() == Some(keep_id.as_str())
+        })
+    });
+    assert_eq!(
+        agent.task_pid(&keep_id),
+        Some(keep_pid),
+        "the pod kept running"
+    );
+    let failed: Vec<_> = agent
+        .events()
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("FailedMount"))
+        .filter_map(|e| e.message)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "a published volume is re-adopted from the mount table without asking the plugin: \
+         {failed:?}"
+    );
+    assert_eq!(plugin.rpcs().len(), 4, "{:?}", plugin.rpcs());
+
+    // Once the plugin is back, the orphan's volume is unpublished, then unstaged.
+    plugin.spawn();
+    agent.wait_until("the orphan's volume is unstaged", MINUTE, |_| {
+        plugin.rpcs().len() == 6
+    });
+    let released: Vec<(String, String)> = plugin.calls()[4..]
+        .iter()
+        .map(|(rpc, id, _)| (rpc.clone(), id.clone()))
+        .collect();
+    assert_eq!(
+        released,
+        [
+            (UNPUBLISH.to_string(), "vol-gone".to_string()),
+            (UNSTAGE.to_string(), "vol-gone".to_string())
+        ]
+    );
+    assert_eq!(loop_mounts(&agent).len(), 2, "{:?}", loop_mounts(&agent));
+
+    agent.remove_manifest("keep.yaml");
+    agent.wait_until("the kept pod's volume is unstaged", MINUTE, |_| {
+        plugin.rpcs().len() == 8
+    });
+    assert_eq!(plugin.rpcs()[6..], [UNPUBLISH, UNSTAGE]);
+    assert_nothing_left(&agent, &plugin);
+}
+
+#[test]
+fn a_csi_block_volume_is_a_device_in_the_container_and_survives_an_agent_restart() {
+    let (mut agent, plugin) = csi_agent("csi-block");
+    let manifests = format!(
+        "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: raw-pv}}\nspec:\n  capacity: {{storage: 16Mi}}\n  accessModes: [ReadWriteOnce]\n  volumeMode: Block\n  claimRef: {{namespace: default, name: raw-data}}\n  csi:\n    driver: {LOOP_DRIVER}\n    volumeHandle: vol-b\n    volumeAttributes: {{size: \"16777216\"}}\n---\n\
+         apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: raw-data}}\nspec:\n  accessModes: [ReadWriteOnce]\n  volumeMode: Block\n  volumeName: raw-pv\n  resources: {{requests: {{storage: 16Mi}}}}\n"
+    );
+    agent.write_manifest("claim.yaml", &manifests);
+    // Writes a pattern 1 MiB into the device, syncs, reads it back through the device, and
+    // keeps running.
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: raw}}\nspec:\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: c\n    image: {BUSYBOX}\n    command: [sh, -c, 'test -b /dev/xvda && printf nodelet-block | dd of=/dev/xvda bs=512 seek=2048 conv=notrunc,fsync && test \"$(dd if=/dev/xvda bs=512 skip=2048 count=1 2>/dev/null | head -c 13)\" = nodelet-block && echo pattern read back && exec sleep 3600']\n    volumeDevices: [{{name: raw, devicePath: /dev/xvda}}]\n  volumes:\n  - name: raw\n    persistentVolumeClaim: {{claimName: raw-data}}\n"
+    );
+    agent.write_manifest("raw.yaml", &pod);
+    let running = agent.wait_phase("raw", "Running", MINUTE);
+    agent.wait_until("the pattern read back in the container", MINUTE, |a| {
+        a.container_logs("default", "raw", "c", "")
+            .is_some_and(|l| l.contains("pattern read back"))
+    });
+    let uid = running.metadata.uid.clone().unwrap();
+    let id = container_id(&running, "c").unwrap();
+    let staging = nodelet::volume::csi::block_staging_path(&agent.root_dir(), LOOP_DRIVER, "vol-b");
+    let target = nodelet::volume::csi::block_target_path(&agent.root_dir(), &uid, "raw-pv");
+    let calls = plugin.calls();
+    assert_eq!(plugin.rpcs(), [STAGE, PUBLISH], "{calls:?}");
+    assert_eq!(calls[0].2, staging.display().to_string());
+    assert_eq!(calls[1].2, target.display().to_string());
+    // Published by the device node bound onto the target file; nothing mounted at staging.
+    let published = |a: &Agent| -> Vec<std::path::PathBuf> {
+        mounts_below(a.dir.path())
+            .into_iter()
+            .map(|(p, _)| p)
+            .filter(|p| p.starts_with(a.root_dir()))
+            .collect()
+    };
+    assert_eq!(published(&agent), std::slice::from_ref(&target));
+    // The pattern reached the volume's backing file through the loop device.
+    let mut data = vec![0u8; 13];
+    {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(plugin.backing_file("vol-b")).unwrap();
+        f.seek(SeekFrom::Start(1 << 20)).unwrap();
+        f.read_exact(&mut data).unwrap();
+    }
+    assert_eq!(data, b"nodelet-block");
+
+    // Across a restart of the agent the block volume is neither staged nor published again.
+    agent.kill9();
+    agent.spawn();
+    agent.wait_until("the restarted agent reports the container", MINUTE, |a| {
+        a.pod("raw").is_some_and(|p| {
+            phase_of(Some(&p)) == Some("Running")
+                && container_id(&p, "c").as_deref() == Some(id.as_str())
+        })
+    });
+    assert_eq!(plugin.rpcs(), [STAGE, PUBLISH]);
+    assert_eq!(published(&agent), std::slice::from_ref(&target));
+
+    agent.remove_manifest("raw.yaml");
+    agent.wait_until("the pod is gone", MINUTE, |a| a.pod("raw").is_none());
+    agent.wait_until("the block volume is unstaged", MINUTE, |_| {
+        plugin.rpcs().len() == 4
+    });
+    assert_eq!(plugin.rpcs()[2..], [UNPUBLISH, UNSTAGE]);
+    assert_nothing_left(&agent, &plugin);
+    assert!(!target.exists() && !staging.exists());
+    let pod_dir = agent.root_dir().join("pods").join(&uid);
+    assert!(!pod_dir.join("volumeDevices").exists());
 }

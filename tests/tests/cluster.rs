@@ -22,9 +22,13 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod, Secret,
+};
+use k8s_openapi::api::storage::v1::CSINode;
 use kube::api::{DeleteParams, EvictParams, PostParams};
 use kube::Api;
+use nodelet_tests::csi_support::{LoopPlugin, LOOP_DRIVER};
 
 const CONTAINERD_NS: &str = "k8s.nodelet.cluster-test";
 const IMAGE: &str = "127.0.0.1:5000/nodelet/busybox:latest";
@@ -573,6 +577,174 @@ async fn node_registers_becomes_ready_and_its_lease_renews() {
         again.metadata.uid, node.metadata.uid,
         "re-registration kept the Node"
     );
+}
+
+/// The entry of `driver` in the node's CSINode, once the CSINode exists.
+async fn csinode_driver(
+    csinodes: &Api<CSINode>,
+    node: &str,
+    driver: &str,
+) -> Option<Option<k8s_openapi::api::storage::v1::CSINodeDriver>> {
+    let csinode = csinodes.get_opt(node).await.ok().flatten()?;
+    Some(csinode.spec.drivers.into_iter().find(|d| d.name == driver))
+}
+
+#[tokio::test]
+#[ignore = "cluster tier: needs KUBECONFIG, NODELET_NODE_KUBECONFIG, NODELET_NODE_NAME"]
+async fn a_registered_csi_driver_is_recorded_in_the_nodes_csinode() {
+    let Some(c) = cluster("a_registered_csi_driver_is_recorded_in_the_nodes_csinode").await else {
+        return;
+    };
+    let agent = Agent::start(&c);
+    wait_node_ready(&c).await;
+    let node_uid = Api::<Node>::all(c.admin.clone())
+        .get(&c.node)
+        .await
+        .unwrap()
+        .metadata
+        .uid
+        .unwrap();
+    let csinodes: Api<CSINode> = Api::all(c.admin.clone());
+    let mut plugin = LoopPlugin::start_with(
+        &agent.dir.path().join("csi-state"),
+        &agent.dir.path().join("root/plugins_registry"),
+        "loop-node-7",
+        &[
+            "--max-volumes",
+            "5",
+            "--topology",
+            "topology.loop.csi/zone=z1",
+        ],
+    );
+
+    // Registration: GetInfo, NodeGetInfo, then the driver's entry in the CSINode.
+    let d = Deadline::new("the loop driver in the CSINode", 60);
+    let entry = loop {
+        if let Some(Some(entry)) = csinode_driver(&csinodes, &c.node, LOOP_DRIVER).await {
+            break entry;
+        }
+        d.tick().await;
+    };
+    assert_eq!(entry.node_id, "loop-node-7");
+    assert_eq!(
+        entry.topology_keys,
+        Some(vec!["topology.loop.csi/zone".to_string()])
+    );
+    assert_eq!(entry.allocatable.and_then(|a| a.count), Some(5));
+    let csinode = csinodes.get(&c.node).await.unwrap();
+    let owners = csinode.metadata.owner_references.unwrap_or_default();
+    assert!(
+        owners
+            .iter()
+            .any(|o| o.kind == "Node" && o.name == c.node && o.uid == node_uid),
+        "owned by the Node: {owners:?}"
+    );
+
+    // The plugin's registration socket goes away: so does its entry, not the CSINode.
+    plugin.unregister();
+    let d = Deadline::new("the loop driver's entry to be removed", 60);
+    while csinode_driver(&csinodes, &c.node, LOOP_DRIVER).await != Some(None) {
+        d.tick().await;
+    }
+}
+
+#[tokio::test]
+#[ignore = "cluster tier: needs KUBECONFIG, NODELET_NODE_KUBECONFIG, NODELET_NODE_NAME"]
+async fn a_csi_pv_is_staged_with_its_secret_read_through_the_node_identity() {
+    let Some(c) =
+        cluster("a_csi_pv_is_staged_with_its_secret_read_through_the_node_identity").await
+    else {
+        return;
+    };
+    let agent = Agent::start(&c);
+    // Declared before the namespace, so that it outlives the pods' teardown.
+    let plugin = LoopPlugin::start(
+        &agent.dir.path().join("csi-state"),
+        &agent.dir.path().join("root/plugins_registry"),
+        "loop-node",
+    );
+    let ns = TestNamespace::create(&c, "csi").await;
+    wait_node_ready(&c).await;
+    let admin = c.admin.clone();
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "stage-creds"}, "stringData": {"password": "s3cret"}
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(admin.clone(), &ns.name)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    // The Secret lives in the test namespace, referenced by the PV (cluster-scoped, named after
+    // the namespace so runs never collide); the plugin refuses NodeStage without it.
+    let pv_name = ns.name.clone();
+    let pv: PersistentVolume = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": pv_name},
+        "spec": {
+            "capacity": {"storage": "32Mi"},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": "",
+            "claimRef": {"namespace": ns.name, "name": "data"},
+            "csi": {
+                "driver": LOOP_DRIVER,
+                "volumeHandle": pv_name,
+                "fsType": "ext4",
+                "volumeAttributes": {"size": "33554432", "requireStageSecret": "password"},
+                "nodeStageSecretRef": {"name": "stage-creds", "namespace": ns.name},
+            },
+        },
+    }))
+    .unwrap();
+    let pvs: Api<PersistentVolume> = Api::all(admin.clone());
+    pvs.create(&PostParams::default(), &pv).await.unwrap();
+    let claim: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "data"},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": "",
+            "volumeName": pv_name,
+            "resources": {"requests": {"storage": "32Mi"}},
+        },
+    }))
+    .unwrap();
+    Api::<PersistentVolumeClaim>::namespaced(admin.clone(), &ns.name)
+        .create(&PostParams::default(), &claim)
+        .await
+        .unwrap();
+    let mut user = pod("user", &c.node, 2);
+    let spec = user.spec.as_mut().unwrap();
+    spec.volumes = Some(vec![serde_json::from_value(serde_json::json!(
+        {"name": "data", "persistentVolumeClaim": {"claimName": "data"}}
+    ))
+    .unwrap()]);
+    spec.containers[0].volume_mounts = Some(vec![serde_json::from_value(
+        serde_json::json!({"name": "data", "mountPath": "/data"}),
+    )
+    .unwrap()]);
+    let pods = ns.pods();
+    pods.create(&PostParams::default(), &user).await.unwrap();
+    let d = Deadline::new("the CSI pod Running and Ready", 180);
+    let running = loop {
+        if let Some(p) = pod_ready(&pods, "user").await {
+            break p;
+        }
+        d.tick().await;
+    };
+    assert_eq!(plugin.rpcs(), ["NodeStageVolume", "NodePublishVolume"]);
+
+    // Deleting the pod releases the volume before the final delete.
+    pods.delete("user", &DeleteParams::default()).await.unwrap();
+    wait_pod_gone(&pods, "user", &uid(&running), 120).await;
+    assert_eq!(
+        plugin.rpcs(),
+        [
+            "NodeStageVolume",
+            "NodePublishVolume",
+            "NodeUnpublishVolume",
+            "NodeUnstageVolume"
+        ]
+    );
+    let _ = pvs.delete(&pv_name, &DeleteParams::default()).await;
 }
 
 #[tokio::test]

@@ -12,9 +12,11 @@ use k8s_openapi::api::core::v1::{
     ConfigMap, Container, PersistentVolume, PersistentVolumeClaim, Pod, Secret,
 };
 use nodelet::store::{ObjectStore, Objects};
+use nodelet::volume::csi::Driver;
 use nodelet::volume::{
     PodVolumes, TokenRequest, TokenSource, VolumeConfig, VolumeError, VolumeManager,
 };
+use nodelet_tests::csi_support::{loops_backed_under, LoopPlugin, LOOP_DRIVER};
 use serde_json::{json, Value};
 
 /// A temp root, its manager and store; unmounts and detaches everything on drop.
@@ -103,18 +105,8 @@ impl Drop for Host {
             let _ = Command::new("losetup").arg("-d").arg(dev).status();
         }
         // Loop devices a CSI plugin attached to backing files under this root.
-        if let Ok(out) = Command::new("losetup")
-            .args(["-l", "-n", "-O", "NAME,BACK-FILE"])
-            .output()
-        {
-            for line in String::from_utf8_lossy(&out.stdout).lines() {
-                let mut cols = line.split_whitespace();
-                if let (Some(dev), Some(file)) = (cols.next(), cols.next()) {
-                    if Path::new(file).starts_with(&self.root) {
-                        let _ = Command::new("losetup").arg("-d").arg(dev).status();
-                    }
-                }
-            }
+        for dev in loops_backed_under(&self.root) {
+            let _ = Command::new("losetup").arg("-d").arg(dev).status();
         }
     }
 }
@@ -914,39 +906,60 @@ async fn restart_re_adopts_mounts_and_tears_down_by_uid() {
     assert!(host.mounts().is_empty());
 }
 
-/// The test CSI plugin process; killed on drop.
-struct PluginProcess(std::process::Child);
+const DRIVER: &str = LOOP_DRIVER;
 
-impl Drop for PluginProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-const DRIVER: &str = "loop.csi.nodelet.io";
-
-/// Starts the loop plugin with its state under the root and waits until discovery
-/// (registration socket → GetInfo → NotifyRegistrationStatus) knows the driver.
-async fn start_plugin(host: &Host) -> PluginProcess {
-    let plugin = PluginProcess(
-        Command::new(env!("CARGO_BIN_EXE_csi-loop-plugin"))
-            .args(["--driver", DRIVER, "--node-id", "node-1"])
-            .arg("--state-dir")
-            .arg(host.root.join("csi-state"))
-            .arg("--registry")
-            .arg(host.root.join("plugins_registry"))
-            .spawn()
-            .unwrap(),
-    );
+/// Waits until discovery (registration socket → GetInfo → NodeGetInfo →
+/// NotifyRegistrationStatus) knows a driver that passes `check`, and returns it.
+async fn registered(host: &Host, check: impl Fn(&Driver) -> bool) -> Driver {
     for _ in 0..200 {
         host.vm.plugins().discover().await;
-        if host.vm.plugins().drivers().iter().any(|d| d.name == DRIVER) {
-            return plugin;
+        if let Some(d) = host.vm.plugins().drivers().into_iter().find(|d| check(d)) {
+            return d;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    panic!("plugin never registered");
+    panic!("plugin never registered as expected");
+}
+
+/// Starts the loop plugin with its state under the root and waits until discovery knows it.
+async fn start_plugin(host: &Host) -> LoopPlugin {
+    let plugin = LoopPlugin::start(
+        &host.root.join("csi-state"),
+        &host.root.join("plugins_registry"),
+        "node-1",
+    );
+    registered(host, |d| d.name == DRIVER).await;
+    plugin
+}
+
+#[tokio::test]
+async fn a_plugin_registering_anew_replaces_its_driver_and_a_removed_one_is_dropped() {
+    let host = Host::new();
+    let mut plugin = start_plugin(&host).await;
+    let subscription = host.vm.plugins().subscribe();
+    assert!(subscription.borrow().listed, "a full pass was made");
+    let first = registered(&host, |d| d.name == DRIVER).await;
+    assert_eq!(first.node.node_id, "node-1");
+    assert_eq!(
+        (first.node.max_volumes, first.node.topology_keys.len()),
+        (0, 0)
+    );
+
+    // The plugin restarts (a new socket at the same path) with other node info.
+    plugin.node_id = "node-2".into();
+    plugin.args = ["--max-volumes", "3", "--topology", "topology.loop/zone=a"]
+        .map(String::from)
+        .to_vec();
+    plugin.spawn();
+    let again = registered(&host, |d| d.node.node_id == "node-2").await;
+    assert_eq!(again.node.max_volumes, 3);
+    assert_eq!(again.node.topology_keys, ["topology.loop/zone"]);
+    assert_eq!(host.vm.plugins().drivers().len(), 1);
+
+    plugin.unregister();
+    host.vm.plugins().discover().await;
+    assert!(host.vm.plugins().drivers().is_empty());
+    assert!(subscription.has_changed().unwrap(), "watchers were told");
 }
 
 #[tokio::test]
@@ -1076,4 +1089,61 @@ async fn csi_loop_volume_is_staged_once_and_published_per_pod() {
     host.vm.teardown("csi-3").await.unwrap();
     assert!(host.mounts().is_empty());
     assert!(attached_loops(&backing).is_empty());
+}
+
+#[tokio::test]
+async fn csi_calls_carry_the_pvs_secrets_and_mount_options() {
+    let host = Host::new();
+    let _plugin = start_plugin(&host).await;
+    let secret = |name: &str, key: &str| -> Secret {
+        serde_json::from_value(json!({"metadata": {"name": name, "namespace": "default"},
+                                      "stringData": {key: "s3cret"}}))
+        .unwrap()
+    };
+    // The plugin refuses NodeStage without the stage secret's key and NodePublish without the
+    // publish secret's.
+    let source = json!({"csi": {"driver": DRIVER, "volumeHandle": "vol-s", "fsType": "ext4",
+        "volumeAttributes": {"size": "16777216", "requireStageSecret": "password",
+                             "requirePublishSecret": "token"},
+        "nodeStageSecretRef": {"name": "stage-creds", "namespace": "default"},
+        "nodePublishSecretRef": {"name": "publish-creds"}},
+        "mountOptions": ["noatime"]});
+    host.objects(|o| {
+        o.claims.insert(
+            key("sec-data"),
+            claim("sec-data", Some("pv-sec"), &["ReadWriteOnce"]),
+        );
+        o.volumes
+            .insert("pv-sec".into(), pv("pv-sec", Some("sec-data"), source));
+        o.secrets
+            .insert(key("stage-creds"), secret("stage-creds", "password"));
+    });
+    let user = pod(
+        "sec-csi-1",
+        json!([{"name": "v", "persistentVolumeClaim": {"claimName": "sec-data"}}]),
+        json!([{"name": "v", "mountPath": "/data"}]),
+    );
+    // The publish secret (its namespace is the claim's) does not exist yet: a clear error.
+    let err = host.vm.setup(&user).await.unwrap_err();
+    assert!(
+        matches!(&err, VolumeError::Missing { kind: "secret", name, .. } if name == "default/publish-creds"),
+        "{err}"
+    );
+    host.objects(|o| {
+        o.secrets
+            .insert(key("publish-creds"), secret("publish-creds", "token"));
+    });
+    let v = host.vm.setup(&user).await.unwrap();
+    let staging = nodelet::volume::csi::staging_path(&host.root, DRIVER, "vol-s");
+    let staged = mount_at(&host, &staging).expect("staged");
+    assert!(
+        staged.opts.split(',').any(|o| o == "noatime"),
+        "the PV's mountOptions reach the staging mount: {staged:?}"
+    );
+    assert!(mount_at(&host, &host_path(&v, "v")).is_some(), "published");
+    // Nothing secret is written to the pod's volume record.
+    let record = fs::read_to_string(host.root.join("pods/sec-csi-1/volumes/.state.json")).unwrap();
+    assert!(!record.contains("s3cret"), "{record}");
+    host.vm.teardown("sec-csi-1").await.unwrap();
+    assert!(host.mounts().is_empty(), "{:?}", host.mounts());
 }

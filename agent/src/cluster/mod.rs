@@ -21,7 +21,8 @@
 //! - `mirror`: a mirror pod in the API for every static pod (the manifest folder's pods, which
 //!   cluster mode names `<name>-<node>` as the kubelet does); the sink writes their status.
 //!
-//! [`ApiTokens`] serves projected service account tokens through the TokenRequest API.
+//! [`ApiTokens`] serves projected service account tokens through the TokenRequest API;
+//! [`start_csi_node`] keeps the node's CSINode in step with the registered CSI drivers.
 //!
 //! Stopping the agent (cancelling the token) stops these tasks and nothing else: pods keep running.
 //!
@@ -49,6 +50,7 @@ use crate::status::StatusManager;
 use crate::store::ObjectStore;
 
 mod authz;
+mod csinode;
 mod events;
 mod lease;
 mod mirror;
@@ -302,6 +304,24 @@ impl ClusterAgent {
             task,
         })
     }
+}
+
+/// Spawns the task that keeps the node's CSINode (`csinode`) in step with the CSI drivers
+/// registered on this node (`VolumeManager::plugins().subscribe()`), until `shutdown` is
+/// cancelled. Fails only when the kubeconfig is unusable.
+pub async fn start_csi_node(
+    config: &ClusterConfig,
+    drivers: watch::Receiver<crate::volume::csi::Registered>,
+    shutdown: CancellationToken,
+) -> Result<(), ClusterError> {
+    let client = client(&config.kubeconfig).await?;
+    tokio::spawn(csinode::run(
+        client,
+        config.node_name.clone(),
+        drivers,
+        shutdown,
+    ));
+    Ok(())
 }
 
 async fn client(path: &std::path::Path) -> Result<kube::Client, ClusterError> {

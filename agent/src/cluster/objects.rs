@@ -5,7 +5,9 @@
 //! by one: ConfigMaps and Secrets are followed with a per-object watch (`metadata.name` field
 //! selector), claims and volumes (GET only) are polled. One task per referenced object; it is
 //! started when the first pod refers to the object and stopped (and the object dropped from the
-//! store) when the last one goes. [`references`] is the pure part.
+//! store) when the last one goes. [`references`] is the pure part. The Secrets a bound CSI
+//! volume references (nodeStageSecretRef, nodePublishSecretRef) are followed too, once the
+//! claim and its volume are in the store ([`volume_secrets`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -25,7 +27,7 @@ const CLAIM_POLL: Duration = Duration::from_secs(30);
 /// How often a claim that is not bound yet is re-read.
 const UNBOUND_POLL: Duration = Duration::from_secs(2);
 
-/// One object a pod refers to, in the pod's namespace.
+/// One object a pod refers to (in the pod's namespace; a CSI volume's Secret in its own).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) enum ObjectRef {
     ConfigMap { namespace: String, name: String },
@@ -131,6 +133,46 @@ pub(super) fn references(pod: &Pod) -> BTreeSet<ObjectRef> {
     refs
 }
 
+/// The Secrets the CSI volumes bound to the claims among `refs` reference, as far as the
+/// store holds those claims and volumes. A reference without a namespace means the claim's.
+pub(super) fn volume_secrets(
+    store: &ObjectStore,
+    refs: &BTreeSet<ObjectRef>,
+) -> BTreeSet<ObjectRef> {
+    let mut out = BTreeSet::new();
+    for r in refs {
+        let ObjectRef::Claim { namespace, name } = r else {
+            continue;
+        };
+        let Some(pv_name) = store
+            .claim(namespace, name)
+            .and_then(|c| c.spec)
+            .and_then(|s| s.volume_name)
+        else {
+            continue;
+        };
+        let Some(csi) = store
+            .volume(&pv_name)
+            .and_then(|pv| pv.spec)
+            .and_then(|s| s.csi)
+        else {
+            continue;
+        };
+        for secret in [csi.node_stage_secret_ref, csi.node_publish_secret_ref]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(secret_name) = secret.name.filter(|n| !n.is_empty()) {
+                out.insert(ObjectRef::Secret {
+                    namespace: secret.namespace.unwrap_or_else(|| namespace.clone()),
+                    name: secret_name,
+                });
+            }
+        }
+    }
+    out
+}
+
 /// Keeps one follower task per object the current pods reference, until `token` is cancelled.
 pub(super) async fn run(
     client: kube::Client,
@@ -139,12 +181,17 @@ pub(super) async fn run(
     token: CancellationToken,
 ) {
     let mut followers: BTreeMap<ObjectRef, CancellationToken> = BTreeMap::new();
+    // Store changes bring claims' volumes, whose CSI Secrets are wanted too.
+    let mut stored = store.subscribe();
     loop {
-        let wanted: BTreeSet<ObjectRef> = pods
+        stored.borrow_and_update();
+        let mut wanted: BTreeSet<ObjectRef> = pods
             .borrow_and_update()
             .values()
             .flat_map(references)
             .collect();
+        let secrets = volume_secrets(&store, &wanted);
+        wanted.extend(secrets);
         followers.retain(|r, t| {
             let keep = wanted.contains(r);
             if !keep {
@@ -163,6 +210,7 @@ pub(super) async fn run(
         tokio::select! {
             _ = token.cancelled() => return,
             changed = pods.changed() => if changed.is_err() { return },
+            changed = stored.changed() => if changed.is_err() { return },
         }
     }
 }
@@ -322,6 +370,53 @@ mod tests {
 
     fn pod(yaml: &str) -> Pod {
         serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn a_bound_csi_volumes_secrets_are_wanted_once_it_is_stored() {
+        let store = ObjectStore::new();
+        let claim = |ns: &str, name: &str| ObjectRef::Claim {
+            namespace: ns.into(),
+            name: name.into(),
+        };
+        let refs: BTreeSet<ObjectRef> = [claim("shop", "data"), claim("shop", "other")].into();
+        assert!(
+            volume_secrets(&store, &refs).is_empty(),
+            "nothing stored yet"
+        );
+        store.update(|o| {
+            o.claims.insert(
+                ("shop".into(), "data".into()),
+                serde_yaml::from_str(
+                    "metadata: {name: data, namespace: shop}
+spec: {volumeName: pv-1}
+",
+                )
+                .unwrap(),
+            );
+            o.volumes.insert(
+                "pv-1".into(),
+                serde_yaml::from_str(
+                    "metadata: {name: pv-1}
+spec:
+  csi:
+    driver: x
+    volumeHandle: h
+    nodeStageSecretRef: {name: stage, namespace: storage}
+    nodePublishSecretRef: {name: publish}
+",
+                )
+                .unwrap(),
+            );
+        });
+        let secret = |ns: &str, name: &str| ObjectRef::Secret {
+            namespace: ns.into(),
+            name: name.into(),
+        };
+        assert_eq!(
+            volume_secrets(&store, &refs),
+            [secret("storage", "stage"), secret("shop", "publish")].into()
+        );
     }
 
     #[test]

@@ -220,7 +220,12 @@ impl PodManager {
                 continue;
             }
             if let Err(e) = ctx.volumes.teardown(&uid).await {
-                warn!(pod = %uid, error = %e, "tearing down orphan volumes");
+                warn!(pod = %uid, error = %e, "tearing down orphan volumes; retrying in the background");
+                let (volumes, uid) = (ctx.volumes.clone(), uid.clone());
+                let token = self.inner.cancel.clone();
+                self.inner
+                    .tracker
+                    .spawn(async move { volumes.retry_orphan_teardown(uid, token).await });
             }
             if let Err(e) = ctx.sandboxes.teardown(&uid).await {
                 warn!(pod = %uid, error = %e, "tearing down orphan sandbox");

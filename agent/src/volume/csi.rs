@@ -1,9 +1,13 @@
 //! CSI on the node: plugin discovery through the kubelet plugin registration API (sockets in
 //! `<root>/plugins_registry`, GetInfo, NotifyRegistrationStatus, a driver → endpoint map) and
 //! the Node service calls (NodeStage once per volume per node at the global staging path,
-//! NodePublish per pod, and the reverse on teardown).
+//! NodePublish per pod, and the reverse on teardown). Raw block volumes (volumeMode Block) are
+//! staged with the Block access type at a staging dir of their own and published to a per-pod
+//! target file (`<pod>/volumeDevices/kubernetes.io~csi/<pv>`) that becomes the container's
+//! device; since a driver need not mount anything to stage a block volume, the agent records
+//! the staging in a marker file beside the staging dir.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -32,7 +36,7 @@ pub mod registration {
 
 use proto::node_client::NodeClient;
 use proto::volume_capability::access_mode::Mode;
-use proto::volume_capability::{AccessMode, AccessType, MountVolume};
+use proto::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use proto::VolumeCapability;
 
 /// The plugin type a CSI driver registers as.
@@ -53,6 +57,21 @@ pub struct CsiRecord {
     pub fs_type: String,
     /// Kubernetes access modes of the claim.
     pub access_modes: Vec<String>,
+    /// A raw block volume (volumeMode Block): the target is a file that becomes a device.
+    #[serde(default)]
+    pub block: bool,
+    /// The PV's mountOptions, passed as the mount capability's mount_flags.
+    #[serde(default)]
+    pub mount_flags: Vec<String>,
+}
+
+/// The secrets a driver gets with NodeStage and NodePublish (from the PV's
+/// nodeStageSecretRef/nodePublishSecretRef, or an inline volume's nodePublishSecretRef). Never
+/// persisted and never printed.
+#[derive(Clone, Default)]
+pub struct CsiSecrets {
+    pub stage: std::collections::HashMap<String, String>,
+    pub publish: std::collections::HashMap<String, String>,
 }
 
 fn sha256_hex(s: &str) -> String {
@@ -76,6 +95,37 @@ pub fn staging_path(root: &Path, driver: &str, handle: &str) -> PathBuf {
         .join("globalmount")
 }
 
+/// The staging dir of a raw block volume's handle (one per volume per node).
+pub fn block_staging_path(root: &Path, driver: &str, handle: &str) -> PathBuf {
+    root.join("plugins/kubernetes.io/csi/volumeDevices")
+        .join(driver)
+        .join(sha256_hex(handle))
+        .join("staging")
+}
+
+/// The per-pod publish target of a raw block volume: a file the driver puts the device on.
+pub fn block_target_path(root: &Path, uid: &str, pv: &str) -> PathBuf {
+    root.join("pods")
+        .join(uid)
+        .join(super::VOLUME_DEVICES)
+        .join(super::plugin::CSI)
+        .join(pv)
+}
+
+/// The agent's record that a block volume is staged (drivers mount nothing for those).
+fn staged_marker(staging: &Path) -> PathBuf {
+    staging.with_file_name("staged")
+}
+
+/// Whether the volume is staged at `staging`: mounted there, or for a block volume, marked.
+fn is_staged(rec: &CsiRecord, staging: &Path) -> Result<bool, String> {
+    if rec.block {
+        Ok(staged_marker(staging).exists())
+    } else {
+        mount::is_mounted(staging).map_err(|e| e.to_string())
+    }
+}
+
 /// The record of an inline (ephemeral) CSI volume: published without staging, with a handle
 /// derived from the pod UID and volume name as upstream does.
 pub fn inline_record(root: &Path, uid: &str, volume: &str, src: &CSIVolumeSource) -> CsiRecord {
@@ -87,10 +137,12 @@ pub fn inline_record(root: &Path, uid: &str, volume: &str, src: &CSIVolumeSource
         read_only: src.read_only.unwrap_or(false),
         fs_type: src.fs_type.clone().unwrap_or_default(),
         access_modes: Vec::new(),
+        block: false,
+        mount_flags: Vec::new(),
     }
 }
 
-/// The record of a CSI PV.
+/// The record of a CSI PV (`block`: its volumeMode is Block).
 pub fn pv_record(
     root: &Path,
     uid: &str,
@@ -98,15 +150,30 @@ pub fn pv_record(
     src: &CSIPersistentVolumeSource,
     read_only: bool,
     access_modes: &[String],
+    block: bool,
 ) -> CsiRecord {
+    let (driver, handle) = (&src.driver, &src.volume_handle);
+    let (target_path, staging) = if block {
+        (
+            block_target_path(root, uid, pv),
+            block_staging_path(root, driver, handle),
+        )
+    } else {
+        (
+            target_path(root, uid, pv),
+            staging_path(root, driver, handle),
+        )
+    };
     CsiRecord {
-        driver: src.driver.clone(),
-        volume_handle: src.volume_handle.clone(),
-        target_path: target_path(root, uid, pv),
-        staging_path: Some(staging_path(root, &src.driver, &src.volume_handle)),
+        driver: driver.clone(),
+        volume_handle: handle.clone(),
+        target_path,
+        staging_path: Some(staging),
         read_only,
         fs_type: src.fs_type.clone().unwrap_or_default(),
         access_modes: access_modes.to_vec(),
+        block,
+        mount_flags: Vec::new(),
     }
 }
 
@@ -199,14 +266,41 @@ pub struct Driver {
     /// The registration socket it came from.
     pub registration: PathBuf,
     pub versions: Vec<String>,
+    /// NodeGetInfo's answer, asked at registration (what the CSINode object records).
+    pub node: NodeInfo,
 }
+
+/// What a driver says of this node (NodeGetInfo).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// The driver's id of this node.
+    pub node_id: String,
+    /// The most volumes of this driver the node can take; 0 when the driver sets no limit.
+    pub max_volumes: i64,
+    /// The keys of the driver's accessible topology segments, sorted.
+    pub topology_keys: Vec<String>,
+}
+
+/// The drivers registered on this node, as watchers see them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Registered {
+    /// A first full pass over the registration dir is done: `drivers` is the whole set (before
+    /// it, an empty set means only "not looked yet").
+    pub listed: bool,
+    pub drivers: BTreeMap<String, Driver>,
+}
+
+/// A socket file's identity: inode and change time (seconds, nanoseconds).
+type SocketId = (u64, i64, i64);
 
 /// The CSI drivers known on this node, discovered from the registration dir.
 pub struct Plugins {
     registry: PathBuf,
-    drivers: Mutex<BTreeMap<String, Driver>>,
-    /// Registration sockets already handled (registered or refused).
-    seen: Mutex<BTreeSet<PathBuf>>,
+    /// The registered drivers; every change (a driver registered or gone) wakes subscribers.
+    registered: tokio::sync::watch::Sender<Registered>,
+    /// Registration sockets already handled (registered or refused), with their identity: a
+    /// socket made anew (a restarted plugin) is a new registration.
+    seen: Mutex<BTreeMap<PathBuf, SocketId>>,
     /// Serialises discovery passes.
     discovering: tokio::sync::Mutex<()>,
 }
@@ -215,57 +309,75 @@ impl Plugins {
     pub fn new(registry: PathBuf) -> Self {
         Self {
             registry,
-            drivers: Mutex::new(BTreeMap::new()),
-            seen: Mutex::new(BTreeSet::new()),
+            registered: tokio::sync::watch::Sender::new(Registered::default()),
+            seen: Mutex::new(BTreeMap::new()),
             discovering: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// The drivers registered now.
-    pub fn drivers(&self) -> Vec<Driver> {
-        self.drivers
-            .lock()
-            .expect("drivers lock")
-            .values()
-            .cloned()
-            .collect()
+    /// The registered drivers, now and on every change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Registered> {
+        self.registered.subscribe()
     }
 
-    /// One pass over the registration dir: new sockets are asked GetInfo and told the outcome;
-    /// drivers whose registration socket is gone are dropped.
+    /// The drivers registered now.
+    pub fn drivers(&self) -> Vec<Driver> {
+        self.registered.borrow().drivers.values().cloned().collect()
+    }
+
+    /// One pass over the registration dir: new sockets (or sockets made anew) are asked
+    /// GetInfo (and the driver NodeGetInfo) and told the outcome; drivers whose registration
+    /// socket is gone are dropped.
     pub async fn discover(&self) {
+        use std::os::unix::fs::MetadataExt;
         let _pass = self.discovering.lock().await;
-        let mut sockets = BTreeSet::new();
+        let mut sockets = BTreeMap::new();
         if let Ok(entries) = std::fs::read_dir(&self.registry) {
             for entry in entries.flatten() {
-                if entry.file_type().is_ok_and(|t| t.is_socket()) {
-                    sockets.insert(entry.path());
+                if let Ok(meta) = entry.metadata() {
+                    if meta.file_type().is_socket() {
+                        // A new file may get the inode number of the one it replaces; its
+                        // change time tells them apart.
+                        let id = (meta.ino(), meta.ctime(), meta.ctime_nsec());
+                        sockets.insert(entry.path(), id);
+                    }
                 }
             }
         }
-        {
-            let mut seen = self.seen.lock().expect("seen lock");
-            seen.retain(|s| sockets.contains(s));
-            self.drivers
-                .lock()
-                .expect("drivers lock")
-                .retain(|_, d| sockets.contains(&d.registration));
-        }
-        for socket in sockets {
-            if self.seen.lock().expect("seen lock").contains(&socket) {
+        self.seen
+            .lock()
+            .expect("seen lock")
+            .retain(|s, id| sockets.get(s) == Some(id));
+        self.registered.send_if_modified(|r| {
+            let before = r.drivers.len();
+            r.drivers.retain(|name, d| {
+                let kept = sockets.contains_key(&d.registration);
+                if !kept {
+                    tracing::info!(driver = %name, "CSI driver gone (its registration socket was removed)");
+                }
+                kept
+            });
+            r.drivers.len() != before
+        });
+        for (socket, id) in sockets {
+            if self.seen.lock().expect("seen lock").contains_key(&socket) {
                 continue;
             }
             match register(&socket).await {
                 Ok(Some(driver)) => {
-                    tracing::info!(driver = %driver.name, endpoint = %driver.endpoint.display(), "CSI driver registered");
-                    self.drivers
+                    tracing::info!(driver = %driver.name, endpoint = %driver.endpoint.display(), node_id = %driver.node.node_id, "CSI driver registered");
+                    self.seen
                         .lock()
-                        .expect("drivers lock")
-                        .insert(driver.name.clone(), driver);
-                    self.seen.lock().expect("seen lock").insert(socket);
+                        .expect("seen lock")
+                        .insert(socket.clone(), id);
+                    self.registered.send_modify(|r| {
+                        // What this socket registered before gives way to what it says now.
+                        r.drivers.retain(|_, d| d.registration != socket);
+                        r.drivers.insert(driver.name.clone(), driver);
+                    });
                 }
                 Ok(None) => {
-                    self.seen.lock().expect("seen lock").insert(socket);
+                    self.seen.lock().expect("seen lock").insert(socket, id);
                 }
                 // Not answering yet (still starting): try again on the next pass.
                 Err(e) => {
@@ -273,6 +385,8 @@ impl Plugins {
                 }
             }
         }
+        self.registered
+            .send_if_modified(|r| !std::mem::replace(&mut r.listed, true));
     }
 
     /// Watches the registration dir until cancelled.
@@ -288,21 +402,18 @@ impl Plugins {
 
     /// The endpoint of `driver`, discovering once more when it is not known yet.
     pub async fn endpoint(&self, driver: &str) -> Option<PathBuf> {
-        let known = self
-            .drivers
-            .lock()
-            .expect("drivers lock")
-            .get(driver)
-            .map(|d| d.endpoint.clone());
-        if known.is_some() {
-            return known;
+        let known = |p: &Self| {
+            p.registered
+                .borrow()
+                .drivers
+                .get(driver)
+                .map(|d| d.endpoint.clone())
+        };
+        if let Some(endpoint) = known(self) {
+            return Some(endpoint);
         }
         self.discover().await;
-        self.drivers
-            .lock()
-            .expect("drivers lock")
-            .get(driver)
-            .map(|d| d.endpoint.clone())
+        known(self)
     }
 
     async fn client(&self, driver: &str) -> Result<NodeClient<Channel>, String> {
@@ -314,12 +425,23 @@ impl Plugins {
     }
 
     /// NodeStage (when the driver stages and the staging path is not mounted yet) and
-    /// NodePublish (when the target is not mounted yet).
+    /// NodePublish, unless the target is mounted already: a published volume found in the
+    /// mount table (after an agent restart) is re-adopted without a call, so a pod keeps its
+    /// volume while its driver is not back yet.
     pub async fn setup(
         &self,
         rec: &CsiRecord,
         context: BTreeMap<String, String>,
+        secrets: &CsiSecrets,
     ) -> Result<ReadyVolume, String> {
+        let ready = ReadyVolume {
+            host_path: rec.target_path.clone(),
+            read_only: rec.read_only,
+            block: rec.block,
+        };
+        if mount::is_mounted(&rec.target_path).map_err(|e| e.to_string())? {
+            return Ok(ready);
+        }
         let mut client = self.client(&rec.driver).await?;
         let caps = timed(
             "NodeGetCapabilities",
@@ -336,11 +458,15 @@ impl Plugins {
             access_mode: Some(AccessMode {
                 mode: access_mode(&rec.access_modes, has(Cap::SingleNodeMultiWriter)) as i32,
             }),
-            access_type: Some(AccessType::Mount(MountVolume {
-                fs_type: rec.fs_type.clone(),
-                mount_flags: Vec::new(),
-                volume_mount_group: String::new(),
-            })),
+            access_type: Some(if rec.block {
+                AccessType::Block(BlockVolume {})
+            } else {
+                AccessType::Mount(MountVolume {
+                    fs_type: rec.fs_type.clone(),
+                    mount_flags: rec.mount_flags.clone(),
+                    volume_mount_group: String::new(),
+                })
+            }),
         };
         let context: std::collections::HashMap<String, String> = context.into_iter().collect();
         let staging = match &rec.staging_path {
@@ -350,7 +476,7 @@ impl Plugins {
         if let Some(staging) = &staging {
             std::fs::create_dir_all(staging)
                 .map_err(|e| format!("mkdir {}: {e}", staging.display()))?;
-            if !mount::is_mounted(staging).map_err(|e| e.to_string())? {
+            if !is_staged(rec, staging)? {
                 timed(
                     "NodeStageVolume",
                     client.node_stage_volume(proto::NodeStageVolumeRequest {
@@ -358,41 +484,40 @@ impl Plugins {
                         publish_context: Default::default(),
                         staging_target_path: staging.display().to_string(),
                         volume_capability: Some(capability.clone()),
-                        secrets: Default::default(),
+                        secrets: secrets.stage.clone(),
                         volume_context: context.clone(),
                     }),
                 )
                 .await?;
+                if rec.block {
+                    let marker = staged_marker(staging);
+                    std::fs::write(&marker, rec.volume_handle.as_bytes())
+                        .map_err(|e| format!("writing {}: {e}", marker.display()))?;
+                }
             }
         }
         if let Some(parent) = rec.target_path.parent() {
             std::fs::create_dir_all(parent)
                 .map_err(|e| format!("mkdir {}: {e}", parent.display()))?;
         }
-        if !mount::is_mounted(&rec.target_path).map_err(|e| e.to_string())? {
-            timed(
-                "NodePublishVolume",
-                client.node_publish_volume(proto::NodePublishVolumeRequest {
-                    volume_id: rec.volume_handle.clone(),
-                    publish_context: Default::default(),
-                    staging_target_path: staging
-                        .as_ref()
-                        .map(|s| s.display().to_string())
-                        .unwrap_or_default(),
-                    target_path: rec.target_path.display().to_string(),
-                    volume_capability: Some(capability),
-                    readonly: rec.read_only,
-                    secrets: Default::default(),
-                    volume_context: context,
-                }),
-            )
-            .await?;
-        }
-        Ok(ReadyVolume {
-            host_path: rec.target_path.clone(),
-            read_only: rec.read_only,
-            block: false,
-        })
+        timed(
+            "NodePublishVolume",
+            client.node_publish_volume(proto::NodePublishVolumeRequest {
+                volume_id: rec.volume_handle.clone(),
+                publish_context: Default::default(),
+                staging_target_path: staging
+                    .as_ref()
+                    .map(|s| s.display().to_string())
+                    .unwrap_or_default(),
+                target_path: rec.target_path.display().to_string(),
+                volume_capability: Some(capability),
+                readonly: rec.read_only,
+                secrets: secrets.publish.clone(),
+                volume_context: context,
+            }),
+        )
+        .await?;
+        Ok(ready)
     }
 
     /// NodeUnpublish of the pod's target (skipped when nothing is there).
@@ -427,7 +552,7 @@ impl Plugins {
         if !staging.exists() {
             return Ok(());
         }
-        let mounted = mount::is_mounted(staging).map_err(|e| e.to_string())?;
+        let staged = is_staged(rec, staging)?;
         match self.client(&rec.driver).await {
             Ok(mut client) => {
                 timed(
@@ -439,8 +564,16 @@ impl Plugins {
                 )
                 .await?;
             }
-            Err(_) if !mounted => {}
+            Err(_) if !staged => {}
             Err(e) => return Err(e),
+        }
+        if rec.block {
+            let marker = staged_marker(staging);
+            if let Err(e) = std::fs::remove_file(&marker) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(format!("removing {}: {e}", marker.display()));
+                }
+            }
         }
         if mount::is_mounted(staging).map_err(|e| e.to_string())? {
             return Err(format!(
@@ -456,8 +589,9 @@ impl Plugins {
     }
 }
 
-/// Asks one registration socket for its plugin info and tells it the outcome. Ok(None) for a
-/// plugin that is not a usable CSI driver (it is told why).
+/// Asks one registration socket for its plugin info, the driver for its node info, and tells
+/// the plugin the outcome. Ok(None) for a plugin that is not a usable CSI driver (it is told
+/// why); Err when either does not answer (it is told too, and asked again on a later pass).
 async fn register(socket: &Path) -> Result<Option<Driver>, String> {
     use registration::registration_client::RegistrationClient;
     let mut client = RegistrationClient::new(connect(socket).await?);
@@ -478,16 +612,8 @@ async fn register(socket: &Path) -> Result<Option<Driver>, String> {
     } else {
         None
     };
-    let status = registration::RegistrationStatus {
-        plugin_registered: refusal.is_none(),
-        error: refusal.clone().unwrap_or_default(),
-    };
-    timed(
-        "NotifyRegistrationStatus",
-        client.notify_registration_status(status),
-    )
-    .await?;
     if let Some(reason) = refusal {
+        notify(&mut client, Some(reason.clone())).await?;
         tracing::warn!(socket = %socket.display(), %reason, "plugin registration refused");
         return Ok(None);
     }
@@ -496,12 +622,61 @@ async fn register(socket: &Path) -> Result<Option<Driver>, String> {
     } else {
         PathBuf::from(info.endpoint.trim_start_matches("unix://"))
     };
+    let node = match node_info(&endpoint).await {
+        Ok(node) => node,
+        Err(e) => {
+            notify(&mut client, Some(e.clone())).await?;
+            return Err(e);
+        }
+    };
+    notify(&mut client, None).await?;
     Ok(Some(Driver {
         name: info.name,
         endpoint,
         registration: socket.to_path_buf(),
         versions: info.supported_versions,
+        node,
     }))
+}
+
+/// Tells a plugin whether it is registered (`error` None) or why not.
+async fn notify(
+    client: &mut registration::registration_client::RegistrationClient<Channel>,
+    error: Option<String>,
+) -> Result<(), String> {
+    let status = registration::RegistrationStatus {
+        plugin_registered: error.is_none(),
+        error: error.unwrap_or_default(),
+    };
+    timed(
+        "NotifyRegistrationStatus",
+        client.notify_registration_status(status),
+    )
+    .await
+    .map(drop)
+}
+
+/// NodeGetInfo of the driver at `endpoint`.
+async fn node_info(endpoint: &Path) -> Result<NodeInfo, String> {
+    let mut client = NodeClient::new(connect(endpoint).await?);
+    let info = timed(
+        "NodeGetInfo",
+        client.node_get_info(proto::NodeGetInfoRequest {}),
+    )
+    .await?;
+    if info.node_id.is_empty() {
+        return Err("NodeGetInfo: the driver returned no node_id".into());
+    }
+    let mut topology_keys: Vec<String> = info
+        .accessible_topology
+        .map(|t| t.segments.into_keys().collect())
+        .unwrap_or_default();
+    topology_keys.sort();
+    Ok(NodeInfo {
+        node_id: info.node_id,
+        max_volumes: info.max_volumes_per_node.max(0),
+        topology_keys,
+    })
 }
 
 #[cfg(test)]
@@ -518,6 +693,35 @@ mod tests {
         assert_eq!(m(&["ReadWriteOncePod"], false), Mode::SingleNodeWriter);
         assert_eq!(m(&["ReadOnlyMany"], false), Mode::MultiNodeReaderOnly);
         assert_eq!(m(&["ReadWriteMany"], false), Mode::MultiNodeMultiWriter);
+    }
+
+    #[test]
+    fn block_volumes_stage_and_publish_apart_from_filesystem_ones() {
+        let src = CSIPersistentVolumeSource {
+            driver: "loop.csi".into(),
+            volume_handle: "vol-1".into(),
+            ..Default::default()
+        };
+        let root = Path::new("/r");
+        let fs = pv_record(root, "u1", "pv1", &src, false, &[], false);
+        let block = pv_record(root, "u1", "pv1", &src, false, &[], true);
+        assert!(!fs.block && block.block);
+        assert_eq!(
+            block.target_path,
+            Path::new("/r/pods/u1/volumeDevices/kubernetes.io~csi/pv1")
+        );
+        assert_eq!(
+            fs.target_path,
+            Path::new("/r/pods/u1/volumes/kubernetes.io~csi/pv1/mount")
+        );
+        let staging = block.staging_path.unwrap();
+        assert_ne!(Some(&staging), fs.staging_path.as_ref());
+        assert!(staging.starts_with("/r/plugins/kubernetes.io/csi/volumeDevices/loop.csi"));
+        assert_eq!(
+            staged_marker(&staging).parent(),
+            staging.parent(),
+            "the marker sits beside the staging dir, not in the driver's"
+        );
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //! Layout (the kubelet's): `<root>/pods/<uid>/volumes/<plugin>/<volume>` with plugin dirs such
 //! as `kubernetes.io~empty-dir`; PV-backed volumes are named by the PV; CSI volumes publish to
 //! `kubernetes.io~csi/<volume>/mount` and stage once per node under
-//! `<root>/plugins/kubernetes.io/csi/<driver>/<sha256(handle)>/globalmount`. subPath binds live
-//! under `<root>/pods/<uid>/volume-subpaths/<volume>/<container>/<index>`.
+//! `<root>/plugins/kubernetes.io/csi/<driver>/<sha256(handle)>/globalmount`; CSI raw block
+//! volumes publish to the file `<root>/pods/<uid>/volumeDevices/kubernetes.io~csi/<pv>` and
+//! stage under `<root>/plugins/kubernetes.io/csi/volumeDevices/<driver>/<sha256(handle)>`.
+//! subPath binds live under `<root>/pods/<uid>/volume-subpaths/<volume>/<container>/<index>`.
 //!
 //! What the manager did for a pod (claims it uses, CSI publications) is recorded in
 //! `<root>/pods/<uid>/volumes/.state.json` before each mount, so teardown needs only the UID and
@@ -24,14 +26,16 @@ mod mount;
 mod projection;
 mod subpath;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::{Container, Pod, Volume};
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use self::atomic::Payload;
 use self::downward::NodeAllocatable;
@@ -191,10 +195,19 @@ pub struct VolumeManager {
     records: Mutex<BTreeMap<String, PodRecord>>,
     /// Serialises setup/refresh/teardown so staging and claim checks see a consistent state.
     op: tokio::sync::Mutex<()>,
+    /// UIDs set up by this process and not torn down since: an orphan's retried teardown
+    /// leaves them alone (a worker owns their volumes again).
+    set_up: Mutex<BTreeSet<String>>,
     plugins: csi::Plugins,
 }
 
+/// Back-off of an orphan's retried teardown.
+const ORPHAN_RETRY_FIRST: Duration = Duration::from_secs(1);
+const ORPHAN_RETRY_MAX: Duration = Duration::from_secs(30);
+
 const STATE_FILE: &str = ".state.json";
+/// The pod dir's subdir for raw block volumes' publish targets.
+const VOLUME_DEVICES: &str = "volumeDevices";
 
 impl VolumeManager {
     pub fn new(config: VolumeConfig, store: ObjectStore) -> Self {
@@ -208,6 +221,7 @@ impl VolumeManager {
             tokens: RwLock::new(None),
             records: Mutex::new(BTreeMap::new()),
             op: tokio::sync::Mutex::new(()),
+            set_up: Mutex::new(BTreeSet::new()),
             plugins: csi::Plugins::new(config.plugins_registry),
         };
         // Re-adopt what a previous run recorded.
@@ -237,6 +251,7 @@ impl VolumeManager {
     pub async fn setup(&self, pod: &Pod) -> Result<PodVolumes, VolumeError> {
         let _op = self.op.lock().await;
         let uid = pod_uid(pod)?;
+        self.set_up.lock().expect("set_up lock").insert(uid.clone());
         let dir = self.ctx.volumes_dir(&uid);
         fs::create_dir_all(&dir)
             .map_err(|e| failed("", format!("mkdir {}: {e}", dir.display())))?;
@@ -284,16 +299,12 @@ impl VolumeManager {
         }
         if let Some(src) = &vol.csi {
             let rec = csi::inline_record(&self.ctx.root, uid, name, src);
-            self.record(uid, name, |r| r.csi = Some(rec.clone()))?;
             let context = csi::pod_context(pod, true, src.volume_attributes.clone());
-            let ready = self
-                .plugins
-                .setup(&rec, context)
-                .await
-                .map_err(|e| failed(name, e))?;
-            self.apply_fs_group_async(pod, name, &ready, src.fs_type.is_some())
-                .await?;
-            return Ok(ready);
+            let mut secrets = csi::CsiSecrets::default();
+            if let Some(r) = &src.node_publish_secret_ref {
+                secrets.publish = self.csi_secret(name, namespace(pod), &r.name)?;
+            }
+            return self.setup_csi(pod, uid, name, rec, context, &secrets).await;
         }
         let tokens = self.fetch_tokens(pod, vol).await?;
         let (ctx, pod, vol) = (self.ctx.clone(), pod.clone(), vol.clone());
@@ -346,35 +357,91 @@ impl VolumeManager {
         self.record(uid, volume, |r| r.claim = Some(use_.clone()))?;
         let spec = bound.pv.spec.clone().unwrap_or_default();
         if let Some(src) = &spec.csi {
-            if bound.block {
-                return Err(invalid(
-                    volume,
-                    "CSI volumes with volumeMode Block are not supported",
-                ));
-            }
             let read_only = pod_read_only || src.read_only.unwrap_or(false);
-            let rec = csi::pv_record(
+            let mut rec = csi::pv_record(
                 &self.ctx.root,
                 uid,
                 &pv_name,
                 src,
                 read_only,
                 &bound.access_modes,
+                bound.block,
             );
-            self.record(uid, volume, |r| r.csi = Some(rec.clone()))?;
+            rec.mount_flags = spec.mount_options.clone().unwrap_or_default();
             let context = csi::pod_context(pod, false, src.volume_attributes.clone());
-            let ready = self
-                .plugins
-                .setup(&rec, context)
-                .await
-                .map_err(|e| failed(volume, e))?;
-            self.apply_fs_group_async(pod, volume, &ready, src.fs_type.is_some())
-                .await?;
-            return Ok(ready);
+            // A SecretReference without a namespace means the claim's, as upstream.
+            let refs = [&src.node_stage_secret_ref, &src.node_publish_secret_ref].map(|r| {
+                r.as_ref().map(|r| {
+                    let ns = r.namespace.as_deref().unwrap_or(&bound.namespace);
+                    (ns.to_string(), r.name.clone().unwrap_or_default())
+                })
+            });
+            let mut secrets = csi::CsiSecrets::default();
+            for (to, r) in [&mut secrets.stage, &mut secrets.publish]
+                .into_iter()
+                .zip(refs)
+            {
+                if let Some((ns, name)) = r {
+                    *to = self.csi_secret(volume, &ns, &name)?;
+                }
+            }
+            return self
+                .setup_csi(pod, uid, volume, rec, context, &secrets)
+                .await;
         }
         let (ctx, pod, volume) = (self.ctx.clone(), pod.clone(), volume.to_string());
         let uid = uid.to_string();
         blocking(move || ctx.setup_pv(&pod, &uid, &volume, &bound, pod_read_only)).await
+    }
+
+    /// Records a CSI volume, then stages and publishes it (see `csi::Plugins::setup`).
+    async fn setup_csi(
+        &self,
+        pod: &Arc<Pod>,
+        uid: &str,
+        volume: &str,
+        rec: csi::CsiRecord,
+        context: BTreeMap<String, String>,
+        secrets: &csi::CsiSecrets,
+    ) -> Result<ReadyVolume, VolumeError> {
+        self.record(uid, volume, |r| r.csi = Some(rec.clone()))?;
+        let ready = self
+            .plugins
+            .setup(&rec, context, secrets)
+            .await
+            .map_err(|e| failed(volume, e))?;
+        self.apply_fs_group_async(pod, volume, &ready, !rec.fs_type.is_empty())
+            .await?;
+        Ok(ready)
+    }
+
+    /// The values of a Secret a CSI volume references (drivers take them as text).
+    fn csi_secret(
+        &self,
+        volume: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<std::collections::HashMap<String, String>, VolumeError> {
+        let shown = format!("{namespace}/{name}");
+        let secret =
+            self.ctx
+                .store
+                .secret(namespace, name)
+                .ok_or_else(|| VolumeError::Missing {
+                    volume: volume.to_string(),
+                    kind: "secret",
+                    name: shown.clone(),
+                })?;
+        projection::secret_data(&secret)
+            .into_iter()
+            .map(|(k, v)| match String::from_utf8(v) {
+                Ok(v) => Ok((k, v)),
+                Err(_) => Err(invalid(
+                    volume,
+                    format!("secret {shown:?} key {k:?} is not UTF-8 text"),
+                )),
+            })
+            .collect()
     }
 
     async fn apply_fs_group_async(
@@ -548,11 +615,50 @@ impl VolumeManager {
     /// Unmounts and removes every volume of the pod (CSI unpublish/unstage). Idempotent.
     pub async fn teardown(&self, pod_uid: &str) -> Result<(), VolumeError> {
         let _op = self.op.lock().await;
+        self.teardown_locked(pod_uid).await
+    }
+
+    /// Retries the teardown of a pod no source wants (found on disk after a restart) whose
+    /// first teardown failed, typically because its CSI driver has not registered again yet:
+    /// with back-off (1 s doubling to 30 s, and at once when a driver registers) until it
+    /// succeeds or `cancel` fires. A pod set up again meanwhile is left to its worker.
+    pub async fn retry_orphan_teardown(&self, uid: String, cancel: CancellationToken) {
+        let mut registered = self.plugins.subscribe();
+        let mut delay = ORPHAN_RETRY_FIRST;
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+                _ = registered.changed() => {}
+            }
+            let result = {
+                let _op = self.op.lock().await;
+                if self.set_up.lock().expect("set_up lock").contains(&uid) {
+                    tracing::info!(pod = %uid, "orphan set up again; its worker owns its volumes");
+                    return;
+                }
+                self.teardown_locked(&uid).await
+            };
+            match result {
+                Ok(()) => {
+                    tracing::info!(pod = %uid, "orphan volumes torn down");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %uid, error = %e, retry_in = ?delay, "tearing down orphan volumes")
+                }
+            }
+            delay = (delay * 2).min(ORPHAN_RETRY_MAX);
+        }
+    }
+
+    async fn teardown_locked(&self, pod_uid: &str) -> Result<(), VolumeError> {
         if pod_uid.is_empty() || pod_uid.contains('/') || pod_uid.starts_with('.') {
             return Err(invalid("", format!("bad pod uid {pod_uid:?}")));
         }
         let pod_dir = self.ctx.pod_dir(pod_uid);
         let subpaths = pod_dir.join("volume-subpaths");
+        let devices = pod_dir.join(VOLUME_DEVICES);
         let volumes = self.ctx.volumes_dir(pod_uid);
         unmount_blocking(subpaths.clone()).await?;
         let record = self
@@ -572,6 +678,7 @@ impl VolumeManager {
                 .await
                 .map_err(|e| failed(name, e))?;
         }
+        unmount_blocking(devices.clone()).await?;
         unmount_blocking(volumes.clone()).await?;
         for (name, rec) in &csi_records {
             let Some(staging) = &rec.staging_path else {
@@ -597,7 +704,8 @@ impl VolumeManager {
         }
         let pod_dir2 = pod_dir.clone();
         blocking(move || {
-            for dir in [&subpaths, &volumes] {
+            // The volumes dir (with the pod's record) goes last.
+            for dir in [&subpaths, &devices, &volumes] {
                 remove_tree(dir)
                     .map_err(|e| failed("", format!("removing {}: {e}", dir.display())))?;
             }
@@ -607,6 +715,7 @@ impl VolumeManager {
         })
         .await?;
         self.records.lock().expect("records lock").remove(pod_uid);
+        self.set_up.lock().expect("set_up lock").remove(pod_uid);
         Ok(())
     }
 

@@ -4,6 +4,9 @@
 //! - NodeStageVolume: losetup the backing file (created at the `size` volume attribute, 64 MiB
 //!   by default), mkfs.ext4 when blank, mount it at the staging path.
 //! - NodePublishVolume: bind mount staging → target, remounted read-only when asked.
+//! - Raw block volumes (access type Block): NodeStageVolume only attaches the loop device (no
+//!   filesystem, nothing mounted); NodePublishVolume creates the target file and bind-mounts
+//!   the device node onto it.
 //! - NodeUnpublishVolume / NodeUnstageVolume: unmount (and losetup -d on unstage).
 //! - Inline ephemeral volumes (volume context `csi.storage.k8s.io/ephemeral=true`) are staged
 //!   privately on publish and deleted on unpublish.
@@ -11,7 +14,19 @@
 //! It registers through the kubelet plugin registration API: a `Registration` service on
 //! `<registry>/<driver>-reg.sock` answering GetInfo with its CSI endpoint.
 //!
+//! With `--call-log FILE` every Node stage/publish call that succeeded is appended to FILE
+//! once it is done, one line `<RPC> <volume id> <path>`, so tests can check what was called
+//! (idempotent repeats included) and in which order.
+//!
+//! The volume attributes `requireStageSecret: KEY` and `requirePublishSecret: KEY` make
+//! NodeStageVolume or NodePublishVolume refuse a call whose secrets lack KEY; NodeStageVolume
+//! mounts with the capability's mount_flags.
+//!
+//! NodeGetInfo answers `--node-id` (default `node-1`), `--max-volumes` (default 0: no limit)
+//! and one accessible topology segment per `--topology KEY=VALUE`.
+//!
 //! Usage: csi-loop-plugin --driver NAME --state-dir DIR --registry DIR [--node-id ID]
+//! [--call-log FILE] [--max-volumes N] [--topology KEY=VALUE]...
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -35,6 +50,9 @@ struct Plugin {
     node_id: String,
     state_dir: PathBuf,
     endpoint: PathBuf,
+    call_log: Option<PathBuf>,
+    max_volumes: i64,
+    topology: std::collections::HashMap<String, String>,
 }
 
 fn run(cmd: &mut Command) -> Result<String, Status> {
@@ -60,6 +78,27 @@ fn mounted_source(path: &Path) -> Option<String> {
     })
 }
 
+/// With the volume attribute `attribute` naming a key, refuses a call whose secrets lack it.
+fn require_secret(
+    context: &std::collections::HashMap<String, String>,
+    attribute: &str,
+    secrets: &std::collections::HashMap<String, String>,
+) -> Result<(), Status> {
+    match context.get(attribute) {
+        Some(key) if !secrets.contains_key(key) => Err(Status::unauthenticated(format!(
+            "secret key {key:?} is required ({attribute})"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The access type of a request's volume capability (required).
+fn access_type(capability: Option<&VolumeCapability>) -> Result<&AccessType, Status> {
+    capability
+        .and_then(|c| c.access_type.as_ref())
+        .ok_or_else(|| Status::invalid_argument("volume_capability.access_type is required"))
+}
+
 fn require(value: &str, what: &str) -> Result<(), Status> {
     if value.is_empty() {
         Err(Status::invalid_argument(format!("{what} is required")))
@@ -69,6 +108,20 @@ fn require(value: &str, what: &str) -> Result<(), Status> {
 }
 
 impl Plugin {
+    /// Appends `<rpc> <volume id> <path>` to the call log, when there is one.
+    fn log_call(&self, rpc: &str, volume_id: &str, path: &str) -> Result<(), Status> {
+        let Some(log) = &self.call_log else {
+            return Ok(());
+        };
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .and_then(|mut f| writeln!(f, "{rpc} {volume_id} {path}"))
+            .map_err(|e| Status::internal(format!("call log {}: {e}", log.display())))
+    }
+
     fn backing_file(&self, volume_id: &str) -> Result<PathBuf, Status> {
         if !volume_id
             .chars()
@@ -86,17 +139,42 @@ impl Plugin {
     }
 
     /// Attaches (creating it first when new) the volume's backing file, formats it when blank
-    /// and mounts it at `staging`. Idempotent.
+    /// and mounts it at `staging` with `mount_flags`. Idempotent.
     fn stage(
         &self,
         volume_id: &str,
         staging: &Path,
-        fs_type: &str,
+        (fs_type, mount_flags): (&str, &[String]),
         context: &std::collections::HashMap<String, String>,
     ) -> Result<(), Status> {
         if mounted_source(staging).is_some() {
             return Ok(());
         }
+        let dev = self.attach_volume(volume_id, context)?;
+        let existing = Command::new("blkid")
+            .args(["-p", "-s", "TYPE", "-o", "value", &dev])
+            .output()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        if String::from_utf8_lossy(&existing.stdout).trim().is_empty() {
+            run(Command::new("mkfs.ext4").args(["-F", "-q", &dev]))?;
+        }
+        std::fs::create_dir_all(staging).map_err(|e| Status::internal(e.to_string()))?;
+        let mut mount = Command::new("mount");
+        mount.args(["-t", fs_type]);
+        if !mount_flags.is_empty() {
+            mount.arg("-o").arg(mount_flags.join(","));
+        }
+        run(mount.arg(&dev).arg(staging))?;
+        Ok(())
+    }
+
+    /// The loop device of a volume, creating its backing file (at the `size` volume attribute,
+    /// 64 MiB by default) and attaching it when needed. Idempotent.
+    fn attach_volume(
+        &self,
+        volume_id: &str,
+        context: &std::collections::HashMap<String, String>,
+    ) -> Result<String, Status> {
         let file = self.backing_file(volume_id)?;
         if !file.exists() {
             let size: u64 = context
@@ -109,19 +187,20 @@ impl Plugin {
                 .and_then(|f| f.set_len(size))
                 .map_err(|e| Status::internal(format!("creating {}: {e}", file.display())))?;
         }
-        let dev = self.attach(&file)?;
-        let existing = Command::new("blkid")
-            .args(["-p", "-s", "TYPE", "-o", "value", &dev])
-            .output()
-            .map_err(|e| Status::internal(e.to_string()))?;
-        if String::from_utf8_lossy(&existing.stdout).trim().is_empty() {
-            run(Command::new("mkfs.ext4").args(["-F", "-q", &dev]))?;
-        }
-        std::fs::create_dir_all(staging).map_err(|e| Status::internal(e.to_string()))?;
-        run(Command::new("mount")
-            .args(["-t", fs_type, &dev])
-            .arg(staging))?;
-        Ok(())
+        self.attach(&file)
+    }
+
+    /// The loop device a staged block volume is attached to.
+    fn attached_device(&self, volume_id: &str) -> Result<String, Status> {
+        let file = self.backing_file(volume_id)?;
+        let existing = run(Command::new("losetup").arg("-j").arg(&file))?;
+        existing
+            .lines()
+            .next()
+            .and_then(|l| l.split(':').next())
+            .filter(|d| !d.is_empty())
+            .map(str::to_string)
+            .ok_or_else(|| Status::failed_precondition("volume is not staged"))
     }
 
     /// Unmounts `staging` and detaches the volume's loop devices. Idempotent.
@@ -184,52 +263,45 @@ impl Identity for Plugin {
     }
 }
 
-#[tonic::async_trait]
-impl Node for Plugin {
-    async fn node_stage_volume(
-        &self,
-        request: Request<NodeStageVolumeRequest>,
-    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
-        let req = request.into_inner();
+impl Plugin {
+    fn stage_volume(&self, req: &NodeStageVolumeRequest) -> Result<(), Status> {
         require(&req.volume_id, "volume_id")?;
         require(&req.staging_target_path, "staging_target_path")?;
-        let fs_type = match req.volume_capability.and_then(|c| c.access_type) {
-            Some(AccessType::Mount(m)) if m.fs_type.is_empty() || m.fs_type == "ext4" => "ext4",
-            Some(AccessType::Mount(m)) => {
+        require_secret(&req.volume_context, "requireStageSecret", &req.secrets)?;
+        let mount = match access_type(req.volume_capability.as_ref())? {
+            AccessType::Mount(m) if m.fs_type.is_empty() || m.fs_type == "ext4" => {
+                ("ext4", m.mount_flags.as_slice())
+            }
+            AccessType::Mount(m) => {
                 return Err(Status::invalid_argument(format!(
                     "fsType {:?} is not supported",
                     m.fs_type
                 )))
             }
-            _ => return Err(Status::invalid_argument("only mount volumes are supported")),
+            // A raw block volume: staged by attaching its loop device; nothing is mounted.
+            AccessType::Block(_) => {
+                std::fs::create_dir_all(&req.staging_target_path)
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                return self
+                    .attach_volume(&req.volume_id, &req.volume_context)
+                    .map(drop);
+            }
         };
         self.stage(
             &req.volume_id,
             Path::new(&req.staging_target_path),
-            fs_type,
+            mount,
             &req.volume_context,
-        )?;
-        Ok(Response::new(NodeStageVolumeResponse {}))
+        )
     }
 
-    async fn node_unstage_volume(
-        &self,
-        request: Request<NodeUnstageVolumeRequest>,
-    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
-        let req = request.into_inner();
-        require(&req.volume_id, "volume_id")?;
-        require(&req.staging_target_path, "staging_target_path")?;
-        self.unstage(&req.volume_id, Path::new(&req.staging_target_path))?;
-        Ok(Response::new(NodeUnstageVolumeResponse {}))
-    }
-
-    async fn node_publish_volume(
-        &self,
-        request: Request<NodePublishVolumeRequest>,
-    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
-        let req = request.into_inner();
+    fn publish_volume(&self, req: &NodePublishVolumeRequest) -> Result<(), Status> {
         require(&req.volume_id, "volume_id")?;
         require(&req.target_path, "target_path")?;
+        require_secret(&req.volume_context, "requirePublishSecret", &req.secrets)?;
+        if let AccessType::Block(_) = access_type(req.volume_capability.as_ref())? {
+            return self.publish_block(req);
+        }
         let ephemeral = req
             .volume_context
             .get("csi.storage.k8s.io/ephemeral")
@@ -237,7 +309,7 @@ impl Node for Plugin {
         let staging = if ephemeral {
             // Inline ephemeral volume: no NodeStage from the CO, so stage privately.
             let staging = self.inline_staging(&req.volume_id)?;
-            self.stage(&req.volume_id, &staging, "ext4", &req.volume_context)?;
+            self.stage(&req.volume_id, &staging, ("ext4", &[]), &req.volume_context)?;
             staging
         } else if req.staging_target_path.is_empty() {
             return Err(Status::failed_precondition(
@@ -251,7 +323,7 @@ impl Node for Plugin {
         }
         let target = PathBuf::from(&req.target_path);
         if mounted_source(&target).is_some() {
-            return Ok(Response::new(NodePublishVolumeResponse {}));
+            return Ok(());
         }
         std::fs::create_dir_all(&target).map_err(|e| Status::internal(e.to_string()))?;
         run(Command::new("mount")
@@ -263,6 +335,92 @@ impl Node for Plugin {
                 .args(["-o", "remount,bind,ro"])
                 .arg(&target))?;
         }
+        Ok(())
+    }
+
+    /// A raw block volume is published by bind-mounting its loop device node onto the target
+    /// file, which the SP creates (the CO creates only its parent dir).
+    fn publish_block(&self, req: &NodePublishVolumeRequest) -> Result<(), Status> {
+        require(&req.staging_target_path, "staging_target_path")?;
+        let dev = self.attached_device(&req.volume_id)?;
+        let target = PathBuf::from(&req.target_path);
+        if mounted_source(&target).is_some() {
+            return Ok(());
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&target)
+            .map_err(|e| Status::internal(format!("creating {}: {e}", target.display())))?;
+        run(Command::new("mount").arg("--bind").arg(&dev).arg(&target))?;
+        Ok(())
+    }
+
+    fn unpublish_volume(&self, req: &NodeUnpublishVolumeRequest) -> Result<(), Status> {
+        require(&req.volume_id, "volume_id")?;
+        require(&req.target_path, "target_path")?;
+        let target = PathBuf::from(&req.target_path);
+        while mounted_source(&target).is_some() {
+            run(Command::new("umount").arg(&target))?;
+        }
+        // The SP deletes what it created at the target path (a dir, or a block volume's file).
+        if target.is_dir() {
+            let _ = std::fs::remove_dir(&target);
+        } else {
+            let _ = std::fs::remove_file(&target);
+        }
+        // An inline ephemeral volume ends with its pod: unstage it and delete its data.
+        let inline = self.inline_staging(&req.volume_id)?;
+        if inline.exists() {
+            self.unstage(&req.volume_id, &inline)?;
+            let _ = std::fs::remove_dir(&inline);
+            let _ = std::fs::remove_file(self.backing_file(&req.volume_id)?);
+        }
+        Ok(())
+    }
+
+    fn unstage_volume(&self, req: &NodeUnstageVolumeRequest) -> Result<(), Status> {
+        require(&req.volume_id, "volume_id")?;
+        require(&req.staging_target_path, "staging_target_path")?;
+        self.unstage(&req.volume_id, Path::new(&req.staging_target_path))
+    }
+}
+
+/// The stage/publish RPCs: each carried out, then logged once it succeeded.
+#[tonic::async_trait]
+impl Node for Plugin {
+    async fn node_stage_volume(
+        &self,
+        request: Request<NodeStageVolumeRequest>,
+    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        let req = request.into_inner();
+        self.stage_volume(&req)?;
+        self.log_call("NodeStageVolume", &req.volume_id, &req.staging_target_path)?;
+        Ok(Response::new(NodeStageVolumeResponse {}))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        request: Request<NodeUnstageVolumeRequest>,
+    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
+        let req = request.into_inner();
+        self.unstage_volume(&req)?;
+        self.log_call(
+            "NodeUnstageVolume",
+            &req.volume_id,
+            &req.staging_target_path,
+        )?;
+        Ok(Response::new(NodeUnstageVolumeResponse {}))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        request: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        self.publish_volume(&req)?;
+        self.log_call("NodePublishVolume", &req.volume_id, &req.target_path)?;
         Ok(Response::new(NodePublishVolumeResponse {}))
     }
 
@@ -271,21 +429,8 @@ impl Node for Plugin {
         request: Request<NodeUnpublishVolumeRequest>,
     ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
         let req = request.into_inner();
-        require(&req.volume_id, "volume_id")?;
-        require(&req.target_path, "target_path")?;
-        let target = PathBuf::from(&req.target_path);
-        while mounted_source(&target).is_some() {
-            run(Command::new("umount").arg(&target))?;
-        }
-        // The SP deletes what it created at the target path.
-        let _ = std::fs::remove_dir(&target);
-        // An inline ephemeral volume ends with its pod: unstage it and delete its data.
-        let inline = self.inline_staging(&req.volume_id)?;
-        if inline.exists() {
-            self.unstage(&req.volume_id, &inline)?;
-            let _ = std::fs::remove_dir(&inline);
-            let _ = std::fs::remove_file(self.backing_file(&req.volume_id)?);
-        }
+        self.unpublish_volume(&req)?;
+        self.log_call("NodeUnpublishVolume", &req.volume_id, &req.target_path)?;
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }
 
@@ -322,8 +467,10 @@ impl Node for Plugin {
     ) -> Result<Response<NodeGetInfoResponse>, Status> {
         Ok(Response::new(NodeGetInfoResponse {
             node_id: self.node_id.clone(),
-            max_volumes_per_node: 0,
-            accessible_topology: None,
+            max_volumes_per_node: self.max_volumes,
+            accessible_topology: (!self.topology.is_empty()).then(|| Topology {
+                segments: self.topology.clone(),
+            }),
         }))
     }
 }
@@ -367,6 +514,8 @@ fn listen(path: &Path) -> std::io::Result<UnixListenerStream> {
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut driver, mut state_dir, mut registry, mut node_id) = (None, None, None, None);
+    let mut call_log = None;
+    let (mut max_volumes, mut topology) = (0, std::collections::HashMap::new());
     while let Some(flag) = args.next() {
         let value = args
             .next()
@@ -376,6 +525,14 @@ async fn main() -> anyhow::Result<()> {
             "--state-dir" => state_dir = Some(PathBuf::from(value)),
             "--registry" => registry = Some(PathBuf::from(value)),
             "--node-id" => node_id = Some(value),
+            "--call-log" => call_log = Some(PathBuf::from(value)),
+            "--max-volumes" => max_volumes = value.parse()?,
+            "--topology" => {
+                let (key, value) = value
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("--topology takes KEY=VALUE"))?;
+                topology.insert(key.to_string(), value.to_string());
+            }
             other => anyhow::bail!("unknown flag {other}"),
         }
     }
@@ -387,6 +544,9 @@ async fn main() -> anyhow::Result<()> {
         endpoint: state_dir.join("csi.sock"),
         driver: driver.clone(),
         state_dir,
+        call_log,
+        max_volumes,
+        topology,
     };
     let csi = listen(&plugin.endpoint)?;
     let reg = listen(&registry.join(format!("{driver}-reg.sock")))?;
