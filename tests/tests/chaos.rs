@@ -429,9 +429,12 @@ fn a_containerd_restart_during_a_pod_start_is_retried_without_leaks() {
     kill_containerd();
     std::thread::sleep(Duration::from_secs(2));
     start_containerd();
-    let pod = agent.wait_phase("midstart", "Running", MINUTE);
-    let id = container_id(&pod, "main").unwrap();
-    assert!(agent.task_pid(&id).is_some());
+    // Its container runs (a start the kill cut short may have needed another attempt).
+    let current = |a: &Agent| a.pod("midstart").and_then(|p| container_id(&p, "main"));
+    agent.wait_until("midstart's container runs", MINUTE, |a| {
+        current(a).is_some_and(|id| a.task_pid(&id).is_some())
+    });
+    let id = current(&agent).unwrap();
     // Exactly one container per pod: nothing half-made is left behind.
     std::thread::sleep(RESYNC_AND_MORE);
     let containers = agent.containerd_containers();
@@ -617,17 +620,20 @@ fn many_bad_inputs_at_once_each_get_a_reason_and_the_good_pod_keeps_running() {
             .iter()
             .any(|w| w.starts_with("Unhealthy") && w.contains("Readiness probe failed"))
     });
-    // The missing binary is named both in the container's status and in a Warning event.
+    // The missing binary is named both in the container's status (the failed start's
+    // terminated state, or lastState once it waits in back-off) and in a Warning event.
     agent.wait_until("the missing command's reason", MINUTE, |a| {
         let pod = a.pod("nocommand");
-        let state = pod
-            .as_ref()
-            .and_then(|p| status_of(p, "main"))
-            .and_then(|s| s.state.clone());
-        let in_status = state.is_some_and(|s| {
-            let waiting = s.waiting.and_then(|w| w.message);
-            let terminated = s.terminated.and_then(|t| t.message);
-            [waiting, terminated]
+        let status = pod.as_ref().and_then(|p| status_of(p, "main"));
+        let in_status = status.is_some_and(|s| {
+            let (state, last) = (
+                s.state.clone().unwrap_or_default(),
+                s.last_state.clone().unwrap_or_default(),
+            );
+            let waiting = state.waiting.and_then(|w| w.message);
+            let terminated = state.terminated.and_then(|t| t.message);
+            let last = last.terminated.and_then(|t| t.message);
+            [waiting, terminated, last]
                 .into_iter()
                 .flatten()
                 .any(|m| m.contains("/no/such/binary"))

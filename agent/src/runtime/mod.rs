@@ -286,11 +286,12 @@ impl RuntimeError {
             RuntimeError::NeverPull { .. } => "ErrImageNeverPull",
             RuntimeError::InvalidReference { .. } => "InvalidImageName",
             RuntimeError::Spec { .. } => "CreateContainerConfigError",
-            // The task (the process) could not be made: CRI's StartContainer failing.
+            // The OCI runtime refused to start the process (a missing binary, a bad working
+            // dir…): CRI's StartContainer failing. containerd being unreachable is not that.
             RuntimeError::Grpc {
                 op: "tasks.Create" | "tasks.Start",
-                ..
-            } => "RunContainerError",
+                status,
+            } if status.message().contains("OCI runtime") => "RunContainerError",
             _ => "CreateContainerError",
         }
     }
@@ -527,4 +528,25 @@ impl Runtime {
 /// Whether the host runs the unified cgroup v2 hierarchy at /sys/fs/cgroup.
 fn cgroup_v2() -> bool {
     std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_refusal_of_the_oci_runtime_is_a_run_container_error() {
+        let grpc = |op, status| RuntimeError::Grpc { op, status };
+        let refused = tonic::Status::unknown(
+            "failed to create shim task: OCI runtime create failed: exec: \"/x\": not found",
+        );
+        assert_eq!(grpc("tasks.Create", refused).reason(), "RunContainerError");
+        let down = tonic::Status::unavailable("error trying to connect: connection refused");
+        assert_eq!(grpc("tasks.Create", down).reason(), "CreateContainerError");
+        let other = tonic::Status::unknown("OCI runtime create failed");
+        assert_eq!(
+            grpc("containers.Create", other).reason(),
+            "CreateContainerError"
+        );
+    }
 }
