@@ -27,7 +27,8 @@ use super::{checkpoint, env, hooks, resources, status, Desired, PodContext};
 use crate::events::{pod_ref, EventType};
 use crate::probe::{ProbeKey, ProbeKind, ProbeResult, ProbeTarget, ProbeUpdate};
 use crate::runtime::{
-    labels, ContainerConfig, ContainerRecord, ExitEvent, ImageInfo, Mount, PullPolicy, TaskState,
+    labels, ContainerConfig, ContainerRecord, ExitEvent, ImageInfo, Mount, PullPolicy,
+    RuntimeError, TaskState,
 };
 use crate::sandbox::Sandbox;
 use crate::volume::PodVolumes;
@@ -572,13 +573,7 @@ impl Worker {
         self.router.register(&config.id, &self.exit_tx);
         if let Err(e) = self.ctx.runtime.create(&config).await {
             self.router.unregister(&config.id);
-            match e.reason() {
-                "RunContainerError" => self.start_error(name, attempt, &config, e.to_string()),
-                "CreateContainerConfigError" => {
-                    self.start_failed(name, "CreateContainerConfigError", e.to_string(), None)
-                }
-                _ => self.start_failed(name, "CreateContainerError", e.to_string(), None),
-            }
+            self.not_started(name, attempt, &config, &e, "CreateContainerError");
             return;
         }
         self.container_event(
@@ -590,7 +585,7 @@ impl Worker {
         if let Err(e) = self.ctx.runtime.start(&config.id).await {
             self.router.unregister(&config.id);
             let _ = self.ctx.runtime.remove(&config.id).await;
-            self.start_error(name, attempt, &config, e.to_string());
+            self.not_started(name, attempt, &config, &e, "RunContainerError");
             return;
         }
         self.container_event(
@@ -642,6 +637,26 @@ impl Worker {
         o.image_id = Some(config.image.repo_digest.clone());
         o.image = image;
         o
+    }
+
+    /// A create or start that failed. The OCI runtime refusing the process is a StartError
+    /// attempt; anything else (a bad spec, containerd gone mid-call) leaves the same attempt
+    /// to be tried again, waiting with `reason`.
+    fn not_started(
+        &mut self,
+        name: &str,
+        attempt: u32,
+        config: &ContainerConfig,
+        e: &RuntimeError,
+        reason: &str,
+    ) {
+        match e.reason() {
+            "RunContainerError" => self.start_error(name, attempt, config, e.to_string()),
+            "CreateContainerConfigError" => {
+                self.start_failed(name, "CreateContainerConfigError", e.to_string(), None)
+            }
+            _ => self.start_failed(name, reason, e.to_string(), None),
+        }
     }
 
     /// The task of a created attempt would not start: as the kubelet's StartError, the
