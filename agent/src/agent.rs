@@ -137,12 +137,6 @@ pub async fn run(
                 }),
             };
             info!(kubeconfig = %cluster.kubeconfig.display(), "joining the cluster");
-            crate::cluster::start_csi_node(
-                &cluster,
-                volumes.plugins().subscribe(),
-                root.child_token(),
-            )
-            .await?;
             let agent = ClusterAgent::start(
                 cluster,
                 manifest_rx.clone(),
@@ -153,6 +147,7 @@ pub async fn run(
                 root.child_token(),
             )
             .await?;
+            agent.start_csi_node(volumes.plugins().subscribe(), root.child_token());
             volumes.set_token_source(agent.tokens.clone());
             if config.authorization_webhook {
                 authorizer = Some(agent.authorizer.clone());

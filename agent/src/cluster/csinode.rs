@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::storage::v1::{CSINode, CSINodeDriver, CSINodeSpec, VolumeNodeResources};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::PostParams;
 use kube::Api;
 use tokio::sync::watch;
@@ -41,20 +41,7 @@ pub(super) fn desired(
         },
         ..Default::default()
     });
-    let owners = csinode
-        .metadata
-        .owner_references
-        .get_or_insert_with(Vec::new);
-    if !owners.iter().any(|o| o.kind == "Node" && o.uid == node_uid) {
-        owners.retain(|o| o.kind != "Node");
-        owners.push(OwnerReference {
-            api_version: "v1".into(),
-            kind: "Node".into(),
-            name: node.to_string(),
-            uid: node_uid.to_string(),
-            ..Default::default()
-        });
-    }
+    super::owned_by_node(&mut csinode.metadata, node, node_uid);
     csinode.spec = CSINodeSpec {
         drivers: drivers.values().map(entry).collect(),
     };

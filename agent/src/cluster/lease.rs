@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::PostParams;
 use kube::Api;
 use tokio::sync::watch;
@@ -33,18 +33,7 @@ pub(super) fn renewed(
         },
         ..Default::default()
     });
-    let owner = OwnerReference {
-        api_version: "v1".into(),
-        kind: "Node".into(),
-        name: node.to_string(),
-        uid: node_uid.to_string(),
-        ..Default::default()
-    };
-    let owners = lease.metadata.owner_references.get_or_insert_with(Vec::new);
-    if !owners.iter().any(|o| o.kind == "Node" && o.uid == node_uid) {
-        owners.retain(|o| o.kind != "Node");
-        owners.push(owner);
-    }
+    super::owned_by_node(&mut lease.metadata, node, node_uid);
     let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
     if spec.holder_identity.as_deref() != Some(node) {
         spec.holder_identity = Some(node.to_string());

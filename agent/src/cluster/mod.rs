@@ -22,7 +22,7 @@
 //!   cluster mode names `<name>-<node>` as the kubelet does); the sink writes their status.
 //!
 //! [`ApiTokens`] serves projected service account tokens through the TokenRequest API;
-//! [`start_csi_node`] keeps the node's CSINode in step with the registered CSI drivers.
+//! [`ClusterAgent::start_csi_node`] keeps the node's CSINode in step with the registered CSI drivers.
 //!
 //! Stopping the agent (cancelling the token) stops these tasks and nothing else: pods keep running.
 //!
@@ -39,6 +39,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Taint};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -185,6 +186,8 @@ pub struct ClusterAgent {
     pub static_pods: watch::Receiver<Option<Vec<Pod>>>,
     /// Ends when the token given to [`ClusterAgent::start`] is cancelled.
     pub task: JoinHandle<()>,
+    client: kube::Client,
+    node_name: String,
 }
 
 impl ClusterAgent {
@@ -299,29 +302,31 @@ impl ClusterAgent {
             desired,
             synced,
             authorizer: authz::webhook(client.clone()),
-            tokens: std::sync::Arc::new(ApiTokens::new(client)),
+            tokens: std::sync::Arc::new(ApiTokens::new(client.clone())),
             static_pods,
             task,
+            client,
+            node_name: config.node_name.clone(),
         })
     }
 }
 
-/// Spawns the task that keeps the node's CSINode (`csinode`) in step with the CSI drivers
-/// registered on this node (`VolumeManager::plugins().subscribe()`), until `shutdown` is
-/// cancelled. Fails only when the kubeconfig is unusable.
-pub async fn start_csi_node(
-    config: &ClusterConfig,
-    drivers: watch::Receiver<crate::volume::csi::Registered>,
-    shutdown: CancellationToken,
-) -> Result<(), ClusterError> {
-    let client = client(&config.kubeconfig).await?;
-    tokio::spawn(csinode::run(
-        client,
-        config.node_name.clone(),
-        drivers,
-        shutdown,
-    ));
-    Ok(())
+impl ClusterAgent {
+    /// Spawns the task that keeps the node's CSINode (`csinode`) in step with the CSI drivers
+    /// registered on this node (`VolumeManager::plugins().subscribe()`), until `shutdown` is
+    /// cancelled.
+    pub fn start_csi_node(
+        &self,
+        drivers: watch::Receiver<crate::volume::csi::Registered>,
+        shutdown: CancellationToken,
+    ) {
+        tokio::spawn(csinode::run(
+            self.client.clone(),
+            self.node_name.clone(),
+            drivers,
+            shutdown,
+        ));
+    }
 }
 
 async fn client(path: &std::path::Path) -> Result<kube::Client, ClusterError> {
@@ -369,6 +374,22 @@ impl Backoff {
 }
 
 /// Sleeps `delay`, or returns false at once when `token` is cancelled.
+/// Makes the Node (of `node_uid`) the owner of an object the node keeps (its Lease, its
+/// CSINode), replacing an owner reference to an earlier Node of that name.
+fn owned_by_node(meta: &mut ObjectMeta, node: &str, node_uid: &str) {
+    let owners = meta.owner_references.get_or_insert_with(Vec::new);
+    if !owners.iter().any(|o| o.kind == "Node" && o.uid == node_uid) {
+        owners.retain(|o| o.kind != "Node");
+        owners.push(OwnerReference {
+            api_version: "v1".into(),
+            kind: "Node".into(),
+            name: node.to_string(),
+            uid: node_uid.to_string(),
+            ..Default::default()
+        });
+    }
+}
+
 async fn sleep_or_cancel(delay: Duration, token: &CancellationToken) -> bool {
     tokio::select! {
         _ = token.cancelled() => false,

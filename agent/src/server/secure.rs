@@ -288,13 +288,14 @@ async fn authorize(
     };
     let path = request.uri().path().to_string();
     let verb = verb(request.method());
-    for subresource in subresources(&path) {
+    let candidates = subresources(&path);
+    for subresource in &candidates {
         let attributes = Attributes {
             user: identity.user.clone(),
             groups: identity.groups.clone(),
             verb: verb.into(),
             node: guard.node.clone(),
-            subresource: subresource.into(),
+            subresource: (*subresource).into(),
         };
         match authorizer(attributes).await {
             Ok(true) => return next.run(request).await,
@@ -309,7 +310,7 @@ async fn authorize(
             }
         }
     }
-    let subresource = subresources(&path)[0];
+    let subresource = candidates[0];
     info!(user = %identity.user, %path, "forbidden on the secure port");
     let message = format!(
         "Forbidden (user={}, verb={verb}, resource=nodes, subresource={subresource})",
