@@ -1,7 +1,8 @@
 //! The agent: builds every component once, in one fixed order, runs the pod sources, the pod
 //! manager and the read-only server, and on shutdown stops the agent but never the pods.
 //!
-//! Start order: directories → runtime (retried until containerd answers) → sandboxes, volumes,
+//! Start order: directories → the node lock (`lock`: no second agent on the same root, run
+//! dir or containerd namespace) → runtime (retried until containerd answers) → sandboxes, volumes,
 //! prober, status, recorder → manifest folder, cluster mode → pod manager (recovers containers
 //! from containerd) → merge of the sources →
 //! first full sync (orphans are cleaned up only then) → server → READY=1. CSI node plugins are
@@ -23,7 +24,7 @@ use crate::cluster::{ClusterAgent, ClusterConfig};
 use crate::config::Config;
 use crate::events::{EventType, Recorder};
 use crate::pod::manager::PodManager;
-use crate::pod::{Deletion, Desired, NodeFacts, PodContext};
+use crate::pod::{Deletion, Desired, NodeFacts, NodeHost, PodContext};
 use crate::probe::Prober;
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::sandbox::{SandboxConfig, SandboxManager};
@@ -57,6 +58,9 @@ pub enum AgentError {
     /// The secure port could not start (TLS material or the address).
     #[error("the secure port: {0}")]
     Secure(#[from] secure::BindError),
+    /// Another agent holds the root dir, the run dir or the containerd namespace.
+    #[error("{0}")]
+    Lock(#[from] crate::lock::LockError),
 }
 
 /// How long shutdown waits for workers to stop (they never stop containers).
@@ -82,7 +86,18 @@ pub async fn run(
         })?;
     }
 
+    // Before anything reads or changes node state: one agent per root, run dir and namespace.
+    let _lock = crate::lock::NodeLock::acquire(
+        &crate::lock::Claim {
+            root_dir: &config.root_dir,
+            run_dir: &config.run_dir,
+            runtime_endpoint: &config.runtime_endpoint,
+            namespace: &config.containerd_namespace,
+        },
+        std::path::Path::new(crate::lock::NAMESPACE_LOCK_DIR),
+    )?;
     let runtime = connect_runtime(&config, &root).await?;
+    runtime.limit_pulls(config.max_parallel_image_pulls);
     let store = ObjectStore::new();
     let recorder = Recorder::new(&config.node_name);
     let status = StatusManager::new();
@@ -108,7 +123,11 @@ pub async fn run(
         tokio::spawn(async move { volumes.plugins().watch(token).await });
     }
     let host_ip = config.node_ip.or_else(node_ip);
-    let mut authorizer = None;
+    // The Webhook mode asks the API; with no API server it allows nothing.
+    let mut authorization = match config.authorization_webhook {
+        true => secure::Authorization::DenyAll,
+        false => secure::Authorization::AlwaysAllow,
+    };
     let (manifest_tx, mut manifest_rx) = watch::channel(None::<Vec<Pod>>);
     if let Some(dir) = config.pod_manifest_path.clone() {
         info!(dir = %dir.display(), "reading pods from the manifest folder");
@@ -150,7 +169,7 @@ pub async fn run(
             agent.start_csi_node(volumes.plugins().subscribe(), root.child_token());
             volumes.set_token_source(agent.tokens.clone());
             if config.authorization_webhook {
-                authorizer = Some(agent.authorizer.clone());
+                authorization = secure::Authorization::Webhook(agent.authorizer.clone());
             }
             // Static pods run as cluster mode names them (mirrored in the API).
             manifest_rx = agent.static_pods;
@@ -161,6 +180,11 @@ pub async fn run(
         }
         None => None,
     };
+    let streaming = server::stream::Streaming {
+        runtime: runtime.clone(),
+        sandbox_dir: config.run_dir.join("sandboxes"),
+        idle_timeout: config.streaming_connection_idle_timeout,
+    };
     let ctx = Arc::new(PodContext {
         node: NodeFacts {
             name: config.node_name.clone(),
@@ -168,15 +192,20 @@ pub async fn run(
             root_dir: config.root_dir.clone(),
             log_dir: config.log_dir.clone(),
         },
-        runtime,
-        sandboxes,
-        volumes,
+        runtime: Arc::new(runtime),
+        host: Arc::new(NodeHost::new(sandboxes, volumes)),
         prober: prober.clone(),
         status: status.clone(),
         recorder: recorder.clone(),
         store: store.clone(),
     });
     let manager = PodManager::new(ctx, &root);
+    manager.set_admission(crate::admission::NodeAdmission {
+        max_pods: config.max_pods as usize,
+        allocatable: crate::volume::downward::NodeAllocatable::from_host(&config.root_dir),
+        labels: crate::admission::node_labels(&config.node_name, &config.node_labels),
+        allowed_unsafe_sysctls: config.allowed_unsafe_sysctls.clone(),
+    });
     if let Err(e) = manager.recover().await {
         warn!(error = %e, "could not list containers; pods will be recreated as needed");
     }
@@ -188,10 +217,12 @@ pub async fn run(
         recorder: recorder.clone(),
         metrics: Arc::new(move || prober.metrics_text()),
         log_dir: config.log_dir.clone(),
+        streaming: Some(streaming),
     };
     let mut server_tasks = Vec::new();
     if config.read_only_port != 0 {
-        let addr = format!("{}:{}", config.address, config.read_only_port);
+        // Unauthenticated: on loopback only, whatever --address says.
+        let addr = format!("127.0.0.1:{}", config.read_only_port);
         let listener = TcpListener::bind(&addr)
             .await
             .map_err(|source| AgentError::Bind {
@@ -221,14 +252,37 @@ pub async fn run(
             cert_dir: config.root_dir.join("pki"),
             serving_names,
             client_ca_file: config.client_ca_file.clone(),
-            authorizer,
+            authorization,
         })
         .await?;
         info!(%addr, webhook = config.authorization_webhook, "serving the secure port");
         let token = root.clone();
+        let state = state.clone();
         server_tasks.push(tokio::spawn(secure::serve(bound, state, async move {
             token.cancelled().await
         })));
+    }
+
+    // Last, so that an agent answering on its socket has bound its ports too.
+    let (local, socket) =
+        server::local::bind(&config.run_dir).map_err(|source| AgentError::Bind {
+            addr: config
+                .run_dir
+                .join(server::local::SOCKET)
+                .display()
+                .to_string(),
+            source,
+        })?;
+    info!(socket = %socket.display(), "serving logs and events to root on the local socket");
+    {
+        let token = root.clone();
+        let state = state.clone();
+        server_tasks.push(tokio::spawn(async move {
+            let served = server::local::serve(local, state, async move { token.cancelled().await });
+            if let Err(e) = served.await {
+                warn!(error = %e, "the local socket stopped");
+            }
+        }));
     }
 
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
@@ -267,7 +321,8 @@ async fn connect_runtime(config: &Config, root: &CancellationToken) -> Result<Ru
         endpoint: config.runtime_endpoint.clone(),
         namespace: config.containerd_namespace.clone(),
         root_dir: config.root_dir.clone(),
-        log_driver: std::env::current_exe().unwrap_or_else(|_| "/usr/local/bin/nodelet".into()),
+        log_driver: crate::runtime::logdriver::binary_for(&config.root_dir),
+        log_rotation: None,
     };
     let mut delay = Duration::from_millis(500);
     loop {
@@ -284,7 +339,9 @@ async fn connect_runtime(config: &Config, root: &CancellationToken) -> Result<Ru
 }
 
 /// Re-reads the manifest folder on every change (inotify) and every `period`, publishing objects to the store and pods to
-/// the channel. Bad files are reported as Warning events on the node.
+/// the channel. Bad files are reported as Warning events on the node, refused duplicates on the
+/// pod. A scan runs on the blocking pool: every file's cost is bounded (`source::yaml`), and
+/// none of it holds up the async tasks.
 async fn watch_manifests(
     mut source: ManifestSource,
     period: Duration,
@@ -304,14 +361,29 @@ async fn watch_manifests(
             _ = tick.tick() => {}
             _ = changed.notified() => {}
         }
-        let (snapshot, errors) = source.scan();
+        let scanned = tokio::task::spawn_blocking(move || {
+            let result = source.scan();
+            (source, result)
+        })
+        .await;
+        let (snapshot, errors);
+        match scanned {
+            Ok((back, result)) => {
+                source = back;
+                (snapshot, errors) = result;
+            }
+            Err(e) => {
+                // Nothing in a scan panics on input; if it ever did, the folder source is gone.
+                tracing::error!(error = %e, "the manifest folder scan failed; no more updates from it");
+                return;
+            }
+        }
         for e in errors {
-            recorder.record(
-                node.clone(),
-                EventType::Warning,
-                "FailedManifest",
-                &e.to_string(),
-            );
+            let object = e
+                .pod()
+                .map(|p| crate::events::pod_ref(p, None))
+                .unwrap_or_else(|| node.clone());
+            recorder.record(object, EventType::Warning, e.reason(), &e.to_string());
         }
         store.replace(snapshot.objects);
         pods.send_if_modified(|current| {
@@ -352,15 +424,28 @@ async fn sync_pods(
     token: CancellationToken,
 ) {
     let mut finished = manager.subscribe_finished();
-    let mut previous: BTreeMap<String, Pod> = BTreeMap::new();
+    let mut previous: BTreeMap<String, Arc<Pod>> = BTreeMap::new();
     // Static pods whose manifest went while the agent was down stop as if removed now.
-    let mut removed: BTreeMap<String, Pod> = manager
+    let mut removed: BTreeMap<String, Arc<Pod>> = manager
         .recovered_static_pods()
         .into_iter()
-        .map(|p| (p.metadata.uid.clone().unwrap_or_default(), p))
+        .map(|p| (p.metadata.uid.clone().unwrap_or_default(), Arc::new(p)))
         .collect();
     loop {
-        let current = manifests.borrow_and_update().clone();
+        // An unchanged pod keeps the object its worker already holds (one copy per pod).
+        let current: Option<BTreeMap<String, Arc<Pod>>> =
+            manifests.borrow_and_update().as_ref().map(|pods| {
+                pods.iter()
+                    .map(|p| {
+                        let uid = p.metadata.uid.clone().unwrap_or_default();
+                        let pod = match previous.get(&uid) {
+                            Some(old) if **old == *p => old.clone(),
+                            _ => Arc::new(p.clone()),
+                        };
+                        (uid, pod)
+                    })
+                    .collect()
+            });
         let api_set = match api.as_mut() {
             None => Some(Vec::new()),
             Some(a) => {
@@ -368,29 +453,27 @@ async fn sync_pods(
                 synced.then(|| a.desired.borrow_and_update().clone())
             }
         };
-        if let Some(pods) = current {
-            let now: BTreeMap<String, Pod> = pods
-                .into_iter()
-                .map(|p| (p.metadata.uid.clone().unwrap_or_default(), p))
-                .collect();
+        if let Some(now) = current {
             for (uid, pod) in std::mem::take(&mut previous) {
                 if !now.contains_key(&uid) {
                     removed.insert(uid, pod);
                 }
             }
             removed.retain(|uid, _| !now.contains_key(uid));
-            let statics = now
+            // Removals first: a pod replaced while the agent was down is stopped before its
+            // successor of the same name may start (the successor waits for it).
+            let statics = removed
                 .values()
                 .map(|pod| Desired {
-                    pod: pod.clone(),
-                    deletion: None,
-                })
-                .chain(removed.values().map(|pod| Desired {
                     pod: pod.clone(),
                     deletion: Some(Deletion {
                         grace: crate::pod::machine::grace(pod, None),
                         gone: true,
                     }),
+                })
+                .chain(now.values().map(|pod| Desired {
+                    pod: pod.clone(),
+                    deletion: None,
                 }));
             match api_set {
                 Some(mut desired) => {

@@ -16,7 +16,8 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// The --config file is not valid YAML for the known fields.
+    /// The --config file is not valid YAML for the known fields, or names a key that is
+    /// neither nodelet's nor the kubelet's (serde names the key).
     #[error("parsing config file {path}: {source}")]
     Parse {
         path: PathBuf,
@@ -68,16 +69,20 @@ pub struct Flags {
     pub cluster_domain: Option<String>,
     #[arg(long)]
     pub max_pods: Option<u32>,
+    /// Unsafe sysctls (or `prefix*` patterns) pods may set, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_unsafe_sysctls: Option<Vec<String>>,
     /// key=value,… labels for the Node.
     #[arg(long, value_delimiter = ',')]
     pub node_labels: Option<Vec<String>>,
     /// key=value:Effect,… taints registered with the Node.
     #[arg(long, value_delimiter = ',')]
     pub register_with_taints: Option<Vec<String>>,
-    /// Read-only HTTP port on 127.0.0.1; 0 disables it. Default 10255.
+    /// The unauthenticated read-only HTTP port (/healthz, /pods, /metrics), on 127.0.0.1
+    /// only; 0 disables it. Default 10255 with flags alone, 0 with --config (as the kubelet).
     #[arg(long)]
     pub read_only_port: Option<u16>,
-    /// Address the read-only and secure ports bind. Default 127.0.0.1.
+    /// Address the secure port binds. Default 0.0.0.0 (all addresses), as the kubelet's.
     #[arg(long)]
     pub address: Option<String>,
     /// The authenticated HTTPS port (logs for the API server); 0 disables it. Default 10250.
@@ -91,8 +96,8 @@ pub struct Flags {
     /// Client certificates signed by this CA authenticate on the secure port.
     #[arg(long)]
     pub client_ca_file: Option<PathBuf>,
-    /// AlwaysAllow or Webhook (SubjectAccessReview; needs --kubeconfig). Default Webhook with
-    /// a kubeconfig, else AlwaysAllow.
+    /// AlwaysAllow or Webhook (SubjectAccessReview through the API). Default Webhook, which
+    /// with no --kubeconfig (standalone) allows nothing.
     #[arg(long)]
     pub authorization_mode: Option<String>,
     /// The node IP to report; default the first non-loopback IPv4 address.
@@ -117,9 +122,12 @@ pub struct Flags {
 }
 
 /// The same settings as a YAML file, with KubeletConfiguration's field names where they exist.
+/// A key that is neither here nor in [`NOT_IMPLEMENTED`] is an error.
 #[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct FileConfig {
+    pub api_version: Option<String>,
+    pub kind: Option<String>,
     pub static_pod_path: Option<PathBuf>,
     pub kubeconfig: Option<PathBuf>,
     pub hostname_override: Option<String>,
@@ -130,6 +138,7 @@ pub struct FileConfig {
     pub cluster_dns: Option<Vec<String>>,
     pub cluster_domain: Option<String>,
     pub max_pods: Option<u32>,
+    pub allowed_unsafe_sysctls: Option<Vec<String>>,
     pub node_labels: Option<std::collections::BTreeMap<String, String>>,
     pub register_with_taints: Option<Vec<k8s_openapi::api::core::v1::Taint>>,
     pub read_only_port: Option<u16>,
@@ -142,7 +151,163 @@ pub struct FileConfig {
     pub run_dir: Option<PathBuf>,
     pub cni_conf_dir: Option<PathBuf>,
     pub cni_bin_dirs: Option<Vec<PathBuf>>,
+    /// Seconds, or a duration as the kubelet writes it (`20s`, `1m30s`).
+    #[serde(deserialize_with = "seconds")]
     pub file_check_frequency: Option<u64>,
+    pub authentication: FileAuthentication,
+    pub authorization: FileAuthorization,
+    pub serialize_image_pulls: Option<bool>,
+    pub max_parallel_image_pulls: Option<i32>,
+    /// Idle streaming connections (exec, attach, port-forward) are closed after this long.
+    #[serde(deserialize_with = "seconds")]
+    pub streaming_connection_idle_timeout: Option<u64>,
+}
+
+/// How many image pulls run at once unless the file says otherwise. The kubelet pulls one at a
+/// time by default, and without bound with `serializeImagePulls: false`; nodelet pulls in
+/// parallel, bounded.
+pub const DEFAULT_PARALLEL_IMAGE_PULLS: usize = 5;
+
+/// The kubelet's default `streamingConnectionIdleTimeout`.
+pub const STREAMING_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4 * 3600);
+
+/// KubeletConfiguration keys nodelet knows but does not implement: a file may set them (a
+/// kubelet's file works), and each one set is a warning naming it.
+pub const NOT_IMPLEMENTED: &[&str] = &[
+    "enableServer",
+    "syncFrequency",
+    "httpCheckFrequency",
+    "staticPodURL",
+    "staticPodURLHeader",
+    "tlsCipherSuites",
+    "tlsCurvePreferences",
+    "tlsMinVersion",
+    "rotateCertificates",
+    "serverTLSBootstrap",
+    "registryPullQPS",
+    "registryBurst",
+    "imagePullCredentialsVerificationPolicy",
+    "preloadedImagesVerificationAllowlist",
+    "eventRecordQPS",
+    "eventBurst",
+    "enableDebuggingHandlers",
+    "enableContentionProfiling",
+    "healthzPort",
+    "healthzBindAddress",
+    "oomScoreAdj",
+    "nodeStatusUpdateFrequency",
+    "nodeStatusReportFrequency",
+    "nodeLeaseDurationSeconds",
+    "imageMinimumGCAge",
+    "imageMaximumGCAge",
+    "imageGCHighThresholdPercent",
+    "imageGCLowThresholdPercent",
+    "volumeStatsAggPeriod",
+    "kubeletCgroups",
+    "systemCgroups",
+    "cgroupRoot",
+    "cgroupsPerQOS",
+    "cgroupDriver",
+    "cpuManagerPolicy",
+    "singleProcessOOMKill",
+    "cpuManagerPolicyOptions",
+    "cpuManagerReconcilePeriod",
+    "memoryManagerPolicy",
+    "topologyManagerPolicy",
+    "topologyManagerScope",
+    "topologyManagerPolicyOptions",
+    "qosReserved",
+    "runtimeRequestTimeout",
+    "hairpinMode",
+    "podCIDR",
+    "podPidsLimit",
+    "resolvConf",
+    "runOnce",
+    "cpuCFSQuota",
+    "cpuCFSQuotaPeriod",
+    "nodeStatusMaxImages",
+    "maxOpenFiles",
+    "contentType",
+    "kubeAPIQPS",
+    "kubeAPIBurst",
+    "evictionHard",
+    "evictionSoft",
+    "evictionSoftGracePeriod",
+    "evictionPressureTransitionPeriod",
+    "evictionMaxPodGracePeriod",
+    "evictionMinimumReclaim",
+    "mergeDefaultEvictionSettings",
+    "podsPerCore",
+    "enableControllerAttachDetach",
+    "protectKernelDefaults",
+    "makeIPTablesUtilChains",
+    "iptablesMasqueradeBit",
+    "iptablesDropBit",
+    "featureGates",
+    "failSwapOn",
+    "memorySwap",
+    "containerLogMaxSize",
+    "containerLogMaxFiles",
+    "containerLogMaxWorkers",
+    "containerLogMonitorInterval",
+    "configMapAndSecretChangeDetectionStrategy",
+    "systemReserved",
+    "kubeReserved",
+    "reservedSystemCPUs",
+    "showHiddenMetricsForVersion",
+    "systemReservedCgroup",
+    "kubeReservedCgroup",
+    "enforceNodeAllocatable",
+    "volumePluginDir",
+    "providerID",
+    "kernelMemcgNotification",
+    "logging",
+    "enableSystemLogHandler",
+    "enableSystemLogQuery",
+    "shutdownGracePeriod",
+    "shutdownGracePeriodCriticalPods",
+    "shutdownGracePeriodByPodPriority",
+    "crashLoopBackOff",
+    "reservedMemory",
+    "enableProfilingHandler",
+    "enableDebugFlagsHandler",
+    "seccompDefault",
+    "memoryThrottlingFactor",
+    "memoryReservationPolicy",
+    "registerNode",
+    "tracing",
+    "localStorageCapacityIsolation",
+    "imageServiceEndpoint",
+    "failCgroupV1",
+    "userNamespaces",
+];
+
+/// Keys inside `authentication` and `authorization` known but not implemented.
+const NOT_IMPLEMENTED_NESTED: &[(&str, &str)] = &[
+    ("authentication", "anonymous"),
+    ("authentication", "webhook"),
+    ("authorization", "webhook"),
+];
+
+/// `authentication` of KubeletConfiguration: the client CA (anonymous access is always off).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileAuthentication {
+    pub x509: FileX509,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct FileX509 {
+    #[serde(rename = "clientCAFile")]
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// `authorization` of KubeletConfiguration: `mode` (AlwaysAllow or Webhook).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct FileAuthorization {
+    pub mode: Option<String>,
 }
 
 /// The effective configuration.
@@ -157,15 +322,18 @@ pub struct Config {
     pub cluster_dns: Vec<String>,
     pub cluster_domain: String,
     pub max_pods: u32,
+    pub allowed_unsafe_sysctls: Vec<String>,
     pub node_labels: std::collections::BTreeMap<String, String>,
     pub taints: Vec<k8s_openapi::api::core::v1::Taint>,
+    /// 0: off. Always on 127.0.0.1.
     pub read_only_port: u16,
+    /// Where the secure port binds.
     pub address: String,
     pub port: u16,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_private_key_file: Option<PathBuf>,
     pub client_ca_file: Option<PathBuf>,
-    /// Webhook authorization on the secure port (else AlwaysAllow).
+    /// Webhook authorization on the secure port (else AlwaysAllow); with no API, deny all.
     pub authorization_webhook: bool,
     pub node_ip: Option<std::net::IpAddr>,
     pub log_dir: PathBuf,
@@ -174,16 +342,23 @@ pub struct Config {
     pub cni_bin_dirs: Vec<PathBuf>,
     pub file_check_frequency: std::time::Duration,
     pub verbosity: u8,
+    /// How many image pulls run at once.
+    pub max_parallel_image_pulls: usize,
+    /// `streamingConnectionIdleTimeout`, default 4 h as the kubelet's.
+    pub streaming_connection_idle_timeout: std::time::Duration,
+    /// Settings the file gave that nodelet ignores, one line each, for the log.
+    pub warnings: Vec<String>,
 }
 
 impl Config {
     /// Merges flags over the file (if any) over the defaults. `hostname` is the machine's name,
     /// passed in so tests need no real host.
     pub fn resolve(flags: Flags, hostname: &str) -> Result<Self, ConfigError> {
-        let file = match &flags.config {
+        let (file, warnings) = match &flags.config {
             Some(path) => read_file(path)?,
-            None => FileConfig::default(),
+            None => (FileConfig::default(), Vec::new()),
         };
+        let max_parallel_image_pulls = image_pulls(&file)?;
         let node_labels = match flags.node_labels {
             Some(list) => parse_labels(&list)?,
             None => file.node_labels.unwrap_or_default(),
@@ -203,18 +378,21 @@ impl Config {
             None => None,
         };
         let kubeconfig = flags.kubeconfig.or(file.kubeconfig);
-        let authorization_webhook = match flags.authorization_mode.as_deref() {
-            None => kubeconfig.is_some(),
+        let mode = flags.authorization_mode.or(file.authorization.mode.clone());
+        let authorization_webhook = match mode.as_deref() {
+            None | Some("Webhook") => true,
             Some("AlwaysAllow") => false,
-            Some("Webhook") if kubeconfig.is_some() => true,
             Some(other) => {
                 return Err(ConfigError::Invalid {
                     flag: "--authorization-mode",
-                    detail: format!(
-                        "{other:?}: AlwaysAllow, or Webhook (which needs --kubeconfig)"
-                    ),
+                    detail: format!("{other:?}: AlwaysAllow or Webhook"),
                 })
             }
+        };
+        // The kubelet's flags default the read-only port on; its configuration file, off.
+        let read_only_default = match flags.config {
+            Some(_) => 0,
+            None => 10255,
         };
         let node_name = flags
             .hostname_override
@@ -243,20 +421,26 @@ impl Config {
                 .or(file.cluster_domain)
                 .unwrap_or_else(|| "cluster.local".into()),
             max_pods: flags.max_pods.or(file.max_pods).unwrap_or(110),
+            allowed_unsafe_sysctls: flags
+                .allowed_unsafe_sysctls
+                .or(file.allowed_unsafe_sysctls)
+                .unwrap_or_default(),
             node_labels,
             taints,
             read_only_port: flags
                 .read_only_port
                 .or(file.read_only_port)
-                .unwrap_or(10255),
+                .unwrap_or(read_only_default),
             address: flags
                 .address
                 .or(file.address)
-                .unwrap_or_else(|| "127.0.0.1".into()),
+                .unwrap_or_else(|| "0.0.0.0".into()),
             port: flags.port.or(file.port).unwrap_or(10250),
             tls_cert_file: flags.tls_cert_file.or(file.tls_cert_file),
             tls_private_key_file: flags.tls_private_key_file.or(file.tls_private_key_file),
-            client_ca_file: flags.client_ca_file,
+            client_ca_file: flags
+                .client_ca_file
+                .or(file.authentication.x509.client_ca_file),
             authorization_webhook,
             node_ip,
             log_dir: flags
@@ -283,19 +467,108 @@ impl Config {
                     .max(1),
             ),
             verbosity: flags.verbosity.unwrap_or(0),
+            max_parallel_image_pulls,
+            streaming_connection_idle_timeout: file
+                .streaming_connection_idle_timeout
+                .map_or(STREAMING_IDLE_TIMEOUT, std::time::Duration::from_secs),
+            warnings,
         })
     }
 }
 
-fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+/// The file's settings, and a warning for each kubelet key it sets that nodelet ignores.
+fn read_file(path: &Path) -> Result<(FileConfig, Vec<String>), ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+    let parse = |source| ConfigError::Parse {
         path: path.to_path_buf(),
         source,
-    })
+    };
+    let mut value: serde_yaml::Value = serde_yaml::from_str(&text).map_err(parse)?;
+    if value.is_null() {
+        value = serde_yaml::Value::Mapping(Default::default());
+    }
+    let mut warnings = Vec::new();
+    let mut ignored = |key: String| {
+        warnings.push(format!(
+            "config file {}: {key} is a kubelet setting nodelet does not implement; it is ignored",
+            path.display()
+        ))
+    };
+    if let Some(map) = value.as_mapping_mut() {
+        for key in NOT_IMPLEMENTED {
+            if map.remove(*key).is_some() {
+                ignored(key.to_string());
+            }
+        }
+        for (section, key) in NOT_IMPLEMENTED_NESTED {
+            let inner = map.get_mut(*section).and_then(|v| v.as_mapping_mut());
+            if inner.and_then(|m| m.remove(*key)).is_some() {
+                ignored(format!("{section}.{key}"));
+            }
+        }
+    }
+    let file = serde_yaml::from_value(value).map_err(parse)?;
+    Ok((file, warnings))
+}
+
+/// A number of seconds, or a Go duration (`500ms`, `20s`, `1m30s`, `1h`) rounded up to whole
+/// seconds, as KubeletConfiguration's durations are written.
+fn seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Value {
+        Seconds(u64),
+        Text(String),
+    }
+    let text = match Option::<Value>::deserialize(d)? {
+        None => return Ok(None),
+        Some(Value::Seconds(n)) => return Ok(Some(n)),
+        Some(Value::Text(t)) => t,
+    };
+    let invalid = || serde::de::Error::custom(format!("invalid duration {text:?}"));
+    let mut millis: u64 = 0;
+    let mut rest = text.as_str();
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(invalid)?;
+        let n: u64 = rest[..digits].parse().map_err(|_| invalid())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            _ => return Err(invalid()),
+        };
+        millis = millis.saturating_add(n.saturating_mul(unit));
+        rest = &rest[unit_len..];
+    }
+    Ok(Some(millis.div_ceil(1000)))
+}
+
+/// How many image pulls may run at once, from `serializeImagePulls` and
+/// `maxParallelImagePulls`, refused as the kubelet refuses them.
+fn image_pulls(file: &FileConfig) -> Result<usize, ConfigError> {
+    let invalid = |detail: String| ConfigError::Invalid {
+        flag: "maxParallelImagePulls",
+        detail,
+    };
+    match (file.serialize_image_pulls, file.max_parallel_image_pulls) {
+        (_, Some(n)) if n < 1 => Err(invalid(format!("{n} must be a positive number"))),
+        (Some(true), Some(n)) if n > 1 => Err(invalid(format!(
+            "{n} must be 1 or unset when serializeImagePulls is true"
+        ))),
+        (Some(true), _) => Ok(1),
+        (_, Some(n)) => Ok(n as usize),
+        (_, None) => Ok(DEFAULT_PARALLEL_IMAGE_PULLS),
+    }
 }
 
 fn parse_labels(
@@ -358,11 +631,11 @@ mod tests {
         assert_eq!(c.node_name, "node-a");
         assert_eq!(c.root_dir, PathBuf::from("/var/lib/nodelet"));
         assert_eq!(c.runtime_endpoint, "unix:///run/containerd/containerd.sock");
-        assert_eq!(c.read_only_port, 10255);
+        assert_eq!(c.read_only_port, 10255, "the kubelet's flag default");
         assert_eq!(c.port, 10250);
-        assert!(!c.authorization_webhook, "standalone: AlwaysAllow");
-        let with_api = Config::resolve(flags(&["--kubeconfig", "/k"]), "n").unwrap();
-        assert!(with_api.authorization_webhook, "with the API: Webhook");
+        assert_eq!(c.address, "0.0.0.0", "the secure port on all addresses");
+        assert!(c.authorization_webhook, "Webhook, standalone too");
+        assert!(c.client_ca_file.is_none());
         assert_eq!(c.max_pods, 110);
         assert_eq!(c.cluster_domain, "cluster.local");
         assert!(c.kubeconfig.is_none());
@@ -385,7 +658,116 @@ mod tests {
         assert_eq!(c.pod_manifest_path, Some(PathBuf::from("/etc/pods")));
         assert_eq!(c.cluster_dns, vec!["10.0.0.10".to_string()]);
         assert_eq!(c.taints[0].key, "a");
+        assert_eq!(
+            c.read_only_port, 0,
+            "a configuration file leaves the read-only port off"
+        );
+        std::fs::write(
+            &file,
+            "readOnlyPort: 10255\naddress: 10.0.0.1\nauthentication:\n  x509:\n    \
+             clientCAFile: /etc/ca.crt\nauthorization:\n  mode: AlwaysAllow\n",
+        )
+        .unwrap();
+        let c = Config::resolve(flags(&["--config", path]), "n").unwrap();
+        assert_eq!(c.read_only_port, 10255);
+        assert_eq!(c.address, "10.0.0.1");
+        assert_eq!(c.client_ca_file, Some(PathBuf::from("/etc/ca.crt")));
+        assert!(!c.authorization_webhook);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn from_file(yaml: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile_dir();
+        let file = dir.join("kubelet.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        let config = Config::resolve(flags(&["--config", file.to_str().unwrap()]), "n");
+        std::fs::remove_dir_all(dir).unwrap();
+        config
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("nodelet-cfg-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error_naming_it_and_the_file() {
+        let err = from_file("maxPods: 3\nmaxPodz: 4\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("maxPodz") && err.contains("kubelet.yaml"),
+            "{err}"
+        );
+        let err = from_file("authentication:\n  x509:\n    clientCaFile: /ca\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("clientCaFile"), "{err}");
+    }
+
+    #[test]
+    fn a_kubelet_key_nodelet_ignores_is_a_warning_naming_it() {
+        let c = from_file(
+            "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n\
+             cgroupDriver: systemd\nauthentication:\n  anonymous:\n    enabled: false\n\
+             maxPods: 9\n",
+        )
+        .unwrap();
+        assert_eq!(c.max_pods, 9);
+        assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+        assert!(c.warnings[0].contains("cgroupDriver"), "{:?}", c.warnings);
+        assert!(c.warnings[0].contains("kubelet.yaml"), "{:?}", c.warnings);
+        assert!(c.warnings[1].contains("authentication.anonymous"));
+        assert!(from_file("").unwrap().warnings.is_empty());
+    }
+
+    #[test]
+    fn every_ignored_kubelet_key_is_one_the_file_does_not_read() {
+        for key in NOT_IMPLEMENTED {
+            let err = serde_yaml::from_str::<FileConfig>(&format!("{key}: null\n"))
+                .expect_err(key)
+                .to_string();
+            assert!(err.contains("unknown field"), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn durations_read_as_the_kubelet_writes_them() {
+        let secs = |y: &str| from_file(y).map(|c| c.file_check_frequency.as_secs());
+        assert_eq!(secs("fileCheckFrequency: 20s\n").unwrap(), 20);
+        assert_eq!(secs("fileCheckFrequency: 1m30s\n").unwrap(), 90);
+        assert_eq!(secs("fileCheckFrequency: 3\n").unwrap(), 3);
+        assert!(secs("fileCheckFrequency: 20x\n").is_err());
+        assert!(secs("fileCheckFrequency: s\n").is_err());
+    }
+
+    #[test]
+    fn the_streaming_idle_timeout_is_read_and_defaults_to_four_hours() {
+        let idle = |y: &str| from_file(y).unwrap().streaming_connection_idle_timeout;
+        assert_eq!(idle("port: 1\n"), std::time::Duration::from_secs(4 * 3600));
+        let five = idle("streamingConnectionIdleTimeout: 5m0s\n");
+        assert_eq!(five, std::time::Duration::from_secs(300));
+    }
+
+    #[test]
+    fn image_pulls_are_bounded_as_configured() {
+        assert_eq!(from_file("port: 1\n").unwrap().max_parallel_image_pulls, 5);
+        let serial = from_file("serializeImagePulls: true\n").unwrap();
+        assert_eq!(serial.max_parallel_image_pulls, 1);
+        let three = "serializeImagePulls: false\nmaxParallelImagePulls: 3\n";
+        assert_eq!(from_file(three).unwrap().max_parallel_image_pulls, 3);
+        assert!(from_file("serializeImagePulls: true\nmaxParallelImagePulls: 2\n").is_err());
+        assert!(from_file("maxParallelImagePulls: 0\n").is_err());
+        assert_eq!(
+            Config::resolve(flags(&[]), "n")
+                .unwrap()
+                .max_parallel_image_pulls,
+            5
+        );
     }
 
     #[test]
@@ -412,7 +794,6 @@ mod tests {
         assert!(Config::resolve(flags(&["--node-labels", "novalue"]), "n").is_err());
         assert!(Config::resolve(flags(&["--register-with-taints", "a=b:Bad"]), "n").is_err());
         assert!(Config::resolve(flags(&["--node-ip", "not-an-ip"]), "n").is_err());
-        assert!(Config::resolve(flags(&["--authorization-mode", "Webhook"]), "n").is_err());
         assert!(Config::resolve(flags(&["--authorization-mode", "RBAC"]), "n").is_err());
         let missing = Flags {
             config: Some("/nonexistent/nodelet.yaml".into()),

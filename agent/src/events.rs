@@ -1,8 +1,22 @@
 //! The event recorder: Kubernetes-style events about pods and the node. Every event is logged,
-//! kept in a bounded ring for the read-only endpoint, and handed to any sink (the API, in cluster
-//! mode). Recording never blocks and never fails the caller.
+//! kept in a bounded ring for `/events`, and handed to any sink (the API, in cluster mode).
+//! Recording never blocks and never fails the caller.
+//!
+//! Events are cut and correlated as the kubelet's recorder (client-go's `EventCorrelator`) does,
+//! so that nothing a manifest says can grow them and a repeating event cannot push the others
+//! out of the ring:
+//! - the message is cut to the API's 1024 bytes (as Kubernetes components cut them: the first
+//!   1020 bytes and ` ...`), the reason to 128;
+//! - the same event again (same source, object, type, reason and message) is the same Event with
+//!   its `count` bumped and `lastTimestamp` moved, not a new one (the sink patches it);
+//! - from the 10th event of one object and reason with different messages within 10 minutes,
+//!   they are one Event, its message prefixed `(combined from similar events): `.
+//!
+//! This is written here rather than taken from the `kube` crate's events `Recorder` because that
+//! one keys a series without the message (different messages merge into the first), writes only
+//! `events.k8s.io`, and cannot feed the local ring a standalone node has.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use jiff::Timestamp;
@@ -11,6 +25,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time
 use tokio::sync::mpsc;
 
 const RING: usize = 1000;
+/// The API's limit on an event's message (bytes), and on its reason.
+pub const MESSAGE_LIMIT: usize = 1024;
+const REASON_LIMIT: usize = 128;
+/// client-go's correlator: how many remembered events, how many similar ones before they are
+/// combined, and within what window.
+const CACHE_ENTRIES: usize = 4096;
+const AGGREGATE_MAX: usize = 10;
+const AGGREGATE_WINDOW: jiff::SignedDuration = jiff::SignedDuration::from_secs(600);
 
 /// Normal or Warning, as the API's `type` field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,7 +55,93 @@ impl EventType {
 pub struct Recorder {
     node: String,
     ring: Arc<Mutex<VecDeque<Event>>>,
+    correlator: Arc<Mutex<Correlator>>,
     sink: Arc<Mutex<Option<mpsc::UnboundedSender<Event>>>>,
+}
+
+/// What the recorder remembers to correlate events: the last Event per dedup key, and the
+/// distinct messages per aggregate key in the current window.
+#[derive(Default)]
+struct Correlator {
+    seen: HashMap<String, Event>,
+    similar: HashMap<String, (Timestamp, HashSet<String>)>,
+}
+
+impl Correlator {
+    /// `event` as it is to be recorded: combined with similar ones, and the same Event again
+    /// (its count bumped) when it repeats one.
+    fn observe(&mut self, mut event: Event, now: Timestamp) -> Event {
+        let object = &event.involved_object;
+        let aggregate = [
+            object.kind.as_deref(),
+            object.namespace.as_deref(),
+            object.name.as_deref(),
+            object.uid.as_deref(),
+            object.api_version.as_deref(),
+            event.type_.as_deref(),
+            event.reason.as_deref(),
+        ]
+        .map(Option::unwrap_or_default)
+        .join("\u{0}");
+        let message = event.message.clone().unwrap_or_default();
+        if self.similar.len() >= CACHE_ENTRIES && !self.similar.contains_key(&aggregate) {
+            self.similar
+                .retain(|_, (last, _)| *last + AGGREGATE_WINDOW > now);
+            if self.similar.len() >= CACHE_ENTRIES {
+                self.similar.clear();
+            }
+        }
+        let (last, messages) = self
+            .similar
+            .entry(aggregate.clone())
+            .or_insert_with(|| (now, HashSet::new()));
+        if *last + AGGREGATE_WINDOW <= now {
+            messages.clear();
+        }
+        *last = now;
+        messages.insert(message.clone());
+        let key = match messages.len() >= AGGREGATE_MAX {
+            true => {
+                let combined = format!("(combined from similar events): {message}");
+                event.message = Some(truncate(&combined, MESSAGE_LIMIT));
+                aggregate
+            }
+            false => {
+                let path = object.field_path.as_deref().unwrap_or_default();
+                format!("{aggregate}\u{0}{path}\u{0}{message}")
+            }
+        };
+        if let Some(previous) = self.seen.get(&key) {
+            event.metadata.name = previous.metadata.name.clone();
+            event.first_timestamp = previous.first_timestamp.clone();
+            event.event_time = previous.event_time.clone();
+            event.count = Some(previous.count.unwrap_or(1).saturating_add(1));
+        } else if self.seen.len() >= CACHE_ENTRIES {
+            // The oldest remembered event goes, as from client-go's LRU.
+            let oldest = self
+                .seen
+                .iter()
+                .min_by_key(|(_, e)| e.last_timestamp.as_ref().map(|t| t.0))
+                .map(|(k, _)| k.clone());
+            oldest.map(|k| self.seen.remove(&k));
+        }
+        self.seen.insert(key, event.clone());
+        event
+    }
+}
+
+/// `text` cut to `limit` bytes as Kubernetes components cut event messages: the first
+/// `limit - 4` bytes (on a character boundary) and ` ...`.
+pub fn truncate(text: &str, limit: usize) -> String {
+    if text.len() <= limit {
+        return text.to_string();
+    }
+    let suffix = " ...";
+    let mut end = limit.saturating_sub(suffix.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{suffix}", &text[..end])
 }
 
 impl Recorder {
@@ -41,6 +149,7 @@ impl Recorder {
         Self {
             node: node.to_string(),
             ring: Arc::default(),
+            correlator: Arc::default(),
             sink: Arc::default(),
         }
     }
@@ -57,6 +166,9 @@ impl Recorder {
 
     /// Records an event about `object` (a pod, or the node).
     pub fn record(&self, object: ObjectReference, kind: EventType, reason: &str, message: &str) {
+        let message = truncate(message, MESSAGE_LIMIT);
+        let reason = truncate(reason, REASON_LIMIT);
+        let reason = reason.as_str();
         match kind {
             EventType::Normal => tracing::info!(
                 object = object.name.as_deref().unwrap_or(""),
@@ -82,7 +194,7 @@ impl Recorder {
             involved_object: object,
             type_: Some(kind.as_str().to_string()),
             reason: Some(reason.to_string()),
-            message: Some(message.to_string()),
+            message: Some(message),
             source: Some(EventSource {
                 component: Some("nodelet".into()),
                 host: Some(self.node.clone()),
@@ -95,8 +207,15 @@ impl Recorder {
             count: Some(1),
             ..Default::default()
         };
+        let event = self
+            .correlator
+            .lock()
+            .expect("correlator lock")
+            .observe(event, now);
         {
             let mut ring = self.ring.lock().expect("ring lock");
+            // A repeated Event moves to the end with its new count; others are not pushed out.
+            ring.retain(|e| e.metadata.name != event.metadata.name);
             if ring.len() == RING {
                 ring.pop_front();
             }
@@ -131,5 +250,104 @@ pub fn pod_ref(
         uid: pod.metadata.uid.clone(),
         resource_version: pod.metadata.resource_version.clone(),
         field_path,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, field_path: Option<&str>) -> ObjectReference {
+        ObjectReference {
+            kind: Some("Pod".into()),
+            name: Some(name.into()),
+            namespace: Some("default".into()),
+            uid: Some(format!("uid-{name}")),
+            field_path: field_path.map(str::to_string),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn messages_and_reasons_are_cut_to_the_apis_limits() {
+        let recorder = Recorder::new("n");
+        let long = "é".repeat(1_000_000);
+        recorder.record(pod("p", None), EventType::Warning, &"R".repeat(300), &long);
+        let event = &recorder.recent()[0];
+        let message = event.message.as_deref().unwrap();
+        assert!(message.len() <= MESSAGE_LIMIT, "{}", message.len());
+        assert!(
+            message.ends_with("é ..."),
+            "{}",
+            &message[message.len() - 10..]
+        );
+        assert_eq!(event.reason.as_deref().unwrap().len(), 128);
+        assert_eq!(truncate("short", MESSAGE_LIMIT), "short");
+        assert_eq!(truncate(&"a".repeat(1025), 1024).len(), 1024);
+    }
+
+    #[test]
+    fn a_repeated_event_is_counted_not_recorded_again() {
+        let recorder = Recorder::new("n");
+        let probe = pod("p", Some("spec.containers{app}"));
+        for _ in 0..5000 {
+            recorder.record(
+                probe.clone(),
+                EventType::Warning,
+                "Unhealthy",
+                "Liveness probe failed",
+            );
+        }
+        recorder.record(pod("p", None), EventType::Warning, "Failed", "bad manifest");
+        let events = recorder.recent();
+        assert_eq!(events.len(), 2, "{events:#?}");
+        assert_eq!(events[0].count, Some(5000));
+        assert_eq!(events[0].message.as_deref(), Some("Liveness probe failed"));
+        assert!(events[0].first_timestamp <= events[0].last_timestamp);
+        assert_eq!(events[1].count, Some(1));
+        // Another container's identical message is an Event of its own.
+        recorder.record(
+            pod("p", Some("spec.containers{other}")),
+            EventType::Warning,
+            "Unhealthy",
+            "Liveness probe failed",
+        );
+        assert_eq!(recorder.recent().len(), 3);
+    }
+
+    #[test]
+    fn similar_events_are_combined_from_the_tenth_and_the_ring_keeps_the_rest() {
+        let recorder = Recorder::new("n");
+        recorder.record(
+            pod("bad", None),
+            EventType::Warning,
+            "Failed",
+            "invalid manifest",
+        );
+        for i in 0..3000 {
+            let message = format!("Readiness probe failed: attempt {i}");
+            recorder.record(pod("p", None), EventType::Warning, "Unhealthy", &message);
+        }
+        let events = recorder.recent();
+        assert_eq!(events.len(), 1 + 9 + 1, "9 on their own, then one combined");
+        assert_eq!(events[0].message.as_deref(), Some("invalid manifest"));
+        let combined = events.last().unwrap();
+        assert_eq!(
+            combined.message.as_deref(),
+            Some("(combined from similar events): Readiness probe failed: attempt 2999")
+        );
+        assert_eq!(combined.count, Some(3000 - 9));
+    }
+
+    #[test]
+    fn the_sink_sees_the_repeat_as_the_same_event() {
+        let recorder = Recorder::new("n");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        recorder.set_sink(tx);
+        recorder.record(pod("p", None), EventType::Normal, "Pulled", "image pulled");
+        recorder.record(pod("p", None), EventType::Normal, "Pulled", "image pulled");
+        let (first, second) = (rx.try_recv().unwrap(), rx.try_recv().unwrap());
+        assert_eq!(first.metadata.name, second.metadata.name);
+        assert_eq!((first.count, second.count), (Some(1), Some(2)));
     }
 }

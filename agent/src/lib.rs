@@ -5,10 +5,15 @@
 //! the volumes and the prober, and report status to the status manager, which feeds the sinks.
 #![deny(unsafe_code)]
 
+pub mod admission;
 pub mod agent;
 pub mod cluster;
 pub mod config;
 pub mod events;
+#[cfg(test)]
+mod heap;
+pub mod lock;
+pub mod memory;
 pub mod pod;
 pub mod probe;
 pub mod runtime;

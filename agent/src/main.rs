@@ -1,19 +1,26 @@
 //! The `nodelet` binary: tracing, configuration, run until SIGTERM/SIGINT, drain. A second
-//! signal exits at once. `nodelet log-driver <path>` is the logging binary the shim starts.
+//! signal exits at once. `nodelet log-driver <path>` runs the per-container log driver (the
+//! fallback when its own small binary could not be installed, see runtime::logdriver);
+//! `nodelet install-log-driver <dir>` installs that binary.
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("log-driver") {
-        return match nodelet::runtime::logdriver::run_log_driver(&args[1..]) {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("nodelet log-driver: {e}");
-                std::process::ExitCode::FAILURE
-            }
-        };
+    if args.get(1).map(String::as_str) == Some(nodelet::runtime::logdriver::PATH_KEY) {
+        return nodelet::runtime::logdriver::main_with_args(&args[1..]);
+    }
+    if let [_, sub, dir] = &args[..] {
+        if sub == nodelet::runtime::logdriver::INSTALL_SUBCOMMAND {
+            return match nodelet::runtime::logdriver::install(std::path::Path::new(dir)) {
+                Ok(_) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("installing the log driver in {dir}: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
     }
     let cli = nodelet::config::Cli::parse();
     let level = match cli.flags.verbosity.unwrap_or(0) {
@@ -38,6 +45,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    nodelet::memory::cap_arenas();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

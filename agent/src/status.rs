@@ -1,6 +1,8 @@
 //! The status manager: the one owner of every pod's reported status. Pod workers set it; the
 //! read-only endpoint and the API sink read it. Each pod's status carries a version that only
 //! grows, and a set that changes nothing is dropped, so sinks write only on change.
+//! Each entry is one shared object: reading the set (`all`, on every change, by each sink)
+//! copies pointers, never pods.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -11,7 +13,7 @@ use tokio::sync::watch;
 /// One pod as last reported: the desired object with the status computed for it.
 #[derive(Clone, Debug)]
 pub struct Reported {
-    pub pod: Pod,
+    pub pod: Arc<Pod>,
     /// Grows by one on every change of `pod.status`.
     pub version: u64,
     /// Set once the worker has finished the pod (terminated, resources released).
@@ -34,7 +36,7 @@ impl StatusManager {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let mut pods = self.pods.write().expect("status lock");
         let entry = pods.entry(uid).or_insert_with(|| Reported {
-            pod: pod.clone(),
+            pod: Arc::default(),
             version: 0,
             finished: false,
         });
@@ -43,10 +45,11 @@ impl StatusManager {
         if same_status && same_meta {
             return false;
         }
-        entry.pod = Pod {
+        entry.pod = Arc::new(Pod {
+            metadata: pod.metadata.clone(),
+            spec: pod.spec.clone(),
             status: Some(status),
-            ..pod.clone()
-        };
+        });
         if !same_status {
             entry.version += 1;
         }

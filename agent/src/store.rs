@@ -9,7 +9,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Secret};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, PersistentVolume, PersistentVolumeClaim, Secret, Service,
+};
 use tokio::sync::watch;
 
 /// The objects one source holds, keyed by (namespace, name); PVs are cluster-scoped (namespace "").
@@ -19,6 +21,8 @@ pub struct Objects {
     pub secrets: BTreeMap<(String, String), Secret>,
     pub claims: BTreeMap<(String, String), PersistentVolumeClaim>,
     pub volumes: BTreeMap<String, PersistentVolume>,
+    /// Every Service of the cluster (for the pods' service environment variables).
+    pub services: BTreeMap<(String, String), Service>,
 }
 
 /// The two layers: what `replace` resyncs and what `update` changes.
@@ -100,6 +104,14 @@ impl ObjectStore {
 
     pub fn volume(&self, name: &str) -> Option<PersistentVolume> {
         self.layers().find(|o| o.volumes.get(name))
+    }
+
+    /// Every Service in the store (an `update`d one before a `replace`d one of the same key).
+    pub fn services(&self) -> Vec<Service> {
+        let layers = self.layers();
+        let mut all = layers.replaced.services.clone();
+        all.extend(layers.updated.services.clone());
+        all.into_values().collect()
     }
 
     fn layers(&self) -> std::sync::RwLockReadGuard<'_, Layers> {

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Event, Pod};
 use serde::Deserialize;
 
+use crate::containerd_support::{ctr_at, OwnContainerd};
+
 pub use crate::runtime_support::ctr;
 
 /// The test images scripts/setup pushes.
@@ -27,7 +29,12 @@ pub struct Agent {
     pub port: u16,
     /// The secure (HTTPS) port.
     pub secure_port: u16,
+    /// Flags about the ports, replaceable before `spawn`: by default both ports on loopback,
+    /// a client CA made for the test and AlwaysAllow, so `https` is allowed.
+    pub port_args: Vec<String>,
     child: Option<Child>,
+    /// The socket of the test's own containerd (None: the machine's).
+    runtime_socket: Option<PathBuf>,
 }
 
 /// The nodelet binary built by `cargo build` (scripts/test builds all targets first).
@@ -82,9 +89,11 @@ impl Agent {
     /// (Re)starts the agent process on the same state, as systemd would after a crash.
     pub fn spawn(&mut self) {
         self.spawn_without_waiting();
-        self.wait_until("the agent serves /healthz", Duration::from_secs(60), |a| {
-            a.get("/healthz").is_some()
-        });
+        self.wait_until(
+            "the agent serves /healthz",
+            Duration::from_secs(60),
+            Agent::healthy,
+        );
     }
 
     /// SIGKILL: the agent dies without any clean-up, as in a crash.
@@ -117,15 +126,33 @@ impl Agent {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
     }
 
+    /// GET on the agent's local socket (pods, events, logs, metrics).
     fn get(&self, path: &str) -> Option<String> {
-        let url = format!("http://127.0.0.1:{}{}", self.port, path);
-        let out = Command::new("curl")
-            .args(["-fsS", "--max-time", "5", &url])
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        self.local_get(path)
+    }
+
+    /// The agent's root-only unix socket (`<run dir>/nodelet.sock`).
+    pub fn local_socket(&self) -> PathBuf {
+        self.dir.path().join("run/nodelet.sock")
+    }
+
+    /// GET on the local socket, which serves logs and events to root.
+    pub fn local_get(&self, path: &str) -> Option<String> {
+        let socket = self.local_socket();
+        let url = format!("http://localhost{path}");
+        curl_ok(&[
+            "-fsS",
+            "--max-time",
+            "5",
+            "--unix-socket",
+            socket.to_str()?,
+            &url,
+        ])
+    }
+
+    /// The process id of the running agent.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Writes one manifest file (atomically, so the agent never reads half a file).
@@ -195,7 +222,7 @@ impl Agent {
 
     /// Containers in the agent's containerd namespace (`ctr containers list -q`).
     pub fn containerd_containers(&self) -> Vec<String> {
-        ctr(&self.namespace(), &["containers", "list", "-q"])
+        self.ctr(&["containers", "list", "-q"])
             .lines()
             .map(str::to_string)
             .collect()
@@ -203,13 +230,20 @@ impl Agent {
 
     /// The pid of a container's task (`ctr tasks list`), if running.
     pub fn task_pid(&self, container_id: &str) -> Option<u32> {
-        ctr(&self.namespace(), &["tasks", "list"])
+        self.ctr(&["tasks", "list"])
             .lines()
             .filter(|l| l.starts_with(container_id))
             .find(|l| l.contains("RUNNING"))
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|p| p.parse().ok())
     }
+}
+
+fn curl_ok(args: &[&str]) -> Option<String> {
+    let out = Command::new("curl").args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 pub fn phase_of(pod: Option<&Pod>) -> Option<&str> {
@@ -228,23 +262,15 @@ pub fn container_id(pod: &Pod, container: &str) -> Option<String> {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill9();
-        // Remove whatever the agent left: tasks, containers, the namespace, pinned namespaces
-        // and mounts under the temp dir.
-        let ns = self.namespace();
-        for id in self.containerd_containers() {
-            ctr(&ns, &["tasks", "kill", "-s", "SIGKILL", &id]);
-        }
-        std::thread::sleep(Duration::from_millis(300));
-        for id in self.containerd_containers() {
-            ctr(&ns, &["tasks", "delete", "-f", &id]);
-            ctr(&ns, &["containers", "delete", &id]);
-        }
-        unmount_below(self.dir.path());
-        let _ = Command::new("ctr")
-            .args(["namespaces", "remove", &ns])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        // Remove whatever the agent left: tasks, containers, sandboxes (their IPs), cgroups,
+        // mounts under the temp dir, and the namespace with its images.
+        crate::leftovers::remove(&crate::leftovers::AgentDirs {
+            dir: self.dir.path().to_path_buf(),
+            root_dir: self.root_dir(),
+            run_dir: self.dir.path().join("run"),
+            containerd_namespace: self.namespace(),
+            containerd: self.runtime_socket.clone(),
+        });
     }
 }
 
@@ -275,12 +301,43 @@ impl Agent {
             .tempdir()
             .expect("tempdir");
         std::fs::create_dir_all(dir.path().join("manifests")).unwrap();
+        let pki = ClientPki::make(&dir.path().join("client-pki"), "test-admin");
+        let (port, secure_port) = (free_port(), free_port());
+        let port_args = vec![
+            "--read-only-port".into(),
+            port.to_string(),
+            "--port".into(),
+            secure_port.to_string(),
+            "--address".into(),
+            "127.0.0.1".into(),
+            "--client-ca-file".into(),
+            pki.ca.to_string_lossy().into_owned(),
+            "--authorization-mode".into(),
+            "AlwaysAllow".into(),
+        ];
         Agent {
             name: name.to_string(),
             dir,
-            port: free_port(),
-            secure_port: free_port(),
+            port,
+            secure_port,
+            port_args,
             child: None,
+            runtime_socket: None,
+        }
+    }
+
+    /// An agent (not started yet) on the test's own containerd.
+    pub fn unstarted_on(name: &str, containerd: &OwnContainerd) -> Agent {
+        let mut agent = Agent::unstarted(name);
+        agent.runtime_socket = Some(containerd.socket());
+        agent
+    }
+
+    /// `ctr` in the agent's namespace of the containerd it uses.
+    pub fn ctr(&self, args: &[&str]) -> String {
+        match &self.runtime_socket {
+            Some(socket) => ctr_at(socket, &self.namespace(), args),
+            None => ctr(&self.namespace(), args),
         }
     }
 
@@ -302,9 +359,14 @@ impl Agent {
             .arg("--pod-logs-dir")
             .arg(self.log_dir())
             .args(["--containerd-namespace", &self.namespace()])
-            .args(["--read-only-port", &self.port.to_string()])
-            .args(["--port", &self.secure_port.to_string()])
+            .args(self.runtime_socket.iter().flat_map(|s| {
+                [
+                    "--container-runtime-endpoint".to_string(),
+                    format!("unix://{}", s.display()),
+                ]
+            }))
             .args(["--node-ip", "127.0.0.1", "-v", "1"])
+            .args(&self.port_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -320,7 +382,7 @@ impl Agent {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
-    /// Whether /healthz answers.
+    /// Whether /healthz answers (on the local socket, which every agent serves).
     pub fn healthy(&self) -> bool {
         self.get("/healthz").is_some()
     }
@@ -329,13 +391,33 @@ impl Agent {
 impl Agent {
     /// curl on the secure port, trusting the agent's self-signed certificate: (exit code,
     /// HTTP status, body). `--max-time` bounds a followed stream.
+    /// The client is the test's `test-admin` certificate.
     pub fn https(&self, path: &str, max_time: u64) -> (i32, u16, String) {
+        let pki = self.dir.path().join("client-pki");
+        self.https_as(
+            path,
+            max_time,
+            Some((&pki.join("client.crt"), &pki.join("client.key"))),
+        )
+    }
+
+    /// As `https`, presenting the client certificate and key given (none when None).
+    pub fn https_as(
+        &self,
+        path: &str,
+        max_time: u64,
+        client: Option<(&Path, &Path)>,
+    ) -> (i32, u16, String) {
         let url = format!("https://127.0.0.1:{}{}", self.secure_port, path);
         let cert = self.root_dir().join("pki/nodelet.crt");
-        let out = Command::new("curl")
-            .args(["-sS", "-N", "--max-time", &max_time.to_string()])
+        let mut curl = Command::new("curl");
+        curl.args(["-sS", "-N", "--max-time", &max_time.to_string()])
             .arg("--cacert")
-            .arg(cert)
+            .arg(cert);
+        if let Some((cert, key)) = client {
+            curl.arg("--cert").arg(cert).arg("--key").arg(key);
+        }
+        let out = curl
             .args(["-w", "\n%{http_code}", &url])
             .output()
             .expect("curl");
@@ -354,5 +436,94 @@ impl Agent {
         query: &str,
     ) -> Option<String> {
         self.get(&format!("/containerLogs/{ns}/{pod}/{container}?{query}"))
+    }
+}
+
+/// A client CA and certificates it signed, made with openssl in `dir`: `ca.crt`, and
+/// `client.crt`/`client.key` for the user given.
+pub struct ClientPki {
+    pub ca: PathBuf,
+    dir: PathBuf,
+}
+
+impl ClientPki {
+    pub fn make(dir: &Path, user: &str) -> ClientPki {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(
+            dir.join("client.ext"),
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n",
+        )
+        .unwrap();
+        let pki = ClientPki {
+            ca: dir.join("ca.crt"),
+            dir: dir.to_path_buf(),
+        };
+        pki.request(&[
+            "-x509",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=nodelet-test-ca",
+        ]);
+        pki.issue("client", user, None);
+        pki
+    }
+
+    /// Issues `<name>.crt`/`<name>.key` for `user` (CN) in `group` (O); returns their paths.
+    pub fn issue(&self, name: &str, user: &str, group: Option<&str>) -> (PathBuf, PathBuf) {
+        let subject = match group {
+            Some(g) => format!("/O={g}/CN={user}"),
+            None => format!("/CN={user}"),
+        };
+        let (key, csr, crt) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+        );
+        self.request(&["-keyout", &key, "-out", &csr, "-subj", &subject]);
+        self.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            "2",
+            "-extfile",
+            "client.ext",
+        ]);
+        (self.dir.join(crt), self.dir.join(key))
+    }
+
+    /// `openssl req` making a new P-256 key, with `args`.
+    fn request(&self, args: &[&str]) {
+        let new_key = [
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        self.openssl(&[&new_key[..], args].concat());
+    }
+
+    fn openssl(&self, args: &[&str]) {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(&self.dir)
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
     }
 }

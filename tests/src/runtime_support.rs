@@ -22,9 +22,12 @@ pub fn multilayer() -> String {
     format!("{REGISTRY}/nodelet/multilayer:latest")
 }
 
-/// The logging binary the shim starts: the agent's own `nodelet log-driver`.
+/// The logging binary the shim starts: the agent's embedded log driver, installed as the
+/// agent installs it, beside the built `nodelet` (the name is per build; `cargo clean`
+/// removes it with the rest of the build).
 pub fn log_driver_binary() -> PathBuf {
-    crate::agent_support::nodelet_binary()
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug");
+    nodelet::runtime::logdriver::install(&dir).expect("install the log driver")
 }
 
 /// One test's runtime, namespace and scratch directory.
@@ -58,6 +61,7 @@ impl TestRuntime {
             namespace: namespace.into(),
             root_dir: root.to_path_buf(),
             log_driver: log_driver_binary(),
+            log_rotation: None,
         }
     }
 
@@ -103,10 +107,18 @@ impl TestRuntime {
 
     /// Removes every container, image and the namespace itself, and the test cgroups.
     pub async fn cleanup(&self) {
+        let mut pods = Vec::new();
         if let Ok(list) = self.rt.list().await {
             for c in list {
                 self.rt.remove(&c.id).await.expect("remove container");
+                pods.extend(c.labels.get(nodelet::runtime::labels::POD_UID).cloned());
             }
+        }
+        // A pod's cgroup outlives its sandbox while exited containers are left in it.
+        pods.sort();
+        pods.dedup();
+        for uid in &pods {
+            crate::leftovers::remove_pod_cgroup(uid);
         }
         let images = ctr(&self.namespace, &["images", "ls", "-q"]);
         for image in images.lines().filter(|l| !l.is_empty()) {
@@ -131,7 +143,13 @@ impl TestRuntime {
 
 /// Runs `ctr -n <namespace> <args>` and returns its stdout.
 pub fn ctr(namespace: &str, args: &[&str]) -> String {
+    ctr_with(&[], namespace, args)
+}
+
+/// `ctr <global> -n <namespace> <args>` (e.g. `--address <socket>`); its stdout.
+pub fn ctr_with(global: &[&std::ffi::OsStr], namespace: &str, args: &[&str]) -> String {
     let out = Command::new("ctr")
+        .args(global)
         .arg("-n")
         .arg(namespace)
         .args(args)
@@ -343,4 +361,18 @@ impl Drop for SocketProxy {
         self.accept.abort();
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// The existing `nodelet/pod<uid>` cgroup directories of a pod (the cgroup v2 root and each
+/// v1 hierarchy under /sys/fs/cgroup).
+pub fn pod_cgroups(uid: &str) -> Vec<PathBuf> {
+    let root = Path::new("/sys/fs/cgroup");
+    let hierarchies = std::fs::read_dir(root).into_iter().flatten().flatten();
+    let dir = format!("nodelet/pod{uid}");
+    hierarchies
+        .map(|e| e.path())
+        .chain([root.to_path_buf()])
+        .map(|h| h.join(&dir))
+        .filter(|p| p.is_dir())
+        .collect()
 }

@@ -20,7 +20,13 @@ fn unhealthy(agent: &Agent, prefix: &str) -> Vec<String> {
         .events()
         .into_iter()
         .filter(|e| e.reason.as_deref() == Some("Unhealthy"))
-        .filter_map(|e| e.message)
+        // One per occurrence: the agent counts repeats of one Event.
+        .flat_map(|e| {
+            std::iter::repeat_n(
+                e.message.unwrap_or_default(),
+                e.count.unwrap_or(1).max(1) as usize,
+            )
+        })
         .filter(|m| m.starts_with(prefix))
         .collect()
 }
@@ -201,9 +207,8 @@ fn bad_manifests_and_missing_images_are_reported_without_disturbing_other_pods()
         "{manifest_errors:?}"
     );
     assert!(
-        manifest_errors
-            .iter()
-            .any(|m| m.contains("invalid.yaml") && m.contains("image is required")),
+        manifest_errors.iter().any(|m| m.contains("invalid.yaml")
+            && m.contains("spec.containers[0].image: Required value")),
         "{manifest_errors:?}"
     );
     assert!(agent.pod("noimage").is_none());
@@ -398,8 +403,10 @@ fn the_secure_port_follows_logs_over_tls_and_refuses_exec() {
         "{body}"
     );
 
-    let (_, code, body) = agent.https("/exec/default/ticker/main?command=sh", 10);
-    assert_eq!(code, 501, "{body}");
+    // exec is served, but only as an upgrade to a stream (tests/tests/streaming.rs).
+    let (_, code, body) = agent.https("/exec/default/ticker/main?command=sh&stdout=1", 10);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("unable to upgrade"), "{body}");
 }
 
 #[test]
@@ -855,4 +862,286 @@ fn a_csi_block_volume_is_a_device_in_the_container_and_survives_an_agent_restart
     assert!(!target.exists() && !staging.exists());
     let pod_dir = agent.root_dir().join("pods").join(&uid);
     assert!(!pod_dir.join("volumeDevices").exists());
+}
+
+/// Warning events whose reason is `reason`, as (object name, message).
+fn warnings(agent: &Agent, reason: &str) -> Vec<(String, String)> {
+    agent
+        .events()
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .map(|e| {
+            (
+                e.involved_object.name.unwrap_or_default(),
+                e.message.unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn two_manifests_with_one_pod_name_run_one_pod_and_refuse_the_other_across_restarts() {
+    let mut agent = Agent::start("twins");
+    agent.write_manifest("b.yaml", &sleeper("twin"));
+    agent.write_manifest("a.yaml", &sleeper("twin").replace("sleep 0.2", "sleep 0.3"));
+    let pod = agent.wait_phase("twin", "Running", MINUTE);
+    let id = container_id(&pod, "main").unwrap();
+    agent.wait_until("the duplicate is refused with a reason", MINUTE, |a| {
+        warnings(a, "FailedValidation").iter().any(|(name, m)| {
+            name == "twin" && m.contains("from file due to duplicate pod name \"twin\", ignoring")
+        })
+    });
+    assert!(agent.agent_log().contains("duplicate pod name"));
+    assert_eq!(agent.containerd_containers(), std::slice::from_ref(&id));
+    let command = pod.spec.as_ref().unwrap().containers[0].command.clone();
+    assert!(format!("{command:?}").contains("sleep 0.3"), "a.yaml wins");
+
+    for _ in 0..2 {
+        agent.kill9();
+        agent.spawn();
+        agent.wait_until("the same pod is re-adopted", MINUTE, |a| {
+            a.pod("twin").is_some_and(|p| {
+                phase_of(Some(&p)) == Some("Running")
+                    && container_id(&p, "main").as_deref() == Some(id.as_str())
+            })
+        });
+        agent.wait_until("the duplicate is refused again", MINUTE, |a| {
+            !warnings(a, "FailedValidation").is_empty()
+        });
+        assert_eq!(
+            agent.containerd_containers(),
+            std::slice::from_ref(&id),
+            "never both"
+        );
+        assert_eq!(agent.pods().len(), 1);
+    }
+}
+
+#[test]
+fn a_manifest_removed_and_put_back_unchanged_runs_again() {
+    let agent = Agent::start("putback");
+    agent.write_manifest("ticker.yaml", &sleeper("ticker"));
+    let pod = agent.wait_phase("ticker", "Running", MINUTE);
+    let id = container_id(&pod, "main").unwrap();
+    agent.remove_manifest("ticker.yaml");
+    agent.wait_until("the pod is gone", MINUTE, |a| {
+        a.pod("ticker").is_none() && !a.containerd_containers().contains(&id)
+    });
+    agent.write_manifest("ticker.yaml", &sleeper("ticker"));
+    let again = agent.wait_phase("ticker", "Running", MINUTE);
+    assert_eq!(
+        again.metadata.uid, pod.metadata.uid,
+        "same content, same UID"
+    );
+    let id = container_id(&again, "main").unwrap();
+    assert!(agent.task_pid(&id).is_some(), "its container runs again");
+}
+
+#[test]
+fn a_manifest_edited_while_the_agent_is_down_runs_only_the_new_pod_after_the_restart() {
+    let mut agent = Agent::start("editdown");
+    agent.write_manifest("ticker.yaml", &sleeper("ticker"));
+    let old = agent.wait_phase("ticker", "Running", MINUTE);
+    let old_id = container_id(&old, "main").unwrap();
+    agent.kill9();
+    agent.write_manifest(
+        "ticker.yaml",
+        &sleeper("ticker").replace("sleep 0.2", "sleep 0.3"),
+    );
+    agent.spawn();
+    agent.wait_until("the old container is removed", MINUTE, |a| {
+        !a.containerd_containers().contains(&old_id)
+    });
+    agent.wait_until("the new pod runs", MINUTE, |a| {
+        a.pod("ticker").is_some_and(|p| {
+            p.metadata.uid != old.metadata.uid && phase_of(Some(&p)) == Some("Running")
+        })
+    });
+    assert_eq!(agent.containerd_containers().len(), 1);
+    assert_eq!(agent.pods().len(), 1);
+}
+
+#[test]
+fn hostile_names_are_refused_and_create_nothing_outside_the_agents_dirs() {
+    let agent = Agent::start("hostile");
+    let escape = format!("nodelet-escape-{}", std::process::id());
+    let up = "../".repeat(12);
+    let bad = [
+        ("name.yaml", sleeper("ticker").replace("name: ticker", &format!("name: {up}tmp/{escape}"))),
+        ("ns.yaml", sleeper("ticker").replace("name: ticker", &format!("name: x\n  namespace: {up}tmp/{escape}"))),
+        ("vol.yaml", format!("{}    volumeMounts: [{{name: \"{up}tmp/{escape}\", mountPath: /v}}]\n  volumes:\n  - name: \"{up}tmp/{escape}\"\n    emptyDir: {{}}\n", sleeper("vol"))),
+        ("ctr.yaml", sleeper("ctr").replace("- name: main", &format!("- name: \"{up}tmp/{escape}\""))),
+    ];
+    for (file, yaml) in &bad {
+        agent.write_manifest(file, yaml);
+    }
+    agent.write_manifest("good.yaml", &sleeper("good"));
+    agent.wait_phase("good", "Running", MINUTE);
+    agent.wait_until(
+        "every hostile manifest refused with a reason",
+        MINUTE,
+        |a| {
+            let refused = warnings(a, "FailedManifest");
+            bad.iter().all(|(file, _)| {
+                refused
+                    .iter()
+                    .any(|(_, m)| m.contains(file) && m.contains("Invalid value"))
+            })
+        },
+    );
+    let log = agent.agent_log();
+    assert!(
+        log.contains("metadata.name: Invalid value"),
+        "the log says why"
+    );
+    assert_eq!(agent.pods().len(), 1, "only the good pod");
+    let escaped: Vec<_> = std::fs::read_dir("/tmp")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(&escape))
+        .map(|e| e.path())
+        .collect();
+    assert!(escaped.is_empty(), "created outside the root: {escaped:?}");
+    let top: Vec<String> = std::fs::read_dir(agent.dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("escape") || n.contains(".."))
+        .collect();
+    assert!(top.is_empty(), "{top:?}");
+}
+
+#[test]
+fn a_second_agent_sharing_a_root_run_dir_or_namespace_refuses_to_start_naming_the_first() {
+    let first = Agent::start("locked");
+    let pid = first.agent_log();
+    assert!(!pid.is_empty());
+    let other = tempfile::tempdir().unwrap();
+    let own = |n: &str| other.path().join(n);
+    let variants = [
+        // Its own dirs, the first agent's containerd namespace.
+        (own("root"), own("run"), first.namespace()),
+        (
+            first.root_dir(),
+            own("run"),
+            "nodelet-test-locked-2".to_string(),
+        ),
+        (
+            own("root"),
+            first.dir.path().join("run"),
+            "nodelet-test-locked-3".to_string(),
+        ),
+    ];
+    for (root, run, ns) in variants {
+        let mut child = std::process::Command::new(nodelet_tests::agent_support::nodelet_binary())
+            .args(["--root-dir", &root.display().to_string()])
+            .args(["--run-dir", &run.display().to_string()])
+            .args(["--pod-logs-dir", &own("logs").display().to_string()])
+            .args(["--containerd-namespace", &ns])
+            .args(["--read-only-port", "0", "--port", "0"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + MINUTE;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let out = child.wait_with_output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "the second agent must refuse to start: {text}"
+        );
+        assert!(text.contains("another nodelet holds"), "{text}");
+        assert!(
+            text.contains(&format!("root {}", first.root_dir().display())),
+            "names the first agent: {text}"
+        );
+        assert!(text.contains("pid "), "{text}");
+    }
+    assert!(first.healthy(), "the first agent is undisturbed");
+}
+
+#[test]
+fn pods_the_node_cannot_admit_fail_with_the_kubelets_reason_and_never_start() {
+    let agent = Agent::start("admission");
+    agent.write_manifest(
+        "sysctl.yaml",
+        &sleeper("sysctl").replace(
+            "spec:\n",
+            "spec:\n  securityContext:\n    sysctls: [{name: kernel.msgmax, value: '10000000'}]\n",
+        ),
+    );
+    agent.write_manifest(
+        "windows.yaml",
+        &sleeper("windows").replace("spec:\n", "spec:\n  os: {name: windows}\n"),
+    );
+    agent.write_manifest(
+        "selector.yaml",
+        &sleeper("selector").replace("spec:\n", "spec:\n  nodeSelector: {disk: none}\n"),
+    );
+    agent.write_manifest(
+        "huge.yaml",
+        &sleeper("huge").replace(
+            "    command:",
+            "    resources: {requests: {cpu: '100000'}}\n    command:",
+        ),
+    );
+    let expected = [
+        ("sysctl", "SysctlForbidden", "Pod was rejected: forbidden sysctl: \"kernel.msgmax\" not allowlisted"),
+        ("windows", "PodOSNotSupported", "Pod was rejected: Failed to admit pod as the OS field doesn't match node OS"),
+        ("selector", "NodeAffinity", "Pod was rejected: Predicate NodeAffinity failed: node(s) didn't match Pod's node affinity/selector"),
+        ("huge", "OutOfcpu", "Pod was rejected: Node didn't have enough resource: cpu, requested: 100000000"),
+    ];
+    for (name, reason, message) in expected {
+        let pod = agent.wait_phase(name, "Failed", MINUTE);
+        let status = pod.status.unwrap();
+        assert_eq!(status.reason.as_deref(), Some(reason), "{name}");
+        let text = status.message.unwrap_or_default();
+        assert!(text.starts_with(message), "{name}: {text}");
+        assert!(
+            warnings(&agent, reason).iter().any(|(n, _)| n == name),
+            "a Warning event {reason} on {name}"
+        );
+    }
+    assert!(
+        agent.containerd_containers().is_empty(),
+        "nothing started: {:?}",
+        agent.containerd_containers()
+    );
+}
+
+/// The agent installs its log driver by running itself as `nodelet install-log-driver <dir>`
+/// (so the pages of the embedded copy are paged in by a child that exits, not by the agent):
+/// the result is this build's static driver, executable.
+#[test]
+fn the_agent_binary_installs_its_log_driver_when_run_as_installer() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    let out = std::process::Command::new(nodelet_tests::agent_support::nodelet_binary())
+        .arg(nodelet::runtime::logdriver::INSTALL_SUBCOMMAND)
+        .arg(&bin)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let driver = bin.join(nodelet::runtime::logdriver::file_name());
+    let usage = std::process::Command::new(&driver).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&usage.stderr).starts_with("nodelet-log-driver: usage:"),
+        "{usage:?}"
+    );
 }

@@ -2,18 +2,20 @@
 //! killed and restarted under it, the agent killed in the middle of a termination, containerd
 //! down when the agent starts, a full root disk, and many bad inputs at once.
 //!
-//! Some tests kill the machine's shared containerd, so every test here holds one global lock
-//! (cargo runs test binaries one after another; within this binary the lock serialises them).
-//! containerd is started again exactly as scripts/setup does it (the script starts it when the
-//! socket does not answer), also when a test fails half-way.
+//! A test that kills containerd runs its own (`OwnContainerd`: own socket, root and state dirs,
+//! started by the test and killed by its PID), never the machine's or another test's. The
+//! tests here still run one at a time (one global lock), so that one's load does not disturb
+//! another's timing.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ContainerStatus, Event, Pod};
 use nodelet_tests::agent_support::{container_id, phase_of, Agent, BUSYBOX};
+use nodelet_tests::containerd_support::OwnContainerd;
+use nodelet_tests::runtime_support::pod_cgroups;
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -26,77 +28,6 @@ static LOCK: Mutex<()> = Mutex::new(());
 /// Serialises the tests of this binary; a panicked test does not poison the others.
 fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn setup_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/setup")
-}
-
-fn containerd_answers() -> bool {
-    Command::new("ctr")
-        .arg("version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn containerd_pid() -> Option<u32> {
-    let out = Command::new("pgrep")
-        .args(["-x", "containerd"])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .and_then(|l| l.trim().parse().ok())
-}
-
-/// SIGKILLs containerd and waits until its socket no longer answers.
-fn kill_containerd() {
-    let pid = containerd_pid().expect("containerd is running (run scripts/setup)");
-    let killed = Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success(), "kill -9 containerd ({pid})");
-    wait_for("containerd to stop answering", MINUTE, || {
-        !containerd_answers()
-    });
-}
-
-/// Runs scripts/setup in its own session (so containerd outlives this test process and no
-/// terminal signal reaches it); it starts containerd when the socket does not answer.
-fn run_setup() -> std::process::Output {
-    Command::new("setsid")
-        .arg("bash")
-        .arg(setup_script())
-        .stdin(Stdio::null())
-        .output()
-        .expect("run scripts/setup")
-}
-
-fn start_containerd() {
-    let out = run_setup();
-    assert!(
-        out.status.success() && containerd_answers(),
-        "scripts/setup did not bring containerd back: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Brings containerd back when dropped, so a failing test leaves the machine usable (and the
-/// agent's own clean-up, which needs containerd, works). Declare it after the `Agent`: locals
-/// drop in reverse order, so containerd is back before the agent cleans up.
-struct ContainerdBack;
-
-impl Drop for ContainerdBack {
-    fn drop(&mut self) {
-        if !containerd_answers() {
-            let _ = run_setup();
-        }
-    }
 }
 
 fn wait_for(what: &str, timeout: Duration, check: impl Fn() -> bool) {
@@ -195,8 +126,9 @@ fn flag_waiter(name: &str, flags: &Path) -> String {
 #[test]
 fn a_containerd_restart_leaves_pods_running_and_exits_are_still_seen() {
     let _serial = serial();
-    let mut agent = Agent::start("chaos-containerd");
-    let _back = ContainerdBack;
+    let mut containerd = OwnContainerd::start("restart");
+    let mut agent = Agent::unstarted_on("chaos-containerd", &containerd);
+    agent.spawn();
     let flags = agent.dir.path().join("flags");
     let down_flags = agent.dir.path().join("down-flags");
     agent.write_manifest("waiter.yaml", &flag_waiter("waiter", &flags));
@@ -218,7 +150,7 @@ fn a_containerd_restart_leaves_pods_running_and_exits_are_still_seen() {
         a.agent_log().contains("exit event")
     });
 
-    kill_containerd();
+    containerd.kill9();
     assert!(
         Path::new(&format!("/proc/{pid}")).exists(),
         "the container's process outlives containerd (its shim keeps it)"
@@ -234,7 +166,7 @@ fn a_containerd_restart_leaves_pods_running_and_exits_are_still_seen() {
     let pod = agent.pod("waiter").unwrap();
     assert_eq!(restarts(Some(&pod), "main"), Some(0));
     assert!(running(Some(&pod), "main"), "still reported running");
-    start_containerd();
+    containerd.spawn();
     assert_eq!(
         agent.task_pid(&id),
         Some(pid),
@@ -329,11 +261,8 @@ fn an_agent_killed_mid_termination_still_kills_the_container_after_its_term() {
         "the agent's death does not end the container"
     );
 
-    // The restarted agent finishes the termination: the container is killed and removed.
-    // What nodelet does (upstream resumes the termination with the full original grace): the
-    // pod's file is gone and the removal was only in the dead agent's memory, so on start the
-    // pod is an orphan and its containers are SIGKILLed at once in the first sync, without
-    // waiting out the rest of the grace period.
+    // The restarted agent finishes the termination from the pod's checkpoint, as upstream
+    // resumes it: the container is killed (after a grace period again) and removed.
     let restarted = Instant::now();
     agent.spawn();
     agent.wait_until("the container is killed and removed", MINUTE, |a| {
@@ -348,16 +277,19 @@ fn an_agent_killed_mid_termination_still_kills_the_container_after_its_term() {
         restarted.elapsed()
     );
     agent.wait_until("the pod is gone", MINUTE, |a| a.pod("stubborn").is_none());
-    assert!(log_has(&log, "got TERM"), "TERM came before the KILL");
+    // TERM came before the KILL (seen above); the pod's logs went with the pod.
+    agent.wait_until("the pod's log directory is removed", MINUTE, |_| {
+        !log.parent().is_some_and(Path::exists)
+    });
     assert_no_panic(&agent);
 }
 
 #[test]
 fn the_agent_waits_for_containerd_at_start_and_then_runs_pods() {
     let _serial = serial();
-    let mut agent = Agent::unstarted("chaos-late");
-    let _back = ContainerdBack;
-    kill_containerd();
+    let mut containerd = OwnContainerd::start("late");
+    let mut agent = Agent::unstarted_on("chaos-late", &containerd);
+    containerd.kill9();
     agent.spawn_without_waiting();
     agent.wait_until("the agent says containerd is not answering", MINUTE, |a| {
         a.agent_log().matches("containerd is not answering").count() >= 2
@@ -365,7 +297,7 @@ fn the_agent_waits_for_containerd_at_start_and_then_runs_pods() {
     assert!(agent.alive(), "the agent retries instead of exiting");
     assert!(!agent.healthy(), "no /healthz before the runtime connected");
 
-    start_containerd();
+    containerd.spawn();
     agent.wait_until("the agent serves /healthz", MINUTE, Agent::healthy);
     assert!(agent.alive());
     agent.write_manifest("ticker.yaml", &ticker("ticker"));
@@ -377,8 +309,9 @@ fn the_agent_waits_for_containerd_at_start_and_then_runs_pods() {
 #[test]
 fn an_agent_restarted_while_containerd_is_down_readopts_its_pods_once_it_answers() {
     let _serial = serial();
-    let mut agent = Agent::start("chaos-both");
-    let _back = ContainerdBack;
+    let mut containerd = OwnContainerd::start("both");
+    let mut agent = Agent::unstarted_on("chaos-both", &containerd);
+    agent.spawn();
     agent.write_manifest("ticker.yaml", &ticker("ticker"));
     let pod = agent.wait_phase("ticker", "Running", MINUTE);
     let id = container_id(&pod, "main").unwrap();
@@ -386,7 +319,7 @@ fn an_agent_restarted_while_containerd_is_down_readopts_its_pods_once_it_answers
 
     // Both die; the agent comes back first.
     agent.kill9();
-    kill_containerd();
+    containerd.kill9();
     agent.spawn_without_waiting();
     agent.wait_until("the agent says containerd is not answering", MINUTE, |a| {
         a.agent_log().matches("containerd is not answering").count() >= 2
@@ -397,7 +330,7 @@ fn an_agent_restarted_while_containerd_is_down_readopts_its_pods_once_it_answers
         "the pod runs on with neither agent nor containerd"
     );
 
-    start_containerd();
+    containerd.spawn();
     agent.wait_until("the agent serves /healthz", MINUTE, Agent::healthy);
     let again = agent.wait_phase("ticker", "Running", MINUTE);
     assert_eq!(container_id(&again, "main").as_deref(), Some(id.as_str()));
@@ -417,8 +350,9 @@ fn an_agent_restarted_while_containerd_is_down_readopts_its_pods_once_it_answers
 #[test]
 fn a_containerd_restart_during_a_pod_start_is_retried_without_leaks() {
     let _serial = serial();
-    let agent = Agent::start("chaos-midstart");
-    let _back = ContainerdBack;
+    let mut containerd = OwnContainerd::start("midstart");
+    let mut agent = Agent::unstarted_on("chaos-midstart", &containerd);
+    agent.spawn();
     // The image is present, so the pod's start is quick: kill containerd right in it.
     agent.write_manifest("first.yaml", &ticker("first"));
     agent.wait_phase("first", "Running", MINUTE);
@@ -426,9 +360,9 @@ fn a_containerd_restart_during_a_pod_start_is_retried_without_leaks() {
     agent.wait_until("the agent started on midstart", MINUTE, |a| {
         a.agent_log().contains("pod=midstart")
     });
-    kill_containerd();
+    containerd.kill9();
     std::thread::sleep(Duration::from_secs(2));
-    start_containerd();
+    containerd.spawn();
     // Its container runs (a start the kill cut short may have needed another attempt).
     let current = |a: &Agent| a.pod("midstart").and_then(|p| container_id(&p, "main"));
     agent.wait_until("midstart's container runs", MINUTE, |a| {
@@ -449,6 +383,97 @@ fn a_containerd_restart_during_a_pod_start_is_retried_without_leaks() {
             .collect::<Vec<_>>()
     );
     assert!(containers.contains(&id));
+    assert_no_panic(&agent);
+}
+
+/// Issue 10 (10, 11, 12, 13): pods deleted while containerd is down. A TERM-ignoring pod and
+/// a plain one are removed, and a completed one too, while the test's own containerd is dead;
+/// the kills and removals fail meanwhile. Once containerd is back every removal finishes
+/// without an agent restart: no container, task, container snapshot, rootfs mount, pod cgroup
+/// or log directory of them is left, their processes are gone, and the pod that stays runs on
+/// untouched.
+#[test]
+fn pods_removed_while_containerd_is_down_leave_nothing_once_it_is_back() {
+    let _serial = serial();
+    let mut containerd = OwnContainerd::start("deletes");
+    let mut agent = Agent::unstarted_on("chaos-deletes", &containerd);
+    agent.spawn();
+    let stubborn = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: stubborn}}\nspec:\n  terminationGracePeriodSeconds: 3\n  containers:\n  - name: main\n    image: {BUSYBOX}\n    command: [sh, -c, 'trap \"echo got TERM\" TERM; while true; do sleep 0.2; done']\n"
+    );
+    let done = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: done}}\nspec:\n  restartPolicy: Never\n  containers:\n  - name: main\n    image: {BUSYBOX}\n    command: [sh, -c, 'echo done']\n"
+    );
+    agent.write_manifest("keep.yaml", &ticker("keep"));
+    agent.write_manifest("plain.yaml", &ticker("plain"));
+    agent.write_manifest("stubborn.yaml", &stubborn);
+    agent.write_manifest("done.yaml", &done);
+    let keep = agent.wait_phase("keep", "Running", MINUTE);
+    let keep_id = container_id(&keep, "main").unwrap();
+    let keep_pid = agent.task_pid(&keep_id).expect("keep runs");
+    let mut removed = Vec::new();
+    for name in ["plain", "stubborn", "done"] {
+        let phase = if name == "done" {
+            "Succeeded"
+        } else {
+            "Running"
+        };
+        let pod = agent.wait_phase(name, phase, MINUTE);
+        let id = container_id(&pod, "main").unwrap();
+        let pid = agent.task_pid(&id);
+        removed.push((name, pod, id, pid));
+    }
+
+    containerd.kill9();
+    for (name, ..) in &removed {
+        agent.remove_manifest(&format!("{name}.yaml"));
+    }
+    // Over a worker resync and past the grace: every kill and removal fails meanwhile.
+    std::thread::sleep(RESYNC_AND_MORE);
+    assert!(agent.alive(), "the agent rides out containerd's absence");
+    containerd.spawn();
+
+    agent.wait_until("only keep's container is left", MINUTE, |a| {
+        a.containerd_containers() == vec![keep_id.clone()]
+    });
+    agent.wait_until("only keep is listed", MINUTE, |a| {
+        a.pods().len() == 1 && a.pod("keep").is_some()
+    });
+    let snapshots = agent.ctr(&["snapshots", "ls"]);
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for (name, pod, id, pid) in &removed {
+        if let Some(pid) = pid {
+            assert!(
+                !Path::new(&format!("/proc/{pid}")).exists(),
+                "{name}'s process still runs"
+            );
+        }
+        assert!(
+            !snapshots.contains(id.as_str()),
+            "{name}'s snapshot is left:\n{snapshots}"
+        );
+        assert!(
+            !mountinfo.contains(id.as_str()),
+            "{name}'s rootfs is still mounted"
+        );
+        let uid = pod.metadata.uid.as_deref().unwrap();
+        let cgroups = pod_cgroups(uid);
+        assert!(cgroups.is_empty(), "{name}'s cgroups are left: {cgroups:?}");
+        let logs = log_file(&agent, pod, "main", 0);
+        let pod_logs = logs.parent().and_then(Path::parent).unwrap();
+        assert!(
+            !pod_logs.exists(),
+            "{name}'s logs are left: {}",
+            pod_logs.display()
+        );
+    }
+    let keep = agent.pod("keep").unwrap();
+    assert_eq!(restarts(Some(&keep), "main"), Some(0));
+    assert_eq!(
+        agent.task_pid(&keep_id),
+        Some(keep_pid),
+        "keep runs on untouched"
+    );
     assert_no_panic(&agent);
 }
 
@@ -664,5 +689,76 @@ fn many_bad_inputs_at_once_each_get_a_reason_and_the_good_pod_keeps_running() {
     assert_eq!(phase_of(Some(&good)), Some("Running"));
     assert_eq!(restarts(Some(&good), "main"), Some(0));
     assert!(warnings_for(&agent.events(), "good").is_empty());
+    assert_no_panic(&agent);
+}
+
+/// The texts of a CRI log's records, partial records joined to the line they begin.
+fn log_lines(cri_log: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut partial = String::new();
+    for record in cri_log.lines() {
+        let mut fields = record.splitn(4, ' ');
+        let (_time, _stream) = (fields.next(), fields.next());
+        let (tag, text) = (fields.next().unwrap_or(""), fields.next().unwrap_or(""));
+        partial.push_str(text);
+        if tag == "F" {
+            lines.push(std::mem::take(&mut partial));
+        }
+    }
+    lines
+}
+
+#[test]
+fn a_container_logging_fast_loses_and_repeats_no_line_while_the_agent_is_killed() {
+    let _serial = serial();
+    let mut agent = Agent::start("chaos-logs");
+    let flags = agent.dir.path().join("log-flags");
+    std::fs::create_dir_all(&flags).unwrap();
+    // Numbered lines as fast as busybox's shell writes them (a pause every 100 lines keeps the
+    // file small) until the host creates /flags/stop.
+    let yaml = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: chatty}}\nspec:\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: main\n    image: {BUSYBOX}\n    command: [sh, -c, 'i=0; while [ ! -e /flags/stop ]; do echo line $i; i=$((i+1)); [ $((i % 100)) = 0 ] && usleep 2000; done; echo done $i; exec sleep 3600']\n    volumeMounts: [{{name: flags, mountPath: /flags}}]\n  volumes:\n  - name: flags\n    hostPath: {{path: {}, type: Directory}}\n",
+        flags.display()
+    );
+    agent.write_manifest("chatty.yaml", &yaml);
+    let pod = agent.wait_phase("chatty", "Running", MINUTE);
+    // The agent installed its small driver (not the fallback of running itself).
+    let driver = nodelet::runtime::logdriver::file_name();
+    assert!(agent.root_dir().join("bin").join(driver).exists());
+    let log = log_file(&agent, &pod, "main", 0);
+    let size = || std::fs::metadata(&log).map_or(0, |m| m.len());
+    for round in 0..2 {
+        let before = size();
+        wait_for("the log to grow", MINUTE, || size() > before + 100_000);
+        agent.kill9();
+        // Nobody runs the agent now: the container's output still reaches the file.
+        let dead = size();
+        wait_for("the log to grow with the agent dead", MINUTE, || {
+            size() > dead + 100_000
+        });
+        agent.spawn();
+        let back = agent.wait_phase("chatty", "Running", MINUTE);
+        assert_eq!(restarts(Some(&back), "main"), Some(0), "round {round}");
+    }
+    std::fs::write(flags.join("stop"), "").unwrap();
+    wait_for("the container's last line", MINUTE, || {
+        log_has(&log, "F done ")
+    });
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines = log_lines(&text);
+    let (last, numbered) = lines.split_last().unwrap();
+    let count: usize = last.strip_prefix("done ").unwrap().parse().unwrap();
+    assert!(count > 0, "{last}");
+    assert_eq!(numbered.len(), count, "every line once, none repeated");
+    for (i, line) in numbered.iter().enumerate() {
+        assert_eq!(line, &format!("line {i}"), "line {i} of {count}");
+    }
+    println!(
+        "{count} lines, {} bytes of log, through two kills",
+        text.len()
+    );
+    agent.remove_manifest("chatty.yaml");
+    agent.wait_until("the pod is gone", MINUTE, |a| a.pod("chatty").is_none());
     assert_no_panic(&agent);
 }

@@ -32,6 +32,8 @@ use nodelet_tests::csi_support::{LoopPlugin, LOOP_DRIVER};
 
 const CONTAINERD_NS: &str = "k8s.nodelet.cluster-test";
 const IMAGE: &str = "127.0.0.1:5000/nodelet/busybox:latest";
+/// The gateway address of the nodelet CNI bridge (`scripts/cni/10-nodelet.conflist`).
+const NODE_IP: &str = "10.233.0.1";
 
 struct Cluster {
     admin: kube::Client,
@@ -160,6 +162,13 @@ impl Agent {
             )
             .arg("--client-ca-file")
             .arg(credential_files(&self.kubeconfig, d).0)
+            // The node's address is the CNI bridge's (scripts/setup), never the host's uplink.
+            .args(
+                (!self.extra.iter().any(|a| a == "--node-ip"))
+                    .then_some(["--node-ip", NODE_IP])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -199,6 +208,14 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
+        // Its pods keep running when it stops: remove them, their sandboxes and the namespace.
+        nodelet_tests::leftovers::remove(&nodelet_tests::leftovers::AgentDirs {
+            dir: self.dir.path().to_path_buf(),
+            root_dir: self.dir.path().join("root"),
+            run_dir: self.dir.path().join("run"),
+            containerd_namespace: self.containerd_ns.clone(),
+            containerd: None,
+        });
         if std::thread::panicking() {
             let log = std::fs::read_to_string(self.log()).unwrap_or_default();
             let tail: Vec<_> = log.lines().rev().take(60).collect();
@@ -1158,7 +1175,7 @@ async fn kubectl_logs_reach_the_secure_port_and_others_are_refused() {
             .expect("curl");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    assert_eq!(curl(&[]), "403", "anonymous");
+    assert_eq!(curl(&[]), "401", "anonymous requests are not authenticated");
     let with_cert = [
         "--cert".as_ref(),
         cert.as_os_str(),
@@ -1170,6 +1187,80 @@ async fn kubectl_logs_reach_the_secure_port_and_others_are_refused() {
         "403",
         "a node may not read pod logs on a node"
     );
+}
+
+/// Ephemeral containers (`kubectl debug --target`, upstream's Ephemeral Containers specs): one
+/// added through `pods/ephemeralcontainers` runs with its TTY in its target's PID namespace
+/// (it sees the target's `sleep 3600`), is reported under `ephemeralContainerStatuses` (never
+/// ready) and its log is served through the API server; the pod stays Ready with its one
+/// container status.
+#[tokio::test]
+#[ignore = "cluster tier: needs KUBECONFIG, NODELET_NODE_KUBECONFIG, NODELET_NODE_NAME"]
+async fn an_ephemeral_container_runs_and_serves_its_log() {
+    let Some(c) = cluster("an_ephemeral_container_runs_and_serves_its_log").await else {
+        return;
+    };
+    let _agent = Agent::start(&c);
+    wait_node_ready(&c).await;
+    let ns = TestNamespace::create(&c, "ephemeral").await;
+    let pods = ns.pods();
+    create_ready_pod(&pods, &c, "target", 2).await;
+    let patch = serde_json::json!({"spec": {"ephemeralContainers": [{
+        "name": "debugger",
+        "image": IMAGE,
+        "command": ["sh", "-c", "while true; do echo polo; ps; sleep 1; done"],
+        "stdin": true,
+        "tty": true,
+        "targetContainerName": "app",
+    }]}});
+    let params = kube::api::PatchParams::default();
+    pods.patch_subresource(
+        "ephemeralcontainers",
+        "target",
+        &params,
+        &kube::api::Patch::Strategic(patch),
+    )
+    .await
+    .expect("add the ephemeral container");
+    let d = Deadline::new("the ephemeral container running", 90);
+    let status = loop {
+        let p = pods.get("target").await.expect("get pod");
+        let status = p.status.unwrap_or_default();
+        let running = status
+            .ephemeral_container_statuses
+            .iter()
+            .flatten()
+            .find(|s| s.name == "debugger")
+            .filter(|s| s.state.as_ref().is_some_and(|st| st.running.is_some()))
+            .cloned();
+        if let Some(s) = running {
+            let pod_ready = condition(status.conditions.clone().unwrap_or_default(), "Ready");
+            assert!(pod_ready, "the pod stays Ready: {:?}", status.conditions);
+            assert_eq!(status.container_statuses.unwrap_or_default().len(), 1);
+            break s;
+        }
+        d.tick().await;
+    };
+    assert!(
+        !status.ready,
+        "ephemeral containers are never ready: {status:?}"
+    );
+    assert_eq!(status.restart_count, 0);
+    let params = kube::api::LogParams {
+        container: Some("debugger".into()),
+        ..Default::default()
+    };
+    let d = Deadline::new("the ephemeral container's log", 60);
+    loop {
+        let log = pods
+            .logs("target", &params)
+            .await
+            .expect("logs of debugger");
+        if log.contains("polo") && log.contains("sleep 3600") {
+            break;
+        }
+        d.tick().await;
+    }
 }
 
 /// The mirror pods in `pods` (annotation `kubernetes.io/config.mirror`).
@@ -1745,4 +1836,215 @@ async fn the_node_is_not_ready_while_its_container_runtime_is_down() {
     let (reason, _) =
         wait_ready_condition(&c, "True", started, "Ready True once the runtime answers").await;
     assert_eq!(reason, "KubeletReady");
+}
+
+/// The agent's read-only endpoint at `path` (`/pods`, `/metrics`), as text.
+fn read_only_get(port: u16, path: &str) -> String {
+    let out = Command::new("curl")
+        .args([
+            "-fsS",
+            "--max-time",
+            "5",
+            &format!("http://127.0.0.1:{port}{path}"),
+        ])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "cluster tier: needs KUBECONFIG, NODELET_NODE_KUBECONFIG, NODELET_NODE_NAME"]
+async fn deleted_terminal_pods_leave_the_agents_pod_list_and_count() {
+    let Some(c) = cluster("deleted_terminal_pods_leave_the_agents_pod_list_and_count").await else {
+        return;
+    };
+    let port = free_port();
+    let _agent = Agent::start_as(
+        &c.node,
+        &c.node_kubeconfig,
+        CONTAINERD_NS,
+        &["--read-only-port".into(), port.to_string()],
+    );
+    let ns = TestNamespace::create(&c, "terminal").await;
+    wait_node_ready(&c).await;
+    let pods = ns.pods();
+    let names: Vec<String> = (0..4).map(|i| format!("done-{i}")).collect();
+    for name in &names {
+        let mut p = pod(name, &c.node, 2);
+        let spec = p.spec.as_mut().unwrap();
+        spec.restart_policy = Some("Never".into());
+        spec.containers[0].command = Some(vec!["true".into()]);
+        spec.containers[0].readiness_probe = None;
+        pods.create(&PostParams::default(), &p)
+            .await
+            .expect("create");
+    }
+    let mut uids = Vec::new();
+    for name in &names {
+        let d = Deadline::new(format!("pod {name} Succeeded"), 180);
+        let p = loop {
+            let p = pods.get(name).await.expect("get");
+            if p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded") {
+                break p;
+            }
+            d.tick().await;
+        };
+        uids.push(uid(&p));
+    }
+    let listed = read_only_get(port, "/pods");
+    assert!(
+        uids.iter().all(|u| listed.contains(u.as_str())),
+        "the finished pods are listed while they exist: {listed}"
+    );
+    for name in &names {
+        pods.delete(name, &DeleteParams::default())
+            .await
+            .expect("delete");
+    }
+    for (name, uid) in names.iter().zip(&uids) {
+        wait_pod_gone(&pods, name, uid, 60).await;
+    }
+    // Gone from the API: gone from the agent's list and its pod count too (the kubelet's status
+    // manager drops a pod that no source has any more).
+    let d = Deadline::new("the deleted pods to leave /pods", 60);
+    loop {
+        let listed = read_only_get(port, "/pods");
+        let left: Vec<_> = uids
+            .iter()
+            .filter(|u| listed.contains(u.as_str()))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        d.tick().await;
+    }
+    // The count is of the same pods (the node may still have other tests' pods, whose
+    // namespaces are being deleted).
+    let listed: serde_json::Value = serde_json::from_str(&read_only_get(port, "/pods")).unwrap();
+    let succeeded = listed["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["status"]["phase"] == "Succeeded")
+        .count();
+    let metrics = read_only_get(port, "/metrics");
+    let counted = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("nodelet_pods{phase=\"Succeeded\"} "))
+        .map_or(0, |n| n.trim().parse::<usize>().unwrap());
+    assert_eq!(
+        counted, succeeded,
+        "the pod count holds the listed pods only: {metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "cluster tier: needs KUBECONFIG, NODELET_NODE_KUBECONFIG, NODELET_NODE_NAME"]
+async fn the_node_is_ready_again_soon_after_an_api_outage() {
+    let Some(c) = cluster("the_node_is_ready_again_soon_after_an_api_outage").await else {
+        return;
+    };
+    // The agent reaches the API server through a proxy: cutting it is an outage for this agent.
+    let (mut proxy, kubeconfig, _dir) = api_proxy(&c);
+    let _agent = Agent::start_as(&c.node, &kubeconfig, CONTAINERD_NS, &[]);
+    wait_node_ready(&c).await;
+    proxy.stop();
+    // Past the node-monitor grace period the node controller sets Ready to Unknown.
+    let d = Deadline::new("the node controller to set Ready to Unknown", 180);
+    while ready_condition(&c).await.map(|r| r.0).as_deref() != Some("Unknown") {
+        d.tick().await;
+    }
+    proxy.start();
+    // The agent sees that the Node differs from what it reports and posts at its next status
+    // interval (10 s), as the kubelet does, not when its 5-minute report interval runs out.
+    let d = Deadline::new(
+        "Ready=True within a few status intervals of the API's return",
+        45,
+    );
+    while !node_ready(&c).await {
+        d.tick().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "cluster tier: needs KUBECONFIG, NODELET_NODE_KUBECONFIG, NODELET_NODE_NAME"]
+async fn a_mirror_pod_stays_until_its_static_pod_has_stopped() {
+    let Some(c) = cluster("a_mirror_pod_stays_until_its_static_pod_has_stopped").await else {
+        return;
+    };
+    let agent = Agent::start(&c);
+    wait_node_ready(&c).await;
+    let ns = TestNamespace::create(&c, "mirrorstop").await;
+    let pods = ns.pods();
+    // The container ignores TERM: it stops only when the grace period (5 s) is over.
+    let file = agent.manifests().join("slow.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: slow\n  namespace: {}\nspec:\n  \
+             terminationGracePeriodSeconds: 5\n  containers:\n  - name: app\n    image: {IMAGE}\n    \
+             command: [sh, -c, \"trap '' TERM; while true; do sleep 1; done\"]\n",
+            ns.name
+        ),
+    )
+    .unwrap();
+    let name = format!("slow-{}", c.node.to_lowercase());
+    let mirror = wait_mirror(&pods, &name, "created", |m| {
+        m.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+    })
+    .await;
+    let uid = static_uid(&annotation(&mirror, "kubernetes.io/config.hash"));
+    assert!(running_containers(&uid) >= 1, "the static pod runs");
+
+    // The manifest goes: the mirror pod stays while the containers stop, then goes.
+    std::fs::remove_file(&file).unwrap();
+    let d = Deadline::new("the static pod's containers to stop", 60);
+    loop {
+        // The mirror first, then the containers: a mirror missing while a container still
+        // runs after it was looked up went too early.
+        let mirrored = !mirror_pods(&pods).await.is_empty();
+        if running_containers(&uid) == 0 {
+            break;
+        }
+        assert!(
+            mirrored,
+            "the mirror pod was deleted while the static pod's containers still ran"
+        );
+        d.tick().await;
+    }
+    let d = Deadline::new("the mirror pod deleted once its pod stopped", 60);
+    while !mirror_pods(&pods).await.is_empty() {
+        d.tick().await;
+    }
+
+    // What the kubelet's file source gives a static pod: the first-seen time and the catch-all
+    // NoExecute toleration.
+    let seen = annotation(&mirror, "kubernetes.io/config.seen");
+    assert!(
+        seen.parse::<jiff::Timestamp>().is_ok(),
+        "kubernetes.io/config.seen is a time: {seen:?}"
+    );
+    let tolerations = mirror
+        .spec
+        .as_ref()
+        .unwrap()
+        .tolerations
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        tolerations
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists")
+                && t.key.is_none()
+                && t.effect.as_deref() == Some("NoExecute")
+                && t.toleration_seconds.is_none()),
+        "the catch-all NoExecute toleration: {tolerations:?}"
+    );
 }

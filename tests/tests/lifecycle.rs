@@ -11,14 +11,14 @@ use std::time::{Duration, SystemTime};
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodStatus};
 use nodelet::events::Recorder;
 use nodelet::pod::manager::PodManager;
-use nodelet::pod::{Deletion, Desired, NodeFacts, PodContext};
+use nodelet::pod::{Deletion, Desired, NodeFacts, NodeHost, PodContext};
 use nodelet::probe::Prober;
 use nodelet::runtime::{labels, TaskState};
 use nodelet::sandbox::{SandboxConfig, SandboxManager};
 use nodelet::status::StatusManager;
 use nodelet::store::ObjectStore;
 use nodelet::volume::{VolumeConfig, VolumeManager};
-use nodelet_tests::runtime_support::{busybox, TestRuntime};
+use nodelet_tests::runtime_support::{busybox, pod_cgroups, TestRuntime};
 use tokio_util::sync::CancellationToken;
 
 const RUN_DIR: &str = "/run/nodelet-tests/lifecycle";
@@ -62,21 +62,23 @@ fn context(t: &TestRuntime, conf: &Path, run_dir: &Path) -> Arc<PodContext> {
             root_dir: root.clone(),
             log_dir: root.join("logs"),
         },
-        runtime: t.rt.clone(),
-        sandboxes: Arc::new(SandboxManager::new(SandboxConfig {
-            run_dir: run_dir.to_path_buf(),
-            root_dir: root.clone(),
-            cni_conf_dir: conf.to_path_buf(),
-            cni_bin_dirs: vec![PathBuf::from("/usr/lib/cni")],
-            cluster_dns: vec!["10.96.0.10".into()],
-            cluster_domain: "cluster.local".into(),
-        })),
-        volumes: Arc::new(VolumeManager::new(
-            VolumeConfig {
+        runtime: Arc::new(t.rt.clone()),
+        host: Arc::new(NodeHost::new(
+            Arc::new(SandboxManager::new(SandboxConfig {
+                run_dir: run_dir.to_path_buf(),
                 root_dir: root.clone(),
-                plugins_registry: root.join("plugins_registry"),
-            },
-            store.clone(),
+                cni_conf_dir: conf.to_path_buf(),
+                cni_bin_dirs: vec![PathBuf::from("/usr/lib/cni")],
+                cluster_dns: vec!["10.96.0.10".into()],
+                cluster_domain: "cluster.local".into(),
+            })),
+            Arc::new(VolumeManager::new(
+                VolumeConfig {
+                    root_dir: root.clone(),
+                    plugins_registry: root.join("plugins_registry"),
+                },
+                store.clone(),
+            )),
         )),
         prober,
         status: StatusManager::new(),
@@ -127,7 +129,7 @@ impl Harness {
 
     fn run(&self, pod: &Pod) {
         self.manager.update(Desired {
-            pod: pod.clone(),
+            pod: pod.clone().into(),
             deletion: None,
         });
     }
@@ -137,12 +139,14 @@ impl Harness {
     }
 
     /// How many recorded events have `reason`.
+    /// How many times an event of `reason` happened (a repeat is counted in its Event).
     fn events(&self, reason: &str) -> usize {
         let recent = self.ctx.recorder.recent();
         recent
             .iter()
             .filter(|e| e.reason.as_deref() == Some(reason))
-            .count()
+            .map(|e| e.count.unwrap_or(1).max(1) as usize)
+            .sum()
     }
 
     async fn wait_status(
@@ -154,7 +158,7 @@ impl Harness {
         let uid = uid(pod);
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let status = self.ctx.status.get(&uid).and_then(|r| r.pod.status);
+            let status = self.ctx.status.get(&uid).and_then(|r| r.pod.status.clone());
             if let Some(s) = status.as_ref().filter(|s| check(s)) {
                 return s.clone();
             }
@@ -169,7 +173,7 @@ impl Harness {
     async fn delete(&self, pod: &Pod, grace: u64, gone: bool) {
         let mut finished = self.manager.subscribe_finished();
         self.manager.update(Desired {
-            pod: pod.clone(),
+            pod: pod.clone().into(),
             deletion: Some(Deletion {
                 grace: Duration::from_secs(grace),
                 gone,
@@ -351,7 +355,7 @@ async fn sidecar_starts_before_the_next_init_container_and_stops_last() {
     );
     let last = h.ctx.status.get(&uid(&pod)).expect("final status");
     assert!(last.finished);
-    let s = last.pod.status.unwrap();
+    let s = last.pod.status.clone().unwrap();
     assert_eq!(
         terminated(container(&s, "app")),
         Some((0, "Completed".into()))
@@ -406,6 +410,84 @@ async fn failing_init_container_under_never_fails_the_pod() {
         reported.finished,
         "a terminal pod's worker reports finished"
     );
+    h.delete(&pod, 0, true).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_containers_under_never_run_the_app_to_completion() {
+    let h = Harness::new("init-never").await;
+    let img = image();
+    let pod = h.pod(
+        "init-never",
+        &format!(
+            r#"  restartPolicy: Never
+  initContainers:
+  - name: init1
+    image: {img}
+    command: ["sh", "-c", "echo init1 >> /work/order"]
+    volumeMounts: [{{name: work, mountPath: /work}}]
+  - name: init2
+    image: {img}
+    command: ["sh", "-c", "echo init2 >> /work/order"]
+    volumeMounts: [{{name: work, mountPath: /work}}]
+  containers:
+  - name: app
+    image: {img}
+    command: ["sh", "-c", "echo app >> /work/order"]
+    volumeMounts: [{{name: work, mountPath: /work}}]
+"#
+        ),
+    );
+    h.run(&pod);
+    let s = h
+        .wait_status(&pod, "Succeeded", |s| phase(s) == "Succeeded")
+        .await;
+    assert_eq!(h.work_file("order"), "init1\ninit2\napp\n");
+    for name in ["init1", "init2", "app"] {
+        assert_eq!(
+            terminated(container(&s, name)),
+            Some((0, "Completed".into())),
+            "{name}"
+        );
+    }
+    assert!(container(&s, "init1").ready && container(&s, "init2").ready);
+    assert_eq!(condition(&s, "Initialized"), "True");
+    h.delete(&pod, 0, true).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_to_logs_on_error_reads_an_unterminated_last_line() {
+    let h = Harness::new("fallback-logs").await;
+    let img = image();
+    let pod = h.pod(
+        "fallback-logs",
+        &format!(
+            r#"  restartPolicy: Never
+  containers:
+  - name: term
+    image: {img}
+    command: ["sh", "-c", "echo -n DONE; /bin/false"]
+    terminationMessagePolicy: FallbackToLogsOnError
+"#
+        ),
+    );
+    h.run(&pod);
+    let s = h
+        .wait_status(&pod, "Failed", |s| phase(s) == "Failed")
+        .await;
+    let term = container(&s, "term")
+        .state
+        .clone()
+        .unwrap()
+        .terminated
+        .unwrap();
+    assert_eq!(term.exit_code, 1);
+    assert_eq!(term.message.as_deref(), Some("DONE"));
+    let log = nodelet::pod::logs::log_path(&h.ctx.node.log_dir, &pod, "term", 0);
+    let cri = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(nodelet::pod::logs::output(&cri, None, false), "DONE");
     h.delete(&pod, 0, true).await;
     h.stop().await;
 }
@@ -499,6 +581,12 @@ async fn a_container_that_cannot_start_counts_restarts_and_backs_off() {
     let last = last.expect("lastState terminated");
     assert_eq!(last.exit_code, 128);
     assert_eq!(last.reason.as_deref(), Some("StartError"));
+    // As the kubelet writes a start that never ran (the CRI's started_at 0).
+    assert_eq!(
+        last.started_at.as_ref().map(|t| t.0.to_string()).as_deref(),
+        Some("1970-01-01T00:00:00Z")
+    );
+    assert!(h.events("Created") >= 1, "the attempt was created");
     assert!(
         last.message
             .as_deref()
@@ -535,7 +623,15 @@ async fn graceful_delete_runs_pre_stop_then_sends_term() {
     h.wait_status(&pod, "running", |s| running(s, "app")).await;
     h.delete(&pod, 10, false).await;
     assert_eq!(h.work_file("log"), "prestop\nterm\n");
-    let s = h.ctx.status.get(&uid(&pod)).unwrap().pod.status.unwrap();
+    let s = h
+        .ctx
+        .status
+        .get(&uid(&pod))
+        .unwrap()
+        .pod
+        .status
+        .clone()
+        .unwrap();
     assert_eq!(
         terminated(container(&s, "app")),
         Some((0, "Completed".into()))
@@ -571,7 +667,15 @@ async fn a_container_ignoring_term_is_killed_after_the_grace() {
         "TERM once, then KILL: {log}"
     );
     assert_eq!(h.events("Killing"), 1, "one Killing event per stop");
-    let s = h.ctx.status.get(&uid(&pod)).unwrap().pod.status.unwrap();
+    let s = h
+        .ctx
+        .status
+        .get(&uid(&pod))
+        .unwrap()
+        .pod
+        .status
+        .clone()
+        .unwrap();
     assert_eq!(
         terminated(container(&s, "app")),
         Some((137, "Error".into()))
@@ -602,6 +706,17 @@ async fn active_deadline_fails_the_pod() {
         .await;
     assert_eq!(s.reason.as_deref(), Some("DeadlineExceeded"));
     assert!(terminated(container(&s, "app")).is_some());
+    let events = h.ctx.recorder.recent();
+    let deadline: Vec<_> = events
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("DeadlineExceeded"))
+        .collect();
+    assert_eq!(deadline.len(), 1);
+    assert_eq!(deadline[0].type_.as_deref(), Some("Normal"));
+    assert_eq!(
+        deadline[0].message.as_deref(),
+        Some("Pod was active on the node longer than the specified deadline")
+    );
     assert_eq!(condition(&s, "Ready"), "False");
     h.delete(&pod, 0, true).await;
     h.stop().await;
@@ -693,13 +808,16 @@ async fn a_new_manager_re_adopts_running_containers() {
     assert_eq!(manager.recover().await.expect("recover"), 1);
     manager
         .sync_all(vec![Desired {
-            pod: pod.clone(),
+            pod: pod.clone().into(),
             deletion: None,
         }])
         .await;
     let deadline = tokio::time::Instant::now() + WAIT;
     let after = loop {
-        let s = ctx.status.get(&uid(&pod)).and_then(|r| r.pod.status);
+        let s = ctx
+            .status
+            .get(&uid(&pod))
+            .and_then(|r| r.pod.status.clone());
         if let Some(s) = s.filter(|s| running(s, "app")) {
             break s;
         }
@@ -715,11 +833,18 @@ async fn a_new_manager_re_adopts_running_containers() {
         "imageID restored"
     );
     assert_eq!(last_exit(&after), last_exit(&before), "lastState kept");
+    // A manifest pod has no API status to take readiness from: with no readiness probe, a
+    // running container is ready.
+    assert!(
+        app.ready,
+        "re-adopted container without readiness probe is ready"
+    );
+    assert_eq!(condition(&after, "Ready"), "True");
     assert_eq!(running_pid(&h.containers_of(&pod).await), pid_before);
 
     let mut finished = manager.subscribe_finished();
     manager.update(Desired {
-        pod: pod.clone(),
+        pod: pod.clone().into(),
         deletion: Some(Deletion {
             grace: Duration::ZERO,
             gone: true,
@@ -765,7 +890,7 @@ async fn containers_of_pods_no_source_wants_are_removed_on_first_sync() {
     manager.recover().await.expect("recover");
     manager.sync_all(Vec::new()).await;
     assert!(h.containers_of(&pod).await.is_empty());
-    assert!(!ctx.sandboxes.list().contains(&uid(&pod)));
+    assert!(!ctx.host.sandbox_pods().contains(&uid(&pod)));
     manager.shutdown().await;
     h.stop().await;
 }
@@ -937,7 +1062,7 @@ async fn a_failing_post_start_hook_kills_the_container() {
     command: ["sleep", "3600"]
     lifecycle:
       postStart:
-        exec: {{command: ["sh", "-c", "exit 7"]}}
+        exec: {{command: ["sh", "-c", "echo secret-token; exit 7"]}}
 "#
         ),
     );
@@ -947,9 +1072,12 @@ async fn a_failing_post_start_hook_kills_the_container() {
         .await;
     assert!(terminated(container(&s, "app")).is_some());
     let events = h.ctx.recorder.recent();
-    assert!(events
+    let hook = events
         .iter()
-        .any(|e| e.reason.as_deref() == Some("FailedPostStartHook")));
+        .find(|e| e.reason.as_deref() == Some("FailedPostStartHook"))
+        .expect("a FailedPostStartHook event");
+    // The kubelet's fixed text: the hook's output never reaches an event.
+    assert_eq!(hook.message.as_deref(), Some("PostStartHook failed"));
     h.delete(&pod, 0, true).await;
     h.stop().await;
 }
@@ -988,7 +1116,7 @@ async fn a_same_name_pod_waits_for_its_predecessor() {
         ),
     );
     h.manager.update(Desired {
-        pod: old.clone(),
+        pod: old.clone().into(),
         deletion: Some(Deletion {
             grace: Duration::from_secs(10),
             gone: false,
@@ -1006,7 +1134,7 @@ async fn a_same_name_pod_waits_for_its_predecessor() {
 async fn http_pre_stop_hooks_reach_the_pod() {
     let h = Harness::new("http-hook").await;
     let httpd = "127.0.0.1:5000/nodelet/httpd:latest";
-    let spec = |path: &str| {
+    let spec = |path: &str, port: &str| {
         format!(
             r#"  terminationGracePeriodSeconds: 5
   containers:
@@ -1015,12 +1143,14 @@ async fn http_pre_stop_hooks_reach_the_pod() {
     ports: [{{name: http, containerPort: 8080}}]
     lifecycle:
       preStop:
-        httpGet: {{path: "{path}", port: http}}
+        httpGet: {{path: "{path}", port: {port}}}
 "#
         )
     };
-    let good = h.pod("hook-ok", &spec("/"));
-    let bad = h.pod("hook-404", &spec("/no-such-page"));
+    // The kubelet's hook runner takes any answer as success, a 404 too; only a request that
+    // cannot be made fails the hook.
+    let good = h.pod("hook-404", &spec("/no-such-page", "http"));
+    let bad = h.pod("hook-closed", &spec("/", "9999"));
     h.run(&good);
     h.run(&bad);
     for pod in [&good, &bad] {
@@ -1034,8 +1164,11 @@ async fn http_pre_stop_hooks_reach_the_pod() {
                 && e.reason.as_deref() == Some("FailedPreStopHook")
         })
     };
-    assert!(!failed_hook("hook-ok"), "GET / on the pod IP succeeds");
-    assert!(failed_hook("hook-404"), "a 404 is a failed hook");
+    assert!(
+        !failed_hook("hook-404"),
+        "a 404 answer is a successful hook"
+    );
+    assert!(failed_hook("hook-closed"), "no answer is a failed hook");
     h.stop().await;
 }
 
@@ -1079,5 +1212,39 @@ async fn a_changed_image_restarts_the_container_even_under_never() {
     assert!(running[0].image.contains("httpd"), "{}", running[0].image);
     assert!(exited[0].image.contains("busybox"), "{}", exited[0].image);
     h.delete(&pod, 0, true).await;
+    h.stop().await;
+}
+
+/// Issue 10.12 and 10.13: a completed pod keeps its exited container and its logs; once
+/// deleted, the container goes, the pod's cgroup in every hierarchy, and its log directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_pod_once_deleted_leaves_no_cgroup_or_logs() {
+    let h = Harness::new("cgroups").await;
+    let img = image();
+    let pod = h.pod(
+        "done",
+        &format!(
+            r#"  restartPolicy: Never
+  containers:
+  - name: app
+    image: {img}
+    command: ["sh", "-c", "echo done"]
+"#
+        ),
+    );
+    h.run(&pod);
+    h.wait_status(&pod, "Succeeded", |s| phase(s) == "Succeeded")
+        .await;
+    let log = nodelet::pod::logs::log_path(&h.ctx.node.log_dir, &pod, "app", 0);
+    let pod_logs = log.parent().and_then(Path::parent).unwrap().to_path_buf();
+    assert!(log.exists(), "a completed pod keeps its logs");
+    h.delete(&pod, 0, true).await;
+    assert!(h.containers_of(&pod).await.is_empty());
+    assert_eq!(
+        pod_cgroups(&uid(&pod)),
+        Vec::<PathBuf>::new(),
+        "cgroups left"
+    );
+    assert!(!pod_logs.exists(), "logs left at {}", pod_logs.display());
     h.stop().await;
 }

@@ -494,7 +494,7 @@ fn pod() -> Pod {
 
 fn target(probe: Probe, port: u16) -> ProbeTarget {
     ProbeTarget {
-        pod: pod(),
+        pod: pod().into(),
         container: container(port),
         container_id: "cid-1".into(),
         pod_ip: Some(LOOPBACK),

@@ -6,15 +6,18 @@ use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
+use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, PersistentVolume, PersistentVolumeClaim, Pod, Secret,
 };
 use nodelet::store::{ObjectStore, Objects};
 use nodelet::volume::csi::Driver;
 use nodelet::volume::{
-    PodVolumes, TokenRequest, TokenSource, VolumeConfig, VolumeError, VolumeManager,
+    IssuedToken, PodVolumes, TokenRequest, TokenSource, VolumeConfig, VolumeError, VolumeManager,
 };
 use nodelet_tests::csi_support::{loops_backed_under, LoopPlugin, LOOP_DRIVER};
 use serde_json::{json, Value};
@@ -24,7 +27,7 @@ struct Host {
     _dir: tempfile::TempDir,
     root: PathBuf,
     store: ObjectStore,
-    vm: VolumeManager,
+    vm: Arc<VolumeManager>,
     loops: Vec<String>,
 }
 
@@ -36,13 +39,13 @@ impl Host {
             .unwrap();
         let root = fs::canonicalize(dir.path()).unwrap();
         let store = ObjectStore::new();
-        let vm = VolumeManager::new(
+        let vm = Arc::new(VolumeManager::new(
             VolumeConfig {
                 root_dir: root.clone(),
                 plugins_registry: root.join("plugins_registry"),
             },
             store.clone(),
-        );
+        ));
         Self {
             _dir: dir,
             root,
@@ -54,13 +57,13 @@ impl Host {
 
     /// A fresh manager over the same root and store (an agent restart).
     fn restart(&mut self) {
-        self.vm = VolumeManager::new(
+        self.vm = Arc::new(VolumeManager::new(
             VolumeConfig {
                 root_dir: self.root.clone(),
                 plugins_registry: self.root.join("plugins_registry"),
             },
             self.store.clone(),
-        );
+        ));
     }
 
     fn objects(&self, f: impl FnOnce(&mut Objects)) {
@@ -450,32 +453,107 @@ async fn downward_api_files() {
     host.vm.teardown("dw-1").await.unwrap();
 }
 
-struct FixedToken;
+/// Issues `token-N-for-ACCOUNT-AUDIENCE` (N counting its requests), valid for the requested
+/// seconds; fails while `down` is set.
+#[derive(Default)]
+struct CountingTokens {
+    calls: AtomicUsize,
+    down: AtomicBool,
+}
 
-impl TokenSource for FixedToken {
+impl TokenSource for CountingTokens {
     fn token<'a>(
         &'a self,
         _pod: &'a Pod,
         request: TokenRequest,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send + 'a>>
-    {
+    ) -> BoxFuture<'a, Result<IssuedToken, String>> {
         Box::pin(async move {
-            Ok(format!(
-                "token-for-{}-{}",
-                request.service_account,
-                request.audience.unwrap_or_default()
-            ))
+            if self.down.load(Ordering::SeqCst) {
+                return Err("the API server is down".into());
+            }
+            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            let now = SystemTime::now();
+            let audience = request.audience.unwrap_or_default();
+            Ok(IssuedToken {
+                token: format!("token-{n}-for-{}-{audience}", request.service_account),
+                issued: now,
+                expires: now + Duration::from_secs(request.expiration_seconds as u64),
+            })
         })
     }
 }
 
 #[tokio::test]
-async fn projected_sources_and_token_source() {
+async fn projected_token_is_cached_and_rewritten_before_it_expires() {
+    let host = host_with_config_map();
+    let vols = json!([{"name": "proj", "projected": {"sources": [
+        {"configMap": {"name": "cfg"}},
+        {"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}}
+    ]}}]);
+    let p = pod("tk-1", vols, json!([]));
+    let tokens = Arc::new(CountingTokens::default());
+    host.vm.set_token_source(tokens.clone());
+    let v = host.vm.setup(&p).await.unwrap();
+    let dir = host_path(&v, "proj");
+    assert_eq!(
+        fs::read_to_string(dir.join("token")).unwrap(),
+        "token-1-for-default-"
+    );
+
+    // A store change re-projects the volume from the cache: no new request.
+    host.objects(|o| {
+        o.config_maps
+            .insert(key("cfg"), config_map("cfg", json!({"a": "2"})));
+    });
+    host.vm.refresh(&p, &v).await.unwrap();
+    assert_eq!(fs::read_to_string(dir.join("a")).unwrap(), "2");
+    assert_eq!(tokens.calls.load(Ordering::SeqCst), 1);
+
+    // Before 80 % of its life nothing is due; past it the file is rewritten with a new token.
+    let now = SystemTime::now();
+    host.vm.refresh_tokens(now + Duration::from_secs(60)).await;
+    assert_eq!(
+        fs::read_to_string(dir.join("token")).unwrap(),
+        "token-1-for-default-"
+    );
+    host.vm
+        .refresh_tokens(now + Duration::from_secs(2900))
+        .await;
+    assert_eq!(
+        fs::read_to_string(dir.join("token")).unwrap(),
+        "token-2-for-default-"
+    );
+    assert_eq!(fs::read_to_string(dir.join("a")).unwrap(), "2");
+
+    // An API outage keeps the volume as it is, even once its token has expired.
+    tokens.down.store(true, Ordering::SeqCst);
+    for later in [5800, 8000] {
+        host.vm
+            .refresh_tokens(now + Duration::from_secs(later))
+            .await;
+        assert_eq!(
+            fs::read_to_string(dir.join("token")).unwrap(),
+            "token-2-for-default-"
+        );
+        assert_eq!(fs::read_to_string(dir.join("a")).unwrap(), "2");
+    }
+    host.vm.teardown("tk-1").await.unwrap();
+    assert!(host.mounts().is_empty());
+}
+
+/// A host whose store holds ConfigMap default/cfg with `a: 1`.
+fn host_with_config_map() -> Host {
     let host = Host::new();
     host.objects(|o| {
         o.config_maps
             .insert(key("cfg"), config_map("cfg", json!({"a": "1"})));
     });
+    host
+}
+
+#[tokio::test]
+async fn projected_sources_and_token_source() {
+    let host = host_with_config_map();
     let vols = json!([{"name": "proj", "projected": {"sources": [
         {"configMap": {"name": "cfg"}},
         {"downwardAPI": {"items": [{"path": "ns", "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
@@ -486,7 +564,8 @@ async fn projected_sources_and_token_source() {
         Err(VolumeError::Invalid { detail, .. }) => assert!(detail.contains("token"), "{detail}"),
         other => panic!("expected Invalid without a token source: {other:?}"),
     }
-    host.vm.set_token_source(Arc::new(FixedToken));
+    host.vm
+        .set_token_source(Arc::new(CountingTokens::default()));
     let v = host.vm.setup(&p).await.unwrap();
     let dir = host_path(&v, "proj");
     assert_eq!(mount_at(&host, &dir).expect("tmpfs").fs_type, "tmpfs");
@@ -494,7 +573,7 @@ async fn projected_sources_and_token_source() {
     assert_eq!(fs::read_to_string(dir.join("ns")).unwrap(), "default");
     assert_eq!(
         fs::read_to_string(dir.join("token")).unwrap(),
-        "token-for-default-api"
+        "token-1-for-default-api"
     );
     host.vm.teardown("pr-1").await.unwrap();
     assert!(host.mounts().is_empty());
@@ -1145,5 +1224,93 @@ async fn csi_calls_carry_the_pvs_secrets_and_mount_options() {
     let record = fs::read_to_string(host.root.join("pods/sec-csi-1/volumes/.state.json")).unwrap();
     assert!(!record.contains("s3cret"), "{record}");
     host.vm.teardown("sec-csi-1").await.unwrap();
+    assert!(host.mounts().is_empty(), "{:?}", host.mounts());
+}
+
+#[tokio::test]
+async fn a_csi_stage_in_flight_stalls_only_the_pods_that_share_it() {
+    let host = Host::new();
+    let plugin = start_plugin(&host).await;
+    let gate = host.root.join("stage-gate");
+    host.objects(|o| {
+        o.claims.insert(
+            key("slow"),
+            claim("slow", Some("pv-slow"), &["ReadWriteOnce"]),
+        );
+        o.volumes.insert(
+            "pv-slow".into(),
+            pv(
+                "pv-slow",
+                Some("slow"),
+                json!({"csi": {"driver": DRIVER, "volumeHandle": "vol-slow", "fsType": "ext4",
+                               "volumeAttributes": {"size": "33554432",
+                                                    "stageGate": gate.display().to_string()}}}),
+            ),
+        );
+    });
+    let user = |uid: &str| {
+        pod(
+            uid,
+            json!([{"name": "v", "persistentVolumeClaim": {"claimName": "slow"}}]),
+            json!([{"name": "v", "mountPath": "/data"}]),
+        )
+    };
+    let spawn_setup = |p: Pod| {
+        let vm = host.vm.clone();
+        tokio::spawn(async move { vm.setup(&p).await })
+    };
+    let first = spawn_setup(user("slow-1"));
+    let second = spawn_setup(user("slow-2"));
+    let waiting = host.root.join("stage-gate.waiting");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !waiting.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "NodeStage never began"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // While NodeStage hangs, another pod's volumes are set up and torn down.
+    let other = pod(
+        "quick-1",
+        json!([{"name": "scratch", "emptyDir": {}}]),
+        json!([]),
+    );
+    let bound = Duration::from_secs(30);
+    let v = tokio::time::timeout(bound, host.vm.setup(&other))
+        .await
+        .expect("another pod's setup waited for a stage it does not use")
+        .unwrap();
+    assert!(host_path(&v, "scratch").is_dir());
+    tokio::time::timeout(bound, host.vm.teardown("quick-1"))
+        .await
+        .expect("another pod's teardown waited for a stage it does not use")
+        .unwrap();
+    assert!(!first.is_finished() && !second.is_finished());
+
+    // Both users of the staging path get it once it is staged, staged once.
+    fs::write(&gate, "").unwrap();
+    let v1 = first.await.unwrap().unwrap();
+    let v2 = second.await.unwrap().unwrap();
+    fs::write(host_path(&v1, "v").join("hello"), "one").unwrap();
+    assert_eq!(
+        fs::read_to_string(host_path(&v2, "v").join("hello")).unwrap(),
+        "one"
+    );
+    let stages = plugin.rpcs();
+    let stages = stages.iter().filter(|r| *r == "NodeStageVolume").count();
+    assert_eq!(stages, 1, "{:?}", plugin.calls());
+
+    // Torn down at once, the staging path is unstaged by whichever goes last.
+    let (a, b) = tokio::join!(host.vm.teardown("slow-1"), host.vm.teardown("slow-2"));
+    a.unwrap();
+    b.unwrap();
+    let unstages = plugin.rpcs();
+    let unstages = unstages
+        .iter()
+        .filter(|r| *r == "NodeUnstageVolume")
+        .count();
+    assert_eq!(unstages, 1, "{:?}", plugin.calls());
     assert!(host.mounts().is_empty(), "{:?}", host.mounts());
 }

@@ -1,12 +1,14 @@
 //! The API event sink: every event the [`crate::events::Recorder`] records is created as a core
-//! v1 Event in the involved object's namespace (`default` for the node). Events are best effort:
-//! a failed create is retried twice (one the API refused as invalid or forbidden is not), then
-//! the event is dropped with a log line.
+//! v1 Event in the involved object's namespace (`default` for the node); an event the recorder
+//! correlated with an earlier one (its `count` above 1) is a merge patch of that Event's count,
+//! last timestamp and message, as client-go's recorder sends it (created when it is gone).
+//! Events are best effort: a failed write is retried twice (one the API refused as invalid or
+//! forbidden is not), then the event is dropped with a log line.
 
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Event;
-use kube::api::PostParams;
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::Api;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -51,7 +53,7 @@ pub(super) async fn run(
             .unwrap_or_else(|| "default".into());
         let api: Api<Event> = Api::namespaced(client.clone(), &ns);
         for attempt in 1..=ATTEMPTS {
-            match api.create(&PostParams::default(), &event).await {
+            match write(&api, &event).await {
                 Ok(_) => break,
                 Err(e) if attempt == ATTEMPTS => {
                     tracing::warn!(
@@ -81,6 +83,26 @@ pub(super) async fn run(
             }
         }
     }
+}
+
+/// Creates the event, or patches the Event it repeats.
+async fn write(api: &Api<Event>, event: &Event) -> Result<(), kube::Error> {
+    if event.count.unwrap_or(1) > 1 {
+        let name = event.metadata.name.clone().unwrap_or_default();
+        let patch = serde_json::json!({
+            "count": event.count,
+            "lastTimestamp": event.last_timestamp,
+            "message": event.message,
+        });
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            other => return other.map(drop),
+        }
+    }
+    api.create(&PostParams::default(), event).await.map(drop)
 }
 
 #[cfg(test)]

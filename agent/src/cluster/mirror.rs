@@ -13,13 +13,20 @@
 //! sees and says what to create and delete. A mirror pod is created for every static pod that
 //! has none; a mirror pod that someone is deleting, or whose hash is not that of the static pod
 //! of its name (the manifest changed), is deleted with grace 0 and its UID as precondition, and
-//! created anew; a mirror pod whose static pod is gone is deleted. The pods' status goes to the
-//! mirror pods through the status sink ([`mirror_of`]).
+//! created anew; a mirror pod whose static pod is gone is deleted once that pod has stopped (its
+//! worker no longer reports it, or reports it finished), as the kubelet keeps the mirror of a
+//! terminating static pod. The pods' status goes to the mirror pods through the status sink
+//! ([`mirror_of`]).
+//!
+//! [`StaticDefaults`] gives the manifest folder's pods what the kubelet's file source gives them
+//! in cluster mode: the `<name>-<node>` name, the catch-all `NoExecute` toleration (the taint
+//! manager never evicts a static pod) and `kubernetes.io/config.seen`, the time the agent first
+//! saw the pod (RFC 3339 with nanoseconds), kept while the agent runs.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{DeleteParams, PostParams, Preconditions};
 use kube::Api;
@@ -29,9 +36,12 @@ use tokio_util::sync::CancellationToken;
 use super::pods::ApiPods;
 use super::{sleep_or_cancel, Backoff, ClusterError};
 use crate::source::manifest::CONFIG_HASH;
+use crate::status::StatusManager;
 
 /// The annotation that marks a mirror pod; its value is the static pod's hash.
 pub const CONFIG_MIRROR: &str = "kubernetes.io/config.mirror";
+/// When the agent first saw a pod (the kubelet's `ConfigFirstSeenAnnotationKey`).
+pub const CONFIG_SEEN: &str = "kubernetes.io/config.seen";
 
 /// Whether `pod` (an API pod) is a mirror pod.
 pub fn is_mirror(pod: &Pod) -> bool {
@@ -47,7 +57,7 @@ fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
 }
 
 /// The static pod's hash (`kubernetes.io/config.hash`); `None` for a pod not from a file.
-fn static_hash(pod: &Pod) -> Option<&str> {
+pub(super) fn static_hash(pod: &Pod) -> Option<&str> {
     annotation(pod, CONFIG_HASH)
 }
 
@@ -70,6 +80,46 @@ pub fn rename(pods: &mut [Pod], node: &str) {
                 name.push_str(&suffix);
             }
         }
+    }
+}
+
+/// The kubelet's defaults for the manifest folder's pods in cluster mode; remembers when each
+/// pod (by UID) was first seen.
+#[derive(Default)]
+pub struct StaticDefaults {
+    seen: BTreeMap<String, String>,
+}
+
+impl StaticDefaults {
+    /// Names `pods` as the kubelet names static pods, adds the catch-all `NoExecute`
+    /// toleration where it is missing and the first-seen annotation. Pods no longer given are
+    /// forgotten (one put back is seen anew, as by the kubelet).
+    pub fn apply(&mut self, pods: &mut [Pod], node: &str, now: jiff::Timestamp) {
+        rename(pods, node);
+        let mut seen = BTreeMap::new();
+        for pod in pods {
+            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            let at = self.seen.remove(&uid).unwrap_or_else(|| now.to_string());
+            pod.metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(CONFIG_SEEN.into(), at.clone());
+            seen.insert(uid, at);
+            let all = Toleration {
+                operator: Some("Exists".into()),
+                effect: Some("NoExecute".into()),
+                ..Default::default()
+            };
+            let tolerations = pod
+                .spec
+                .get_or_insert_with(Default::default)
+                .tolerations
+                .get_or_insert_with(Vec::new);
+            if !tolerations.contains(&all) {
+                tolerations.push(all);
+            }
+        }
+        self.seen = seen;
     }
 }
 
@@ -108,7 +158,7 @@ pub(super) fn mirror_pod(static_pod: &Pod, node: &str, node_uid: &str) -> Pod {
 pub(super) fn mirror_of<'a>(static_pod: &Pod, api: &'a ApiPods) -> Option<&'a Pod> {
     let hash = static_hash(static_pod)?;
     let want = key(static_pod);
-    api.values().find(|p| {
+    api.values().map(|p| &**p).find(|p| {
         annotation(p, CONFIG_MIRROR) == Some(hash)
             && p.metadata.deletion_timestamp.is_none()
             && key(p) == want
@@ -129,9 +179,27 @@ pub(super) enum Action {
     },
 }
 
+/// The static pods (namespace, name) whose workers still report them unfinished: removed from
+/// the manifest folder, they may still be stopping.
+pub(super) fn stopping(status: &StatusManager) -> BTreeSet<(String, String)> {
+    status
+        .all()
+        .into_iter()
+        .filter(|r| !r.finished && static_hash(&r.pod).is_some())
+        .map(|r| key(&r.pod))
+        .collect()
+}
+
 /// What to do so that every static pod has exactly its mirror pod and no other mirror pod of
-/// this node is left. Deletions of a name come before its creation.
-pub(super) fn plan(statics: &[Pod], api: &ApiPods, node: &str, node_uid: &str) -> Vec<Action> {
+/// this node is left; the mirror of a removed static pod stays while it is in `stopping`.
+/// Deletions of a name come before its creation.
+pub(super) fn plan(
+    statics: &[Pod],
+    api: &ApiPods,
+    stopping: &BTreeSet<(String, String)>,
+    node: &str,
+    node_uid: &str,
+) -> Vec<Action> {
     let wanted: BTreeMap<(String, String), &Pod> = statics
         .iter()
         .filter(|p| static_hash(p).is_some())
@@ -142,6 +210,7 @@ pub(super) fn plan(statics: &[Pod], api: &ApiPods, node: &str, node_uid: &str) -
     for mirror in api.values().filter(|p| is_mirror(p)) {
         let k = key(mirror);
         let why = match wanted.get(&k) {
+            None if stopping.contains(&k) => None,
             None => Some("its static pod is gone"),
             Some(_) if mirror.metadata.deletion_timestamp.is_some() => Some("it is being deleted"),
             Some(s) if annotation(mirror, CONFIG_MIRROR) != static_hash(s) => {
@@ -169,17 +238,33 @@ pub(super) fn plan(statics: &[Pod], api: &ApiPods, node: &str, node_uid: &str) -
     actions
 }
 
+/// What the mirror task follows.
+pub(super) struct Inputs {
+    /// The manifest folder's pods, named and defaulted for cluster mode.
+    pub statics: watch::Receiver<Option<Vec<Pod>>>,
+    pub api_pods: watch::Receiver<ApiPods>,
+    pub synced: watch::Receiver<bool>,
+    pub node_uid: watch::Receiver<Option<String>>,
+    /// Whether a removed static pod is still stopping.
+    pub status: StatusManager,
+}
+
 /// Keeps the mirror pods of `statics` until `token` is cancelled. Waits for the Node's UID (the
 /// owner reference needs it) and for the first complete list of this node's pods.
 pub(super) async fn run(
     client: kube::Client,
     node: String,
-    mut statics: watch::Receiver<Option<Vec<Pod>>>,
-    mut api_pods: watch::Receiver<ApiPods>,
-    mut synced: watch::Receiver<bool>,
-    mut node_uid: watch::Receiver<Option<String>>,
+    inputs: Inputs,
     token: CancellationToken,
 ) {
+    let Inputs {
+        mut statics,
+        mut api_pods,
+        mut synced,
+        mut node_uid,
+        status,
+    } = inputs;
+    let mut status_changed = status.subscribe();
     tokio::select! {
         _ = token.cancelled() => return,
         r = synced.wait_for(|s| *s) => if r.is_err() { return },
@@ -190,9 +275,11 @@ pub(super) async fn run(
         let uid = node_uid.borrow_and_update().clone();
         let pods = statics.borrow_and_update().clone();
         let api = api_pods.borrow_and_update().clone();
+        status_changed.borrow_and_update();
+        let still = stopping(&status);
         if let (Some(uid), Some(pods)) = (uid, pods) {
             let mut failed = false;
-            for action in plan(&pods, &api, &node, &uid) {
+            for action in plan(&pods, &api, &still, &node, &uid) {
                 if let Err(e) = apply(&client, &action).await {
                     tracing::warn!(error = %e, "keeping a mirror pod failed; retrying");
                     failed = true;
@@ -218,6 +305,15 @@ pub(super) async fn run(
             r = statics.changed() => if r.is_err() { return },
             r = api_pods.changed() => if r.is_err() { return },
             r = node_uid.changed() => if r.is_err() { return },
+            // Only a change of the stopping static pods matters here.
+            r = async {
+                loop {
+                    status_changed.changed().await?;
+                    if stopping(&status) != still {
+                        return Ok::<(), watch::error::RecvError>(());
+                    }
+                }
+            } => if r.is_err() { return },
             _ = after_retry => {}
         }
     }
@@ -319,9 +415,74 @@ mod tests {
     fn api(pods: Vec<Pod>) -> ApiPods {
         Arc::new(
             pods.into_iter()
-                .map(|p| (p.metadata.uid.clone().unwrap(), p))
+                .map(|p| (p.metadata.uid.clone().unwrap(), Arc::new(p)))
                 .collect(),
         )
+    }
+
+    fn none_stopping() -> BTreeSet<(String, String)> {
+        BTreeSet::new()
+    }
+
+    #[test]
+    fn the_mirror_of_a_removed_static_pod_stays_until_the_pod_has_stopped() {
+        let there = api(vec![mirror("web-n1", "h1", "m1")]);
+        let status = StatusManager::new();
+        let mut running = static_pod("web-n1", "h1");
+        running.metadata.uid = Some("static-h1".into());
+        status.set(&running, Default::default());
+        // The manifest is gone but the pod's containers are still stopping.
+        assert!(plan(&[], &there, &stopping(&status), "n1", "node-uid").is_empty());
+        // Stopped (its worker finished it, or forgot it): the mirror goes.
+        status.finish("static-h1");
+        assert!(matches!(
+            &plan(&[], &there, &stopping(&status), "n1", "node-uid")[..],
+            [Action::Delete { uid, why: "its static pod is gone", .. }] if uid == "m1"
+        ));
+        status.forget("static-h1");
+        assert!(stopping(&status).is_empty());
+        // API pods never hold a mirror back.
+        let mut api_pod = static_pod("web-n1", "h1");
+        api_pod.metadata.annotations = None;
+        status.set(&api_pod, Default::default());
+        assert!(stopping(&status).is_empty());
+    }
+
+    #[test]
+    fn static_pods_get_the_kubelets_toleration_and_first_seen_time() {
+        let mut defaults = StaticDefaults::default();
+        let t1 = jiff::Timestamp::from_second(1_000).unwrap();
+        let t2 = jiff::Timestamp::from_second(2_000).unwrap();
+        let mut pods = vec![static_pod("etcd", "h")];
+        defaults.apply(&mut pods, "n1", t1);
+        let p = &pods[0];
+        assert_eq!(p.metadata.name.as_deref(), Some("etcd-n1"));
+        assert_eq!(
+            p.metadata.annotations.as_ref().unwrap()[CONFIG_SEEN],
+            "1970-01-01T00:16:40Z"
+        );
+        let all = Toleration {
+            operator: Some("Exists".into()),
+            effect: Some("NoExecute".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            p.spec.as_ref().unwrap().tolerations,
+            Some(vec![all.clone()])
+        );
+        // Seen again (the folder is read anew): the same time, one toleration.
+        let mut again = vec![static_pod("etcd", "h")];
+        again[0].spec.as_mut().unwrap().tolerations = Some(vec![all.clone()]);
+        defaults.apply(&mut again, "n1", t2);
+        assert_eq!(again[0], pods[0]);
+        // Gone and back: seen anew.
+        defaults.apply(&mut [], "n1", t2);
+        let mut back = vec![static_pod("etcd", "h")];
+        defaults.apply(&mut back, "n1", t2);
+        assert_eq!(
+            back[0].metadata.annotations.as_ref().unwrap()[CONFIG_SEEN],
+            "1970-01-01T00:33:20Z"
+        );
     }
 
     #[test]
@@ -362,7 +523,7 @@ mod tests {
     fn a_missing_mirror_is_created_and_a_matching_one_left_alone() {
         let statics = [static_pod("web-n1", "h1")];
         let none = api(vec![]);
-        let actions = plan(&statics, &none, "n1", "node-uid");
+        let actions = plan(&statics, &none, &none_stopping(), "n1", "node-uid");
         assert_eq!(
             actions,
             [Action::Create(Box::new(mirror_pod(
@@ -372,7 +533,7 @@ mod tests {
             )))]
         );
         let there = api(vec![mirror("web-n1", "h1", "m1")]);
-        assert!(plan(&statics, &there, "n1", "node-uid").is_empty());
+        assert!(plan(&statics, &there, &none_stopping(), "n1", "node-uid").is_empty());
         assert_eq!(
             mirror_of(&statics[0], &there).and_then(|p| p.metadata.uid.as_deref()),
             Some("m1")
@@ -384,7 +545,7 @@ mod tests {
         let statics = [static_pod("web-n1", "h2")];
         // The manifest changed: the old mirror is deleted, the new one created after it.
         let stale = api(vec![mirror("web-n1", "h1", "m1")]);
-        let actions = plan(&statics, &stale, "n1", "node-uid");
+        let actions = plan(&statics, &stale, &none_stopping(), "n1", "node-uid");
         assert!(matches!(
             &actions[0],
             Action::Delete { uid, why: "its static pod changed", .. } if uid == "m1"
@@ -396,7 +557,13 @@ mod tests {
         // Someone deletes the mirror: it is finished off and made again.
         let mut deleting = mirror("web-n1", "h2", "m2");
         deleting.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::UNIX_EPOCH));
-        let actions = plan(&statics, &api(vec![deleting]), "n1", "node-uid");
+        let actions = plan(
+            &statics,
+            &api(vec![deleting]),
+            &none_stopping(),
+            "n1",
+            "node-uid",
+        );
         assert!(matches!(
             &actions[0],
             Action::Delete { uid, why: "it is being deleted", .. } if uid == "m2"
@@ -407,7 +574,7 @@ mod tests {
         let mut other = static_pod("api-pod", "x");
         other.metadata.uid = Some("a1".into());
         let orphan = api(vec![mirror("old-n1", "h9", "m9"), other]);
-        let actions = plan(&[], &orphan, "n1", "node-uid");
+        let actions = plan(&[], &orphan, &none_stopping(), "n1", "node-uid");
         assert_eq!(
             actions,
             [Action::Delete {

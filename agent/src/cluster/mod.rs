@@ -220,10 +220,11 @@ impl ClusterAgent {
             let node = config.node_name.clone();
             let token = shutdown.child_token();
             tasks.spawn(async move {
+                let mut defaults = mirror::StaticDefaults::default();
                 loop {
                     let mut pods = manifests.borrow_and_update().clone();
                     if let Some(pods) = pods.as_mut() {
-                        mirror::rename(pods, &node);
+                        defaults.apply(pods, &node, jiff::Timestamp::now());
                     }
                     statics_tx.send_replace(pods);
                     tokio::select! {
@@ -258,10 +259,13 @@ impl ClusterAgent {
         tasks.spawn(mirror::run(
             client.clone(),
             config.node_name.clone(),
-            static_pods.clone(),
-            api_pods.clone(),
-            synced.clone(),
-            node_uid,
+            mirror::Inputs {
+                statics: static_pods.clone(),
+                api_pods: api_pods.clone(),
+                synced: synced.clone(),
+                node_uid,
+                status: status.clone(),
+            },
             shutdown.child_token(),
         ));
         tasks.spawn(pods::run(
@@ -272,6 +276,11 @@ impl ClusterAgent {
                 synced: synced_tx,
                 api_pods: api_pods_tx,
             },
+            shutdown.child_token(),
+        ));
+        tasks.spawn(objects::follow_services(
+            client.clone(),
+            store.clone(),
             shutdown.child_token(),
         ));
         tasks.spawn(objects::run(

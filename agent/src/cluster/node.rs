@@ -5,7 +5,10 @@
 //! taints, so an existing Node keeps its own). Then, every 10 s, the task measures memory, the
 //! root dir's filesystem and the PID table, computes the conditions, and patches `nodes/status`
 //! when anything but the heartbeat changed, or every 5 minutes. It reads its Node at each
-//! interval, and a Node deleted under it is registered again.
+//! interval, and a Node deleted under it is registered again. As the kubelet does, it compares
+//! with the Node it read as well as with what it last posted: conditions someone else changed
+//! (the node controller sets Ready to Unknown while the agent cannot reach the API server) are
+//! corrected at the next interval, and their lastTransitionTime follows the Node's.
 //!
 //! Ready follows the container runtime: the runtime's health check runs every interval, and
 //! once it has not answered for [`RUNTIME_DOWN_AFTER`] Ready turns False (KubeletNotReady,
@@ -386,9 +389,11 @@ pub(super) fn conditions(
 }
 
 /// Whether the status must be posted: it differs from the last posted one in anything but the
-/// heartbeat times, or the last post is `REPORT_INTERVAL` old.
+/// heartbeat times, the Node read from the server (`server`, when it could be read) shows
+/// conditions other than the ones to report, or the last post is `REPORT_INTERVAL` old.
 pub(super) fn needs_post(
     last: Option<&NodeStatus>,
+    server: Option<&NodeStatus>,
     next: &NodeStatus,
     last_post: Option<Instant>,
     now: Instant,
@@ -403,7 +408,24 @@ pub(super) fn needs_post(
         }
         s
     };
-    strip(last) != strip(next) || now.duration_since(at) >= REPORT_INTERVAL
+    strip(last) != strip(next)
+        || server.is_some_and(|s| !same_conditions(s, next))
+        || now.duration_since(at) >= REPORT_INTERVAL
+}
+
+/// Whether `server` has each condition of `next` with the same status, reason, message and
+/// transition time (heartbeats aside; conditions only others set do not count).
+fn same_conditions(server: &NodeStatus, next: &NodeStatus) -> bool {
+    let have = server.conditions.as_deref().unwrap_or_default();
+    next.conditions.iter().flatten().all(|want| {
+        have.iter().any(|c| {
+            c.type_ == want.type_
+                && c.status == want.status
+                && c.reason == want.reason
+                && c.message == want.message
+                && c.last_transition_time == want.last_transition_time
+        })
+    })
 }
 
 /// Registers the Node, then keeps its status until `token` is cancelled. Sends the Node's UID
@@ -458,13 +480,21 @@ pub(super) async fn run(
         loop {
             // Read the Node every interval (a GET of its own object): one deleted under the
             // agent is registered again, whether or not a status is due.
-            match nodes.get_opt(&name).await {
+            let server = match nodes.get_opt(&name).await {
                 Ok(None) => {
                     tracing::warn!(node = name, "the Node was deleted; registering it again");
                     continue 'register;
                 }
-                Ok(Some(_)) => {}
-                Err(e) => tracing::warn!(node = name, error = %e, "reading the Node failed"),
+                Ok(Some(node)) => Some(node.status.unwrap_or_default()),
+                Err(e) => {
+                    tracing::warn!(node = name, error = %e, "reading the Node failed");
+                    None
+                }
+            };
+            // Transition times follow the Node as the server has it (the node controller may
+            // have changed a condition), else what was last posted.
+            if let Some(conditions) = server.as_ref().and_then(|s| s.conditions.clone()) {
+                previous = conditions;
             }
             match tokio::time::timeout(RUNTIME_CHECK_TIMEOUT, (host.runtime_check)()).await {
                 Ok(Ok(())) => runtime_ok = Some(Instant::now()),
@@ -484,13 +514,17 @@ pub(super) async fn run(
             let runtime = runtime_error(runtime_ok, Instant::now());
             let usage = Usage::read(&host.config.root_dir);
             let mut status = node_object(&host, &machine).status.unwrap_or_default();
-            status.conditions = Some(conditions(
-                &usage,
-                runtime,
-                &previous,
-                jiff::Timestamp::now(),
-            ));
-            if needs_post(posted.as_ref(), &status, last_post, Instant::now()) {
+            // Whole seconds, as the API keeps them (a posted time then reads back equal).
+            let now = jiff::Timestamp::from_second(jiff::Timestamp::now().as_second())
+                .unwrap_or_else(|_| jiff::Timestamp::now());
+            status.conditions = Some(conditions(&usage, runtime, &previous, now));
+            if needs_post(
+                posted.as_ref(),
+                server.as_ref(),
+                &status,
+                last_post,
+                Instant::now(),
+            ) {
                 let body = serde_json::json!({ "status": status });
                 match nodes
                     .patch_status(&name, &PatchParams::default(), &Patch::Strategic(body))
@@ -774,11 +808,35 @@ mod tests {
         };
         let first = status(&healthy(), &NodeStatus::default(), t1);
         let start = Instant::now();
-        assert!(needs_post(None, &first, None, start));
+        assert!(needs_post(None, None, &first, None, start));
         let beat = status(&healthy(), &first, t2);
         tokio::time::advance(STATUS_INTERVAL).await;
         assert!(!needs_post(
             Some(&first),
+            Some(&first),
+            &beat,
+            Some(start),
+            Instant::now()
+        ));
+        // The node controller set Ready to Unknown on the server: post now, not in 5 minutes.
+        let mut unknown = first.clone();
+        for c in unknown.conditions.iter_mut().flatten() {
+            if c.type_ == "Ready" {
+                c.status = "Unknown".into();
+                c.reason = Some("NodeStatusUnknown".into());
+            }
+        }
+        assert!(needs_post(
+            Some(&first),
+            Some(&unknown),
+            &beat,
+            Some(start),
+            Instant::now()
+        ));
+        // A Node that could not be read does not force a post.
+        assert!(!needs_post(
+            Some(&first),
+            None,
             &beat,
             Some(start),
             Instant::now()
@@ -793,11 +851,127 @@ mod tests {
         );
         assert!(needs_post(
             Some(&first),
+            Some(&first),
             &changed,
             Some(start),
             Instant::now()
         ));
         tokio::time::advance(REPORT_INTERVAL).await;
-        assert!(needs_post(Some(&first), &beat, Some(start), Instant::now()));
+        assert!(needs_post(
+            Some(&first),
+            Some(&first),
+            &beat,
+            Some(start),
+            Instant::now()
+        ));
+    }
+
+    /// An in-process API server that keeps one Node: create, get and status patches (the
+    /// patch's status replaces the stored one, as the conditions' merge keys would).
+    #[derive(Default)]
+    struct FakeApi {
+        node: Option<serde_json::Value>,
+        status_patches: usize,
+    }
+
+    fn fake_client(api: std::sync::Arc<std::sync::Mutex<FakeApi>>) -> kube::Client {
+        use http_body_util::BodyExt;
+        let service = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+            let api = api.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let body = body
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                let path = parts.uri.path().to_string();
+                let mut api = api.lock().unwrap();
+                let (code, reply) = match (parts.method.as_str(), path.as_str()) {
+                    ("POST", "/api/v1/nodes") => {
+                        let mut node = body;
+                        node["metadata"]["uid"] = "uid-1".into();
+                        api.node = Some(node.clone());
+                        (201, node)
+                    }
+                    ("GET", "/api/v1/nodes/nodelet-1") => match &api.node {
+                        Some(node) => (200, node.clone()),
+                        None => (404, serde_json::json!({"kind": "Status", "code": 404})),
+                    },
+                    ("PATCH", "/api/v1/nodes/nodelet-1/status") => {
+                        api.status_patches += 1;
+                        let node = api.node.as_mut().expect("patch of a registered node");
+                        node["status"] = body["status"].clone();
+                        (200, node.clone())
+                    }
+                    other => panic!("unexpected request {other:?}"),
+                };
+                let reply = serde_json::to_vec(&reply).unwrap();
+                Ok::<_, std::convert::Infallible>(
+                    http::Response::builder()
+                        .status(code)
+                        .header("content-type", "application/json")
+                        .body(kube::client::Body::from(reply))
+                        .unwrap(),
+                )
+            }
+        });
+        kube::Client::new(service, "default")
+    }
+
+    fn ready_status(api: &FakeApi) -> String {
+        let conditions = &api.node.as_ref().unwrap()["status"]["conditions"];
+        conditions
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == "Ready")
+            .map(|c| c["status"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ready_condition_the_controller_changed_is_corrected_at_the_next_interval() {
+        let api = std::sync::Arc::new(std::sync::Mutex::new(FakeApi::default()));
+        let root = std::env::temp_dir();
+        let mut host = host();
+        host.config.root_dir = root;
+        let token = CancellationToken::new();
+        let (uid, _) = watch::channel(None);
+        let task = tokio::spawn(run(
+            fake_client(api.clone()),
+            host,
+            Recorder::new("nodelet-1"),
+            uid,
+            token.clone(),
+        ));
+        while api.lock().unwrap().status_patches == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(ready_status(&api.lock().unwrap()), "True");
+        // The node controller marks the node Unknown (as after an API-server outage).
+        {
+            let mut api = api.lock().unwrap();
+            let node = api.node.as_mut().unwrap();
+            for c in node["status"]["conditions"].as_array_mut().unwrap() {
+                if c["type"] == "Ready" {
+                    c["status"] = "Unknown".into();
+                    c["reason"] = "NodeStatusUnknown".into();
+                    c["message"] = "Kubelet stopped posting node status.".into();
+                }
+            }
+        }
+        tokio::time::sleep(STATUS_INTERVAL * 2).await;
+        {
+            let api = api.lock().unwrap();
+            assert_eq!(
+                (ready_status(&api), api.status_patches),
+                ("True".to_string(), 2),
+                "Ready posted again within two intervals, not after {REPORT_INTERVAL:?}"
+            );
+        }
+        token.cancel();
+        task.await.unwrap();
     }
 }

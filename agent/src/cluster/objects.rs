@@ -7,13 +7,18 @@
 //! started when the first pod refers to the object and stopped (and the object dropped from the
 //! store) when the last one goes. [`references`] is the pure part. The Secrets a bound CSI
 //! volume references (nodeStageSecretRef, nodePublishSecretRef) are followed too, once the
-//! claim and its volume are in the store ([`volume_secrets`]).
+//! claim and its volume are in the store ([`volume_secrets`]). Services, which the Node
+//! authorizer lets a node list and watch, are followed as a whole ([`follow_services`]) for
+//! the pods' service environment variables.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Secret};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Service,
+};
+use kube::runtime::watcher::{self, Event};
 use kube::Api;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -188,7 +193,7 @@ pub(super) async fn run(
         let mut wanted: BTreeSet<ObjectRef> = pods
             .borrow_and_update()
             .values()
-            .flat_map(references)
+            .flat_map(|p| references(p))
             .collect();
         let secrets = volume_secrets(&store, &wanted);
         wanted.extend(secrets);
@@ -211,6 +216,111 @@ pub(super) async fn run(
             _ = token.cancelled() => return,
             changed = pods.changed() => if changed.is_err() { return },
             changed = stored.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Every Service of the cluster, keyed by (namespace, name).
+type Services = BTreeMap<(String, String), Service>;
+
+fn service_key(svc: &Service) -> (String, String) {
+    let meta = &svc.metadata;
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Applies one watcher event to the known Services (a relist is collected in `relist` and
+/// replaces them only once complete); returns true when the known set changed.
+fn apply_service_event(
+    known: &mut Services,
+    relist: &mut Option<Services>,
+    e: Event<Service>,
+) -> bool {
+    match e {
+        Event::Init => {
+            *relist = Some(Services::new());
+            false
+        }
+        Event::InitApply(svc) => {
+            if let Some(list) = relist.as_mut() {
+                list.insert(service_key(&svc), svc);
+            }
+            false
+        }
+        Event::InitDone => match relist.take() {
+            Some(list) if list != *known => {
+                *known = list;
+                true
+            }
+            _ => false,
+        },
+        Event::Apply(svc) => known.insert(service_key(&svc), svc.clone()) != Some(svc),
+        Event::Delete(svc) => known.remove(&service_key(&svc)).is_some(),
+    }
+}
+
+/// Follows every Service into the store until `token` is cancelled (relisting after an error).
+pub(super) async fn follow_services(
+    client: kube::Client,
+    store: ObjectStore,
+    token: CancellationToken,
+) {
+    let api: Api<Service> = Api::all(client);
+    let mut known = Services::new();
+    // A new watch starts with Init, which starts a new relist.
+    let mut relist = None;
+    rewatch(
+        || watcher::watcher(api.clone(), watcher::Config::default()),
+        |event| {
+            let done = matches!(event, Event::InitDone);
+            if apply_service_event(&mut known, &mut relist, event) {
+                store.update(|o| o.services = known.clone());
+            }
+            done
+        },
+        |e| tracing::warn!(error = %e, "service watch failed; relisting after back-off"),
+        &token,
+    )
+    .await;
+}
+
+/// The shape of every watch loop here: a stream made by `watch` is followed until `token` is
+/// cancelled, each item handed to `apply` (true when the watch made progress: the back-off
+/// starts over); after an error (handed to `failed`) or the stream's end, a new stream is made
+/// after a back-off of 200 ms doubling to 30 s.
+pub(super) async fn rewatch<S, T, E>(
+    mut watch: impl FnMut() -> S,
+    mut apply: impl FnMut(T) -> bool,
+    failed: impl Fn(&E),
+    token: &CancellationToken,
+) where
+    S: futures::Stream<Item = Result<T, E>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    loop {
+        let mut stream = std::pin::pin!(watch());
+        loop {
+            let next = tokio::select! {
+                _ = token.cancelled() => return,
+                next = stream.next() => next,
+            };
+            match next {
+                Some(Ok(item)) => {
+                    if apply(item) {
+                        backoff.reset();
+                    }
+                }
+                Some(Err(e)) => {
+                    failed(&e);
+                    break;
+                }
+                None => break,
+            }
+        }
+        if !sleep_or_cancel(backoff.fail(), token).await {
+            return;
         }
     }
 }
@@ -272,31 +382,17 @@ async fn watch_one<K>(api: Api<K>, name: &str, put: impl Fn(Option<K>), token: &
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
-    loop {
-        let mut stream = std::pin::pin!(kube::runtime::watcher::watch_object(api.clone(), name));
-        loop {
-            let next = tokio::select! {
-                _ = token.cancelled() => return,
-                next = stream.next() => next,
-            };
-            match next {
-                Some(Ok(object)) => {
-                    backoff.reset();
-                    put(object);
-                }
-                Some(Err(e)) => {
-                    // Right after a pod is bound the Node authorizer may not know it yet (403).
-                    tracing::warn!(object = name, error = %e, "watching a referenced object failed; retrying");
-                    break;
-                }
-                None => break,
-            }
-        }
-        if !sleep_or_cancel(backoff.fail(), token).await {
-            return;
-        }
-    }
+    rewatch(
+        || kube::runtime::watcher::watch_object(api.clone(), name),
+        |object| {
+            put(object);
+            true
+        },
+        // Right after a pod is bound the Node authorizer may not know it yet (403).
+        |e| tracing::warn!(object = name, error = %e, "watching a referenced object failed; retrying"),
+        token,
+    )
+    .await;
 }
 
 /// Polls a claim and the volume bound to it; returns the last volume it stored.
@@ -367,6 +463,39 @@ async fn poll_claim(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn svc(ns: &str, name: &str, ip: &str) -> Service {
+        Service {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(ns.into()),
+                ..Default::default()
+            },
+            spec: Some(k8s_openapi::api::core::v1::ServiceSpec {
+                cluster_ip: Some(ip.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn services_relist_replaces_only_when_complete() {
+        let mut known = Services::new();
+        let mut relist = None;
+        let mut apply = |e| apply_service_event(&mut known, &mut relist, e);
+        assert!(apply(Event::Apply(svc("ns", "a", "10.0.0.1"))));
+        assert!(
+            !apply(Event::Apply(svc("ns", "a", "10.0.0.1"))),
+            "unchanged"
+        );
+        assert!(!apply(Event::Init));
+        assert!(!apply(Event::InitApply(svc("ns", "b", "10.0.0.2"))));
+        assert!(apply(Event::InitDone), "the relist replaced a with b");
+        assert!(apply(Event::Delete(svc("ns", "b", "10.0.0.2"))));
+        assert!(!apply(Event::Delete(svc("ns", "b", "10.0.0.2"))));
+        assert!(known.is_empty());
+    }
 
     fn pod(yaml: &str) -> Pod {
         serde_yaml::from_str(yaml).unwrap()

@@ -6,26 +6,29 @@
 //! error it drops it and starts a new one, so every reconnect relists before anything else.
 //! A deletion whose deadline (`deletionTimestamp`) passed while the agent was away is given no
 //! grace: the pod is killed at once.
+//!
+//! Each pod is kept once, trimmed on receipt (managedFields, half of an API pod's memory, is
+//! dropped), behind an `Arc` that the published set, the desired pods, the workers and the
+//! status manager share. The published map is copied on write: an event copies it only while
+//! a reader still holds the previous one, and then only the map's nodes, never the pods.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher::{self, Event};
 use kube::Api;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{sleep_or_cancel, Backoff};
 use crate::pod::{Deletion, Desired};
 
 /// The grace a pod gets when neither the deletion nor the spec says (the API's default).
 const DEFAULT_GRACE_SECONDS: i64 = 30;
 
 /// The API's pods bound to this node, keyed by UID, as last completely known.
-pub(super) type ApiPods = Arc<BTreeMap<String, Pod>>;
+pub(super) type ApiPods = Arc<BTreeMap<String, Arc<Pod>>>;
 
 /// The source's output channels.
 pub(super) struct Outputs {
@@ -38,8 +41,8 @@ pub(super) struct Outputs {
 /// The pods known from the watch, plus a relist being collected.
 #[derive(Debug, Default)]
 pub(super) struct PodSet {
-    pods: BTreeMap<String, Pod>,
-    relisting: Option<BTreeMap<String, Pod>>,
+    pods: ApiPods,
+    relisting: Option<BTreeMap<String, Arc<Pod>>>,
     synced: bool,
 }
 
@@ -53,23 +56,24 @@ impl PodSet {
             }
             Event::InitApply(pod) => {
                 if let (Some(list), Some(uid)) = (self.relisting.as_mut(), uid(&pod)) {
-                    list.insert(uid, pod);
+                    list.insert(uid, trimmed(pod));
                 }
                 false
             }
             Event::InitDone => {
                 if let Some(list) = self.relisting.take() {
-                    self.pods = list;
+                    self.pods = Arc::new(list);
                 }
                 self.synced = true;
                 true
             }
             Event::Apply(pod) => {
                 let Some(uid) = uid(&pod) else { return false };
+                let pod = trimmed(pod);
                 if let Some(list) = self.relisting.as_mut() {
                     list.insert(uid.clone(), pod.clone());
                 }
-                self.pods.insert(uid, pod);
+                Arc::make_mut(&mut self.pods).insert(uid, pod);
                 true
             }
             Event::Delete(pod) => {
@@ -77,7 +81,11 @@ impl PodSet {
                 if let Some(list) = self.relisting.as_mut() {
                     list.remove(&uid);
                 }
-                self.pods.remove(&uid).is_some()
+                if !self.pods.contains_key(&uid) {
+                    return false;
+                }
+                Arc::make_mut(&mut self.pods).remove(&uid);
+                true
             }
         }
     }
@@ -86,7 +94,7 @@ impl PodSet {
         self.synced
     }
 
-    pub fn pods(&self) -> &BTreeMap<String, Pod> {
+    pub fn pods(&self) -> &ApiPods {
         &self.pods
     }
 
@@ -105,12 +113,18 @@ fn uid(pod: &Pod) -> Option<String> {
     pod.metadata.uid.clone().filter(|u| !u.is_empty())
 }
 
+/// The pod as the agent keeps it: without managedFields, which nothing on the node reads.
+fn trimmed(mut pod: Pod) -> Arc<Pod> {
+    pod.metadata.managed_fields = None;
+    Arc::new(pod)
+}
+
 /// One API pod as a desired pod at `now`: `deletionTimestamp` set means a graceful deletion
 /// with the grace the API recorded (or the spec's, or 30 s). The API sets `deletionTimestamp`
 /// to the deletion's time plus its grace; once that is past (the agent was down meanwhile, as
 /// when the control plane evicts the pods of an unreachable node) no grace is left: the pod is
 /// killed at once.
-pub(super) fn desired(pod: &Pod, now: jiff::Timestamp) -> Desired {
+pub(super) fn desired(pod: &Arc<Pod>, now: jiff::Timestamp) -> Desired {
     let deletion = pod.metadata.deletion_timestamp.as_ref().map(|at| {
         if at.0 <= now {
             return Deletion {
@@ -148,43 +162,28 @@ pub(super) async fn run(
     let api: Api<Pod> = Api::all(client);
     let selector = format!("spec.nodeName={node}");
     let mut set = PodSet::default();
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
-    loop {
-        let config = watcher::Config::default().fields(&selector);
-        let mut stream = std::pin::pin!(watcher::watcher(api.clone(), config));
-        loop {
-            let next = tokio::select! {
-                _ = token.cancelled() => return,
-                next = stream.next() => next,
-            };
-            match next {
-                Some(Ok(event)) => {
-                    let done = matches!(event, Event::InitDone);
-                    if set.apply(event) {
-                        publish(&set, &out);
-                    }
-                    if done {
-                        backoff.reset();
-                        tracing::info!(node, pods = set.pods().len(), "pods of this node listed");
-                    }
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(node, error = %e, "pod watch failed; relisting after back-off");
-                    break;
-                }
-                None => break,
+    super::objects::rewatch(
+        || watcher::watcher(api.clone(), watcher::Config::default().fields(&selector)),
+        |event| {
+            let done = matches!(event, Event::InitDone);
+            if set.apply(event) {
+                publish(&set, &out);
             }
-        }
-        if !sleep_or_cancel(backoff.fail(), &token).await {
-            return;
-        }
-    }
+            if done {
+                tracing::info!(node, pods = set.pods().len(), "pods of this node listed");
+            }
+            done
+        },
+        |e| tracing::warn!(node, error = %e, "pod watch failed; relisting after back-off"),
+        &token,
+    )
+    .await;
 }
 
 /// Publishes the set, then `synced`: whoever sees `synced` true (and reads `desired` after)
 /// gets the complete first list, never the empty set from before it.
 fn publish(set: &PodSet, out: &Outputs) {
-    out.api_pods.send_replace(Arc::new(set.pods().clone()));
+    out.api_pods.send_replace(set.pods().clone());
     out.desired
         .send_replace(set.desired(jiff::Timestamp::now()));
     if set.synced() {
@@ -213,7 +212,7 @@ mod tests {
     fn uids(set: &PodSet) -> Vec<String> {
         set.desired(jiff::Timestamp::UNIX_EPOCH)
             .into_iter()
-            .map(|d| d.pod.metadata.uid.unwrap())
+            .map(|d| d.pod.metadata.uid.clone().unwrap())
             .collect()
     }
 
@@ -278,7 +277,7 @@ mod tests {
     fn a_deletion_timestamp_becomes_a_graceful_deletion() {
         let mut p = pod("a", "a");
         let before = jiff::Timestamp::UNIX_EPOCH;
-        let desired = |p: &Pod| desired(p, before);
+        let desired = |p: &Pod| desired(&Arc::new(p.clone()), before);
         assert!(desired(&p).deletion.is_none());
         p.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::from_second(60).unwrap()));
         p.metadata.deletion_grace_period_seconds = Some(7);
@@ -303,6 +302,7 @@ mod tests {
         let mut p = pod("a", "a");
         p.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::from_second(60).unwrap()));
         p.metadata.deletion_grace_period_seconds = Some(30);
+        let p = Arc::new(p);
         let at = |s| desired(&p, jiff::Timestamp::from_second(s).unwrap());
         assert_eq!(at(30).deletion.unwrap().grace, Duration::from_secs(30));
         assert_eq!(at(59).deletion.unwrap().grace, Duration::from_secs(30));

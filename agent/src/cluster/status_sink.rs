@@ -53,11 +53,28 @@ pub(super) struct Written {
 }
 
 /// Decides the next step for `reported`, given the API's copy of the pod (`None`: not in the
-/// API's current set) and what the sink did before (`None`: never seen as an API pod).
-pub(super) fn plan(reported: &Reported, api: Option<&Pod>, written: Option<&Written>) -> Action {
+/// API's current set), what the sink did before (`None`: never seen as an API pod, or its
+/// memory was dropped) and whether the API's pods have been listed at all.
+///
+/// A finished API pod missing from a listed set is gone, whatever the sink remembers: the worker
+/// may report a last status after the sink forgot the pod (its update of the deletion races the
+/// sink's final DELETE), and that entry must not stay listed for good.
+pub(super) fn plan(
+    reported: &Reported,
+    api: Option<&Pod>,
+    written: Option<&Written>,
+    listed: bool,
+) -> Action {
     match (api, written) {
-        // Not an API pod (a static pod of the manifest folder), or not listed yet.
-        (None, None) => Action::Nothing,
+        (None, None) => {
+            let api_pod = super::mirror::static_hash(&reported.pod).is_none();
+            if api_pod && listed && reported.finished {
+                Action::Forget
+            } else {
+                // A static pod of the manifest folder, or not finished (its worker forgets it).
+                Action::Nothing
+            }
+        }
         (None, Some(_)) => {
             if reported.finished {
                 Action::Forget
@@ -131,7 +148,10 @@ pub(super) async fn run(
     let mut changed = status.subscribe();
     let mut written: BTreeMap<String, Written> = BTreeMap::new();
     let mut retries: BTreeMap<String, Retry> = BTreeMap::new();
+    // The API's pods were listed (the channel starts with an empty set before the first list).
+    let mut listed = false;
     loop {
+        listed |= api_pods.has_changed().unwrap_or(false);
         let pods = api_pods.borrow_and_update().clone();
         changed.borrow_and_update();
         let all = status.all();
@@ -151,6 +171,7 @@ pub(super) async fn run(
             // memory is kept per API object (a mirror made anew is written anew).
             let api = pods
                 .get(&uid)
+                .map(|p| &**p)
                 .or_else(|| super::mirror::mirror_of(&reported.pod, &pods));
             let key = api
                 .and_then(|p| p.metadata.uid.clone())
@@ -159,7 +180,7 @@ pub(super) async fn run(
                 written.entry(key.clone()).or_default();
             }
             seen.insert(key.clone());
-            let result = match plan(reported, api, written.get(&key)) {
+            let result = match plan(reported, api, written.get(&key), listed) {
                 Action::Nothing => Ok(None),
                 Action::Forget => {
                     written.remove(&key);
@@ -301,10 +322,11 @@ mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::PodStatus;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+    use std::sync::Arc;
 
     fn reported(version: u64, finished: bool) -> Reported {
         Reported {
-            pod: Pod {
+            pod: Arc::new(Pod {
                 metadata: ObjectMeta {
                     uid: Some("u1".into()),
                     name: Some("p".into()),
@@ -315,14 +337,14 @@ mod tests {
                     ..Default::default()
                 }),
                 ..Default::default()
-            },
+            }),
             version,
             finished,
         }
     }
 
     fn api_pod(deleting: bool) -> Pod {
-        let mut p = reported(0, false).pod;
+        let mut p = Arc::unwrap_or_clone(reported(0, false).pod);
         if deleting {
             p.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::UNIX_EPOCH));
         }
@@ -339,17 +361,20 @@ mod tests {
     #[test]
     fn only_a_newer_version_is_written() {
         let api = api_pod(false);
-        assert_eq!(plan(&reported(1, false), Some(&api), None), Action::Patch);
         assert_eq!(
-            plan(&reported(3, false), Some(&api), Some(&w(2))),
+            plan(&reported(1, false), Some(&api), None, true),
             Action::Patch
         );
         assert_eq!(
-            plan(&reported(2, false), Some(&api), Some(&w(2))),
+            plan(&reported(3, false), Some(&api), Some(&w(2)), true),
+            Action::Patch
+        );
+        assert_eq!(
+            plan(&reported(2, false), Some(&api), Some(&w(2)), true),
             Action::Nothing
         );
         assert_eq!(
-            plan(&reported(1, false), Some(&api), Some(&w(2))),
+            plan(&reported(1, false), Some(&api), Some(&w(2)), true),
             Action::Nothing
         );
     }
@@ -358,11 +383,11 @@ mod tests {
     fn a_finished_deleting_pod_gets_its_final_status_then_the_delete() {
         let api = api_pod(true);
         assert_eq!(
-            plan(&reported(5, true), Some(&api), Some(&w(4))),
+            plan(&reported(5, true), Some(&api), Some(&w(4)), true),
             Action::Patch
         );
         assert_eq!(
-            plan(&reported(5, true), Some(&api), Some(&w(5))),
+            plan(&reported(5, true), Some(&api), Some(&w(5)), true),
             Action::Delete
         );
         let done = Written {
@@ -370,18 +395,18 @@ mod tests {
             deleted: true,
         };
         assert_eq!(
-            plan(&reported(5, true), Some(&api), Some(&done)),
+            plan(&reported(5, true), Some(&api), Some(&done), true),
             Action::Forget
         );
         // Finished but not being deleted (a completed Job pod): status only, no delete.
         let alive = api_pod(false);
         assert_eq!(
-            plan(&reported(5, true), Some(&alive), Some(&w(5))),
+            plan(&reported(5, true), Some(&alive), Some(&w(5)), true),
             Action::Nothing
         );
         // Deleting but still terminating: wait.
         assert_eq!(
-            plan(&reported(5, false), Some(&api), Some(&w(5))),
+            plan(&reported(5, false), Some(&api), Some(&w(5)), true),
             Action::Nothing
         );
     }
@@ -389,12 +414,34 @@ mod tests {
     #[test]
     fn a_vanished_api_pod_is_forgotten_once_finished_and_others_are_left_alone() {
         assert_eq!(
-            plan(&reported(2, false), None, Some(&w(2))),
+            plan(&reported(2, false), None, Some(&w(2)), true),
             Action::Nothing
         );
-        assert_eq!(plan(&reported(2, true), None, Some(&w(2))), Action::Forget);
+        assert_eq!(
+            plan(&reported(2, true), None, Some(&w(2)), true),
+            Action::Forget
+        );
         // Never an API pod (a static pod): the sink does nothing at all.
-        assert_eq!(plan(&reported(2, true), None, None), Action::Nothing);
+        let mut static_pod = reported(2, true);
+        Arc::make_mut(&mut static_pod.pod).metadata.annotations = Some(
+            [(
+                crate::source::manifest::CONFIG_HASH.to_string(),
+                "0123456789abcdef0123456789abcdef".to_string(),
+            )]
+            .into(),
+        );
+        assert_eq!(plan(&static_pod, None, None, true), Action::Nothing);
+    }
+
+    #[test]
+    fn a_finished_api_pod_reported_again_after_it_was_forgotten_is_forgotten_again() {
+        // The worker's last status re-added a pod the sink had already deleted and forgotten:
+        // once finished and absent from the listed API pods, it goes.
+        assert_eq!(plan(&reported(1, true), None, None, true), Action::Forget);
+        // Still finishing: its worker forgets it, or reports it finished first.
+        assert_eq!(plan(&reported(1, false), None, None, true), Action::Nothing);
+        // The API's pods not listed yet (an agent restart): nothing is known to be gone.
+        assert_eq!(plan(&reported(1, true), None, None, false), Action::Nothing);
     }
 
     #[test]
@@ -412,7 +459,7 @@ mod tests {
         assert_eq!(body["metadata"]["uid"], "mirror-uid");
         // A finished static pod never gets the final DELETE through its mirror.
         assert_eq!(
-            plan(&reported(1, true), Some(&mirror), Some(&w(1))),
+            plan(&reported(1, true), Some(&mirror), Some(&w(1)), true),
             Action::Nothing
         );
     }
@@ -426,7 +473,11 @@ mod tests {
             ..Default::default()
         };
         let mut r = reported(2, false);
-        r.pod.status.as_mut().unwrap().conditions = Some(vec![cond("Ready", "True")]);
+        Arc::make_mut(&mut r.pod)
+            .status
+            .as_mut()
+            .unwrap()
+            .conditions = Some(vec![cond("Ready", "True")]);
         let mut api = api_pod(false);
         api.status = Some(PodStatus {
             conditions: Some(vec![

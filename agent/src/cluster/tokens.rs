@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::api::PostParams;
 use kube::Api;
 
-use crate::volume::{TokenRequest, TokenSource};
+use crate::volume::{IssuedToken, TokenRequest, TokenSource};
 
 /// The cluster mode's [`TokenSource`]; hand it to `VolumeManager::set_token_source`.
 pub struct ApiTokens {
@@ -42,12 +42,27 @@ pub(super) fn body(pod: &Pod, request: &TokenRequest) -> ApiTokenRequest {
     }
 }
 
+/// The token in the API server's answer, issued (as the kubelet reckons it) its granted
+/// expirationSeconds (`asked` when the answer does not say) before it expires.
+pub(super) fn issued(answer: &ApiTokenRequest, asked: i64) -> Option<IssuedToken> {
+    let status = answer.status.as_ref().filter(|s| !s.token.is_empty())?;
+    let expires = std::time::SystemTime::from(status.expiration_timestamp.0);
+    let seconds = answer.spec.expiration_seconds.unwrap_or(asked).max(0) as u64;
+    Some(IssuedToken {
+        token: status.token.clone(),
+        issued: expires
+            .checked_sub(std::time::Duration::from_secs(seconds))
+            .unwrap_or(expires),
+        expires,
+    })
+}
+
 impl TokenSource for ApiTokens {
     fn token<'a>(
         &'a self,
         pod: &'a Pod,
         request: TokenRequest,
-    ) -> BoxFuture<'a, Result<String, String>> {
+    ) -> BoxFuture<'a, Result<IssuedToken, String>> {
         Box::pin(async move {
             let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
             let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
@@ -65,16 +80,12 @@ impl TokenSource for ApiTokens {
                         request.service_account
                     )
                 })?;
-            answer
-                .status
-                .map(|s| s.token)
-                .filter(|t| !t.is_empty())
-                .ok_or_else(|| {
-                    format!(
-                        "token request for serviceaccount {ns}/{}: no token in the answer",
-                        request.service_account
-                    )
-                })
+            issued(&answer, request.expiration_seconds).ok_or_else(|| {
+                format!(
+                    "token request for serviceaccount {ns}/{}: no token in the answer",
+                    request.service_account
+                )
+            })
         })
     }
 }
@@ -107,5 +118,32 @@ mod tests {
         assert_eq!(bound.uid.as_deref(), Some("u1"));
         request.audience = Some("vault".into());
         assert_eq!(body(&pod, &request).spec.audiences, ["vault"]);
+    }
+
+    #[test]
+    fn the_token_was_issued_its_granted_seconds_before_it_expires() {
+        use k8s_openapi::api::authentication::v1::TokenRequestStatus;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let expires: jiff::Timestamp = "2026-01-01T01:00:00Z".parse().unwrap();
+        let mut answer = ApiTokenRequest {
+            spec: TokenRequestSpec {
+                expiration_seconds: Some(3600),
+                ..Default::default()
+            },
+            status: Some(TokenRequestStatus {
+                token: "abc".into(),
+                expiration_timestamp: Time(expires),
+            }),
+            ..Default::default()
+        };
+        let t = issued(&answer, 600).unwrap();
+        assert_eq!(t.token, "abc");
+        assert_eq!(t.expires, std::time::SystemTime::from(expires));
+        assert_eq!(
+            t.issued,
+            std::time::SystemTime::from("2026-01-01T00:00:00Z".parse::<jiff::Timestamp>().unwrap())
+        );
+        answer.status.as_mut().unwrap().token.clear();
+        assert_eq!(issued(&answer, 600), None);
     }
 }

@@ -81,6 +81,18 @@ impl Backoff {
     }
 }
 
+/// A whole-second duration as Go's `time.Duration` prints it (`10s`, `1m20s`, `5m0s`,
+/// `1h0m0s`): the kubelet's back-off messages carry this form.
+pub fn go_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m{s}s"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,6 +103,22 @@ mod tests {
 
     fn s(secs: u64) -> Duration {
         Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn durations_print_as_go_prints_them() {
+        let table = [
+            (0, "0s"),
+            (10, "10s"),
+            (80, "1m20s"),
+            (160, "2m40s"),
+            (300, "5m0s"),
+            (3600, "1h0m0s"),
+            (3723, "1h2m3s"),
+        ];
+        for (secs, text) in table {
+            assert_eq!(go_duration(s(secs)), text);
+        }
     }
 
     #[test]

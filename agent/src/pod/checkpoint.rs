@@ -4,6 +4,10 @@
 //! the pod asked (the full grace, restarted from zero), not kill them at once. Pods from the
 //! API need none: the API still holds a pod being deleted, and one gone from it is killed at
 //! once.
+//!
+//! It also keeps, per container attempt, the agent's intent to kill it for a failed postStart
+//! hook: nothing else says so after a restart, and such a container must not be re-adopted as
+//! running (its kill, waiting out the grace for a process that ignores TERM, is started anew).
 
 use std::path::{Path, PathBuf};
 
@@ -37,6 +41,27 @@ pub fn write(pod_dir: &Path, pod: &Pod) -> std::io::Result<()> {
 pub fn read(pod_dir: &Path) -> Option<Pod> {
     let bytes = std::fs::read(path(pod_dir)).ok()?;
     serde_json::from_slice(&bytes).ok()
+}
+
+fn kill_path(pod_dir: &Path, name: &str, attempt: u32) -> PathBuf {
+    pod_dir
+        .join("containers")
+        .join(name)
+        .join(format!("kill-{attempt}"))
+}
+
+/// Records that attempt `attempt` of container `name` is to be killed (its postStart failed).
+pub fn write_kill(pod_dir: &Path, name: &str, attempt: u32) -> std::io::Result<()> {
+    let path = kill_path(pod_dir, name, attempt);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, b"PostStartHookFailed\n")
+}
+
+/// Whether a kill of attempt `attempt` of `name` was recorded.
+pub fn kill_recorded(pod_dir: &Path, name: &str, attempt: u32) -> bool {
+    kill_path(pod_dir, name, attempt).exists()
 }
 
 /// Removes the checkpoint (the pod is done).

@@ -9,7 +9,9 @@
 //!
 //! OWNER: volumes helper (shares field resolution with the downwardAPI volume).
 
-use k8s_openapi::api::core::v1::{Container, Pod};
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Container, Pod, Service, ServiceSpec};
 
 use crate::store::ObjectStore;
 use crate::volume::downward::{self, NodeAllocatable};
@@ -111,10 +113,20 @@ pub fn container_env(
         }
     }
 
+    // The Services' variables: looked up by `$(VAR)` after the container's own, and added
+    // last where the container does not define them, as the kubelet does.
+    let links = pod.spec.as_ref().and_then(|s| s.enable_service_links);
+    let services: Vec<(String, String)> =
+        service_env(&store.services(), namespace, links.unwrap_or(true))
+            .into_iter()
+            .collect();
     let mut node: Option<NodeAllocatable> = None;
     for var in container.env.iter().flatten() {
         let value = match &var.value_from {
-            None => expand(var.value.as_deref().unwrap_or(""), &env.vars),
+            None => {
+                let known = [services.as_slice(), env.vars.as_slice()].concat();
+                expand(var.value.as_deref().unwrap_or(""), &known)
+            }
             Some(src) => {
                 if let Some(r) = &src.config_map_key_ref {
                     let value = store
@@ -174,7 +186,82 @@ pub fn container_env(
         };
         env.set(var.name.clone(), value);
     }
+    for (name, value) in services {
+        if !env.vars.iter().any(|(n, _)| *n == name) {
+            env.vars.push((name, value));
+        }
+    }
     Ok(env.vars)
+}
+
+/// The Services every pod gets variables for whatever enableServiceLinks says (in `default`).
+const MASTER_SERVICES: &[&str] = &["kubernetes"];
+
+/// The Service environment variables the kubelet gives a pod of `namespace` (its
+/// `pkg/kubelet/envvars`): `<NAME>_SERVICE_HOST`, `<NAME>_SERVICE_PORT` (the first port),
+/// `<NAME>_SERVICE_PORT_<PORTNAME>` per named port, and the docker-links `<NAME>_PORT`,
+/// `<NAME>_PORT_<port>_<PROTO>{,_PROTO,_PORT,_ADDR}`; for the master service `kubernetes` of
+/// `default` always, for the namespace's own Services when enableServiceLinks. Services
+/// without a cluster IP (headless) give none. A Service of the pod's namespace named like a
+/// master service does not replace the master one.
+pub fn service_env(
+    services: &[Service],
+    namespace: &str,
+    enable_service_links: bool,
+) -> BTreeMap<String, String> {
+    let mut chosen: BTreeMap<&str, &ServiceSpec> = BTreeMap::new();
+    for svc in services {
+        let (Some(name), Some(spec)) = (svc.metadata.name.as_deref(), svc.spec.as_ref()) else {
+            continue;
+        };
+        let ip = spec.cluster_ip.as_deref().unwrap_or_default();
+        if ip.is_empty() || ip == "None" || spec.ports.as_ref().is_none_or(|p| p.is_empty()) {
+            continue;
+        }
+        let svc_ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+        if svc_ns == "default" && MASTER_SERVICES.contains(&name) {
+            chosen.entry(name).or_insert(spec);
+        } else if svc_ns == namespace && enable_service_links {
+            chosen.insert(name, spec);
+        }
+    }
+    let var_name = |s: &str| s.replace('-', "_").to_uppercase();
+    let mut env = BTreeMap::new();
+    for (name, spec) in chosen {
+        let ip = spec.cluster_ip.clone().unwrap_or_default();
+        let ports = spec.ports.as_deref().unwrap_or_default();
+        let prefix = var_name(name);
+        env.insert(format!("{prefix}_SERVICE_HOST"), ip.clone());
+        env.insert(format!("{prefix}_SERVICE_PORT"), ports[0].port.to_string());
+        for p in ports {
+            if let Some(port_name) = p.name.as_deref().filter(|n| !n.is_empty()) {
+                let key = format!("{prefix}_SERVICE_PORT_{}", var_name(port_name));
+                env.insert(key, p.port.to_string());
+            }
+        }
+        let host = match ip.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V6(_)) => format!("[{ip}]"),
+            _ => ip.clone(),
+        };
+        for (i, p) in ports.iter().enumerate() {
+            let protocol = p
+                .protocol
+                .as_deref()
+                .filter(|p| !p.is_empty())
+                .unwrap_or("TCP");
+            let (lower, upper) = (protocol.to_lowercase(), protocol.to_uppercase());
+            let url = format!("{lower}://{host}:{}", p.port);
+            if i == 0 {
+                env.insert(format!("{prefix}_PORT"), url.clone());
+            }
+            let port_prefix = format!("{prefix}_PORT_{}_{upper}", p.port);
+            env.insert(format!("{port_prefix}_PROTO"), lower);
+            env.insert(format!("{port_prefix}_PORT"), p.port.to_string());
+            env.insert(format!("{port_prefix}_ADDR"), ip.clone());
+            env.insert(port_prefix, url);
+        }
+    }
+    env
 }
 
 /// `$(VAR)` expansion with `$$` escaping, for command and args. Unknown variables and
@@ -236,7 +323,7 @@ mod tests {
     use crate::store::Objects;
     use k8s_openapi::api::core::v1::{
         ConfigMap, ConfigMapEnvSource, ConfigMapKeySelector, EnvFromSource, EnvVar, EnvVarSource,
-        ObjectFieldSelector, PodSpec, Secret, SecretEnvSource, SecretKeySelector,
+        ObjectFieldSelector, PodSpec, Secret, SecretEnvSource, SecretKeySelector, ServicePort,
     };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use k8s_openapi::ByteString;
@@ -249,6 +336,86 @@ mod tests {
             .collect()
     }
 
+    fn service(ns: &str, name: &str, ip: &str, ports: &[(&str, i32, &str)]) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(ns.into()),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                cluster_ip: Some(ip.into()),
+                ports: Some(
+                    ports
+                        .iter()
+                        .map(|(n, port, proto)| ServicePort {
+                            name: (!n.is_empty()).then(|| n.to_string()),
+                            port: *port,
+                            protocol: (!proto.is_empty()).then(|| proto.to_string()),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The master service (one named port) and `fooservice` of `ns` (one unnamed port).
+    fn master_and_foo() -> [Service; 2] {
+        [
+            service(
+                "default",
+                "kubernetes",
+                "10.96.0.1",
+                &[("https", 443, "TCP")],
+            ),
+            service("ns", "fooservice", "10.0.0.11", &[("", 8765, "")]),
+        ]
+    }
+
+    #[test]
+    fn service_links_as_the_kubelet_builds_them() {
+        let [master, foo] = master_and_foo();
+        let services = [
+            master,
+            foo,
+            service(
+                "ns",
+                "multi-port",
+                "fd00::5",
+                &[("", 80, ""), ("dns", 53, "UDP")],
+            ),
+            service("ns", "headless", "None", &[("", 80, "")]),
+            service("other", "elsewhere", "10.0.0.9", &[("", 80, "")]),
+        ];
+        let env = service_env(&services, "ns", true);
+        let get = |k: &str| env.get(k).map(String::as_str);
+        assert_eq!(get("KUBERNETES_SERVICE_HOST"), Some("10.96.0.1"));
+        assert_eq!(get("KUBERNETES_SERVICE_PORT"), Some("443"));
+        assert_eq!(get("KUBERNETES_SERVICE_PORT_HTTPS"), Some("443"));
+        assert_eq!(get("KUBERNETES_PORT"), Some("tcp://10.96.0.1:443"));
+        assert_eq!(get("KUBERNETES_PORT_443_TCP"), Some("tcp://10.96.0.1:443"));
+        assert_eq!(get("KUBERNETES_PORT_443_TCP_PROTO"), Some("tcp"));
+        assert_eq!(get("KUBERNETES_PORT_443_TCP_PORT"), Some("443"));
+        assert_eq!(get("KUBERNETES_PORT_443_TCP_ADDR"), Some("10.96.0.1"));
+        assert_eq!(get("FOOSERVICE_SERVICE_HOST"), Some("10.0.0.11"));
+        assert_eq!(get("FOOSERVICE_SERVICE_PORT"), Some("8765"));
+        assert_eq!(get("FOOSERVICE_PORT"), Some("tcp://10.0.0.11:8765"));
+        assert_eq!(get("FOOSERVICE_PORT_8765_TCP_ADDR"), Some("10.0.0.11"));
+        assert_eq!(get("MULTI_PORT_SERVICE_PORT_DNS"), Some("53"));
+        assert_eq!(get("MULTI_PORT_PORT"), Some("tcp://[fd00::5]:80"));
+        assert_eq!(get("MULTI_PORT_PORT_53_UDP"), Some("udp://[fd00::5]:53"));
+        assert_eq!(get("MULTI_PORT_PORT_53_UDP_PROTO"), Some("udp"));
+        assert!(!env.keys().any(|k| k.starts_with("HEADLESS_")));
+        assert!(!env.keys().any(|k| k.starts_with("ELSEWHERE_")));
+        assert_eq!(env.len(), 8 + 7 + 12);
+        // enableServiceLinks: false keeps only the master service.
+        let env = service_env(&services, "ns", false);
+        assert_eq!(env.len(), 8);
+        assert!(env.keys().all(|k| k.starts_with("KUBERNETES_")));
+    }
     #[test]
     fn expansion_semantics() {
         let env = vars(&[("A", "1"), ("B", "two")]);
@@ -320,6 +487,53 @@ mod tests {
             }),
             status: None,
         }
+    }
+
+    #[test]
+    fn service_variables_expand_and_come_last() {
+        let store = store();
+        store.update(|o| {
+            for svc in master_and_foo() {
+                let key = (
+                    svc.metadata.namespace.clone().unwrap(),
+                    svc.metadata.name.clone().unwrap(),
+                );
+                o.services.insert(key, svc);
+            }
+        });
+        let c = Container {
+            name: "c".into(),
+            env: Some(vec![
+                var(
+                    "URL",
+                    "$(FOOSERVICE_SERVICE_HOST):$(FOOSERVICE_SERVICE_PORT)",
+                ),
+                var("KUBERNETES_SERVICE_HOST", "mine"),
+            ]),
+            ..Default::default()
+        };
+        let mut p = pod(c.clone());
+        let env = container_env(&p, &c, &store).unwrap();
+        assert_eq!(env[0], ("URL".to_string(), "10.0.0.11:8765".to_string()));
+        assert_eq!(env[1].1, "mine");
+        let names: Vec<&str> = env.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names
+                .iter()
+                .filter(|n| **n == "KUBERNETES_SERVICE_HOST")
+                .count(),
+            1
+        );
+        assert!(names.contains(&"FOOSERVICE_PORT_8765_TCP_ADDR"));
+        assert_eq!(env.len(), 2 + 7 + 7);
+        p.spec.as_mut().unwrap().enable_service_links = Some(false);
+        let env = container_env(&p, &c, &store).unwrap();
+        assert_eq!(
+            env[0].1,
+            "$(FOOSERVICE_SERVICE_HOST):$(FOOSERVICE_SERVICE_PORT)"
+        );
+        assert!(env.iter().all(|(n, _)| !n.starts_with("FOOSERVICE")));
+        assert_eq!(env.len(), 2 + 7);
     }
 
     #[test]

@@ -23,6 +23,29 @@ pub const MIN_KILL_GRACE: Duration = Duration::from_secs(2);
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 /// A kill under way is re-issued only when the grace shrank by more than this.
 const KILL_SLACK: Duration = Duration::from_secs(1);
+/// The longest span a spec number of seconds stands for (activeDeadlineSeconds,
+/// terminationGracePeriodSeconds up to i64::MAX): longer ones wait as long, so every sum with a
+/// clock stays in range.
+const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// A spec number of seconds as a duration: negative is zero, beyond [`FOREVER`] is FOREVER.
+pub fn spec_secs(secs: i64) -> Duration {
+    Duration::from_secs(secs.max(0) as u64).min(FOREVER)
+}
+
+/// `t + d`, saturating: a sum beyond the clock's range is `t` plus [`FOREVER`].
+pub fn later(t: SystemTime, d: Duration) -> SystemTime {
+    t.checked_add(d.min(FOREVER))
+        .or_else(|| t.checked_add(Duration::from_secs(1)))
+        .unwrap_or(t)
+}
+
+/// Whether a re-adopted container (found running after an agent restart) is ready: one with
+/// no readiness probe is ready while it runs; a probed one keeps what was reported before, until
+/// its probe says otherwise.
+pub fn adopted_ready(container: &Container, running: bool, reported_ready: bool) -> bool {
+    running && (container.readiness_probe.is_none() || reported_ready)
+}
 
 /// The pod worker's state; it only moves forward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -56,6 +79,9 @@ pub enum Kind {
     /// An init container with restartPolicy Always.
     Sidecar,
     App,
+    /// Added to a running pod through `pods/ephemeralcontainers`: started once, never
+    /// restarted, no part of the pod's phase or readiness.
+    Ephemeral,
 }
 
 impl Kind {
@@ -65,6 +91,7 @@ impl Kind {
             Kind::Init => "init",
             Kind::Sidecar => "sidecar",
             Kind::App => "app",
+            Kind::Ephemeral => "ephemeral",
         }
     }
 }
@@ -266,6 +293,23 @@ pub fn containers(pod: &Pod) -> Vec<(Kind, &Container)> {
         .collect()
 }
 
+/// The pod's ephemeral containers as the containers they run as (the same fields, less
+/// `targetContainerName`), in the order they were added.
+pub fn ephemeral(pod: &Pod) -> Vec<Container> {
+    let list = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.ephemeral_containers.as_ref());
+    list.into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let mut value = serde_json::to_value(e).ok()?;
+            value.as_object_mut()?.remove("targetContainerName");
+            serde_json::from_value(value).ok()
+        })
+        .collect()
+}
+
 /// The pod's restartPolicy (Always when unset).
 pub fn restart_policy(pod: &Pod) -> &str {
     pod.spec
@@ -277,6 +321,7 @@ pub fn restart_policy(pod: &Pod) -> &str {
 /// Whether a container that ended with `exit` runs again.
 pub fn wants_restart(policy: &str, kind: Kind, exit: &Exit) -> bool {
     match (kind, policy) {
+        (Kind::Ephemeral, _) => false,
         (Kind::Sidecar, _) => true,
         (_, "Never") => false,
         (Kind::Init, _) | (Kind::App, "OnFailure") => exit.code != 0,
@@ -309,7 +354,7 @@ pub fn record_exit(
 /// The pod's grace: terminationGracePeriodSeconds, shrunk by the deletion's (a force delete
 /// asks for 0: no preStop, KILL after [`MIN_KILL_GRACE`]).
 pub fn grace(pod: &Pod, deletion: Option<&Deletion>) -> Duration {
-    let secs = |s: i64| Duration::from_secs(s.max(0) as u64);
+    let secs = spec_secs;
     let mut grace = pod
         .spec
         .as_ref()
@@ -327,7 +372,7 @@ pub fn grace(pod: &Pod, deletion: Option<&Deletion>) -> Duration {
 /// When activeDeadlineSeconds runs out.
 pub fn active_deadline(pod: &Pod, start_time: Option<SystemTime>) -> Option<SystemTime> {
     let secs = pod.spec.as_ref()?.active_deadline_seconds?;
-    Some(start_time? + Duration::from_secs(secs.max(0) as u64))
+    Some(later(start_time?, spec_secs(secs)))
 }
 
 /// The step function.
@@ -381,9 +426,16 @@ fn completed(pod: &Pod, obs: &Observed) -> bool {
         let exit = o.filter(|o| !o.spec_changed).and_then(ContainerObs::exit);
         exit.is_some_and(|e| !wants_restart(policy, kind, e))
     };
-    let init_failed = all
-        .iter()
-        .any(|(k, c)| *k == Kind::Init && finished(*k, &c.name));
+    // An init container that exited 0 is done, not failed: the next one runs.
+    let init_failed = all.iter().any(|(k, c)| {
+        *k == Kind::Init
+            && finished(*k, &c.name)
+            && obs
+                .containers
+                .get(&c.name)
+                .and_then(ContainerObs::exit)
+                .is_some_and(|e| e.code != 0)
+    });
     let apps: Vec<_> = all.iter().filter(|(k, _)| *k == Kind::App).collect();
     init_failed || (!apps.is_empty() && apps.iter().all(|(k, c)| finished(*k, &c.name)))
 }
@@ -442,6 +494,20 @@ fn sync(pod: &Pod, obs: &Observed, state: PodState, actions: &mut Vec<Action>) -
             blocked = true;
         }
     }
+    // Ephemeral containers start once the sandbox is up, even before initialization ends
+    // (as the kubelet starts them), and never again.
+    for c in ephemeral(pod) {
+        let o = obs.containers.get(&c.name).unwrap_or(&none);
+        advance(
+            &c.name,
+            Kind::Ephemeral,
+            o,
+            policy,
+            obs.now,
+            actions,
+            &mut wake,
+        );
+    }
     if let Some(at) = wake {
         actions.push(Action::WaitUntil(at));
     }
@@ -499,7 +565,7 @@ fn terminate(
 ) -> bool {
     let pod = &desired.pod;
     let grace = grace(pod, desired.deletion.as_ref());
-    let deadline = since + grace;
+    let deadline = later(since, grace);
     let all = containers(pod);
     let running = |kinds: &[Kind]| {
         all.iter()
@@ -521,7 +587,7 @@ fn terminate(
             .max(MIN_KILL_GRACE);
         let pre_stop = match o.killing {
             None => !grace.is_zero() && deadline > obs.now,
-            Some(at) if at > obs.now + left + KILL_SLACK => false,
+            Some(at) if at > later(obs.now, left.saturating_add(KILL_SLACK)) => false,
             Some(_) => return,
         };
         actions.push(Action::KillContainer {
@@ -531,7 +597,14 @@ fn terminate(
             reason: KillReason::PodTerminating,
         });
     };
-    let main = running(&[Kind::Init, Kind::App]);
+    let ephemeral = ephemeral(pod);
+    let mut main = running(&[Kind::Init, Kind::App]);
+    main.extend(
+        ephemeral
+            .iter()
+            .map(|c| c.name.as_str())
+            .filter(|name| obs.containers.get(*name).is_some_and(ContainerObs::running)),
+    );
     if !main.is_empty() {
         main.into_iter().for_each(&mut kill);
         return false;
@@ -605,7 +678,7 @@ mod tests {
 
     fn desired(pod: Pod) -> Desired {
         Desired {
-            pod,
+            pod: pod.into(),
             deletion: None,
         }
     }
@@ -686,7 +759,7 @@ mod tests {
 
     fn deleting(p: Pod, grace: u64, gone: bool) -> Desired {
         Desired {
-            pod: p,
+            pod: p.into(),
             deletion: Some(Deletion {
                 grace: s(grace),
                 gone,
@@ -757,6 +830,23 @@ mod tests {
                 Action::Finish
             ]
         );
+    }
+
+    #[test]
+    fn successful_init_containers_lead_to_the_apps_under_never_and_on_failure() {
+        for policy in ["Never", "OnFailure"] {
+            let d = desired(pod(policy, vec![c("i1"), c("i2")], vec![c("app")]));
+            let obs = with(ready_obs(), &[("i1", exited(0, 0))]);
+            let st = step(&d, &obs);
+            assert_eq!(st.why, None, "{policy}");
+            assert_eq!(starts(&st), vec![("i2".into(), 0)], "{policy}");
+            let obs = with(obs, &[("i2", exited(0, 0))]);
+            let st = step(&d, &obs);
+            assert_eq!(st.why, None, "{policy}");
+            assert_eq!(starts(&st), vec![("app".into(), 0)], "{policy}");
+            let obs = with(obs, &[("app", exited(0, 0))]);
+            assert_eq!(step(&d, &obs).why, Some(Why::Completed), "{policy}");
+        }
     }
 
     #[test]
@@ -1213,6 +1303,51 @@ mod tests {
     }
 
     #[test]
+    fn huge_and_negative_spec_seconds_never_panic() {
+        for secs in [i64::MAX, i64::MAX - 1, i64::MIN, -1, 0] {
+            let mut p = pod("Always", vec![], vec![c("app")]);
+            let spec = p.spec.as_mut().unwrap();
+            spec.active_deadline_seconds = Some(secs);
+            spec.termination_grace_period_seconds = Some(secs);
+            let deadline = active_deadline(&p, Some(t(0))).unwrap();
+            assert!(deadline >= t(0), "{secs}");
+            let d = desired(p.clone());
+            let mut o = running(0);
+            o.kill = Some(KillRequest {
+                reason: KillReason::Unhealthy,
+                grace: Some(Duration::MAX),
+            });
+            let obs = with(ready_obs(), &[("app", o)]);
+            step(&d, &obs);
+            let mut obs = with(ready_obs(), &[("app", running(0))]);
+            obs.state = PodState::Terminating;
+            obs.terminating = Some((t(90), Why::DeadlineExceeded));
+            assert_eq!(kills(&step(&d, &obs)).len(), 1, "{secs}");
+            let mut o = running(0);
+            o.killing = Some(t(95));
+            let obs = with(obs, &[("app", o)]);
+            step(&deleting(p, u64::MAX, false), &obs);
+        }
+        let mut p = pod("Always", vec![], vec![c("app")]);
+        p.spec.as_mut().unwrap().active_deadline_seconds = Some(i64::MAX);
+        let st = step(&desired(p), &with(ready_obs(), &[("app", running(0))]));
+        assert_eq!(st.why, None, "a deadline beyond any clock never passes");
+    }
+
+    #[test]
+    fn adopted_running_container_without_readiness_probe_is_ready() {
+        let plain = c("app");
+        assert!(adopted_ready(&plain, true, false));
+        assert!(!adopted_ready(&plain, false, true));
+        let probed = Container {
+            readiness_probe: Some(Default::default()),
+            ..c("app")
+        };
+        assert!(!adopted_ready(&probed, true, false));
+        assert!(adopted_ready(&probed, true, true));
+    }
+
+    #[test]
     fn grace_defaults_and_clamps() {
         let p = pod("Always", vec![], vec![c("app")]);
         assert_eq!(grace(&p, None), DEFAULT_GRACE);
@@ -1256,5 +1391,80 @@ mod tests {
                 "{policy} {kind:?} {code}"
             );
         }
+    }
+
+    fn with_ephemeral(mut p: Pod, names: &[&str]) -> Pod {
+        let spec = p.spec.as_mut().unwrap();
+        spec.ephemeral_containers = Some(
+            names
+                .iter()
+                .map(|n| k8s_openapi::api::core::v1::EphemeralContainer {
+                    name: n.to_string(),
+                    image: Some("busybox".into()),
+                    target_container_name: Some("app".into()),
+                    ..Default::default()
+                })
+                .collect(),
+        );
+        p
+    }
+
+    #[test]
+    fn ephemeral_containers_run_as_containers_without_their_target() {
+        let p = with_ephemeral(pod("Always", vec![], vec![c("app")]), &["debugger"]);
+        let converted = ephemeral(&p);
+        assert_eq!(converted.len(), 1);
+        assert_eq!(converted[0].name, "debugger");
+        assert_eq!(converted[0].image.as_deref(), Some("busybox"));
+    }
+
+    #[test]
+    fn ephemeral_container_starts_once_and_never_restarts() {
+        let d = desired(with_ephemeral(
+            pod("Always", vec![], vec![c("app")]),
+            &["debugger"],
+        ));
+        let obs = with(ready_obs(), &[("app", running(0))]);
+        assert_eq!(starts(&step(&d, &obs)), vec![("debugger".into(), 0)]);
+        let obs = with(obs, &[("debugger", running(0))]);
+        assert!(starts(&step(&d, &obs)).is_empty());
+        for code in [0, 1] {
+            let obs = with(obs.clone(), &[("debugger", exited(0, code))]);
+            let st = step(&d, &obs);
+            assert!(starts(&st).is_empty(), "exit {code}");
+            assert_eq!(st.why, None, "an ephemeral container never ends the pod");
+        }
+    }
+
+    #[test]
+    fn ephemeral_container_starts_while_init_containers_still_run() {
+        let d = desired(with_ephemeral(
+            pod("Always", vec![c("i1")], vec![c("app")]),
+            &["debugger"],
+        ));
+        let obs = with(ready_obs(), &[("i1", running(0))]);
+        assert_eq!(starts(&step(&d, &obs)), vec![("debugger".into(), 0)]);
+    }
+
+    #[test]
+    fn ephemeral_container_is_killed_with_the_pod() {
+        let d = deleting(
+            with_ephemeral(pod("Always", vec![], vec![c("app")]), &["debugger"]),
+            30,
+            false,
+        );
+        let obs = with(
+            ready_obs(),
+            &[("app", running(0)), ("debugger", running(0))],
+        );
+        let st = step(&d, &obs);
+        assert_eq!(
+            kills(&st),
+            vec![
+                ("app".into(), s(30), true),
+                ("debugger".into(), s(30), true)
+            ]
+        );
+        assert_ne!(st.state, PodState::Terminated);
     }
 }

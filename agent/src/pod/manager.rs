@@ -1,11 +1,15 @@
 //! The pod manager: owns one worker per pod UID and feeds each the latest desired pod through a
 //! watch channel (a newer update replaces a pending one). It recovers the agent's containers
 //! from containerd's label checkpoint on start, cleans up pods no source wants after the first
-//! full sync, keeps a same-name pod waiting until its predecessor's worker is done, and fans
+//! full sync, keeps a same-name pod waiting until its predecessor's worker is done, forgets a
+//! finished pod once no source lists it (so the same UID listed again runs again), and fans
 //! containerd's exit stream out to the workers. Stopping it stops workers, never containers.
+//! A worker that panics is made again (after a back-off) from what containerd shows of its
+//! pod, so it adopts the running attempts instead of starting (and removing) them anew.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::FutureExt;
 use k8s_openapi::api::core::v1::Pod;
@@ -15,8 +19,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, info_span, warn, Instrument};
 
 use super::worker::{remove_pod_dir, ExitRouter, Outcome, Worker};
-use super::{checkpoint, Deletion, Desired, PodContext};
+use super::{checkpoint, logs, Deletion, Desired, PodContext};
 use crate::runtime::{labels, ContainerRecord, RuntimeError};
+
+/// First and longest wait before a panicked worker is made again.
+const RESPAWN_FIRST: Duration = Duration::from_secs(1);
+const RESPAWN_MAX: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
@@ -38,6 +46,8 @@ struct Inner {
     tracker: TaskTracker,
     finished: broadcast::Sender<String>,
     state: Mutex<State>,
+    /// Admission of new pods (none: every pod is admitted).
+    admission: Mutex<Option<crate::admission::NodeAdmission>>,
 }
 
 #[derive(Default)]
@@ -64,6 +74,10 @@ fn uid_of(d: &Desired) -> String {
     d.pod.metadata.uid.clone().unwrap_or_default()
 }
 
+fn uid_of_pod(p: &Pod) -> String {
+    p.metadata.uid.clone().unwrap_or_default()
+}
+
 fn key_of(d: &Desired) -> (String, String) {
     let m = &d.pod.metadata;
     (
@@ -86,6 +100,7 @@ impl PodManager {
             tracker: TaskTracker::new(),
             finished,
             state: Mutex::default(),
+            admission: Mutex::default(),
             ctx,
         });
         let mut exits = inner.ctx.runtime.exits();
@@ -142,6 +157,12 @@ impl PodManager {
         st.checkpointed.values().cloned().collect()
     }
 
+    /// Admits every new pod (not one recovered from containerd) as the kubelet does, before
+    /// its worker is made; a refused pod is Failed with the kubelet's reason and never runs.
+    pub fn set_admission(&self, admission: crate::admission::NodeAdmission) {
+        *self.inner.admission.lock().expect("admission lock") = Some(admission);
+    }
+
     /// Hands one desired pod to its worker (spawning it if needed).
     pub fn update(&self, desired: Desired) {
         let mut st = self.inner.state.lock().expect("manager lock");
@@ -151,7 +172,10 @@ impl PodManager {
     /// A full set of desired pods (all sources merged): UIDs missing from it are deleted as
     /// gone. The first call first kills and removes what containerd, the sandboxes and the
     /// volumes hold for pods not in the set.
-    pub async fn sync_all(&self, all: Vec<Desired>) {
+    pub async fn sync_all(&self, mut all: Vec<Desired>) {
+        // Pods that are gone first: a same-name successor then waits for them, never the
+        // other way round (a pod replaced while the agent was down must stop first).
+        all.sort_by_key(|d| !gone(d));
         let wanted: HashSet<String> = all.iter().map(uid_of).collect();
         let first = !self.inner.state.lock().expect("manager lock").synced;
         if first {
@@ -159,6 +183,18 @@ impl PodManager {
         }
         let mut st = self.inner.state.lock().expect("manager lock");
         st.synced = true;
+        // A finished pod no source lists any more is forgotten: if it comes back (a manifest
+        // put back unchanged has the same UID), it is a new run.
+        let forgotten: Vec<String> = st
+            .done
+            .iter()
+            .filter(|u| !wanted.contains(*u))
+            .cloned()
+            .collect();
+        for uid in forgotten {
+            st.done.remove(&uid);
+            self.inner.ctx.status.forget(&uid);
+        }
         for d in all {
             self.inner.update_locked(&mut st, d);
         }
@@ -213,24 +249,44 @@ impl PodManager {
         let pod_dirs = std::fs::read_dir(ctx.node.root_dir.join("pods"));
         let pod_dirs = pod_dirs.into_iter().flatten().flatten();
         uids.extend(pod_dirs.map(|e| e.file_name().to_string_lossy().into_owned()));
-        uids.extend(ctx.volumes.list());
-        uids.extend(ctx.sandboxes.list());
+        uids.extend(ctx.host.volume_pods());
+        uids.extend(ctx.host.sandbox_pods());
         for uid in uids {
             if wanted.contains(&uid) || running.contains(&uid) {
                 continue;
             }
-            if let Err(e) = ctx.volumes.teardown(&uid).await {
+            if let Err(e) = ctx.host.teardown_volumes(&uid).await {
                 warn!(pod = %uid, error = %e, "tearing down orphan volumes; retrying in the background");
-                let (volumes, uid) = (ctx.volumes.clone(), uid.clone());
+                let (host, uid) = (ctx.host.clone(), uid.clone());
                 let token = self.inner.cancel.clone();
                 self.inner
                     .tracker
-                    .spawn(async move { volumes.retry_orphan_teardown(uid, token).await });
+                    .spawn(async move { host.retry_orphan_teardown(uid, token).await });
             }
-            if let Err(e) = ctx.sandboxes.teardown(&uid).await {
+            if let Err(e) = ctx.host.teardown_sandbox(&uid).await {
                 warn!(pod = %uid, error = %e, "tearing down orphan sandbox");
             }
             remove_pod_dir(&ctx.node.root_dir.join("pods").join(&uid));
+            if let Err(e) = ctx.host.remove_pod_cgroups(&uid) {
+                warn!(pod = %uid, error = %e, "removing an orphan's cgroups");
+            }
+        }
+        let log_dirs = std::fs::read_dir(&ctx.node.log_dir)
+            .into_iter()
+            .flatten()
+            .flatten();
+        for entry in log_dirs {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(uid) = logs::uid_of_dir(&name) else {
+                continue;
+            };
+            if wanted.contains(uid) || running.contains(uid) {
+                continue;
+            }
+            info!(pod = %uid, "removing the logs of a pod that is gone");
+            if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                warn!(pod = %uid, error = %e, "removing an orphan's logs");
+            }
         }
     }
 
@@ -286,6 +342,12 @@ impl Inner {
             self.ctx.status.forget(&uid);
             return;
         }
+        if desired.deletion.is_none() && !st.recovered.contains_key(&uid) {
+            if let Err(r) = self.admit(st, &desired.pod) {
+                self.reject(st, &desired.pod, r);
+                return;
+            }
+        }
         let key = key_of(&desired);
         if st.workers.values().any(|h| h.key == key) {
             info!(pod = %key.1, ns = %key.0, uid = %uid, "waiting for the same-name predecessor");
@@ -293,6 +355,41 @@ impl Inner {
             return;
         }
         self.spawn_locked(st, desired);
+    }
+
+    fn admit(&self, st: &State, pod: &Pod) -> Result<(), crate::admission::Rejection> {
+        let admission = self.admission.lock().expect("admission lock");
+        let Some(admission) = admission.as_ref() else {
+            return Ok(());
+        };
+        let running: Vec<Arc<Pod>> = st
+            .workers
+            .values()
+            .map(|h| h.tx.borrow().clone())
+            .filter(|d| d.deletion.is_none())
+            .map(|d| d.pod)
+            .collect();
+        let running: Vec<&Pod> = running.iter().map(|p| &**p).collect();
+        admission.admit(pod, &running)
+    }
+
+    /// The kubelet's `rejectPod`: a Warning event, phase Failed with the reason, no worker.
+    fn reject(&self, st: &mut State, pod: &Pod, r: crate::admission::Rejection) {
+        let status = k8s_openapi::api::core::v1::PodStatus {
+            phase: Some("Failed".into()),
+            reason: Some(r.reason.clone()),
+            message: Some(format!("Pod was rejected: {}", r.message)),
+            qos_class: Some(super::resources::qos_class(pod).to_string()),
+            ..Default::default()
+        };
+        self.ctx.recorder.record(
+            crate::events::pod_ref(pod, None),
+            crate::events::EventType::Warning,
+            &r.reason,
+            &r.message,
+        );
+        self.ctx.status.set(pod, status);
+        st.done.insert(uid_of_pod(pod));
     }
 
     fn spawn_locked(self: &Arc<Self>, st: &mut State, desired: Desired) {
@@ -314,22 +411,68 @@ impl Inner {
         let token = self.cancel.child_token();
         self.tracker.spawn(
             async move {
-                for id in stale {
-                    if let Err(e) = inner.ctx.runtime.remove(&id).await {
-                        warn!(container_id = %id, error = %e, "removing stale attempt");
+                inner.remove_stale(stale).await;
+                let (mut worker, mut rx, mut delay) = (worker, rx, RESPAWN_FIRST);
+                let outcome = loop {
+                    let run = std::panic::AssertUnwindSafe(worker.run(&mut rx, token.clone()));
+                    if let Ok(outcome) = run.catch_unwind().await {
+                        break outcome;
                     }
-                }
-                let run = std::panic::AssertUnwindSafe(worker.run(rx, token));
-                match run.catch_unwind().await {
-                    Ok(outcome) => inner.ended(&uid, outcome),
-                    Err(_) => {
-                        error!("pod worker panicked; the pod is retried on its next update");
-                        inner.ended(&uid, Outcome::Stopped);
+                    error!(
+                        ?delay,
+                        "pod worker panicked; making it again from what containerd shows"
+                    );
+                    match inner.respawn(&uid, &rx, &token, delay).await {
+                        Some(again) => worker = again,
+                        None => break Outcome::Stopped,
                     }
-                }
+                    delay = (delay * 2).min(RESPAWN_MAX);
+                };
+                inner.ended(&uid, outcome);
             }
             .instrument(span),
         );
+    }
+
+    async fn remove_stale(&self, stale: Vec<String>) {
+        for id in stale {
+            if let Err(e) = self.ctx.runtime.remove(&id).await {
+                warn!(container_id = %id, error = %e, "removing stale attempt");
+            }
+        }
+    }
+
+    /// After `delay`, a new worker for `uid` that adopts the pod's containers as containerd
+    /// lists them (retried while containerd cannot list); None once cancelled.
+    async fn respawn(
+        &self,
+        uid: &str,
+        rx: &watch::Receiver<Desired>,
+        token: &CancellationToken,
+        delay: Duration,
+    ) -> Option<Worker> {
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return None,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            let records = match self.ctx.runtime.list().await {
+                Ok(all) => all,
+                Err(e) => {
+                    warn!(error = %e, "listing containers to adopt after a panic; retrying");
+                    continue;
+                }
+            };
+            let records = records
+                .into_iter()
+                .filter(|r| r.labels.get(labels::POD_UID).map(String::as_str) == Some(uid))
+                .collect();
+            let desired = rx.borrow().clone();
+            let (worker, stale) =
+                Worker::new(self.ctx.clone(), self.router.clone(), desired, records);
+            self.remove_stale(stale).await;
+            return Some(worker);
+        }
     }
 
     fn ended(self: &Arc<Self>, uid: &str, outcome: Outcome) {
@@ -342,6 +485,8 @@ impl Inner {
         }
         st.done.insert(uid.to_string());
         let _ = self.finished.send(uid.to_string());
+        // The pod set shrank: what its worker held goes back to the node.
+        crate::memory::trim_soon();
         let next = st
             .waiting
             .iter()

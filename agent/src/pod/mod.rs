@@ -2,6 +2,8 @@
 //! `machine` is the pure state machine, `status` the pure status computation, `worker` carries
 //! out the machine's actions against the runtime, sandbox, volumes and prober, and `manager`
 //! owns the workers, feeding each the latest desired pod (a newer spec replaces a pending one).
+//! Workers and manager reach containerd and the host only through the `seam` traits
+//! (`ContainerRuntime`, `PodHost`); `fake` holds their in-memory doubles for tests.
 //!
 //! OWNER: lifecycle helper (machine, status, backoff, worker, manager, hooks);
 //! env.rs: volumes helper.
@@ -14,21 +16,24 @@ use k8s_openapi::api::core::v1::Pod;
 
 use crate::events::Recorder;
 use crate::probe::Prober;
-use crate::runtime::Runtime;
-use crate::sandbox::SandboxManager;
 use crate::status::StatusManager;
 use crate::store::ObjectStore;
-use crate::volume::VolumeManager;
+
+pub use self::seam::{ContainerRuntime, NodeHost, PodHost};
 
 pub mod backoff;
+pub mod cgroup;
 pub mod checkpoint;
 pub mod config;
 pub mod env;
+#[cfg(test)]
+pub(crate) mod fake;
 pub mod hooks;
 pub mod logs;
 pub mod machine;
 pub mod manager;
 pub mod resources;
+pub mod seam;
 pub mod status;
 pub mod worker;
 
@@ -46,9 +51,9 @@ pub struct NodeFacts {
 /// Everything a pod worker drives. Built once in main; shared by all workers.
 pub struct PodContext {
     pub node: NodeFacts,
-    pub runtime: Runtime,
-    pub sandboxes: Arc<SandboxManager>,
-    pub volumes: Arc<VolumeManager>,
+    pub runtime: Arc<dyn ContainerRuntime>,
+    /// Sandboxes, volumes and cgroups.
+    pub host: Arc<dyn PodHost>,
     pub prober: Arc<Prober>,
     pub status: StatusManager,
     pub recorder: Recorder,
@@ -68,6 +73,8 @@ pub struct Deletion {
 /// What a source wants for one pod UID.
 #[derive(Clone, Debug)]
 pub struct Desired {
-    pub pod: Pod,
+    /// Shared with the source that produced it, the manager and the status manager: one
+    /// copy of the pod per UID, however many hold it.
+    pub pod: Arc<Pod>,
     pub deletion: Option<Deletion>,
 }

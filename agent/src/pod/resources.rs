@@ -70,6 +70,130 @@ pub fn container_resources(pod: &Pod, c: &Container, node_memory: u64) -> Resour
     }
 }
 
+/// The pod's requests (or limits) as the kubelet's PodRequests/PodLimits aggregate them for
+/// `status.allocatedResources` and `status.resources`: app containers and sidecars summed, each
+/// init container with the sidecars started before it, the larger of the two, the overhead
+/// added (to limits only where one is set), pod-level `spec.resources` taking precedence.
+pub fn pod_aggregate(pod: &Pod, limits: bool) -> Quantities {
+    let Some(spec) = pod.spec.as_ref() else {
+        return Quantities::new();
+    };
+    let list = |c: &Container| -> Quantities {
+        let r = c.resources.as_ref();
+        let (req, lim) = (
+            r.and_then(|r| r.requests.clone()),
+            r.and_then(|r| r.limits.clone()),
+        );
+        match limits {
+            true => lim.unwrap_or_default(),
+            // Requests default to limits (API defaulting; manifest pods are not defaulted).
+            false => lim
+                .into_iter()
+                .flatten()
+                .chain(req.into_iter().flatten())
+                .collect(),
+        }
+    };
+    // name -> (milli value, binary format)
+    let mut total: BTreeMap<String, (i128, bool)> = BTreeMap::new();
+    let mut sidecars: BTreeMap<String, (i128, bool)> = BTreeMap::new();
+    let mut init_peak: BTreeMap<String, (i128, bool)> = BTreeMap::new();
+    let add = |into: &mut BTreeMap<String, (i128, bool)>, k: &str, v: i128, bin: bool| {
+        let e = into.entry(k.to_string()).or_insert((0, bin));
+        e.0 = e.0.saturating_add(v);
+    };
+    let value = |q: &Quantity| (milli(&q.0).unwrap_or(0).max(0), q.0.contains('i'));
+    for c in spec.init_containers.iter().flatten() {
+        let sidecar = c.restart_policy.as_deref() == Some("Always");
+        for (k, q) in list(c) {
+            let (v, bin) = value(&q);
+            if sidecar {
+                add(&mut sidecars, &k, v, bin);
+            }
+            let before = sidecars.get(&k).map_or(0, |s| s.0);
+            let here = if sidecar {
+                before
+            } else {
+                before.saturating_add(v)
+            };
+            let e = init_peak.entry(k).or_insert((0, bin));
+            e.0 = e.0.max(here);
+        }
+    }
+    for c in &spec.containers {
+        for (k, q) in list(c) {
+            let (v, bin) = value(&q);
+            add(&mut total, &k, v, bin);
+        }
+    }
+    for (k, (v, bin)) in sidecars {
+        add(&mut total, &k, v, bin);
+    }
+    for (k, (v, bin)) in init_peak {
+        let e = total.entry(k).or_insert((0, bin));
+        e.0 = e.0.max(v);
+    }
+    for (k, q) in spec.overhead.iter().flatten() {
+        let (v, bin) = value(q);
+        match total.get_mut(k) {
+            Some(e) if !limits || e.0 > 0 => e.0 = e.0.saturating_add(v),
+            None if !limits => add(&mut total, k, v, bin),
+            _ => {}
+        }
+    }
+    let mut out: Quantities = total
+        .into_iter()
+        .map(|(k, (v, bin))| (k, Quantity(canonical(v, bin))))
+        .collect();
+    let pod_level = spec.resources.as_ref();
+    let pod_level = pod_level.and_then(|r| {
+        if limits {
+            r.limits.as_ref()
+        } else {
+            r.requests.as_ref()
+        }
+    });
+    for (k, q) in pod_level.into_iter().flatten() {
+        if k == "cpu" || k == "memory" || k.starts_with("hugepages-") {
+            out.insert(k.clone(), q.clone());
+        }
+    }
+    out
+}
+
+/// A milli-unit value as Go's resource.Quantity prints it in canonical form: binary (Ki, Mi,
+/// Gi, …) when the quantities it came from were binary and it is a whole multiple of 1024,
+/// decimal (m, k, M, G, …) otherwise.
+pub fn canonical(milli: i128, binary: bool) -> String {
+    if milli % 1000 != 0 {
+        return format!("{milli}m");
+    }
+    let mut n = milli / 1000;
+    if n == 0 {
+        return "0".into();
+    }
+    if binary && n % 1024 == 0 {
+        let mut suffix = "";
+        for s in ["Ki", "Mi", "Gi", "Ti", "Pi", "Ei"] {
+            if n % 1024 != 0 {
+                break;
+            }
+            n /= 1024;
+            suffix = s;
+        }
+        return format!("{n}{suffix}");
+    }
+    let mut suffix = "";
+    for s in ["k", "M", "G", "T", "P", "E"] {
+        if n % 1000 != 0 {
+            break;
+        }
+        n /= 1000;
+        suffix = s;
+    }
+    format!("{n}{suffix}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,5 +283,40 @@ mod tests {
         let c = container(&[], &[("cpu", "1"), ("memory", "1Gi")]);
         let r = container_resources(&pod(vec![c.clone()]), &c, 8 << 30);
         assert_eq!(r.oom_score_adj, 0);
+    }
+
+    #[test]
+    fn quantities_print_in_go_canonical_form() {
+        let table = [
+            (250, false, "250m"),
+            (1000, false, "1"),
+            (1_500_000, false, "1500"),
+            (128_000_000_000, false, "128M"),
+            (64 * 1024 * 1024 * 1000, true, "64Mi"),
+            (1000 * 1000, true, "1k"),
+            (0, true, "0"),
+        ];
+        for (milli, binary, text) in table {
+            assert_eq!(canonical(milli, binary), text, "{milli} {binary}");
+        }
+    }
+
+    #[test]
+    fn pod_requests_and_limits_aggregate_as_the_kubelets() {
+        let mut p = pod(vec![
+            container(&[("cpu", "250m")], &[("memory", "64Mi")]),
+            container(&[("cpu", "250m"), ("memory", "32Mi")], &[]),
+        ]);
+        let mut init = container(&[("cpu", "2")], &[]);
+        init.name = "init".into();
+        p.spec.as_mut().unwrap().init_containers = Some(vec![init]);
+        // Requests: the apps summed (limits standing in for unset requests), the init
+        // container's cpu larger; limits: only the container that sets one.
+        assert_eq!(
+            pod_aggregate(&p, false),
+            q(&[("cpu", "2"), ("memory", "96Mi")]).unwrap()
+        );
+        assert_eq!(pod_aggregate(&p, true), q(&[("memory", "64Mi")]).unwrap());
+        assert!(pod_aggregate(&pod(vec![Container::default()]), false).is_empty());
     }
 }

@@ -7,10 +7,14 @@ use std::net::IpAddr;
 use std::time::SystemTime;
 
 use jiff::Timestamp;
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::core::v1::{
     Container, ContainerState, ContainerStateRunning, ContainerStateTerminated,
     ContainerStateWaiting, ContainerStatus, HostIP, Pod, PodCondition, PodIP, PodStatus,
+    ResourceRequirements, VolumeMountStatus,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::machine::{self, Attempt, ContainerObs, Exit, Kind, Observed, PodState, Why};
@@ -57,6 +61,10 @@ pub fn compute(input: &Input) -> PodStatus {
     };
     let init_statuses = statuses(&[Kind::Init, Kind::Sidecar]);
     let app_statuses = statuses(&[Kind::App]);
+    let ephemeral: Vec<ContainerStatus> = machine::ephemeral(pod)
+        .iter()
+        .map(|c| container_status(input, Kind::Ephemeral, c))
+        .collect();
     let terminal = input.state == PodState::Terminated;
     let (phase, reason, message) = phase_of(input, &all, &init_statuses, &app_statuses, terminal);
     let host_ip = input.node_ip.map(|ip| ip.to_string());
@@ -81,9 +89,21 @@ pub fn compute(input: &Input) -> PodStatus {
         observed_generation: pod.metadata.generation,
         init_container_statuses: (!init_statuses.is_empty()).then_some(init_statuses),
         container_statuses: Some(app_statuses),
+        ephemeral_container_statuses: (!ephemeral.is_empty()).then_some(ephemeral),
         ..Default::default()
     };
     status.conditions = Some(conditions(input, &status));
+    // InPlacePodLevelResourcesVerticalScaling (beta, on in v1.36): the pod's aggregated
+    // requests and limits (the kubelet reads a running pod's back from its cgroup, which holds
+    // what the agent set from the same spec); `{}` for a pod with none.
+    let non_empty = |q: BTreeMap<String, Quantity>| (!q.is_empty()).then_some(q);
+    let requests = non_empty(resources::pod_aggregate(pod, false));
+    status.resources = Some(ResourceRequirements {
+        requests: requests.clone(),
+        limits: non_empty(resources::pod_aggregate(pod, true)),
+        ..Default::default()
+    });
+    status.allocated_resources = requests;
     status
 }
 
@@ -140,8 +160,8 @@ fn container_status(input: &Input, kind: Kind, c: &Container) -> ContainerStatus
                 (true, Some(w), _) => (w, Some(terminated(e))),
                 (true, None, Some(w)) => {
                     let msg = format!(
-                        "back-off {}s restarting failed container={} pod={}_{}({})",
-                        w.delay.as_secs(),
+                        "back-off {} restarting failed container={} pod={}_{}({})",
+                        super::backoff::go_duration(w.delay),
                         c.name,
                         pod.metadata.name.as_deref().unwrap_or(""),
                         pod.metadata.namespace.as_deref().unwrap_or(""),
@@ -154,6 +174,9 @@ fn container_status(input: &Input, kind: Kind, c: &Container) -> ContainerStatus
         }
     };
     let running = o.running();
+    // A regular init container that exited 0 is ready under every policy (the prober
+    // manager's rule); sidecars and app containers are ready while running and probed ready.
+    let init_done = kind == Kind::Init && matches!(&o.state, Attempt::Exited(e) if e.code == 0);
     ContainerStatus {
         name: c.name.clone(),
         image: o
@@ -167,12 +190,47 @@ fn container_status(input: &Input, kind: Kind, c: &Container) -> ContainerStatus
             .as_ref()
             .map(|id| format!("containerd://{id}")),
         restart_count: o.attempt as i32,
-        ready: running && o.ready,
+        // Ephemeral containers have no readiness (the kubelet's prober never marks them).
+        ready: kind != Kind::Ephemeral && ((running && o.ready) || init_done),
         started: Some(running && o.started),
         state: Some(state),
         last_state: Some(last.unwrap_or_default()),
+        volume_mounts: volume_mounts(c),
+        resources: (o.state != Attempt::None).then(|| runtime_resources(c)),
+        allocated_resources: (o.state != Attempt::None).then(|| allocated(c)).flatten(),
         ..Default::default()
     }
+}
+
+/// The container's volume mounts as the kubelet reports them (RecursiveReadOnlyMounts): name,
+/// path, readOnly, and for a read-only mount `recursiveReadOnly: Disabled` (the agent makes no
+/// recursive read-only mounts).
+fn volume_mounts(c: &Container) -> Option<Vec<VolumeMountStatus>> {
+    let mounts = c.volume_mounts.as_ref().filter(|m| !m.is_empty())?;
+    let status = mounts.iter().map(|m| {
+        let read_only = m.read_only.filter(|r| *r);
+        VolumeMountStatus {
+            name: m.name.clone(),
+            mount_path: m.mount_path.clone(),
+            read_only,
+            recursive_read_only: read_only.map(|_| "Disabled".to_string()),
+        }
+    });
+    Some(status.collect())
+}
+
+/// The resources of a container the runtime has, running or exited (InPlacePodVerticalScaling):
+/// the allocated ones, here the spec's, all of them (`{}` when it sets none). For a running
+/// container the kubelet reads cpu and memory back from the runtime, which holds what the
+/// agent set from the same spec.
+fn runtime_resources(c: &Container) -> ResourceRequirements {
+    c.resources.clone().unwrap_or_default()
+}
+
+/// The container's allocated resources: its requests (written for every container the runtime
+/// has, running or not).
+fn allocated(c: &Container) -> Option<BTreeMap<String, Quantity>> {
+    c.resources.as_ref()?.requests.clone()
 }
 
 fn terminated(e: &Exit, id: Option<&str>) -> ContainerStateTerminated {
@@ -184,10 +242,11 @@ fn terminated(e: &Exit, id: Option<&str>) -> ContainerStateTerminated {
     };
     ContainerStateTerminated {
         exit_code: e.code,
-        signal: (129..=192).contains(&e.code).then_some(e.code - 128),
+        signal: None,
         reason: Some(reason.to_string()),
         message: e.message.clone().filter(|m| !m.is_empty()),
-        started_at: e.started_at.map(time),
+        // A start that never ran has started_at 0 in the CRI: the kubelet writes the epoch.
+        started_at: Some(time(e.started_at.unwrap_or(SystemTime::UNIX_EPOCH))),
         finished_at: Some(time(e.finished_at)),
         container_id: id.map(|id| format!("containerd://{id}")),
     }
@@ -376,11 +435,11 @@ type Cond = (bool, Option<String>, Option<String>);
 fn initialized(pod: &Pod, phase: &str, init: &[ContainerStatus], apps: &[ContainerStatus]) -> Cond {
     let all = machine::containers(pod);
     let specs: Vec<_> = all.iter().filter(|(k, _)| *k != Kind::App).collect();
-    if specs.is_empty() {
-        return (true, None, None);
-    }
     if phase == "Succeeded" {
         return (true, Some("PodCompleted".into()), None);
+    }
+    if specs.is_empty() {
+        return (true, None, None);
     }
     let app_started = apps
         .iter()
@@ -720,6 +779,121 @@ mod tests {
     }
 
     #[test]
+    fn statuses_carry_volume_mounts_and_resources_of_created_containers() {
+        use k8s_openapi::api::core::v1::{ResourceRequirements, VolumeMount};
+        use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+        let q = |v: &str| Quantity(v.into());
+        let mut app_spec = c("a");
+        app_spec.volume_mounts = Some(vec![
+            VolumeMount {
+                name: "data".into(),
+                mount_path: "/data".into(),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: "conf".into(),
+                mount_path: "/conf".into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+        ]);
+        app_spec.resources = Some(ResourceRequirements {
+            requests: Some([("cpu".to_string(), q("250m"))].into()),
+            limits: Some([("memory".to_string(), q("64Mi"))].into()),
+            ..Default::default()
+        });
+        let p = pod("Always", vec![], vec![app_spec, c("b")]);
+        let s = run(&p, &obs(&[("a", running(true))]), PodState::Syncing, None);
+        let a = app(&s, "a");
+        let mounts = a.volume_mounts.as_ref().unwrap();
+        assert_eq!(mounts.len(), 2);
+        assert_eq!(
+            (mounts[0].name.as_str(), mounts[0].mount_path.as_str()),
+            ("data", "/data")
+        );
+        assert_eq!(
+            (
+                mounts[0].read_only,
+                mounts[0].recursive_read_only.as_deref()
+            ),
+            (None, None)
+        );
+        assert_eq!(mounts[1].read_only, Some(true));
+        assert_eq!(mounts[1].recursive_read_only.as_deref(), Some("Disabled"));
+        let r = a.resources.as_ref().unwrap();
+        assert_eq!(r.requests.as_ref().unwrap()["cpu"], q("250m"));
+        assert_eq!(r.limits.as_ref().unwrap()["memory"], q("64Mi"));
+        assert_eq!(a.allocated_resources.as_ref().unwrap()["cpu"], q("250m"));
+        // A container with no mounts and no resources, never created: neither is written.
+        let b = app(&s, "b");
+        assert_eq!(
+            (b.volume_mounts.as_ref(), b.resources.as_ref()),
+            (None, None)
+        );
+        assert_eq!(b.allocated_resources, None);
+        // Once created, it has resources `{}` (the kubelet's copy of an empty spec).
+        let s = run(&p, &obs(&[("b", running(true))]), PodState::Syncing, None);
+        let b = app(&s, "b");
+        assert_eq!(b.resources, Some(ResourceRequirements::default()));
+        assert_eq!(b.allocated_resources, None);
+        // An exited container keeps its resources and allocated resources.
+        let s = run(&p, &obs(&[("a", exited(0, 1))]), PodState::Syncing, None);
+        let a = app(&s, "a");
+        assert_eq!(
+            a.resources
+                .as_ref()
+                .and_then(|r| r.limits.as_ref())
+                .unwrap()["memory"],
+            q("64Mi")
+        );
+        assert_eq!(a.allocated_resources.as_ref().unwrap()["cpu"], q("250m"));
+    }
+
+    #[test]
+    fn pod_status_carries_its_aggregated_resources() {
+        use k8s_openapi::api::core::v1::ResourceRequirements;
+        let q = |v: &str| Quantity(v.into());
+        let p = pod("Always", vec![], vec![c("a")]);
+        let s = run(&p, &obs(&[]), PodState::Syncing, None);
+        assert_eq!(
+            s.resources,
+            Some(ResourceRequirements::default()),
+            "{{}} for none"
+        );
+        assert_eq!(s.allocated_resources, None);
+        let mut limited = c("a");
+        limited.resources = Some(ResourceRequirements {
+            requests: Some([("memory".to_string(), q("20Mi"))].into()),
+            limits: Some([("memory".to_string(), q("20Mi"))].into()),
+            ..Default::default()
+        });
+        let p = pod("Always", vec![], vec![limited, c("b")]);
+        let s = run(&p, &obs(&[]), PodState::Syncing, None);
+        let r = s.resources.unwrap();
+        assert_eq!(r.requests.unwrap()["memory"], q("20Mi"));
+        assert_eq!(r.limits.unwrap()["memory"], q("20Mi"));
+        assert_eq!(s.allocated_resources.unwrap()["memory"], q("20Mi"));
+    }
+
+    #[test]
+    fn crash_loop_back_off_prints_the_delay_as_go_does() {
+        let p = pod("Always", vec![], vec![c("app")]);
+        for (delay, text) in [(80, "1m20s"), (300, "5m0s"), (10, "10s")] {
+            let mut o = exited(2, 1);
+            o.backoff = Some(Window {
+                until: t(1000),
+                delay: Duration::from_secs(delay),
+            });
+            let s = run(&p, &obs(&[("app", o)]), PodState::Syncing, None);
+            let w = app(&s, "app").state.clone().unwrap().waiting.unwrap();
+            assert_eq!(
+                w.message.unwrap(),
+                format!("back-off {text} restarting failed container=app pod=web_default(u1)")
+            );
+        }
+    }
+
+    #[test]
     fn crash_loop_back_off_waiting_with_last_state() {
         let p = pod("Always", vec![], vec![c("app")]);
         let mut o = exited(2, 1);
@@ -785,13 +959,18 @@ mod tests {
         assert_eq!(term("a").reason.as_deref(), Some("Completed"));
         assert_eq!(term("a").signal, None);
         assert_eq!(term("b").reason.as_deref(), Some("Error"));
-        assert_eq!(term("b").signal, Some(15));
+        // exit(143) is an exit code; the kubelet invents no signal from it.
+        assert_eq!(term("b").signal, None);
         assert_eq!(term("c").reason.as_deref(), Some("OOMKilled"));
         assert_eq!(term("c").message.as_deref(), Some("bye"));
         assert_eq!(term("c").started_at, Some(time(t(10))));
         assert_eq!(term("c").finished_at, Some(time(t(20))));
         assert_eq!(term("d").reason.as_deref(), Some("StartError"));
-        assert_eq!((term("d").exit_code, term("d").started_at), (128, None));
+        // Never started: containerd's CRI reports started_at 0, the kubelet writes the epoch.
+        assert_eq!(
+            (term("d").exit_code, term("d").started_at),
+            (128, Some(time(SystemTime::UNIX_EPOCH)))
+        );
         assert_eq!(s.phase.as_deref(), Some("Failed"));
     }
 
@@ -848,6 +1027,60 @@ mod tests {
         let s = run(&p, &o, PodState::Terminated, None);
         assert_eq!(s.phase.as_deref(), Some("Failed"));
         assert_eq!(waiting_reason(app(&s, "a")), Some("PodInitializing"));
+    }
+
+    #[test]
+    fn failed_second_init_under_never_names_it_incomplete() {
+        let p = pod("Never", vec![c("init1"), c("init2")], vec![c("a")]);
+        let o = obs(&[("init1", exited(0, 0)), ("init2", exited(0, 1))]);
+        let s = run(&p, &o, PodState::Terminated, None);
+        assert_eq!(s.phase.as_deref(), Some("Failed"));
+        let init = cond(&s, "Initialized");
+        assert_eq!(init.status, "False");
+        assert_eq!(init.reason.as_deref(), Some("ContainersNotInitialized"));
+        assert_eq!(
+            init.message.as_deref(),
+            Some("containers with incomplete status: [init2]")
+        );
+        assert_eq!(waiting_reason(app(&s, "a")), Some("PodInitializing"));
+        assert!(app(&s, "init1").ready);
+        assert!(!app(&s, "init2").ready);
+    }
+
+    #[test]
+    fn init_container_that_exited_zero_is_ready_under_every_policy() {
+        for policy in ["Always", "OnFailure", "Never"] {
+            let p = pod(policy, vec![c("i1")], vec![c("a")]);
+            let o = obs(&[("i1", exited(0, 0)), ("a", running(false))]);
+            let s = run(&p, &o, PodState::Syncing, None);
+            assert!(app(&s, "i1").ready, "{policy}");
+            assert_eq!(app(&s, "i1").started, Some(false), "{policy}");
+        }
+    }
+
+    #[test]
+    fn sidecar_keeps_probe_readiness() {
+        let side = Container {
+            restart_policy: Some("Always".into()),
+            ..c("side")
+        };
+        let p = pod("Always", vec![side], vec![c("a")]);
+        let o = obs(&[("side", running(false)), ("a", running(true))]);
+        let s = run(&p, &o, PodState::Syncing, None);
+        assert!(!app(&s, "side").ready);
+        let o = obs(&[("side", running(true)), ("a", running(true))]);
+        assert!(app(&run(&p, &o, PodState::Syncing, None), "side").ready);
+    }
+
+    #[test]
+    fn succeeded_pod_without_init_containers_is_initialized_pod_completed() {
+        let p = pod("Never", vec![], vec![c("a")]);
+        let o = obs(&[("a", exited(0, 0))]);
+        let s = run(&p, &o, PodState::Terminated, None);
+        assert_eq!(s.phase.as_deref(), Some("Succeeded"));
+        let init = cond(&s, "Initialized");
+        assert_eq!(init.status, "True");
+        assert_eq!(init.reason.as_deref(), Some("PodCompleted"));
     }
 
     #[test]

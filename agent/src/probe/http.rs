@@ -100,14 +100,33 @@ fn headers(action: &HTTPGetAction, container: &Container) -> Result<HeaderMap, P
     Ok(map)
 }
 
-/// One HTTP GET as probes and httpGet hooks do it. `Err` means the action cannot be carried
-/// out as written (bad port, no pod IP, bad header); a request that fails is `Failure`.
+/// One HTTP GET as probes do it. `Err` means the action cannot be carried out as written
+/// (bad port, no pod IP, bad header); a request that fails is `Failure`.
 pub async fn http_get(
     action: &HTTPGetAction,
     container: &Container,
     pod_ip: Option<IpAddr>,
     timeout: Duration,
 ) -> Result<Outcome, ProbeError> {
+    let outcome = match get(action, container, pod_ip, timeout).await? {
+        Err(detail) => Outcome::Failure(detail),
+        Ok((status, body)) if (300..400).contains(&status) => {
+            Outcome::Warning(format!("Probe terminated redirects, Response body: {body}"))
+        }
+        Ok((status, body)) if (200..300).contains(&status) => Outcome::Success(body),
+        Ok((status, _)) => Outcome::Failure(format!("HTTP probe failed with statuscode: {status}")),
+    };
+    Ok(outcome)
+}
+
+/// One HTTP GET (probes and httpGet hooks): the answer's status and capped body, or why no
+/// answer came. `Err` means the action cannot be carried out as written.
+pub async fn get(
+    action: &HTTPGetAction,
+    container: &Container,
+    pod_ip: Option<IpAddr>,
+    timeout: Duration,
+) -> Result<Result<(u16, String), String>, ProbeError> {
     let url = url(action, container, pod_ip)?;
     let headers = headers(action, container)?;
     let request = client()?.get(url.clone()).headers(headers);
@@ -123,20 +142,13 @@ pub async fn http_get(
         }
         Ok::<_, reqwest::Error>((status, capped_text(&body)))
     };
-    let outcome = match tokio::time::timeout(timeout, exchange).await {
-        Err(_) => Outcome::Failure(format!(
+    Ok(match tokio::time::timeout(timeout, exchange).await {
+        Err(_) => Err(format!(
             "Get \"{url}\": no response within {timeout:?} (timeout)"
         )),
-        Ok(Err(e)) => Outcome::Failure(format!("Get \"{url}\": {}", error_chain(&e))),
-        Ok(Ok((status, body))) if (300..400).contains(&status) => {
-            Outcome::Warning(format!("Probe terminated redirects, Response body: {body}"))
-        }
-        Ok(Ok((status, body))) if (200..300).contains(&status) => Outcome::Success(body),
-        Ok(Ok((status, _))) => {
-            Outcome::Failure(format!("HTTP probe failed with statuscode: {status}"))
-        }
-    };
-    Ok(outcome)
+        Ok(Err(e)) => Err(format!("Get \"{url}\": {}", error_chain(&e))),
+        Ok(Ok(answer)) => Ok(answer),
+    })
 }
 
 #[cfg(test)]

@@ -50,7 +50,7 @@ mod metrics;
 mod scheduler;
 pub mod tcp;
 
-pub use http::http_get;
+pub use http::{get, http_get};
 
 /// The `User-Agent` every HTTP and gRPC probe sends.
 pub const USER_AGENT: &str = "kube-probe/1.34";
@@ -100,7 +100,7 @@ pub struct ProbeKey {
 /// What the prober needs to run one probe.
 #[derive(Clone, Debug)]
 pub struct ProbeTarget {
-    pub pod: Pod,
+    pub pod: std::sync::Arc<Pod>,
     pub container: Container,
     pub container_id: String,
     pub pod_ip: Option<IpAddr>,

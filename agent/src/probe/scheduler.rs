@@ -563,7 +563,7 @@ mod tests {
 
     fn target(probe: Probe) -> ProbeTarget {
         ProbeTarget {
-            pod: pod(),
+            pod: pod().into(),
             container: Container {
                 name: "app".into(),
                 ..Default::default()
@@ -616,11 +616,12 @@ mod tests {
     }
 
     fn messages(recorder: &Recorder, reason: &str) -> Vec<String> {
-        recorder
-            .recent()
-            .into_iter()
-            .filter(|e| e.reason.as_deref() == Some(reason))
-            .map(|e| e.message.unwrap_or_default())
+        // One per occurrence: the recorder counts repeats of one Event.
+        let events = recorder.recent().into_iter();
+        let events = events.filter(|e| e.reason.as_deref() == Some(reason));
+        let count = |e: &k8s_openapi::api::core::v1::Event| e.count.unwrap_or(1).max(1) as usize;
+        events
+            .flat_map(|e| std::iter::repeat_n(e.message.clone().unwrap_or_default(), count(&e)))
             .collect()
     }
 

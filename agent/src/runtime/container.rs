@@ -1,5 +1,5 @@
 //! Container lifecycle over containerd: create (snapshot, container record, task with stdio
-//! going to `nodelet log-driver`), start, signal, remove, inspect and list.
+//! going to the log driver), start, signal, remove, inspect and list.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,8 +20,8 @@ use containerd_client::types::Mount as CtrMount;
 use super::spec::{bounding_set, build_spec, nofile_limit, SpecInputs, NOFILE_LIMIT};
 use super::user::{device_node, host_devices, read_rootfs_users, resolve_user};
 use super::{
-    grpc, labels, leased, to_system_time, ContainerConfig, ContainerRecord, Result, Runtime,
-    RuntimeError, TaskState, RUNC_RUNTIME, SNAPSHOTTER,
+    grpc, labels, leased, to_system_time, ContainerConfig, ContainerRecord, LogRotation, Result,
+    Runtime, RuntimeError, TaskState, RUNC_RUNTIME, SNAPSHOTTER,
 };
 
 /// Type URL containerd registers for the OCI runtime spec.
@@ -42,15 +42,27 @@ pub fn percent_encode(s: &str) -> String {
     out
 }
 
-/// The stdio URI that makes the shim start `<binary> log-driver <log_path>` with the
-/// container's stdout on fd 3 and stderr on fd 4 (containerd passes each query key and its
-/// value as arguments).
-pub fn log_uri(binary: &Path, log_path: &Path) -> String {
-    format!(
-        "binary://{}?log-driver={}",
+/// The stdio URI that makes the shim start `<driver> log-driver <log_path>` (and
+/// `max-size <n> max-files <n>` with rotation) with the container's stdout on fd 3 and stderr
+/// on fd 4. containerd passes each query key and its value as two arguments, in the order of
+/// a Go map (none); the driver reads them as pairs.
+pub fn log_uri(binary: &Path, log_path: &Path, rotation: Option<&LogRotation>) -> String {
+    let mut uri = format!(
+        "binary://{}?{}={}",
         percent_encode(&binary.to_string_lossy()),
+        nodelet_log_driver::PATH_KEY,
         percent_encode(&log_path.to_string_lossy())
-    )
+    );
+    if let Some(r) = rotation {
+        uri.push_str(&format!(
+            "&{}={}&{}={}",
+            nodelet_log_driver::MAX_SIZE_KEY,
+            r.max_size,
+            nodelet_log_driver::MAX_FILES_KEY,
+            r.max_files
+        ));
+    }
+    uri
 }
 
 /// The `oom_kill` counter from a cgroup's memory.events (v2) or memory.oom_control (v1).
@@ -255,12 +267,25 @@ impl Runtime {
         if let Some(dir) = config.log_path.parent() {
             tokio::fs::create_dir_all(dir).await?;
         }
-        let stdio = log_uri(&self.inner.config.log_driver, &config.log_path);
+        let stdio = log_uri(
+            &self.inner.config.log_driver,
+            &config.log_path,
+            self.inner.config.log_rotation.as_ref(),
+        );
+        // A terminal gets a stdin FIFO for attach (see runtime::attach).
+        let stdin = match config.tty {
+            true => self
+                .make_stdin_fifo(id)
+                .await?
+                .to_string_lossy()
+                .into_owned(),
+            false => String::new(),
+        };
         self.tasks()
             .create(CreateTaskRequest {
                 container_id: id.clone(),
                 rootfs: mounts,
-                stdin: String::new(),
+                stdin,
                 stdout: stdio.clone(),
                 stderr: stdio,
                 terminal: config.tty,
@@ -372,6 +397,7 @@ impl Runtime {
             .await
             .map(|_| ());
         not_found_ok(deleted, "tasks.Delete")?;
+        self.remove_stdin_fifo(id).await;
         let deleted = self
             .containers()
             .delete(DeleteContainerRequest { id: id.to_string() })
@@ -505,14 +531,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn log_uri_has_one_query_key() {
-        let uri = log_uri(
-            Path::new("/usr/local/bin/nodelet"),
-            Path::new("/var/log/pods/ns_p_u+1/c/0.log"),
-        );
+    fn log_uri_names_the_log_and_rotation_as_query_keys() {
+        let driver = Path::new("/var/lib/nodelet/bin/nodelet-log-driver-1f");
+        let log = Path::new("/var/log/pods/ns_p_u+1/c/0.log");
         assert_eq!(
-            uri,
-            "binary:///usr/local/bin/nodelet?log-driver=/var/log/pods/ns_p_u%2B1/c/0.log"
+            log_uri(driver, log, None),
+            "binary:///var/lib/nodelet/bin/nodelet-log-driver-1f\
+             ?log-driver=/var/log/pods/ns_p_u%2B1/c/0.log"
+        );
+        let rotation = LogRotation {
+            max_size: 10 << 20,
+            max_files: 5,
+        };
+        assert_eq!(
+            log_uri(driver, log, Some(&rotation)),
+            "binary:///var/lib/nodelet/bin/nodelet-log-driver-1f\
+             ?log-driver=/var/log/pods/ns_p_u%2B1/c/0.log&max-size=10485760&max-files=5"
         );
         assert_eq!(percent_encode("a b&c=d"), "a%20b%26c%3Dd");
     }

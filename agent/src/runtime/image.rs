@@ -6,7 +6,7 @@
 //! config, `containerd.io/uncompressed` on layers) keep the image alive after the lease ends.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use containerd_client::services::v1::snapshots::{
@@ -39,11 +39,28 @@ const LABEL_CONFIG: &str = "containerd.io/gc.ref.content.config";
 const MAX_MANIFEST: usize = 4 << 20;
 const WRITE_CHUNK: usize = 1 << 20;
 
-/// In-flight pulls by normalised reference, and how many pulls were started.
-#[derive(Default)]
+/// In-flight pulls by normalised reference, how many pulls were started, and the bound on how
+/// many run at once (a pull waits for a permit before it talks to the registry).
 pub(super) struct PullGroup {
     inflight: Mutex<HashMap<String, SharedPull>>,
     started: AtomicU64,
+    limit: Mutex<Arc<tokio::sync::Semaphore>>,
+    running: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl Default for PullGroup {
+    fn default() -> Self {
+        PullGroup {
+            inflight: Mutex::default(),
+            started: AtomicU64::default(),
+            limit: Mutex::new(Arc::new(tokio::sync::Semaphore::new(
+                crate::config::DEFAULT_PARALLEL_IMAGE_PULLS,
+            ))),
+            running: AtomicUsize::default(),
+            peak: AtomicUsize::default(),
+        }
+    }
 }
 
 type SharedPull = Shared<BoxFuture<'static, Result<ImageInfo, Arc<RuntimeError>>>>;
@@ -280,6 +297,17 @@ impl Runtime {
         self.inner.pulls.started.load(Ordering::Relaxed)
     }
 
+    /// At most `max` registry pulls run at once from now on (at least 1).
+    pub fn limit_pulls(&self, max: usize) {
+        let semaphore = Arc::new(tokio::sync::Semaphore::new(max.max(1)));
+        *self.inner.pulls.limit.lock().expect("poisoned") = semaphore;
+    }
+
+    /// The most registry pulls that ran at once so far.
+    pub fn pulls_peak(&self) -> usize {
+        self.inner.pulls.peak.load(Ordering::Relaxed)
+    }
+
     /// Joins the in-flight pull of `reference` or starts one in its own task (so that a
     /// cancelled caller does not cancel the others).
     fn join_pull(&self, reference: Reference, auth: Option<RegistryAuth>) -> SharedPull {
@@ -292,7 +320,15 @@ impl Runtime {
         let rt = self.clone();
         let task_key = key.clone();
         let handle = tokio::spawn(async move {
+            let limit = rt.inner.pulls.limit.lock().expect("poisoned").clone();
+            // The semaphore is never closed, so a permit always comes.
+            let permit = limit.acquire_owned().await;
+            let pulls = &rt.inner.pulls;
+            let running = pulls.running.fetch_add(1, Ordering::Relaxed) + 1;
+            pulls.peak.fetch_max(running, Ordering::Relaxed);
             let res = rt.pull(&reference, auth.as_ref()).await.map_err(Arc::new);
+            pulls.running.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
             rt.inner
                 .pulls
                 .inflight

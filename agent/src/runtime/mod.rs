@@ -1,7 +1,7 @@
 //! The container runtime over containerd. This is the only module that speaks to containerd
 //! (containerd-client, tonic). It pulls and unpacks images itself (containerd 1.6 has no
 //! server-side pull), creates containers from OCI specs it builds as CRI does, and runs tasks
-//! whose stdio goes to `nodelet log-driver` started by the shim, so logs outlive the agent.
+//! whose stdio goes to the log driver started by the shim, so logs outlive the agent.
 //! Every container carries the label checkpoint (see `labels`) that the agent recovers from.
 //!
 //! Layout: `image` (pull, unpack, single-flight), `registry` and `reference` (OCI
@@ -40,9 +40,11 @@ use tonic::service::Interceptor;
 use tonic::transport::Channel;
 use tonic::Request;
 
+pub mod attach;
 mod container;
 mod eventstream;
 mod exec;
+pub use exec::{ExecControl, ExecStdio, ExecStreams};
 mod image;
 pub mod logdriver;
 pub mod reference;
@@ -73,8 +75,20 @@ pub struct RuntimeConfig {
     pub namespace: String,
     /// The agent's root dir (/var/lib/nodelet).
     pub root_dir: PathBuf,
-    /// The nodelet binary, started by the shim as `nodelet log-driver`.
+    /// The log driver the shim starts per container (runtime::logdriver::binary_for).
     pub log_driver: PathBuf,
+    /// Size-based rotation of container logs, done by the driver; `None`: never rotated.
+    pub log_rotation: Option<LogRotation>,
+}
+
+/// When the log driver rotates a container's log (the kubelet's `containerLogMaxSize` and
+/// `containerLogMaxFiles`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogRotation {
+    /// Bytes the live file may grow to before it is rotated.
+    pub max_size: u64,
+    /// Files kept, the live one included (the driver keeps at least 2).
+    pub max_files: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,12 +147,15 @@ pub struct Device {
     pub container_path: String,
 }
 
-/// Namespaces a container joins: paths of pinned namespaces; None = the host's.
+/// Namespaces a container joins: paths of pinned namespaces; None = the host's, except for
+/// `pid`, where None is a new PID namespace of the container's own.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NamespacePaths {
     pub net: Option<PathBuf>,
     pub ipc: Option<PathBuf>,
     pub uts: Option<PathBuf>,
+    /// Another container's PID namespace (an ephemeral container's target).
+    pub pid: Option<PathBuf>,
 }
 
 /// Who the process runs as. `uid`/`gid` from securityContext win over the image's user;

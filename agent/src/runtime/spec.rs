@@ -408,6 +408,25 @@ fn device_rule(allow: bool, node: Option<&DeviceNode>) -> Result<LinuxDeviceCgro
     Ok(b.build()?)
 }
 
+/// The PATH containerd's default spec gives every process, kept when neither the image nor
+/// the container sets one.
+pub const DEFAULT_PATH_ENV: &str =
+    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The process env as containerd's CRI builds it: the default spec's PATH, then the image's
+/// and container's `KEY=VALUE`s, a name already present having its value replaced in place.
+fn process_env(vars: &[String]) -> Vec<String> {
+    let key = |kv: &str| kv.split_once('=').map_or(kv, |(k, _)| k).to_string();
+    let mut env = vec![DEFAULT_PATH_ENV.to_string()];
+    for kv in vars {
+        match env.iter_mut().find(|e| key(e) == key(kv)) {
+            Some(slot) => slot.clone_from(kv),
+            None => env.push(kv.clone()),
+        }
+    }
+    env
+}
+
 /// Builds the container's OCI runtime spec.
 pub fn build_spec(config: &ContainerConfig, inputs: &SpecInputs) -> Result<Spec, SpecError> {
     let sec = &config.security;
@@ -441,7 +460,7 @@ pub fn build_spec(config: &ContainerConfig, inputs: &SpecInputs) -> Result<Spec,
         .terminal(config.tty)
         .user(user.build()?)
         .args(config.args.clone())
-        .env(config.env.clone())
+        .env(process_env(&config.env))
         .cwd(cwd)
         .capabilities(capabilities)
         .rlimits(if inputs.nofile == 0 {
@@ -459,7 +478,7 @@ pub fn build_spec(config: &ContainerConfig, inputs: &SpecInputs) -> Result<Spec,
 
     let ns = &config.namespaces;
     let mut namespaces = vec![
-        namespace(LinuxNamespaceType::Pid, None)?,
+        namespace(LinuxNamespaceType::Pid, ns.pid.as_deref())?,
         namespace(LinuxNamespaceType::Ipc, ns.ipc.as_deref())?,
         namespace(LinuxNamespaceType::Uts, ns.uts.as_deref())?,
         namespace(LinuxNamespaceType::Mount, None)?,
@@ -622,6 +641,31 @@ mod tests {
     }
 
     #[test]
+    fn env_starts_from_containerds_default_path() {
+        let inputs = SpecInputs::default();
+        let env = |vars: &[&str]| {
+            let config = ContainerConfig {
+                env: vars.iter().map(|v| v.to_string()).collect(),
+                ..base()
+            };
+            json(&build_spec(&config, &inputs).unwrap())["process"]["env"].clone()
+        };
+        // An image that sets no PATH gets containerd's default, first.
+        assert_eq!(
+            env(&["A=1"]),
+            serde_json::json!([
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "A=1"
+            ])
+        );
+        // A PATH from the image or the container replaces it in place.
+        assert_eq!(
+            env(&["A=1", "PATH=/bin", "B=2"]),
+            serde_json::json!(["PATH=/bin", "A=1", "B=2"])
+        );
+    }
+
+    #[test]
     fn namespaces_net_none_means_host_network() {
         let spec = build_spec(&base(), &SpecInputs::default()).unwrap();
         let v = json(&spec);
@@ -638,6 +682,7 @@ mod tests {
             net: Some("/run/nodelet/netns/p".into()),
             ipc: Some("/run/nodelet/ipcns/p".into()),
             uts: None,
+            pid: None,
         };
         let v = json(
             &build_spec(
@@ -657,6 +702,18 @@ mod tests {
         let uts = ns.iter().find(|n| n["type"] == "uts").unwrap();
         assert!(uts.get("path").is_none());
         assert!(ns.iter().any(|n| n["type"] == "cgroup"));
+        let pid = ns.iter().find(|n| n["type"] == "pid").unwrap();
+        assert!(pid.get("path").is_none(), "a PID namespace of its own");
+    }
+
+    #[test]
+    fn an_ephemeral_container_joins_its_targets_pid_namespace() {
+        let mut c = base();
+        c.namespaces.pid = Some("/proc/42/ns/pid".into());
+        let v = json(&build_spec(&c, &SpecInputs::default()).unwrap());
+        let ns = v["linux"]["namespaces"].as_array().unwrap();
+        let pid = ns.iter().find(|n| n["type"] == "pid").unwrap();
+        assert_eq!(pid["path"], "/proc/42/ns/pid");
     }
 
     #[test]

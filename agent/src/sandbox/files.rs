@@ -32,6 +32,9 @@ pub enum NamesError {
     /// The pod has neither spec.hostname nor a usable metadata.name.
     #[error("pod has no usable name for its hostname")]
     NoName,
+    /// spec.hostnameOverride is not a DNS-1123 subdomain (the kubelet refuses it too).
+    #[error("pod HostnameOverride {0:?} is not a valid DNS subdomain")]
+    BadHostnameOverride(String),
     /// setHostnameAsFQDN would give a hostname longer than the kernel allows.
     #[error("FQDN {fqdn} is longer than {MAX_FQDN_LEN} characters")]
     FqdnTooLong {
@@ -40,9 +43,22 @@ pub enum NamesError {
     },
 }
 
-/// Computes the pod's hostname and domain as the kubelet does.
+/// Computes the pod's hostname and domain as the kubelet does. `spec.hostnameOverride` (beta
+/// and on by default since 1.34) wins over hostname, subdomain and setHostnameAsFQDN: it is
+/// the hostname, cut to a kernel hostname, with no domain.
 pub fn pod_names(pod: &Pod, cluster_domain: &str) -> Result<PodNames, NamesError> {
     let spec = pod.spec.as_ref();
+    if let Some(name) = spec.and_then(|s| s.hostname_override.as_deref()) {
+        if !is_dns_subdomain(name) {
+            return Err(NamesError::BadHostnameOverride(name.to_string()));
+        }
+        let hostname = truncate_hostname(name)?;
+        return Ok(PodNames {
+            kernel_hostname: hostname.clone(),
+            hostname,
+            domain: None,
+        });
+    }
     let hostname = match spec.and_then(|s| s.hostname.as_deref()) {
         Some(h) if !h.is_empty() => h.to_string(),
         _ => truncate_hostname(pod.metadata.name.as_deref().unwrap_or_default())?,
@@ -68,6 +84,19 @@ pub fn pod_names(pod: &Pod, cluster_domain: &str) -> Result<PodNames, NamesError
         domain,
         kernel_hostname,
     })
+}
+
+/// A DNS-1123 subdomain: at most 253 characters of dot-separated labels, each lowercase
+/// alphanumerics and '-', starting and ending alphanumeric.
+fn is_dns_subdomain(name: &str) -> bool {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    name.len() <= 253 && name.split('.').all(label_ok)
 }
 
 /// Cuts a pod name to a valid hostname length, dropping trailing '-' and '.'.
@@ -361,6 +390,32 @@ mod tests {
         assert!(matches!(
             pod_names(&p, "cluster.local"),
             Err(NamesError::FqdnTooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn hostname_override_wins_with_no_domain() {
+        let mut p = statefulset_pod();
+        let spec = p.spec.as_mut().unwrap();
+        spec.hostname_override = Some("www.example.com".into());
+        spec.set_hostname_as_fqdn = Some(true);
+        let names = pod_names(&p, "cluster.local").unwrap();
+        assert_eq!(names.hostname, "www.example.com");
+        assert_eq!(names.domain, None);
+        assert_eq!(names.kernel_hostname, "www.example.com");
+        let hosts = managed_hosts(&["10.233.0.7".parse().unwrap()], &names, &[]);
+        assert!(
+            hosts.ends_with("\n10.233.0.7\twww.example.com\n"),
+            "{hosts}"
+        );
+        // Cut to a kernel hostname as the kubelet cuts it, trailing '-' and '.' dropped.
+        let long = format!("{}.{}", "a".repeat(62), "b".repeat(10));
+        p.spec.as_mut().unwrap().hostname_override = Some(long);
+        assert_eq!(pod_names(&p, "c.l").unwrap().hostname, "a".repeat(62));
+        p.spec.as_mut().unwrap().hostname_override = Some("Not_A_Name".into());
+        assert!(matches!(
+            pod_names(&p, "c.l"),
+            Err(NamesError::BadHostnameOverride { .. })
         ));
     }
 

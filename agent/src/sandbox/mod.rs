@@ -258,6 +258,7 @@ impl SandboxManager {
                 net: state.net.clone(),
                 ipc: state.ipc.clone(),
                 uts: state.uts.clone(),
+                pid: None,
             },
             ip: state.ips.first().copied(),
             hostname: state.hostname.clone(),

@@ -4,12 +4,17 @@
 //! - TLS with the node's serving certificate: `--tls-cert-file`/`--tls-private-key-file`, or
 //!   a self-signed one made once in `<root-dir>/pki` for the node's names and addresses.
 //! - Authentication: a client certificate that chains to `--client-ca-file` names the user
-//!   (CN) and groups (O); anyone else is `system:anonymous` in `system:unauthenticated`.
+//!   (CN) and groups (O). Anonymous requests are refused with 401, as with the kubelet's
+//!   configuration-file default (`authentication.anonymous.enabled: false`); without a client
+//!   CA nobody can authenticate, and the agent says so when it starts.
 //! - Authorization: per request, as the kubelet asks it: verb from the method, resource
 //!   `nodes`, the node's name, and the subresource of the path (`log`, `metrics`, `stats`,
 //!   `pods`, `healthz`, else `proxy`; a fine-grained subresource falls back to `proxy`).
-//!   `AlwaysAllow`, or a `Webhook` (SubjectAccessReview through the API, see `cluster`).
-//! - exec, attach, port-forward and run answer 501: nodelet does not stream into containers.
+//!   `AlwaysAllow`, or a `Webhook` (SubjectAccessReview through the API, see `cluster`); the
+//!   Webhook default with no API server (standalone) allows nothing.
+//! - exec and port-forward upgrade to SPDY or WebSocket (`stream`); attach and run answer 501.
+//!
+//! [`routes`] is the whole set of endpoints; the local socket serves the same set to root.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -21,7 +26,6 @@ use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::any;
 use axum::{Extension, Router};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
@@ -31,7 +35,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use super::{router, ServerState};
+use super::{node_router, ServerState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecureError {
@@ -62,15 +66,6 @@ pub struct Identity {
     pub groups: Vec<String>,
 }
 
-impl Identity {
-    fn anonymous() -> Self {
-        Identity {
-            user: "system:anonymous".into(),
-            groups: vec!["system:unauthenticated".into()],
-        }
-    }
-}
-
 /// What a request asks for, in the API's authorization terms.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Attributes {
@@ -87,6 +82,17 @@ pub type Decision = Pin<Box<dyn Future<Output = Result<bool, String>> + Send>>;
 /// Decides requests (the Webhook mode's SubjectAccessReview lives in `cluster`).
 pub type Authorizer = Arc<dyn Fn(Attributes) -> Decision + Send + Sync>;
 
+/// How the secure port decides authenticated requests.
+#[derive(Clone)]
+pub enum Authorization {
+    /// Every authenticated client may do everything (`--authorization-mode=AlwaysAllow`).
+    AlwaysAllow,
+    /// Each request is asked of the authorizer (the Webhook mode).
+    Webhook(Authorizer),
+    /// Nothing is allowed: the Webhook mode with no API server to ask (standalone).
+    DenyAll,
+}
+
 /// Everything the secure port needs.
 pub struct SecureConfig {
     pub addr: String,
@@ -98,14 +104,13 @@ pub struct SecureConfig {
     /// DNS names and IPs the self-signed certificate covers.
     pub serving_names: Vec<String>,
     pub client_ca_file: Option<PathBuf>,
-    /// None: AlwaysAllow.
-    pub authorizer: Option<Authorizer>,
+    pub authorization: Authorization,
 }
 
 #[derive(Clone)]
 struct Guard {
     node: String,
-    authorizer: Option<Authorizer>,
+    authorization: Authorization,
 }
 
 /// A bound secure port, ready to `serve`.
@@ -130,9 +135,23 @@ pub async fn bind(config: SecureConfig) -> Result<Bound, BindError> {
             addr: config.addr.clone(),
             source,
         })?;
+    if config.client_ca_file.is_none() {
+        warn!(
+            addr = %config.addr,
+            "the secure port has no --client-ca-file: no client can authenticate, so every \
+             request is refused (401)"
+        );
+    } else if matches!(config.authorization, Authorization::DenyAll) {
+        warn!(
+            addr = %config.addr,
+            "the secure port has no authorizer (Webhook needs --kubeconfig): every request is \
+             refused (403); --authorization-mode=AlwaysAllow allows every client certificate \
+             the client CA signed"
+        );
+    }
     let guard = Guard {
         node: config.node_name.clone(),
-        authorizer: config.authorizer.clone(),
+        authorization: config.authorization.clone(),
     };
     Ok(Bound {
         listener,
@@ -198,16 +217,17 @@ async fn connection(
             return;
         }
     };
-    let identity = tls
+    // None: anonymous (no certificate, or no client CA to verify one).
+    let identity: Option<Identity> = tls
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|certs| certs.first())
-        .and_then(identity_of)
-        .unwrap_or_else(Identity::anonymous);
+        .and_then(identity_of);
     let service = TowerToHyperService::new(app.layer(Extension(identity)));
     let served = hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(tls), service)
+        .with_upgrades()
         .await;
     if let Err(e) = served {
         debug!(%peer, error = %e, "secure connection ended");
@@ -231,19 +251,19 @@ fn identity_of(cert: &CertificateDer<'_>) -> Option<Identity> {
     Some(Identity { user, groups })
 }
 
+/// Every endpoint of the node: what the secure port serves once a request is authorized, and
+/// what the local socket serves to root.
+pub fn routes(state: ServerState) -> Router {
+    let streaming = super::stream::routes(
+        state.status.clone(),
+        state.log_dir.clone(),
+        state.streaming.clone(),
+    );
+    node_router(state).merge(streaming)
+}
+
 fn secure_router(state: ServerState, guard: Guard) -> Router {
-    let unsupported = || async {
-        (
-            StatusCode::NOT_IMPLEMENTED,
-            "nodelet does not stream into containers (exec, attach, port-forward, run)",
-        )
-    };
-    router(state)
-        .route("/exec/{*rest}", any(unsupported))
-        .route("/attach/{*rest}", any(unsupported))
-        .route("/portForward/{*rest}", any(unsupported))
-        .route("/run/{*rest}", any(unsupported))
-        .layer(middleware::from_fn_with_state(guard, authorize))
+    routes(state).layer(middleware::from_fn_with_state(guard, authorize))
 }
 
 /// The subresources a path is authorized by: the fine-grained one first, then `proxy`.
@@ -279,14 +299,20 @@ fn verb(method: &Method) -> &'static str {
 
 async fn authorize(
     State(guard): State<Guard>,
-    Extension(identity): Extension<Identity>,
+    Extension(identity): Extension<Option<Identity>>,
     request: Request,
     next: Next,
 ) -> Response {
-    let Some(authorizer) = guard.authorizer.clone() else {
-        return next.run(request).await;
-    };
     let path = request.uri().path().to_string();
+    let Some(identity) = identity else {
+        debug!(%path, "unauthenticated request on the secure port");
+        return (StatusCode::UNAUTHORIZED, "Unauthorized").into_response();
+    };
+    let authorizer: Authorizer = match &guard.authorization {
+        Authorization::AlwaysAllow => return next.run(request).await,
+        Authorization::Webhook(authorizer) => authorizer.clone(),
+        Authorization::DenyAll => Arc::new(|_| Box::pin(async { Ok(false) })),
+    };
     let verb = verb(request.method());
     let candidates = subresources(&path);
     for subresource in &candidates {
@@ -411,6 +437,91 @@ mod tests {
         assert_eq!(subresources("/exec/ns/p/c"), ["proxy"]);
     }
 
+    /// Writes a CA and client certificates for `users` into `dir`: `ca.crt`, `<user>.crt/.key`.
+    fn client_pki(dir: &Path, users: &[&str]) -> PathBuf {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        std::fs::create_dir_all(dir).unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(vec![]).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(DnType::CommonName, "test-ca");
+        std::fs::write(dir.join("ca.crt"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        for user in users {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(vec![]).unwrap();
+            params.distinguished_name.push(DnType::CommonName, *user);
+            params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            std::fs::write(dir.join(format!("{user}.crt")), cert.pem()).unwrap();
+            std::fs::write(dir.join(format!("{user}.key")), key.serialize_pem()).unwrap();
+        }
+        dir.join("ca.crt")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_authorizer_decides_who_reads_and_anonymous_is_unauthorized() {
+        let dir = std::env::temp_dir().join(format!("nodelet-authz-{}", std::process::id()));
+        let ca = client_pki(&dir, &["admin", "nobody"]);
+        let authorizer: Authorizer =
+            Arc::new(|a: Attributes| Box::pin(async move { Ok(a.user == "admin") }));
+        let bound = bind(SecureConfig {
+            addr: "127.0.0.1:0".into(),
+            node_name: "n1".into(),
+            tls_cert_file: None,
+            tls_private_key_file: None,
+            cert_dir: dir.join("pki"),
+            serving_names: vec!["127.0.0.1".into()],
+            client_ca_file: Some(ca),
+            authorization: Authorization::Webhook(authorizer),
+        })
+        .await
+        .unwrap();
+        let port = bound.local_addr().unwrap().port();
+        let state = ServerState {
+            status: crate::status::StatusManager::new(),
+            recorder: crate::events::Recorder::new("n1"),
+            metrics: Arc::new(String::new),
+            log_dir: dir.clone(),
+            streaming: None,
+        };
+        let token = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(serve(bound, state, token.clone().cancelled_owned()));
+        let get = |user: Option<&'static str>| {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut curl = std::process::Command::new("curl");
+                curl.args([
+                    "-sS",
+                    "--max-time",
+                    "10",
+                    "-w",
+                    "\n%{http_code}",
+                    "--cacert",
+                ])
+                .arg(dir.join("pki/nodelet.crt"));
+                if let Some(user) = user {
+                    curl.arg("--cert").arg(dir.join(format!("{user}.crt")));
+                    curl.arg("--key").arg(dir.join(format!("{user}.key")));
+                }
+                let out = curl
+                    .arg(format!("https://127.0.0.1:{port}/events"))
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            })
+        };
+        assert!(get(None).await.unwrap().ends_with("\n401"));
+        assert_eq!(
+            get(Some("nobody")).await.unwrap(),
+            "Forbidden (user=nobody, verb=get, resource=nodes, subresource=proxy)\n403"
+        );
+        let allowed = get(Some("admin")).await.unwrap();
+        assert!(allowed.ends_with("\n200"), "{allowed}");
+        token.cancel();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[test]
     fn methods_map_to_verbs() {
         assert_eq!(verb(&Method::GET), "get");
@@ -453,7 +564,7 @@ mod tests {
             cert_dir: dir.clone(),
             serving_names: vec![],
             client_ca_file: None,
-            authorizer: None,
+            authorization: Authorization::AlwaysAllow,
         };
         assert!(tls_config(&config).is_ok());
         std::fs::remove_dir_all(dir).unwrap();

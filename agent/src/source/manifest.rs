@@ -7,14 +7,22 @@
 //! change and keeps its last good content, so one bad edit never stops running pods.
 //! A pod's UID is derived from its file, its content and the node name (as the kubelet does for
 //! static pods), so editing a manifest replaces the pod and re-reading it changes nothing.
+//!
+//! Each file is read bounded (`yaml::LIMITS`: its size is checked before it is read, nesting and
+//! alias expansion while it is parsed) and every object is validated as the API server would
+//! (`validation`), so one hostile file costs little and is refused with a reason. Two pods with
+//! the same namespace/name are resolved as the kubelet's config resolves them: the one from the
+//! first file (in name order) is kept, the other is refused with a `FailedValidation` reason.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Secret};
-use serde::de::DeserializeOwned;
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::validation;
+use super::yaml::{self, typed};
 use crate::store::Objects;
 
 /// Annotation keys the kubelet sets on static pods.
@@ -45,6 +53,34 @@ pub enum ManifestError {
         name: String,
         detail: String,
     },
+    /// A pod whose namespace/name an earlier file's pod already has (the kubelet's message).
+    #[error("Error validating pod {}_{}({}) from file due to duplicate pod name {:?}, ignoring ({} is kept, {} is not)",
+        .pod.metadata.name.as_deref().unwrap_or(""), .pod.metadata.namespace.as_deref().unwrap_or(""),
+        .pod.metadata.uid.as_deref().unwrap_or(""), .pod.metadata.name.as_deref().unwrap_or(""),
+        .kept.display(), .file.display())]
+    Duplicate {
+        file: PathBuf,
+        kept: PathBuf,
+        pod: Box<Pod>,
+    },
+}
+
+impl ManifestError {
+    /// The event reason: upstream's for a duplicate, ours for a file that cannot be used.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Duplicate { .. } => "FailedValidation",
+            _ => "FailedManifest",
+        }
+    }
+
+    /// The pod the error is about, when it is about one pod.
+    pub fn pod(&self) -> Option<&Pod> {
+        match self {
+            Self::Duplicate { pod, .. } => Some(pod),
+            _ => None,
+        }
+    }
 }
 
 /// What one file contributed.
@@ -68,8 +104,10 @@ pub struct ManifestSource {
     dir: PathBuf,
     node_name: String,
     files: BTreeMap<PathBuf, (Vec<u8>, FileContent)>,
-    /// Files whose current bytes failed, with the bytes, so each bad version is reported once.
+    /// Files whose current content failed, by fingerprint, so each bad version is reported once.
     failed: BTreeMap<PathBuf, Vec<u8>>,
+    /// Pods refused as duplicates last scan (file, UID), so each is reported once.
+    duplicates: BTreeSet<(PathBuf, String)>,
 }
 
 impl ManifestSource {
@@ -79,6 +117,7 @@ impl ManifestSource {
             node_name: node_name.to_string(),
             files: BTreeMap::new(),
             failed: BTreeMap::new(),
+            duplicates: BTreeSet::new(),
         }
     }
 
@@ -94,8 +133,21 @@ impl ManifestSource {
         self.files.retain(|path, _| present.contains(path));
         self.failed.retain(|path, _| present.contains(path));
         for path in &present {
-            let bytes = match std::fs::read(path) {
-                Ok(b) => b,
+            let bytes = match read_bounded(path, yaml::LIMITS.max_bytes) {
+                Ok(Ok(b)) => b,
+                Ok(Err(too_large)) => {
+                    // Remembered by size and time, never read.
+                    if self.failed.get(path) != Some(&too_large.0) {
+                        self.failed.insert(path.clone(), too_large.0);
+                        fresh_errors.push(ManifestError::Syntax {
+                            file: path.clone(),
+                            index: 0,
+                            detail: too_large.1,
+                        });
+                    }
+                    self.files.remove(path);
+                    continue;
+                }
                 Err(source) => {
                     fresh_errors.push(ManifestError::Read {
                         file: path.clone(),
@@ -122,13 +174,49 @@ impl ManifestSource {
                 }
             }
         }
-        (self.snapshot(), fresh_errors)
+        let (snapshot, duplicates) = self.snapshot();
+        let reported: BTreeSet<(PathBuf, String)> = duplicates
+            .iter()
+            .map(|d| match d {
+                ManifestError::Duplicate { file, pod, .. } => {
+                    (file.clone(), pod.metadata.uid.clone().unwrap_or_default())
+                }
+                _ => Default::default(),
+            })
+            .collect();
+        for (d, key) in duplicates.into_iter().zip(&reported) {
+            if !self.duplicates.contains(key) {
+                fresh_errors.push(d);
+            }
+        }
+        self.duplicates = reported;
+        (snapshot, fresh_errors)
     }
 
-    fn snapshot(&self) -> Snapshot {
+    /// The folder's content, the first file's pod winning a namespace/name, and the pods refused
+    /// as duplicates.
+    fn snapshot(&self) -> (Snapshot, Vec<ManifestError>) {
         let mut snap = Snapshot::default();
-        for (_, content) in self.files.values() {
-            snap.pods.extend(content.pods.iter().cloned());
+        let mut owners: BTreeMap<(String, String), &PathBuf> = BTreeMap::new();
+        let mut duplicates = Vec::new();
+        for (path, (_, content)) in &self.files {
+            for pod in &content.pods {
+                let m = &pod.metadata;
+                let key = (
+                    m.namespace.clone().unwrap_or_default(),
+                    m.name.clone().unwrap_or_default(),
+                );
+                if let Some(kept) = owners.get(&key) {
+                    duplicates.push(ManifestError::Duplicate {
+                        file: path.clone(),
+                        kept: (*kept).clone(),
+                        pod: Box::new(pod.clone()),
+                    });
+                    continue;
+                }
+                owners.insert(key, path);
+                snap.pods.push(pod.clone());
+            }
             let o = &content.objects;
             snap.objects.config_maps.extend(o.config_maps.clone());
             snap.objects.secrets.extend(o.secrets.clone());
@@ -140,8 +228,37 @@ impl ManifestSource {
             .keys()
             .map(|p| p.display().to_string())
             .collect();
-        snap
+        (snap, duplicates)
     }
+}
+
+/// A file too large to read: what identifies this version of it, and the reason.
+struct TooLarge(Vec<u8>, String);
+
+/// A file's bytes, or (without reading it) why it is too large.
+fn read_bounded(path: &Path, max: u64) -> std::io::Result<Result<Vec<u8>, TooLarge>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    let too_large = |size: u64| {
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .unwrap_or_default();
+        let fingerprint = format!("too large: {size} {}", mtime.as_nanos()).into_bytes();
+        let reason = yaml::YamlError::TooLarge { size, limit: max }.to_string();
+        Ok(Err(TooLarge(fingerprint, reason)))
+    };
+    if meta.len() > max {
+        return too_large(meta.len());
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return too_large(bytes.len() as u64);
+    }
+    Ok(Ok(bytes))
 }
 
 fn list_manifests(dir: &Path) -> BTreeSet<PathBuf> {
@@ -167,15 +284,12 @@ pub fn parse_file(
 ) -> Result<FileContent, ManifestError> {
     let text = String::from_utf8_lossy(bytes);
     let mut content = FileContent::default();
-    for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-        let value =
-            <serde_yaml::Value as serde::Deserialize>::deserialize(document).map_err(|e| {
-                ManifestError::Syntax {
-                    file: path.to_path_buf(),
-                    index,
-                    detail: e.to_string(),
-                }
-            })?;
+    let documents = yaml::documents(&text, yaml::LIMITS).map_err(|e| ManifestError::Syntax {
+        file: path.to_path_buf(),
+        index: 0,
+        detail: e.to_string(),
+    })?;
+    for (index, value) in documents.into_iter().enumerate() {
         if !value.is_null() {
             add_document(path, index, value, node_name, &mut content)?;
         }
@@ -186,38 +300,30 @@ pub fn parse_file(
 fn add_document(
     path: &Path,
     index: usize,
-    value: serde_yaml::Value,
+    value: Value,
     node_name: &str,
     content: &mut FileContent,
 ) -> Result<(), ManifestError> {
-    let kind = value
-        .get("kind")
-        .and_then(|k| k.as_str())
-        .unwrap_or("")
-        .to_string();
-    let name = value
-        .get("metadata")
-        .and_then(|m| m.get("name"))
-        .and_then(|n| n.as_str())
-        .unwrap_or("")
-        .to_string();
+    let text = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or("").to_string();
+    let kind = text(value.get("kind"));
+    let name = text(value.get("metadata").and_then(|m| m.get("name")));
     let invalid = |detail: String| ManifestError::Invalid {
         file: path.to_path_buf(),
         index,
-        kind: kind.clone(),
-        name: name.clone(),
+        kind: kind.chars().take(64).collect(),
+        name: name.chars().take(64).collect(),
         detail,
     };
-    fn typed<T: DeserializeOwned>(v: serde_yaml::Value) -> Result<T, String> {
-        serde_yaml::from_value(v).map_err(|e| e.to_string())
+    if !value.is_object() {
+        return Err(invalid("a document must be an object".into()));
     }
     if name.is_empty() && kind != "List" {
-        return Err(invalid("metadata.name is required".into()));
+        return Err(invalid("metadata.name: Required value".into()));
     }
     match kind.as_str() {
         "List" => {
             let items = value.get("items").cloned().unwrap_or_default();
-            let serde_yaml::Value::Sequence(items) = items else {
+            let Value::Array(items) = items else {
                 return Err(invalid("items must be a list".into()));
             };
             for item in items {
@@ -226,15 +332,20 @@ fn add_document(
         }
         "Pod" => {
             let pod: Pod = typed(value).map_err(invalid)?;
-            validate_pod(&pod).map_err(invalid)?;
+            validation::pod(&pod).map_err(invalid)?;
             content.pods.push(static_pod(pod, path, node_name));
         }
         "ConfigMap" => {
             let cm: ConfigMap = typed(value).map_err(invalid)?;
+            validation::object_meta(&cm.metadata, true).map_err(invalid)?;
+            let keys = cm.data.iter().flat_map(|d| d.keys());
+            validation::config_keys(keys.chain(cm.binary_data.iter().flat_map(|d| d.keys())))
+                .map_err(invalid)?;
             content.objects.config_maps.insert(key_of(&cm.metadata), cm);
         }
         "Secret" => {
             let mut secret: Secret = typed(value).map_err(invalid)?;
+            validation::object_meta(&secret.metadata, true).map_err(invalid)?;
             // stringData is write-only in the API: fold it into data as the API server does.
             if let Some(strings) = secret.string_data.take() {
                 let data = secret.data.get_or_insert_with(Default::default);
@@ -242,6 +353,7 @@ fn add_document(
                     data.insert(k, k8s_openapi::ByteString(v.into_bytes()));
                 }
             }
+            validation::config_keys(secret.data.iter().flat_map(|d| d.keys())).map_err(invalid)?;
             content
                 .objects
                 .secrets
@@ -249,6 +361,7 @@ fn add_document(
         }
         "PersistentVolumeClaim" => {
             let claim: PersistentVolumeClaim = typed(value).map_err(invalid)?;
+            validation::object_meta(&claim.metadata, true).map_err(invalid)?;
             content
                 .objects
                 .claims
@@ -256,10 +369,14 @@ fn add_document(
         }
         "PersistentVolume" => {
             let pv: PersistentVolume = typed(value).map_err(invalid)?;
+            validation::object_meta(&pv.metadata, false).map_err(invalid)?;
             content.objects.volumes.insert(name.clone(), pv);
         }
-        "" => return Err(invalid("kind is required".into())),
-        other => return Err(invalid(format!("kind {other} is not supported here"))),
+        "" => return Err(invalid("kind: Required value".into())),
+        other => {
+            let other: String = other.chars().take(64).collect();
+            return Err(invalid(format!("kind {other} is not supported here")));
+        }
     }
     Ok(())
 }
@@ -269,72 +386,6 @@ fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> 
         meta.namespace.clone().unwrap_or_else(|| "default".into()),
         meta.name.clone().unwrap_or_default(),
     )
-}
-
-/// The checks the API server's validation would make before a pod could reach a node.
-pub fn validate_pod(pod: &Pod) -> Result<(), String> {
-    let spec = pod.spec.as_ref().ok_or("spec is required")?;
-    if spec.containers.is_empty() {
-        return Err("spec.containers must not be empty".into());
-    }
-    let mut names = BTreeSet::new();
-    let all = spec
-        .init_containers
-        .iter()
-        .flatten()
-        .chain(&spec.containers);
-    for c in all {
-        if !is_dns_label(&c.name) {
-            return Err(format!(
-                "container name {:?} is not a DNS-1123 label",
-                c.name
-            ));
-        }
-        if !names.insert(c.name.as_str()) {
-            return Err(format!("container name {:?} is used twice", c.name));
-        }
-        if c.image.as_deref().unwrap_or("").trim().is_empty() {
-            return Err(format!("container {:?}: image is required", c.name));
-        }
-    }
-    if let Some(policy) = spec.restart_policy.as_deref() {
-        if !matches!(policy, "Always" | "OnFailure" | "Never") {
-            return Err(format!(
-                "restartPolicy {policy:?} is not Always, OnFailure or Never"
-            ));
-        }
-    }
-    let mut volumes = BTreeSet::new();
-    for v in spec.volumes.iter().flatten() {
-        if !volumes.insert(v.name.as_str()) {
-            return Err(format!("volume name {:?} is used twice", v.name));
-        }
-    }
-    let all = spec
-        .init_containers
-        .iter()
-        .flatten()
-        .chain(&spec.containers);
-    for c in all {
-        for m in c.volume_mounts.iter().flatten() {
-            if !volumes.contains(m.name.as_str()) {
-                return Err(format!(
-                    "container {:?}: volumeMount {:?} names no volume",
-                    c.name, m.name
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 /// Fills in what the API server and scheduler would: namespace, UID, node name, source
@@ -483,9 +534,9 @@ mod tests {
     #[test]
     fn invalid_documents_are_reported_with_file_index_and_reason() {
         let cases = [
-            ("kind: Pod\nmetadata: {name: x}\nspec: {containers: []}\n", "must not be empty"),
-            ("kind: Pod\nmetadata: {name: x}\nspec:\n  containers:\n  - {name: A, image: i}\n", "DNS-1123"),
-            ("kind: Pod\nmetadata: {name: x}\nspec:\n  containers:\n  - {name: a}\n", "image is required"),
+            ("kind: Pod\nmetadata: {name: x}\nspec: {containers: []}\n", "spec.containers: Required value"),
+            ("kind: Pod\nmetadata: {name: x}\nspec:\n  containers:\n  - {name: A, image: i}\n", "RFC 1123 label"),
+            ("kind: Pod\nmetadata: {name: x}\nspec:\n  containers:\n  - {name: a}\n", "spec.containers[0].image: Required value"),
             ("kind: Deployment\nmetadata: {name: x}\n", "not supported"),
             ("kind: Pod\nspec: {}\n", "metadata.name"),
             ("kind: Pod\nmetadata: {name: x}\nspec:\n  containers:\n  - name: a\n    image: i\n    volumeMounts: [{name: v, mountPath: /v}]\n", "names no volume"),
@@ -499,6 +550,95 @@ mod tests {
             );
             assert!(err.contains("/m/a.yaml"), "{err:?} names the file");
         }
+    }
+
+    #[test]
+    fn manifests_read_as_kubectl_reads_them() {
+        let text = "kind: Pod\nmetadata: {name: x}\nspec:\n  hostNetwork: yes\n  containers:\n  - {name: a, image: i}\n  volumes:\n  - name: s\n    secret: {secretName: s, defaultMode: 0400}\n";
+        let pod = &parse(text).unwrap().pods[0];
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.host_network, Some(true));
+        let mode = spec.volumes.as_ref().unwrap()[0]
+            .secret
+            .as_ref()
+            .unwrap()
+            .default_mode;
+        assert_eq!(mode, Some(256));
+        let err = parse(&text.replace("image: i", "image: yes"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("spec.containers[0].image: invalid type: boolean `true`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn hostile_names_and_huge_files_are_refused_with_a_reason() {
+        let err = parse(&POD.replace("name: web", "name: ../../x"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("metadata.name: Invalid value: \"../../x\""),
+            "{err}"
+        );
+        let err = parse(&format!("{}{}", "[".repeat(100), "]".repeat(100)))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nesting deeper than 64 levels"), "{err}");
+        let err = parse("kind: ConfigMap\nmetadata: {name: c}\ndata: {../x: v}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("data[\"../x\"]"), "{err}");
+    }
+
+    #[test]
+    fn the_first_file_wins_a_pod_name_and_the_other_is_refused_once() {
+        let dir = std::env::temp_dir().join(format!("nodelet-dup-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("b.yaml"), POD).unwrap();
+        std::fs::write(dir.join("a.yaml"), POD.replace("busybox", "busybox:2")).unwrap();
+        for _restart in 0..2 {
+            let mut source = ManifestSource::new(dir.clone(), "n");
+            let (snap, errors) = source.scan();
+            assert_eq!(snap.pods.len(), 1);
+            let image = snap.pods[0].spec.as_ref().unwrap().containers[0]
+                .image
+                .clone();
+            assert_eq!(image.as_deref(), Some("busybox:2"), "a.yaml comes first");
+            assert_eq!(errors.len(), 1);
+            assert_eq!(errors[0].reason(), "FailedValidation");
+            let text = errors[0].to_string();
+            assert!(
+                text.starts_with("Error validating pod web_default("),
+                "{text}"
+            );
+            assert!(
+                text.contains("from file due to duplicate pod name \"web\", ignoring"),
+                "{text}"
+            );
+            let (_, errors) = source.scan();
+            assert!(errors.is_empty(), "reported once");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_oversized_file_is_refused_unread_and_reported_once() {
+        let dir = std::env::temp_dir().join(format!("nodelet-big-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("big.yaml"), "[".repeat(5 * 1024 * 1024)).unwrap();
+        std::fs::write(dir.join("web.yaml"), POD).unwrap();
+        let mut source = ManifestSource::new(dir.clone(), "n");
+        let (snap, errors) = source.scan();
+        assert_eq!(snap.pods.len(), 1);
+        let text = errors[0].to_string();
+        assert!(
+            text.contains("the file is 5242880 bytes, more than the limit of 3145728"),
+            "{text}"
+        );
+        assert!(source.scan().1.is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -3,9 +3,19 @@
 //! PV whose `spec.claimRef` names this claim (namespace and name, and uid when both carry one),
 //! or when its status phase is Bound (a binder did it) and the PV does not name another claim.
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::PathBuf;
+use std::sync::Arc;
 
-use super::VolumeError;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+
+use super::local::fs_group;
+use super::records::ClaimUse;
+use super::{
+    blocking, csi, failed, host, invalid, mount, namespace, plugin, projection, Ctx, ReadyVolume,
+    VolumeError, VolumeManager,
+};
 use crate::store::ObjectStore;
 
 /// A claim resolved to its PV.
@@ -84,6 +94,246 @@ fn is_bound(claim: &PersistentVolumeClaim, pv: &PersistentVolume, ns: &str, name
             names_us && uid_ok
         }
         None => phase_bound,
+    }
+}
+
+impl VolumeManager {
+    pub(super) async fn setup_claim(
+        &self,
+        pod: &Arc<Pod>,
+        uid: &str,
+        volume: &str,
+        claim_name: &str,
+        pod_read_only: bool,
+    ) -> Result<ReadyVolume, VolumeError> {
+        let bound = resolve(&self.ctx.store, namespace(pod), volume, claim_name)?;
+        let pv_name = bound.pv.metadata.name.clone().unwrap_or_default();
+        // Access modes, as upstream: ReadWriteOnce means one *node* (several pods on this node
+        // may share the volume), so it is never refused here; ReadWriteOncePod means one pod,
+        // which upstream enforces in the scheduler and again in the kubelet at mount time
+        // (KEP-2485: a claim already in use by another pod fails the mount).
+        let use_ = ClaimUse {
+            namespace: bound.namespace.clone(),
+            name: bound.claim.clone(),
+            pv: pv_name.clone(),
+            access_modes: bound.access_modes.clone(),
+        };
+        // Checked and recorded under one hold of the records: two pods set up at once cannot
+        // both take a ReadWriteOncePod claim.
+        {
+            let mut records = self.records.lock().expect("records lock");
+            if bound.access_modes.iter().any(|m| m == READ_WRITE_ONCE_POD) {
+                let other = records.iter().find(|(other_uid, rec)| {
+                    other_uid.as_str() != uid
+                        && rec.volumes.values().any(|v| {
+                            v.claim.as_ref().is_some_and(|c| {
+                                c.namespace == bound.namespace && c.name == bound.claim
+                            })
+                        })
+                });
+                if let Some((other_uid, rec)) = other {
+                    return Err(VolumeError::InUse {
+                        volume: volume.to_string(),
+                        claim: format!("{}/{}", bound.namespace, bound.claim),
+                        other: format!("{}/{} ({other_uid})", rec.namespace, rec.name),
+                    });
+                }
+            }
+            let rec = records.entry(uid.to_string()).or_default();
+            rec.volumes.entry(volume.to_string()).or_default().claim = Some(use_);
+        }
+        self.save(uid)?;
+        let spec = bound.pv.spec.clone().unwrap_or_default();
+        if let Some(src) = &spec.csi {
+            let read_only = pod_read_only || src.read_only.unwrap_or(false);
+            let mut rec = csi::pv_record(
+                &self.ctx.root,
+                uid,
+                &pv_name,
+                src,
+                read_only,
+                &bound.access_modes,
+                bound.block,
+            );
+            rec.mount_flags = spec.mount_options.clone().unwrap_or_default();
+            let context = csi::pod_context(pod, false, src.volume_attributes.clone());
+            // A SecretReference without a namespace means the claim's, as upstream.
+            let refs = [&src.node_stage_secret_ref, &src.node_publish_secret_ref].map(|r| {
+                r.as_ref().map(|r| {
+                    let ns = r.namespace.as_deref().unwrap_or(&bound.namespace);
+                    (ns.to_string(), r.name.clone().unwrap_or_default())
+                })
+            });
+            let mut secrets = csi::CsiSecrets::default();
+            for (to, r) in [&mut secrets.stage, &mut secrets.publish]
+                .into_iter()
+                .zip(refs)
+            {
+                if let Some((ns, name)) = r {
+                    *to = self.csi_secret(volume, &ns, &name)?;
+                }
+            }
+            return self
+                .setup_csi(pod, uid, volume, rec, context, &secrets)
+                .await;
+        }
+        let (ctx, pod, volume) = (self.ctx.clone(), pod.clone(), volume.to_string());
+        let uid = uid.to_string();
+        blocking(move || ctx.setup_pv(&pod, &uid, &volume, &bound, pod_read_only)).await
+    }
+
+    /// Records a CSI volume, then stages and publishes it (see `csi::Plugins::setup`).
+    pub(super) async fn setup_csi(
+        &self,
+        pod: &Arc<Pod>,
+        uid: &str,
+        volume: &str,
+        rec: csi::CsiRecord,
+        context: BTreeMap<String, String>,
+        secrets: &csi::CsiSecrets,
+    ) -> Result<ReadyVolume, VolumeError> {
+        // Recorded before staging: a teardown sharing the staging path then sees this pod.
+        self.record(uid, volume, |r| r.csi = Some(rec.clone()))?;
+        let _staging = match &rec.staging_path {
+            Some(path) => Some(self.staging_locks.lock(path).await),
+            None => None,
+        };
+        let ready = self
+            .plugins
+            .setup(&rec, context, secrets)
+            .await
+            .map_err(|e| failed(volume, e))?;
+        self.apply_fs_group_async(pod, volume, &ready, !rec.fs_type.is_empty())
+            .await?;
+        Ok(ready)
+    }
+
+    /// The values of a Secret a CSI volume references (drivers take them as text).
+    pub(super) fn csi_secret(
+        &self,
+        volume: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<std::collections::HashMap<String, String>, VolumeError> {
+        let shown = format!("{namespace}/{name}");
+        let secret =
+            self.ctx
+                .store
+                .secret(namespace, name)
+                .ok_or_else(|| VolumeError::Missing {
+                    volume: volume.to_string(),
+                    kind: "secret",
+                    name: shown.clone(),
+                })?;
+        projection::secret_data(&secret)
+            .into_iter()
+            .map(|(k, v)| match String::from_utf8(v) {
+                Ok(v) => Ok((k, v)),
+                Err(_) => Err(invalid(
+                    volume,
+                    format!("secret {shown:?} key {k:?} is not UTF-8 text"),
+                )),
+            })
+            .collect()
+    }
+
+    async fn apply_fs_group_async(
+        &self,
+        pod: &Arc<Pod>,
+        volume: &str,
+        ready: &ReadyVolume,
+        has_fs_type: bool,
+    ) -> Result<(), VolumeError> {
+        // CSI drivers default to fsGroupPolicy ReadWriteOnceWithFSType: ownership is changed
+        // only when the volume has an fsType and is writable.
+        if !has_fs_type || ready.read_only || ready.block {
+            return Ok(());
+        }
+        let (pod, volume, dir) = (pod.clone(), volume.to_string(), ready.host_path.clone());
+        blocking(move || fs_group(&pod, &volume, &dir, false)).await
+    }
+}
+
+impl Ctx {
+    /// A PV's hostPath or local source.
+    fn setup_pv(
+        &self,
+        pod: &Pod,
+        uid: &str,
+        volume: &str,
+        bound: &BoundClaim,
+        pod_read_only: bool,
+    ) -> Result<ReadyVolume, VolumeError> {
+        let spec = bound.pv.spec.clone().unwrap_or_default();
+        let pv_name = bound.pv.metadata.name.clone().unwrap_or_default();
+        if let Some(hp) = &spec.host_path {
+            let path = PathBuf::from(&hp.path);
+            host::check_host_path(&path, hp.type_.as_deref()).map_err(|e| invalid(volume, e))?;
+            return Ok(ReadyVolume {
+                block: bound.block,
+                host_path: path,
+                read_only: pod_read_only,
+            });
+        }
+        let Some(local) = &spec.local else {
+            return Err(invalid(
+                volume,
+                format!("persistentvolume {pv_name:?} has an unsupported source"),
+            ));
+        };
+        let path = PathBuf::from(&local.path);
+        let meta = fs::metadata(&path)
+            .map_err(|e| invalid(volume, format!("local path {}: {e}", path.display())))?;
+        if mount::is_block_device(&path) && bound.block {
+            return Ok(ReadyVolume {
+                host_path: path,
+                read_only: pod_read_only,
+                block: true,
+            });
+        }
+        if bound.block {
+            return Err(invalid(
+                volume,
+                format!(
+                    "volumeMode Block needs a block device, {} is not one",
+                    path.display()
+                ),
+            ));
+        }
+        let target = self.volume_dir(uid, plugin::LOCAL, &pv_name);
+        fs::create_dir_all(&target)
+            .map_err(|e| failed(volume, format!("mkdir {}: {e}", target.display())))?;
+        if !mount::is_mounted(&target).map_err(|e| failed(volume, e))? {
+            if mount::is_block_device(&path) {
+                let fs_type = local
+                    .fs_type
+                    .clone()
+                    .filter(|f| !f.is_empty())
+                    .unwrap_or_else(|| "ext4".into());
+                mount::format_if_blank(&path, &fs_type).map_err(|e| failed(volume, e))?;
+                mount::mount_device(&path, &target, &fs_type, pod_read_only)
+                    .map_err(|e| failed(volume, format!("mounting {}: {e}", path.display())))?;
+            } else if meta.is_dir() {
+                mount::bind(&path, &target, pod_read_only)
+                    .map_err(|e| failed(volume, format!("bind {}: {e}", path.display())))?;
+            } else {
+                return Err(invalid(
+                    volume,
+                    format!(
+                        "local path {} is neither a directory nor a block device",
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        if !pod_read_only {
+            fs_group(pod, volume, &target, false)?;
+        }
+        Ok(ReadyVolume {
+            host_path: target,
+            read_only: pod_read_only,
+            block: false,
+        })
     }
 }
 

@@ -221,21 +221,16 @@ pub fn resource_value(
             .or(limit)
             .unwrap_or(0)
     };
+    // `divisor` is a non-pointer Quantity, so the API server stores "0" when none was given;
+    // the kubelet reads any zero divisor as 1.
     let divisor = match selector.divisor.as_ref() {
-        Some(q) => {
-            parse_quantity_milli(&q.0).ok_or_else(|| FieldError::BadQuantity(q.0.clone()))?
-        }
+        Some(q) => match parse_quantity_milli(&q.0) {
+            Some(0) => 1000,
+            Some(d) if d > 0 => d,
+            _ => return Err(FieldError::BadQuantity(q.0.clone())),
+        },
         None => 1000,
     };
-    if divisor <= 0 {
-        return Err(FieldError::BadQuantity(
-            selector
-                .divisor
-                .as_ref()
-                .map(|q| q.0.clone())
-                .unwrap_or_default(),
-        ));
-    }
     let result = if cpu {
         // CPU divides the milli-values and rounds up.
         div_ceil(value, divisor)
@@ -445,5 +440,71 @@ mod tests {
         let v = resource_value(&p2, Some(c2), &res("limits.cpu", None), &node).unwrap();
         assert_eq!(v, "2"); // node allocatable
         assert!(resource_value(&p, Some(c), &res("limits.gpu", None), &node).is_err());
+    }
+
+    fn cpu_memory(cpu: &str, memory: &str) -> Option<BTreeMap<String, Quantity>> {
+        Some(BTreeMap::from([
+            ("cpu".into(), Quantity(cpu.into())),
+            ("memory".into(), Quantity(memory.into())),
+        ]))
+    }
+
+    /// The upstream Downward API specs' container: requests 250m/32Mi, limits 1250m/64Mi.
+    fn conformance_pod(limits: bool) -> Pod {
+        Pod {
+            spec: Some(PodSpec {
+                containers: vec![Container {
+                    name: "client-container".into(),
+                    resources: Some(ResourceRequirements {
+                        requests: cpu_memory("250m", "32Mi"),
+                        limits: if limits {
+                            cpu_memory("1250m", "64Mi")
+                        } else {
+                            None
+                        },
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn stored(resource: &str, divisor: &str) -> ResourceFieldSelector {
+        ResourceFieldSelector {
+            container_name: Some("client-container".into()),
+            divisor: Some(Quantity(divisor.into())),
+            resource: resource.into(),
+        }
+    }
+
+    #[test]
+    fn zero_divisor_reads_as_one_with_kubelet_rounding() {
+        let node = NodeAllocatable {
+            cpu_milli: 4000,
+            memory: 8 << 30,
+            ephemeral_storage: 1 << 40,
+        };
+        let pod = conformance_pod(true);
+        let c = &pod.spec.as_ref().unwrap().containers[0];
+        for zero in ["0", "0m", "0Mi"] {
+            let get = |r| resource_value(&pod, Some(c), &stored(r, zero), &node).unwrap();
+            assert_eq!(get("limits.cpu"), "2", "divisor {zero}");
+            assert_eq!(get("limits.memory"), "67108864");
+            assert_eq!(get("requests.cpu"), "1");
+            assert_eq!(get("requests.memory"), "33554432");
+        }
+        // The volume form names the container and has no default one.
+        let v = resource_value(&pod, None, &stored("limits.memory", "0"), &node).unwrap();
+        assert_eq!(v, "67108864");
+        // No limits: node allocatable, still divided by one.
+        let pod = conformance_pod(false);
+        let get = |r| resource_value(&pod, None, &stored(r, "0"), &node).unwrap();
+        assert_eq!(get("limits.cpu"), "4");
+        assert_eq!(get("limits.memory"), (8u64 << 30).to_string());
+        // A negative divisor is still refused.
+        assert!(resource_value(&pod, None, &stored("limits.cpu", "-1"), &node).is_err());
     }
 }

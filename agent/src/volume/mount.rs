@@ -105,7 +105,8 @@ pub fn remount_read_only(dst: &Path) -> io::Result<()> {
 
 /// Mounts a tmpfs on `dst` with an optional size limit in bytes.
 pub fn tmpfs(dst: &Path, size: Option<u64>) -> io::Result<()> {
-    let mut data = String::from("mode=0777");
+    // A fresh tmpfs's own default, sticky like /tmp: the kubelet keeps it on Memory emptyDirs.
+    let mut data = String::from("mode=1777");
     if let Some(size) = size {
         data.push_str(&format!(",size={size}"));
     }

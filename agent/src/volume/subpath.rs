@@ -17,7 +17,7 @@ use std::path::{Component, Path};
 
 use nix::errno::Errno;
 use nix::fcntl::{openat, openat2, OFlag, OpenHow, ResolveFlag, AT_FDCWD};
-use nix::sys::stat::{fstat, mkdirat, Mode, SFlag};
+use nix::sys::stat::{fchmod, fstat, mkdirat, Mode, SFlag};
 
 use super::mount;
 
@@ -85,18 +85,24 @@ pub fn open_beneath(root: &Path, sub: &str, mode: u32) -> Result<OwnedFd, SubPat
             Ok(fd) => current = fd,
             Err(Errno::ENOENT) => {
                 // Create the missing component on the fd of its (verified) parent, then open it
-                // without following a symlink someone may have raced in.
-                match mkdirat(&current, parts[i], Mode::from_bits_truncate(mode)) {
-                    Ok(()) | Err(Errno::EEXIST) => {}
+                // without following a symlink someone may have raced in, and give it the whole
+                // mode (the umask cut it; setgid and sticky included), as the kubelet does.
+                let created = match mkdirat(&current, parts[i], Mode::from_bits_truncate(mode)) {
+                    Ok(()) => true,
+                    Err(Errno::EEXIST) => false,
                     Err(e) => return Err(sys("mkdir", e)),
-                }
+                };
                 current = openat(
                     &current,
                     parts[i],
-                    OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
                     Mode::empty(),
                 )
                 .map_err(|e| sys("open created dir", e))?;
+                if created {
+                    fchmod(&current, Mode::from_bits_truncate(mode))
+                        .map_err(|e| sys("chmod created dir", e))?;
+                }
             }
             Err(Errno::EXDEV) | Err(Errno::ELOOP) => {
                 return Err(SubPathError::Escapes(sub.to_string()))
@@ -201,6 +207,23 @@ mod tests {
         fs::write(vol.join("a/f"), "x").unwrap();
         let fd = open_beneath(&vol, "a/f", 0o750).unwrap();
         assert_eq!(fd_path(&fd), fs::canonicalize(vol.join("a/f")).unwrap());
+        fs::remove_dir_all(&vol).unwrap();
+    }
+
+    #[test]
+    fn created_dirs_get_the_whole_mode_despite_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let vol = tempdir();
+        // The root of a Memory emptyDir with an fsGroup: drwxrwsrwt.
+        fs::set_permissions(&vol, fs::Permissions::from_mode(0o3777)).unwrap();
+        let old = nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
+        let made = open_beneath(&vol, "test-sub/inner", 0o3777).map(drop);
+        nix::sys::stat::umask(old);
+        made.unwrap();
+        for dir in ["test-sub", "test-sub/inner"] {
+            let mode = fs::metadata(vol.join(dir)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o7777, 0o3777, "{dir}: {mode:o}");
+        }
         fs::remove_dir_all(&vol).unwrap();
     }
 }

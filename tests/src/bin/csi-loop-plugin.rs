@@ -22,6 +22,9 @@
 //! NodeStageVolume or NodePublishVolume refuse a call whose secrets lack KEY; NodeStageVolume
 //! mounts with the capability's mount_flags.
 //!
+//! The volume attribute `stageGate: PATH` makes NodeStageVolume wait until PATH exists (it
+//! creates `PATH.waiting` when it starts waiting), so tests can hold a stage in flight.
+//!
 //! NodeGetInfo answers `--node-id` (default `node-1`), `--max-volumes` (default 0: no limit)
 //! and one accessible topology segment per `--topology KEY=VALUE`.
 //!
@@ -215,7 +218,21 @@ impl Plugin {
                 run(Command::new("losetup").args(["-d", dev]))?;
             }
         }
-        Ok(())
+        // A device still open (udev probing it after the unmount) is only marked for autoclear
+        // by `losetup -d`; unstaging is done when it is gone, else the CO is told to retry.
+        for _ in 0..100 {
+            if run(Command::new("losetup").arg("-j").arg(&file))?
+                .trim()
+                .is_empty()
+            {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Err(Status::unavailable(format!(
+            "{} is still attached to a loop device",
+            file.display()
+        )))
     }
 
     /// Where an inline ephemeral volume is staged privately (the CO stages nothing for it).
@@ -395,6 +412,13 @@ impl Node for Plugin {
         request: Request<NodeStageVolumeRequest>,
     ) -> Result<Response<NodeStageVolumeResponse>, Status> {
         let req = request.into_inner();
+        if let Some(gate) = req.volume_context.get("stageGate") {
+            std::fs::write(format!("{gate}.waiting"), "")
+                .map_err(|e| Status::internal(e.to_string()))?;
+            while !Path::new(gate).exists() {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
         self.stage_volume(&req)?;
         self.log_call("NodeStageVolume", &req.volume_id, &req.staging_target_path)?;
         Ok(Response::new(NodeStageVolumeResponse {}))
