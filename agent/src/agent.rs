@@ -322,7 +322,10 @@ async fn connect_runtime(config: &Config, root: &CancellationToken) -> Result<Ru
         namespace: config.containerd_namespace.clone(),
         root_dir: config.root_dir.clone(),
         log_driver: crate::runtime::logdriver::binary_for(&config.root_dir),
-        log_rotation: None,
+        log_rotation: Some(crate::runtime::LogRotation {
+            max_size: config.container_log_max_size,
+            max_files: config.container_log_max_files,
+        }),
     };
     let mut delay = Duration::from_millis(500);
     loop {

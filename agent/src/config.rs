@@ -116,6 +116,12 @@ pub struct Flags {
     /// How often the manifest folder is re-read, in seconds. Default 1.
     #[arg(long)]
     pub file_check_frequency: Option<u64>,
+    /// A container's log is rotated once it reaches this size (a quantity). Default 10Mi.
+    #[arg(long)]
+    pub container_log_max_size: Option<String>,
+    /// Log files kept per container, the live one included (at least 2). Default 5.
+    #[arg(long)]
+    pub container_log_max_files: Option<i64>,
     /// Log verbosity: 0 info, 1-3 debug, 4+ trace; or RUST_LOG-style filter via --log-filter.
     #[arg(short = 'v', long = "v")]
     pub verbosity: Option<u8>,
@@ -158,6 +164,8 @@ pub struct FileConfig {
     pub authorization: FileAuthorization,
     pub serialize_image_pulls: Option<bool>,
     pub max_parallel_image_pulls: Option<i32>,
+    pub container_log_max_size: Option<String>,
+    pub container_log_max_files: Option<i64>,
     /// Idle streaming connections (exec, attach, port-forward) are closed after this long.
     #[serde(deserialize_with = "seconds")]
     pub streaming_connection_idle_timeout: Option<u64>,
@@ -246,8 +254,6 @@ pub const NOT_IMPLEMENTED: &[&str] = &[
     "featureGates",
     "failSwapOn",
     "memorySwap",
-    "containerLogMaxSize",
-    "containerLogMaxFiles",
     "containerLogMaxWorkers",
     "containerLogMonitorInterval",
     "configMapAndSecretChangeDetectionStrategy",
@@ -346,6 +352,10 @@ pub struct Config {
     pub max_parallel_image_pulls: usize,
     /// `streamingConnectionIdleTimeout`, default 4 h as the kubelet's.
     pub streaming_connection_idle_timeout: std::time::Duration,
+    /// `containerLogMaxSize` in bytes: a container's log is rotated at this size.
+    pub container_log_max_size: u64,
+    /// `containerLogMaxFiles`: files kept per container, the live one included.
+    pub container_log_max_files: usize,
     /// Settings the file gave that nodelet ignores, one line each, for the log.
     pub warnings: Vec<String>,
 }
@@ -359,6 +369,12 @@ impl Config {
             None => (FileConfig::default(), Vec::new()),
         };
         let max_parallel_image_pulls = image_pulls(&file)?;
+        let (container_log_max_size, container_log_max_files) = log_rotation(
+            flags.container_log_max_size.or(file.container_log_max_size),
+            flags
+                .container_log_max_files
+                .or(file.container_log_max_files),
+        )?;
         let node_labels = match flags.node_labels {
             Some(list) => parse_labels(&list)?,
             None => file.node_labels.unwrap_or_default(),
@@ -471,6 +487,8 @@ impl Config {
             streaming_connection_idle_timeout: file
                 .streaming_connection_idle_timeout
                 .map_or(STREAMING_IDLE_TIMEOUT, std::time::Duration::from_secs),
+            container_log_max_size,
+            container_log_max_files,
             warnings,
         })
     }
@@ -569,6 +587,28 @@ fn image_pulls(file: &FileConfig) -> Result<usize, ConfigError> {
         (_, Some(n)) => Ok(n as usize),
         (_, None) => Ok(DEFAULT_PARALLEL_IMAGE_PULLS),
     }
+}
+
+/// `containerLogMaxSize` and `containerLogMaxFiles` (defaults 10Mi and 5), refused as the
+/// kubelet refuses them: a size that is not a positive quantity, fewer than 2 files.
+fn log_rotation(size: Option<String>, files: Option<i64>) -> Result<(u64, usize), ConfigError> {
+    let size = size.unwrap_or_else(|| "10Mi".into());
+    let bytes = crate::volume::downward::parse_quantity_milli(&size)
+        .map(|milli| milli.div_euclid(1000))
+        .filter(|&b| b > 0)
+        .ok_or_else(|| ConfigError::Invalid {
+            flag: "containerLogMaxSize",
+            detail: format!("{size:?} must be a positive quantity, such as 10Mi"),
+        })?;
+    let files = files.unwrap_or(5);
+    if files < 2 {
+        return Err(ConfigError::Invalid {
+            flag: "containerLogMaxFiles",
+            detail: format!("{files} must be greater than 1"),
+        });
+    }
+    let bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
+    Ok((bytes, usize::try_from(files).unwrap_or(usize::MAX)))
 }
 
 fn parse_labels(
@@ -743,6 +783,34 @@ mod tests {
         assert_eq!(secs("fileCheckFrequency: 3\n").unwrap(), 3);
         assert!(secs("fileCheckFrequency: 20x\n").is_err());
         assert!(secs("fileCheckFrequency: s\n").is_err());
+    }
+
+    #[test]
+    fn container_log_rotation_is_read_defaulted_and_refused_as_the_kubelet() {
+        let rotation =
+            |y: &str| from_file(y).map(|c| (c.container_log_max_size, c.container_log_max_files));
+        assert_eq!(rotation("port: 1\n").unwrap(), (10 << 20, 5));
+        let set = "containerLogMaxSize: 4Ki\ncontainerLogMaxFiles: 2\n";
+        assert_eq!(rotation(set).unwrap(), (4096, 2));
+        for bad in [
+            "containerLogMaxSize: ten\n",
+            "containerLogMaxSize: \"0\"\n",
+            "containerLogMaxFiles: 1\n",
+        ] {
+            let err = rotation(bad).unwrap_err().to_string();
+            assert!(err.contains("containerLogMax"), "{bad}: {err}");
+        }
+        let given = [
+            "--container-log-max-size",
+            "1Mi",
+            "--container-log-max-files",
+            "3",
+        ];
+        let c = Config::resolve(flags(&given), "host").unwrap();
+        assert_eq!(
+            (c.container_log_max_size, c.container_log_max_files),
+            (1 << 20, 3)
+        );
     }
 
     #[test]

@@ -409,6 +409,95 @@ fn the_secure_port_follows_logs_over_tls_and_refuses_exec() {
     assert!(body.contains("unable to upgrade"), "{body}");
 }
 
+/// `containerLogMaxSize` and `containerLogMaxFiles` (the kubelet's names): the log driver rotates
+/// a container's log at the size and keeps that many files, and a followed log reads on across
+/// every rotation without losing or repeating a line.
+#[test]
+fn container_logs_rotate_by_size_and_a_followed_log_reads_on_across_rotations() {
+    let mut agent = Agent::unstarted("rotate");
+    agent.port_args.extend(
+        [
+            "--container-log-max-size",
+            "4Ki",
+            "--container-log-max-files",
+            "3",
+        ]
+        .map(String::from),
+    );
+    agent.spawn();
+    const LINES: usize = 400;
+    agent.write_manifest(
+        "talker.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: talker\nspec:\n  restartPolicy: Never\n  containers:\n  - name: main\n    image: {BUSYBOX}\n    command: [sh, -c, 'sleep 3; i=1; while [ $i -le {LINES} ]; do echo \"line $i of the talker, padded to fill the log\"; i=$((i+1)); usleep 15000; done']\n"
+        ),
+    );
+    agent.wait_phase("talker", "Running", MINUTE);
+    let (rc, code, followed) = agent.https("/containerLogs/default/talker/main?follow=true", 120);
+    assert_eq!(
+        (rc, code),
+        (0, 200),
+        "the followed log ends with the container"
+    );
+    let expected: String = (1..=LINES)
+        .map(|i| format!("line {i} of the talker, padded to fill the log\n"))
+        .collect();
+    assert!(
+        followed == expected,
+        "every line once and in order across rotations; got {} lines, first differing: {:?}",
+        followed.lines().count(),
+        followed.lines().zip(expected.lines()).find(|(a, b)| a != b)
+    );
+
+    let dir = std::fs::read_dir(agent.log_dir())
+        .expect("log dir")
+        .flatten()
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("default_talker_")
+        })
+        .expect("the pod's log dir")
+        .path()
+        .join("main");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .expect("container log dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files.len(),
+        3,
+        "the live file and two rotated ones: {files:?}"
+    );
+    assert!(files.contains(&"0.log".to_string()), "{files:?}");
+    assert!(
+        files
+            .iter()
+            .all(|f| f == "0.log" || f.starts_with("0.log.")),
+        "{files:?}"
+    );
+    for f in &files {
+        let len = std::fs::metadata(dir.join(f)).expect("size").len();
+        assert!(len <= 4096, "{f} is {len} bytes, over the 4Ki limit");
+    }
+    // Without follow, the current file is served, as the kubelet serves it.
+    let (_, code, current) = agent.https("/containerLogs/default/talker/main", 10);
+    assert_eq!(code, 200);
+    assert!(
+        current.ends_with(&format!(
+            "line {LINES} of the talker, padded to fill the log\n"
+        )),
+        "{current}"
+    );
+    assert!(
+        current.len() < expected.len() / 4,
+        "only the live file: {}",
+        current.len()
+    );
+}
+
 #[test]
 fn a_web_pod_turns_ready_through_its_readiness_probe_and_serves_a_config_map() {
     let agent = Agent::start("web");

@@ -6,12 +6,18 @@
 //! wrote (they need not be UTF-8), and `limitBytes` cuts the output. The body is ended in a
 //! later write than its last data: the API server's websocket copy of `pods/log` drops the
 //! bytes of a read that also reports the end of the body, so the end must not travel with them.
+//! A followed log reads on across rotation: once the log driver has moved the file aside (by
+//! `containerLogMaxSize`), what is left of the old file is read to its end and the new file
+//! from its start, so no line is lost or repeated.
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::ServerState;
@@ -77,6 +83,7 @@ pub(super) async fn container_logs(
     .await
     .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
     .map_err(missing)?;
+    let identity = file_identity(&std_file.metadata().map_err(missing)?);
     let mut file = tokio::fs::File::from_std(std_file);
     file.seek(std::io::SeekFrom::Start(offset))
         .await
@@ -86,9 +93,12 @@ pub(super) async fn container_logs(
         uid: pod.metadata.uid.clone().unwrap_or_default(),
         container,
         attempt,
+        path,
+        identity,
     });
     let stream = LogStream {
         file,
+        next_file: None,
         pending: Vec::new(),
         continues: false,
         timestamps: query.timestamps,
@@ -127,12 +137,20 @@ pub(super) fn container_status(pod: &Pod, container: &str) -> Option<ContainerSt
     all.find(|c| c.name == container).cloned()
 }
 
-/// What a followed log asks of the status: whether its attempt still runs.
+/// What a followed log asks of the status: whether its attempt still runs; and of the log's
+/// path: whether rotation put a new file there.
 struct Running {
     status: StatusManager,
     uid: String,
     container: String,
     attempt: u32,
+    path: PathBuf,
+    /// Device and inode of the file being read.
+    identity: (u64, u64),
+}
+
+fn file_identity(meta: &std::fs::Metadata) -> (u64, u64) {
+    (meta.dev(), meta.ino())
 }
 
 impl Running {
@@ -145,12 +163,25 @@ impl Running {
                 && c.state.as_ref().is_some_and(|s| s.running.is_some())
         })
     }
+
+    /// The file now at the log's path, when it is not the one being read (the old one was
+    /// rotated away). Between the move and the new file's creation there is none yet.
+    async fn rotated(&mut self) -> Option<tokio::fs::File> {
+        let file = tokio::fs::File::open(&self.path).await.ok()?;
+        let identity = file_identity(&file.metadata().await.ok()?);
+        (identity != self.identity).then(|| {
+            self.identity = identity;
+            file
+        })
+    }
 }
 
 /// A log read a chunk at a time from where it starts; when followed, read on until the attempt
 /// no longer runs.
-struct LogStream<F> {
-    file: F,
+struct LogStream {
+    file: tokio::fs::File,
+    /// The file rotation put at the log's path, read once `file` is read to its end.
+    next_file: Option<tokio::fs::File>,
     /// Bytes of a record whose newline has not been read yet.
     pending: Vec<u8>,
     /// Whether the next record continues a partial one.
@@ -163,7 +194,7 @@ struct LogStream<F> {
     done: bool,
 }
 
-impl<F: tokio::io::AsyncRead + Unpin> LogStream<F> {
+impl LogStream {
     async fn next(mut self) -> Option<(std::io::Result<Bytes>, Self)> {
         if self.done {
             return None;
@@ -183,12 +214,24 @@ impl<F: tokio::io::AsyncRead + Unpin> LogStream<F> {
                 }
             };
             let out = match n {
-                0 if running => {
-                    tokio::time::sleep(FOLLOW_POLL).await;
-                    continue;
-                }
-                // The end: an unterminated last record is served as it is.
                 0 => {
+                    if let Some(next) = self.next_file.take() {
+                        self.file = next;
+                        continue;
+                    }
+                    // A new file at the path: the old one is read once more first, so what
+                    // the driver wrote to it just before the move comes before the new file.
+                    if let Some(follow) = self.follow.as_mut() {
+                        self.next_file = follow.rotated().await;
+                        if self.next_file.is_some() {
+                            continue;
+                        }
+                    }
+                    if running {
+                        tokio::time::sleep(FOLLOW_POLL).await;
+                        continue;
+                    }
+                    // The end: an unterminated last record is served as it is.
                     let rest = std::mem::take(&mut self.pending);
                     self.done = true;
                     self.rendered(rest.split(|&b| b == b'\n').filter(|r| !r.is_empty()))
@@ -236,9 +279,13 @@ mod tests {
     use super::*;
     use futures::StreamExt;
 
-    fn stream(log: &[u8], limit: usize) -> LogStream<std::io::Cursor<Vec<u8>>> {
+    fn stream(log: &[u8], limit: usize) -> LogStream {
+        let mut file = tempfile::tempfile().expect("temp file");
+        std::io::Write::write_all(&mut file, log).expect("write");
+        std::io::Seek::rewind(&mut file).expect("rewind");
         LogStream {
-            file: std::io::Cursor::new(log.to_vec()),
+            file: tokio::fs::File::from_std(file),
+            next_file: None,
             pending: Vec::new(),
             continues: false,
             timestamps: false,
@@ -248,7 +295,7 @@ mod tests {
         }
     }
 
-    async fn body(s: LogStream<std::io::Cursor<Vec<u8>>>) -> Vec<Vec<u8>> {
+    async fn body(s: LogStream) -> Vec<Vec<u8>> {
         let chunks: Vec<_> = futures::stream::unfold(s, LogStream::next).collect().await;
         chunks.into_iter().map(|c| c.unwrap().to_vec()).collect()
     }
@@ -280,18 +327,22 @@ mod tests {
 
     #[tokio::test]
     async fn the_body_ends_a_poll_after_its_last_data() {
+        use std::task::Poll;
         let s = futures::stream::unfold(stream(b"t stdout F one\n", usize::MAX), LogStream::next);
         let mut s = std::pin::pin!(s);
-        let first = futures::poll!(s.next());
-        assert!(
-            matches!(&first, std::task::Poll::Ready(Some(Ok(b))) if b.as_ref() == b"one\n"),
-            "{first:?}"
-        );
+        let (mut data, mut pending_after_data) = (Vec::new(), 0);
+        loop {
+            match futures::poll!(s.next()) {
+                Poll::Ready(Some(chunk)) => data.push(chunk.expect("data")),
+                Poll::Ready(None) => break,
+                Poll::Pending => {
+                    pending_after_data += usize::from(!data.is_empty());
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            }
+        }
+        assert_eq!(data.concat(), b"one\n");
         // The server writes out the data while the body is pending; only then does it end.
-        assert!(futures::poll!(s.next()).is_pending());
-        assert!(matches!(
-            futures::poll!(s.next()),
-            std::task::Poll::Ready(None)
-        ));
+        assert!(pending_after_data > 0, "the end came with the last data");
     }
 }
