@@ -23,6 +23,10 @@ const PROTOS: &[&str] = &[
 const INCLUDES: &[&str] = &["../proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // The agent itself is linked at a fixed address (not position-independent): a PIE's
+    // relocated data pages are private copies in every run, about 0.75 MiB of the agent's idle
+    // memory; fixed, they stay clean pages of the file.
+    println!("cargo:rustc-link-arg-bin=nodelet=-no-pie");
     build_log_driver()?;
     for proto in PROTOS {
         println!("cargo:rerun-if-changed={proto}");
