@@ -12,6 +12,7 @@ pub mod config;
 pub mod events;
 #[cfg(test)]
 mod heap;
+pub mod host;
 pub mod lock;
 pub mod memory;
 pub mod pod;

@@ -113,12 +113,11 @@ fn read(path: &str) -> String {
 
 impl Machine {
     fn read(root_dir: &Path) -> Self {
-        let (memory_bytes, _) = parse_meminfo(&read("/proc/meminfo")).unwrap_or_default();
         let machine_id = read("/etc/machine-id");
         let uuid = read("/sys/class/dmi/id/product_uuid");
         Machine {
-            cpus: count_cpus(&read("/proc/cpuinfo")),
-            memory_bytes,
+            cpus: crate::host::cpus() as u32,
+            memory_bytes: crate::host::memory_total(),
             fs_bytes: filesystem(root_dir).0,
             kernel: read("/proc/sys/kernel/osrelease"),
             os_image: os_image(&read("/etc/os-release")),
@@ -135,14 +134,13 @@ impl Machine {
 
 impl Usage {
     fn read(root_dir: &Path) -> Self {
-        let (_, memory_available) = parse_meminfo(&read("/proc/meminfo")).unwrap_or_default();
         let (fs_total, fs_available) = filesystem(root_dir);
         Usage {
-            memory_available,
+            memory_available: crate::host::memory_available(),
             fs_total,
             fs_available,
-            pid_max: read("/proc/sys/kernel/pid_max").parse().unwrap_or(0),
-            pids: parse_loadavg_threads(&read("/proc/loadavg")).unwrap_or(0),
+            pid_max: crate::host::pid_max(),
+            pids: crate::host::threads(),
         }
     }
 }
@@ -159,27 +157,6 @@ fn filesystem(dir: &Path) -> (u64, u64) {
     (0, 0)
 }
 
-/// (MemTotal, MemAvailable) in bytes from /proc/meminfo.
-pub(super) fn parse_meminfo(text: &str) -> Option<(u64, u64)> {
-    let field = |name: &str| {
-        text.lines().find_map(|l| {
-            let rest = l.strip_prefix(name)?.strip_prefix(':')?;
-            let kib: u64 = rest.split_whitespace().next()?.parse().ok()?;
-            Some(kib * 1024)
-        })
-    };
-    Some((field("MemTotal")?, field("MemAvailable")?))
-}
-
-/// The number of processors listed in /proc/cpuinfo (at least 1).
-pub(super) fn count_cpus(cpuinfo: &str) -> u32 {
-    let n = cpuinfo
-        .lines()
-        .filter(|l| l.split(':').next().is_some_and(|k| k.trim() == "processor"))
-        .count();
-    n.max(1) as u32
-}
-
 /// PRETTY_NAME from /etc/os-release, unquoted.
 pub(super) fn os_image(os_release: &str) -> String {
     os_release
@@ -187,16 +164,6 @@ pub(super) fn os_image(os_release: &str) -> String {
         .find_map(|l| l.strip_prefix("PRETTY_NAME="))
         .map(|v| v.trim().trim_matches('"').to_string())
         .unwrap_or_else(|| "Linux".into())
-}
-
-/// The number of threads (scheduling entities) from /proc/loadavg's fourth field `running/total`.
-pub(super) fn parse_loadavg_threads(text: &str) -> Option<u64> {
-    text.split_whitespace()
-        .nth(3)?
-        .split_once('/')?
-        .1
-        .parse()
-        .ok()
 }
 
 /// Rust's architecture name as Kubernetes (Go) spells it.
@@ -617,24 +584,11 @@ mod tests {
 
     #[test]
     fn host_files_parse() {
-        let meminfo = "MemTotal:        2048 kB\nMemFree:   10 kB\nMemAvailable:    1024 kB\n";
-        assert_eq!(parse_meminfo(meminfo), Some((2048 * 1024, 1024 * 1024)));
-        assert_eq!(parse_meminfo("MemTotal: 5 kB\n"), None);
-        assert_eq!(
-            count_cpus("processor\t: 0\nmodel name\t: x\n\nprocessor\t: 1\n"),
-            2
-        );
-        assert_eq!(count_cpus(""), 1);
         assert_eq!(
             os_image("NAME=\"Debian\"\nPRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\n"),
             "Debian GNU/Linux 12 (bookworm)"
         );
         assert_eq!(os_image(""), "Linux");
-        assert_eq!(
-            parse_loadavg_threads("0.10 0.20 0.30 2/345 6789"),
-            Some(345)
-        );
-        assert_eq!(parse_loadavg_threads("garbage"), None);
         assert_eq!(go_arch("x86_64"), "amd64");
         assert_eq!(go_arch("aarch64"), "arm64");
     }

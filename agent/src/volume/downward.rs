@@ -133,25 +133,10 @@ pub struct NodeAllocatable {
 }
 
 impl NodeAllocatable {
-    /// Reads CPU count and MemTotal from procfs and the size of the filesystem at `root`.
+    /// Reads CPU count and MemTotal (`crate::host`) and the size of the filesystem at `root`.
     pub fn from_host(root: &Path) -> Self {
-        let cpus = std::fs::read_to_string("/proc/cpuinfo")
-            .map(|s| s.lines().filter(|l| l.starts_with("processor")).count())
-            .unwrap_or(0);
-        let cpus = if cpus == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            cpus
-        };
-        let memory = std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("MemTotal:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|kb| kb.parse::<i128>().ok())
-            })
-            .map_or(0, |kb| kb * 1024);
+        let cpus = crate::host::cpus();
+        let memory = i128::from(crate::host::memory_total());
         let mut dir = root;
         let ephemeral_storage = loop {
             match nix::sys::statvfs::statvfs(dir) {

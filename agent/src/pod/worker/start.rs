@@ -570,14 +570,12 @@ fn runtime_message(e: &RuntimeError) -> String {
     }
 }
 
+/// The node's memory for OOM scores, read once; 1 GiB if /proc cannot tell.
 fn node_memory() -> u64 {
     static MEM: OnceLock<u64> = OnceLock::new();
-    *MEM.get_or_init(|| {
-        let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        text.lines()
-            .find_map(|l| l.strip_prefix("MemTotal:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(1 << 30, |kb| kb * 1024)
+    *MEM.get_or_init(|| match crate::host::memory_total() {
+        0 => 1 << 30,
+        bytes => bytes,
     })
 }
 
