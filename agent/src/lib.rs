@@ -13,6 +13,7 @@ pub mod events;
 #[cfg(test)]
 mod heap;
 pub mod host;
+pub mod layout;
 pub mod lock;
 pub mod memory;
 pub mod pod;

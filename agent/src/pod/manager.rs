@@ -133,7 +133,7 @@ impl PodManager {
                 groups.entry(uid).or_default().push(r);
             }
         }
-        let pods_dir = self.inner.ctx.node.root_dir.join("pods");
+        let pods_dir = crate::layout::pods_dir(&self.inner.ctx.node.root_dir);
         let checkpointed: HashMap<String, Pod> = groups
             .keys()
             .filter_map(|uid| checkpoint::read(&pods_dir.join(uid)).map(|p| (uid.clone(), p)))
@@ -246,7 +246,7 @@ impl PodManager {
             let st = self.inner.state.lock().expect("manager lock");
             st.workers.keys().cloned().collect()
         };
-        let pod_dirs = std::fs::read_dir(ctx.node.root_dir.join("pods"));
+        let pod_dirs = std::fs::read_dir(crate::layout::pods_dir(&ctx.node.root_dir));
         let pod_dirs = pod_dirs.into_iter().flatten().flatten();
         uids.extend(pod_dirs.map(|e| e.file_name().to_string_lossy().into_owned()));
         uids.extend(ctx.host.volume_pods());
@@ -266,7 +266,7 @@ impl PodManager {
             if let Err(e) = ctx.host.teardown_sandbox(&uid).await {
                 warn!(pod = %uid, error = %e, "tearing down orphan sandbox");
             }
-            remove_pod_dir(&ctx.node.root_dir.join("pods").join(&uid));
+            remove_pod_dir(&crate::layout::pod_dir(&ctx.node.root_dir, &uid));
             if let Err(e) = ctx.host.remove_pod_cgroups(&uid) {
                 warn!(pod = %uid, error = %e, "removing an orphan's cgroups");
             }

@@ -248,7 +248,7 @@ impl SandboxManager {
     }
 
     fn pod_file(&self, uid: &str, name: &str) -> PathBuf {
-        self.config.root_dir.join("pods").join(uid).join(name)
+        crate::layout::pod_dir(&self.config.root_dir, uid).join(name)
     }
 
     fn sandbox(&self, state: &State) -> Sandbox {
@@ -454,7 +454,7 @@ impl SandboxManager {
     /// the missing ones (existing files may be bound into running containers).
     fn write_pod_files(&self, state: &State, overwrite: bool) -> Result<(), SandboxError> {
         let uid = state.uid.as_str();
-        let dir = self.config.root_dir.join("pods").join(uid);
+        let dir = crate::layout::pod_dir(&self.config.root_dir, uid);
         std::fs::create_dir_all(&dir).map_err(SandboxError::io(uid))?;
         for (name, content) in [
             ("etc-hosts", state.hosts.clone()),

@@ -79,8 +79,7 @@ fn sha256_hex(s: &str) -> String {
 }
 
 fn target_path(root: &Path, uid: &str, volume: &str) -> PathBuf {
-    root.join("pods")
-        .join(uid)
+    crate::layout::pod_dir(root, uid)
         .join("volumes")
         .join(super::plugin::CSI)
         .join(volume)
@@ -105,8 +104,7 @@ pub fn block_staging_path(root: &Path, driver: &str, handle: &str) -> PathBuf {
 
 /// The per-pod publish target of a raw block volume: a file the driver puts the device on.
 pub fn block_target_path(root: &Path, uid: &str, pv: &str) -> PathBuf {
-    root.join("pods")
-        .join(uid)
+    crate::layout::pod_dir(root, uid)
         .join(super::VOLUME_DEVICES)
         .join(super::plugin::CSI)
         .join(pv)

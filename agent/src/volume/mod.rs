@@ -486,7 +486,7 @@ fn namespace(pod: &Pod) -> &str {
 
 impl Ctx {
     fn pod_dir(&self, uid: &str) -> PathBuf {
-        self.root.join("pods").join(uid)
+        crate::layout::pod_dir(&self.root, uid)
     }
 
     fn volumes_dir(&self, uid: &str) -> PathBuf {

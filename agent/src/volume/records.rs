@@ -53,7 +53,7 @@ pub(super) fn load(ctx: &Ctx, uids: Vec<String>) -> BTreeMap<String, PodRecord> 
 impl VolumeManager {
     /// UIDs of pods with volume state on this host (for clean-up after a restart).
     pub fn list(&self) -> Vec<String> {
-        let Ok(entries) = fs::read_dir(self.ctx.root.join("pods")) else {
+        let Ok(entries) = fs::read_dir(crate::layout::pods_dir(&self.ctx.root)) else {
             return Vec::new();
         };
         let mut uids: Vec<String> = entries

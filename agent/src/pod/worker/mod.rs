@@ -174,7 +174,7 @@ impl Worker {
     }
 
     fn pod_dir(&self) -> PathBuf {
-        self.ctx.node.root_dir.join("pods").join(&self.uid)
+        crate::layout::pod_dir(&self.ctx.node.root_dir, &self.uid)
     }
 
     fn message_file(&self, name: &str, attempt: u32) -> PathBuf {

@@ -109,7 +109,7 @@ impl Node {
         assert!(!self.host.sandboxes().contains(uid), "sandbox left");
         assert!(!self.host.volumes().contains(uid), "volumes left");
         assert!(
-            !self.ctx.node.root_dir.join("pods").join(uid).exists(),
+            !crate::layout::pod_dir(&self.ctx.node.root_dir, uid).exists(),
             "pod dir left"
         );
     }
