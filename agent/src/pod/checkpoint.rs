@@ -32,9 +32,7 @@ fn path(pod_dir: &Path) -> PathBuf {
 /// Writes the checkpoint (atomically: a reader sees the old file or the whole new one).
 pub fn write(pod_dir: &Path, pod: &Pod) -> std::io::Result<()> {
     std::fs::create_dir_all(pod_dir)?;
-    let tmp = pod_dir.join(format!(".{FILE}.tmp"));
-    std::fs::write(&tmp, serde_json::to_vec(pod)?)?;
-    std::fs::rename(tmp, path(pod_dir))
+    crate::layout::write_atomic(&path(pod_dir), &serde_json::to_vec(pod)?, 0o600)
 }
 
 /// The checkpointed pod, if there is a readable one.

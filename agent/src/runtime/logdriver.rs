@@ -9,8 +9,7 @@
 //! running itself as the driver (`nodelet log-driver <path>`, same code, about ten times the
 //! memory per container).
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 pub use nodelet_log_driver::{main_with_args, MAX_LINE, PATH_KEY};
@@ -39,25 +38,7 @@ pub fn install(dir: &Path) -> std::io::Result<PathBuf> {
         return Ok(path);
     }
     std::fs::create_dir_all(dir)?;
-    // Unique per call: threads of one process may install at once.
-    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(".{}.{}.{call}", file_name(), std::process::id()));
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o755)
-        .open(&tmp)
-        .and_then(|mut f| {
-            f.write_all(BINARY)?;
-            f.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&tmp, &path));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
+    crate::layout::write_atomic(&path, BINARY, 0o755)?;
     Ok(path)
 }
 

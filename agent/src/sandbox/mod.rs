@@ -562,11 +562,9 @@ fn remove_if_exists(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Writes a file through a temporary name and a rename, so a crash leaves old or new.
+/// Writes a file a container reads (hosts, resolv.conf, hostname): old or new after a crash.
 fn write_atomic(path: &Path, content: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, content)?;
-    std::fs::rename(&tmp, path)
+    crate::layout::write_atomic(path, content, 0o644)
 }
 
 #[cfg(test)]

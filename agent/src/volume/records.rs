@@ -89,10 +89,8 @@ impl VolumeManager {
             .unwrap_or_default();
         let dir = self.ctx.volumes_dir(uid);
         let text = serde_json::to_vec_pretty(&rec).map_err(|e| failed("", e))?;
-        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
         fs::create_dir_all(&dir)
-            .and_then(|()| fs::write(&tmp, text))
-            .and_then(|()| fs::rename(&tmp, dir.join(STATE_FILE)))
+            .and_then(|()| crate::layout::write_atomic(&dir.join(STATE_FILE), &text, 0o600))
             .map_err(|e| failed("", format!("writing volume state of pod {uid}: {e}")))
     }
 }
