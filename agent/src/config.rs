@@ -17,12 +17,9 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The --config file is not valid YAML for the known fields, or names a key that is
-    /// neither nodelet's nor the kubelet's (serde names the key).
-    #[error("parsing config file {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: serde_yaml::Error,
-    },
+    /// neither nodelet's nor the kubelet's (the message names the key).
+    #[error("parsing config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
     /// A flag value is malformed (a label or taint that does not parse).
     #[error("{flag}: {detail}")]
     Invalid { flag: &'static str, detail: String },
@@ -500,13 +497,24 @@ fn read_file(path: &Path) -> Result<(FileConfig, Vec<String>), ConfigError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let parse = |source| ConfigError::Parse {
+    let parse = |message: String| ConfigError::Parse {
         path: path.to_path_buf(),
-        source,
+        message,
     };
-    let mut value: serde_yaml::Value = serde_yaml::from_str(&text).map_err(parse)?;
+    // Read as the kubelet reads its file (sigs.k8s.io/yaml: YAML 1.1 scalars into JSON types),
+    // with the manifest folder's bounds.
+    let mut docs = crate::source::yaml::documents(&text, crate::source::yaml::LIMITS)
+        .map_err(|e| parse(e.to_string()))?;
+    docs.retain(|d| !d.is_null());
+    if docs.len() > 1 {
+        return Err(parse(format!(
+            "{} YAML documents, expected one",
+            docs.len()
+        )));
+    }
+    let mut value = docs.pop().unwrap_or(serde_json::Value::Null);
     if value.is_null() {
-        value = serde_yaml::Value::Mapping(Default::default());
+        value = serde_json::Value::Object(Default::default());
     }
     let mut warnings = Vec::new();
     let mut ignored = |key: String| {
@@ -515,20 +523,20 @@ fn read_file(path: &Path) -> Result<(FileConfig, Vec<String>), ConfigError> {
             path.display()
         ))
     };
-    if let Some(map) = value.as_mapping_mut() {
+    if let Some(map) = value.as_object_mut() {
         for key in NOT_IMPLEMENTED {
             if map.remove(*key).is_some() {
                 ignored(key.to_string());
             }
         }
         for (section, key) in NOT_IMPLEMENTED_NESTED {
-            let inner = map.get_mut(*section).and_then(|v| v.as_mapping_mut());
+            let inner = map.get_mut(*section).and_then(|v| v.as_object_mut());
             if inner.and_then(|m| m.remove(*key)).is_some() {
                 ignored(format!("{section}.{key}"));
             }
         }
     }
-    let file = serde_yaml::from_value(value).map_err(parse)?;
+    let file = crate::source::yaml::typed(value).map_err(parse)?;
     Ok((file, warnings))
 }
 
@@ -768,7 +776,7 @@ mod tests {
     #[test]
     fn every_ignored_kubelet_key_is_one_the_file_does_not_read() {
         for key in NOT_IMPLEMENTED {
-            let err = serde_yaml::from_str::<FileConfig>(&format!("{key}: null\n"))
+            let err = serde_json::from_value::<FileConfig>(serde_json::json!({ *key: null }))
                 .expect_err(key)
                 .to_string();
             assert!(err.contains("unknown field"), "{key}: {err}");
@@ -783,6 +791,18 @@ mod tests {
         assert_eq!(secs("fileCheckFrequency: 3\n").unwrap(), 3);
         assert!(secs("fileCheckFrequency: 20x\n").is_err());
         assert!(secs("fileCheckFrequency: s\n").is_err());
+    }
+
+    #[test]
+    fn the_file_reads_yaml_as_the_kubelet_reads_it() {
+        // sigs.k8s.io/yaml: YAML 1.1 scalars (`yes`, octal `020`) into JSON types.
+        let c = from_file("serializeImagePulls: yes\nmaxPods: 020\n").unwrap();
+        assert_eq!((c.max_parallel_image_pulls, c.max_pods), (1, 16));
+        let err = from_file("maxPods: 1\n---\nmaxPods: 2\n").unwrap_err();
+        assert!(err.to_string().contains("2 YAML documents"), "{err}");
+        let err = from_file("maxPods: [\n").unwrap_err();
+        assert!(err.to_string().contains("kubelet.yaml"), "{err}");
+        assert_eq!(from_file("maxPods: 3\n---\n").unwrap().max_pods, 3);
     }
 
     #[test]
