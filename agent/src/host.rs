@@ -1,6 +1,9 @@
-//! Facts of the machine the agent runs on, read from /proc through the procfs crate, one place
-//! for each: the node's status, the downward API's node allocatable and the OOM score of a
-//! container all read memory and processors here, so they cannot disagree.
+//! Facts of the machine the agent runs on, read from /proc through the procfs crate (and the
+//! filesystem size through statvfs), one place for each: the node's status, the downward API's
+//! node allocatable and the OOM score of a container all read them here, so they cannot
+//! disagree.
+
+use std::path::Path;
 
 use procfs::Current;
 
@@ -36,6 +39,18 @@ pub fn pid_max() -> u64 {
     procfs::sys::kernel::pid_max().map_or(0, |n| u64::try_from(n).unwrap_or(0))
 }
 
+/// (size, available) in bytes of the filesystem holding `dir`, or of its nearest existing
+/// ancestor (the root dir may not exist yet); zeros when none answers.
+pub fn filesystem(dir: &Path) -> (u64, u64) {
+    for d in dir.ancestors() {
+        if let Ok(s) = nix::sys::statvfs::statvfs(d) {
+            let frag = s.fragment_size();
+            return (s.blocks() * frag, s.blocks_available() * frag);
+        }
+    }
+    (0, 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -48,5 +63,7 @@ mod tests {
         assert!(cpus() >= 1);
         assert!(threads() >= 1);
         assert!(pid_max() >= threads());
+        let (size, available) = filesystem(Path::new("/no/such/dir/below/root"));
+        assert!(size > 0 && available <= size, "{size} {available}");
     }
 }

@@ -118,7 +118,7 @@ impl Machine {
         Machine {
             cpus: crate::host::cpus() as u32,
             memory_bytes: crate::host::memory_total(),
-            fs_bytes: filesystem(root_dir).0,
+            fs_bytes: crate::host::filesystem(root_dir).0,
             kernel: read("/proc/sys/kernel/osrelease"),
             os_image: os_image(&read("/etc/os-release")),
             system_uuid: if uuid.is_empty() {
@@ -134,7 +134,7 @@ impl Machine {
 
 impl Usage {
     fn read(root_dir: &Path) -> Self {
-        let (fs_total, fs_available) = filesystem(root_dir);
+        let (fs_total, fs_available) = crate::host::filesystem(root_dir);
         Usage {
             memory_available: crate::host::memory_available(),
             fs_total,
@@ -143,18 +143,6 @@ impl Usage {
             pids: crate::host::threads(),
         }
     }
-}
-
-/// (size, available) in bytes of the filesystem holding `dir`, or of its nearest existing
-/// ancestor (the root dir may not exist yet).
-fn filesystem(dir: &Path) -> (u64, u64) {
-    for d in dir.ancestors() {
-        if let Ok(s) = nix::sys::statvfs::statvfs(d) {
-            let frag = s.fragment_size();
-            return (s.blocks() * frag, s.blocks_available() * frag);
-        }
-    }
-    (0, 0)
 }
 
 /// PRETTY_NAME from /etc/os-release, unquoted.

@@ -99,6 +99,7 @@ pub(super) async fn container_logs(
     let stream = LogStream {
         file,
         next_file: None,
+        chunk: vec![0; CHUNK],
         pending: Vec::new(),
         continues: false,
         timestamps: query.timestamps,
@@ -167,12 +168,12 @@ impl Running {
     /// The file now at the log's path, when it is not the one being read (the old one was
     /// rotated away). Between the move and the new file's creation there is none yet.
     async fn rotated(&mut self) -> Option<tokio::fs::File> {
+        if file_identity(&tokio::fs::metadata(&self.path).await.ok()?) == self.identity {
+            return None;
+        }
         let file = tokio::fs::File::open(&self.path).await.ok()?;
-        let identity = file_identity(&file.metadata().await.ok()?);
-        (identity != self.identity).then(|| {
-            self.identity = identity;
-            file
-        })
+        self.identity = file_identity(&file.metadata().await.ok()?);
+        Some(file)
     }
 }
 
@@ -182,6 +183,8 @@ struct LogStream {
     file: tokio::fs::File,
     /// The file rotation put at the log's path, read once `file` is read to its end.
     next_file: Option<tokio::fs::File>,
+    /// The read buffer, reused by every step.
+    chunk: Vec<u8>,
     /// Bytes of a record whose newline has not been read yet.
     pending: Vec<u8>,
     /// Whether the next record continues a partial one.
@@ -205,8 +208,7 @@ impl LogStream {
             }
             // Whether the attempt ran before this read: what it wrote until then is read now.
             let running = self.follow.as_ref().is_some_and(Running::still);
-            let mut chunk = vec![0; CHUNK];
-            let n = match self.file.read(&mut chunk).await {
+            let n = match self.file.read(&mut self.chunk).await {
                 Ok(n) => n,
                 Err(e) => {
                     self.done = true;
@@ -237,7 +239,7 @@ impl LogStream {
                     self.rendered(rest.split(|&b| b == b'\n').filter(|r| !r.is_empty()))
                 }
                 n => {
-                    self.pending.extend_from_slice(&chunk[..n]);
+                    self.pending.extend_from_slice(&self.chunk[..n]);
                     let complete = match self.pending.iter().rposition(|&b| b == b'\n') {
                         Some(end) => self.pending.drain(..=end).collect(),
                         None if self.pending.len() > MAX_RECORD => {
@@ -286,6 +288,7 @@ mod tests {
         LogStream {
             file: tokio::fs::File::from_std(file),
             next_file: None,
+            chunk: vec![0; CHUNK],
             pending: Vec::new(),
             continues: false,
             timestamps: false,

@@ -137,20 +137,10 @@ impl NodeAllocatable {
     pub fn from_host(root: &Path) -> Self {
         let cpus = crate::host::cpus();
         let memory = i128::from(crate::host::memory_total());
-        let mut dir = root;
-        let ephemeral_storage = loop {
-            match nix::sys::statvfs::statvfs(dir) {
-                Ok(st) => break st.blocks() as i128 * st.fragment_size() as i128,
-                Err(_) => match dir.parent() {
-                    Some(p) => dir = p,
-                    None => break 0,
-                },
-            }
-        };
         Self {
             cpu_milli: cpus as i128 * 1000,
             memory,
-            ephemeral_storage,
+            ephemeral_storage: i128::from(crate::host::filesystem(root).0),
         }
     }
 }
