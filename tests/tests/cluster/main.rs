@@ -1,4 +1,5 @@
-//! Cluster tier: the `nodelet` binary joined to a real control plane.
+//! Cluster tier: the `nodelet` binary joined to a real control plane. Tests of one theme live in
+//! a submodule of this test binary and share its harness (`use super::*`).
 //!
 //! Every test is `#[ignore]`d: `scripts/test` runs them with `--ignored --test-threads=1` only
 //! when `KUBECONFIG` is set. They read:
