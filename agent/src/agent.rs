@@ -33,6 +33,7 @@ use crate::server::{self, ServerState};
 use crate::source::manifest::ManifestSource;
 use crate::status::StatusManager;
 use crate::store::ObjectStore;
+use crate::volume::downward::NodeAllocatable;
 use crate::volume::{VolumeConfig, VolumeManager};
 
 #[derive(Debug, thiserror::Error)]
@@ -110,10 +111,13 @@ pub async fn run(
         cluster_dns: config.cluster_dns.clone(),
         cluster_domain: config.cluster_domain.clone(),
     }));
+    // The node's allocatable, read once: admission, downward API volumes and env use it.
+    let allocatable = NodeAllocatable::from_host(&config.root_dir);
     let volumes = Arc::new(VolumeManager::new(
         VolumeConfig {
             root_dir: config.root_dir.clone(),
             plugins_registry: config.root_dir.join("plugins_registry"),
+            allocatable,
         },
         store.clone(),
     ));
@@ -191,6 +195,7 @@ pub async fn run(
             ip: host_ip,
             root_dir: config.root_dir.clone(),
             log_dir: config.log_dir.clone(),
+            allocatable,
         },
         runtime: Arc::new(runtime),
         host: Arc::new(NodeHost::new(sandboxes, volumes)),
@@ -202,7 +207,7 @@ pub async fn run(
     let manager = PodManager::new(ctx, &root);
     manager.set_admission(crate::admission::NodeAdmission {
         max_pods: config.max_pods as usize,
-        allocatable: crate::volume::downward::NodeAllocatable::from_host(&config.root_dir),
+        allocatable,
         labels: crate::admission::node_labels(&config.node_name, &config.node_labels),
         allowed_unsafe_sysctls: config.allowed_unsafe_sysctls.clone(),
     });

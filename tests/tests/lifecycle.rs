@@ -17,6 +17,7 @@ use nodelet::runtime::{labels, TaskState};
 use nodelet::sandbox::{SandboxConfig, SandboxManager};
 use nodelet::status::StatusManager;
 use nodelet::store::ObjectStore;
+use nodelet::volume::downward::NodeAllocatable;
 use nodelet::volume::{VolumeConfig, VolumeManager};
 use nodelet_tests::runtime_support::{busybox, pod_cgroups, TestRuntime};
 use tokio_util::sync::CancellationToken;
@@ -61,6 +62,7 @@ fn context(t: &TestRuntime, conf: &Path, run_dir: &Path) -> Arc<PodContext> {
             ip: Some("127.0.0.1".parse().unwrap()),
             root_dir: root.clone(),
             log_dir: root.join("logs"),
+            allocatable: NodeAllocatable::from_host(&root),
         },
         runtime: Arc::new(t.rt.clone()),
         host: Arc::new(NodeHost::new(
@@ -76,6 +78,7 @@ fn context(t: &TestRuntime, conf: &Path, run_dir: &Path) -> Arc<PodContext> {
                 VolumeConfig {
                     root_dir: root.clone(),
                     plugins_registry: root.join("plugins_registry"),
+                    allocatable: NodeAllocatable::from_host(&root),
                 },
                 store.clone(),
             )),

@@ -16,6 +16,7 @@ use k8s_openapi::api::core::v1::{
 };
 use nodelet::store::{ObjectStore, Objects};
 use nodelet::volume::csi::Driver;
+use nodelet::volume::downward::NodeAllocatable;
 use nodelet::volume::{
     IssuedToken, PodVolumes, TokenRequest, TokenSource, VolumeConfig, VolumeError, VolumeManager,
 };
@@ -43,6 +44,7 @@ impl Host {
             VolumeConfig {
                 root_dir: root.clone(),
                 plugins_registry: root.join("plugins_registry"),
+                allocatable: NodeAllocatable::from_host(&root),
             },
             store.clone(),
         ));
@@ -61,6 +63,7 @@ impl Host {
             VolumeConfig {
                 root_dir: self.root.clone(),
                 plugins_registry: self.root.join("plugins_registry"),
+                allocatable: NodeAllocatable::from_host(&self.root),
             },
             self.store.clone(),
         ));

@@ -56,6 +56,7 @@ pub fn container_env(
     pod: &Pod,
     container: &Container,
     store: &ObjectStore,
+    node: &NodeAllocatable,
 ) -> Result<Vec<(String, String)>, EnvError> {
     let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
     let mut env = Env::default();
@@ -120,7 +121,6 @@ pub fn container_env(
         service_env(&store.services(), namespace, links.unwrap_or(true))
             .into_iter()
             .collect();
-    let mut node: Option<NodeAllocatable> = None;
     for var in container.env.iter().flatten() {
         let value = match &var.value_from {
             None => {
@@ -172,8 +172,6 @@ pub fn container_env(
                     downward::field_value(pod, f)
                         .map_err(|e| EnvError::Invalid(format!("env {}: {e}", var.name)))?
                 } else if let Some(r) = &src.resource_field_ref {
-                    let root = std::path::Path::new("/");
-                    let node = node.get_or_insert_with(|| NodeAllocatable::from_host(root));
                     downward::resource_value(pod, Some(container), r, node)
                         .map_err(|e| EnvError::Invalid(format!("env {}: {e}", var.name)))?
                 } else {
@@ -329,6 +327,13 @@ mod tests {
     use k8s_openapi::ByteString;
     use std::collections::BTreeMap;
 
+    /// A node unlike the machine running the tests, so a value read from the host shows.
+    const NODE: NodeAllocatable = NodeAllocatable {
+        cpu_milli: 3000,
+        memory: 5 << 30,
+        ephemeral_storage: 7 << 30,
+    };
+
     fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
             .iter()
@@ -474,6 +479,41 @@ mod tests {
         }
     }
 
+    #[test]
+    fn unset_limits_resolve_to_the_nodes_allocatable_as_given() {
+        let limit = |resource: &str, name: &str| {
+            from(
+                EnvVarSource {
+                    resource_field_ref: Some(k8s_openapi::api::core::v1::ResourceFieldSelector {
+                        resource: resource.into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                name,
+            )
+        };
+        let c = Container {
+            name: "c".into(),
+            env: Some(vec![
+                limit("limits.cpu", "CPU"),
+                limit("limits.memory", "MEM"),
+                limit("limits.ephemeral-storage", "DISK"),
+            ]),
+            ..Default::default()
+        };
+        let env = container_env(&pod(c.clone()), &c, &store(), &NODE).unwrap();
+        let gib = 1u64 << 30;
+        assert_eq!(
+            env,
+            vars(&[
+                ("CPU", "3"),
+                ("MEM", &(5 * gib).to_string()),
+                ("DISK", &(7 * gib).to_string()),
+            ])
+        );
+    }
+
     fn pod(container: Container) -> Pod {
         Pod {
             metadata: ObjectMeta {
@@ -513,7 +553,7 @@ mod tests {
             ..Default::default()
         };
         let mut p = pod(c.clone());
-        let env = container_env(&p, &c, &store).unwrap();
+        let env = container_env(&p, &c, &store, &NODE).unwrap();
         assert_eq!(env[0], ("URL".to_string(), "10.0.0.11:8765".to_string()));
         assert_eq!(env[1].1, "mine");
         let names: Vec<&str> = env.iter().map(|(n, _)| n.as_str()).collect();
@@ -527,7 +567,7 @@ mod tests {
         assert!(names.contains(&"FOOSERVICE_PORT_8765_TCP_ADDR"));
         assert_eq!(env.len(), 2 + 7 + 7);
         p.spec.as_mut().unwrap().enable_service_links = Some(false);
-        let env = container_env(&p, &c, &store).unwrap();
+        let env = container_env(&p, &c, &store, &NODE).unwrap();
         assert_eq!(
             env[0].1,
             "$(FOOSERVICE_SERVICE_HOST):$(FOOSERVICE_SERVICE_PORT)"
@@ -587,7 +627,7 @@ mod tests {
             ..Default::default()
         };
         let p = pod(c.clone());
-        let env = container_env(&p, &c, &store()).unwrap();
+        let env = container_env(&p, &c, &store(), &NODE).unwrap();
         assert_eq!(
             env,
             vars(&[
@@ -619,7 +659,7 @@ mod tests {
         };
         let p = pod(c.clone());
         assert!(matches!(
-            container_env(&p, &c, &store()),
+            container_env(&p, &c, &store(), &NODE),
             Err(EnvError::Missing {
                 kind: "configmap",
                 ..
@@ -635,7 +675,7 @@ mod tests {
             }),
         }]);
         assert!(matches!(
-            container_env(&p, &c, &store()),
+            container_env(&p, &c, &store(), &NODE),
             Err(EnvError::Missing { kind: "secret", .. })
         ));
         c.env_from = None;
@@ -650,7 +690,7 @@ mod tests {
             "X",
         )]);
         assert!(matches!(
-            container_env(&p, &c, &store()),
+            container_env(&p, &c, &store(), &NODE),
             Err(EnvError::Invalid(_))
         ));
     }

@@ -400,6 +400,11 @@ pub(crate) fn context(root: &Path) -> (Arc<PodContext>, Arc<FakeRuntime>, Arc<Fa
             ip: Some("127.0.0.1".parse().expect("ip")),
             root_dir: root.join("root"),
             log_dir: root.join("logs"),
+            allocatable: crate::volume::downward::NodeAllocatable {
+                cpu_milli: 2000,
+                memory: 1 << 30,
+                ephemeral_storage: 10 << 30,
+            },
         },
         runtime: runtime.clone(),
         host: host.clone(),

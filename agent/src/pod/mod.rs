@@ -38,7 +38,7 @@ pub mod status;
 pub mod worker;
 
 /// Node facts pods need.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct NodeFacts {
     pub name: String,
     /// The node's IP, reported as hostIP (and podIP for hostNetwork pods).
@@ -46,6 +46,8 @@ pub struct NodeFacts {
     pub root_dir: PathBuf,
     /// Where container logs go (/var/log/pods).
     pub log_dir: PathBuf,
+    /// What unset limits in `resourceFieldRef` env vars resolve to.
+    pub allocatable: crate::volume::downward::NodeAllocatable,
 }
 
 /// Everything a pod worker drives. Built once in main; shared by all workers.

@@ -38,8 +38,13 @@ impl VolumeManager {
                 (_, Some(expr)) if !expr.is_empty() => {
                     if env.is_none() {
                         env = Some(
-                            crate::pod::env::container_env(pod, container, &self.ctx.store)
-                                .map_err(|e| invalid(&vm.name, format!("subPathExpr: {e}")))?,
+                            crate::pod::env::container_env(
+                                pod,
+                                container,
+                                &self.ctx.store,
+                                &self.ctx.node,
+                            )
+                            .map_err(|e| invalid(&vm.name, format!("subPathExpr: {e}")))?,
                         );
                     }
                     Some(crate::pod::env::expand(

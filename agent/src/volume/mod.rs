@@ -71,6 +71,8 @@ pub struct VolumeConfig {
     pub root_dir: PathBuf,
     /// Where CSI node plugins register (<root>/plugins_registry).
     pub plugins_registry: PathBuf,
+    /// What unset limits in downward API volumes resolve to.
+    pub allocatable: NodeAllocatable,
 }
 
 /// One of a pod's volumes, ready on the host.
@@ -189,7 +191,7 @@ const VOLUME_DEVICES: &str = "volumeDevices";
 
 impl VolumeManager {
     pub fn new(config: VolumeConfig, store: ObjectStore) -> Self {
-        let node = NodeAllocatable::from_host(&config.root_dir);
+        let node = config.allocatable;
         let manager = Self {
             ctx: Ctx {
                 root: config.root_dir.clone(),

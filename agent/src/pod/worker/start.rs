@@ -391,13 +391,14 @@ impl Worker {
             self.start_failed(name, "InvalidImageName", msg, None);
             return None;
         }
-        let env_vars = match env::container_env(&pod, c, &self.ctx.store) {
-            Ok(e) => e,
-            Err(e) => {
-                self.start_failed(name, "CreateContainerConfigError", e.to_string(), None);
-                return None;
-            }
-        };
+        let env_vars =
+            match env::container_env(&pod, c, &self.ctx.store, &self.ctx.node.allocatable) {
+                Ok(e) => e,
+                Err(e) => {
+                    self.start_failed(name, "CreateContainerConfigError", e.to_string(), None);
+                    return None;
+                }
+            };
         let image = self.ensure_image(name, c, &image_ref).await?;
         let image_user = image.config.user.as_deref();
         if let Err(msg) = super::super::config::verify_run_as_non_root(&pod, c, image_user) {
