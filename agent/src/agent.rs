@@ -8,7 +8,6 @@
 //! first full sync (orphans are cleaned up only then) → server → READY=1. CSI node plugins are
 //! discovered from `<root>/plugins_registry` all along.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -24,13 +23,14 @@ use crate::cluster::{ClusterAgent, ClusterConfig};
 use crate::config::Config;
 use crate::events::{EventType, Recorder};
 use crate::pod::manager::PodManager;
-use crate::pod::{Deletion, Desired, NodeFacts, NodeHost, PodContext};
+use crate::pod::{Desired, NodeFacts, NodeHost, PodContext};
 use crate::probe::Prober;
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::sandbox::{SandboxConfig, SandboxManager};
 use crate::server::secure::{self, SecureConfig};
 use crate::server::{self, ServerState};
 use crate::source::manifest::ManifestSource;
+use crate::source::merge::{Plan, SourceMerge};
 use crate::status::StatusManager;
 use crate::store::ObjectStore;
 use crate::volume::downward::NodeAllocatable;
@@ -419,12 +419,9 @@ struct ApiPods {
     synced: watch::Receiver<bool>,
 }
 
-/// Merges the sources into full desired sets for the pod manager. Nothing is synced before
-/// every source has listed once (an empty first set would kill re-adopted pods); until the API
-/// has, static pods are started (or stopped) one by one. A pod removed
-/// from the manifest folder is deleted gracefully (its own grace period), as the kubelet deletes
-/// a static pod whose file is gone; it stays in the set until its worker has finished. A pod
-/// gone from the API is simply absent from the set: the manager deletes it as gone.
+/// Hands the pod manager the merge of the sources (`source::merge`) whenever one changes:
+/// the whole desired set once the API has listed (standalone: at once), the file pods one by
+/// one before that. A removed pod's worker finishing ends the merge's asking to stop it.
 async fn sync_pods(
     manager: PodManager,
     mut manifests: watch::Receiver<Option<Vec<Pod>>>,
@@ -432,28 +429,8 @@ async fn sync_pods(
     token: CancellationToken,
 ) {
     let mut finished = manager.subscribe_finished();
-    let mut previous: BTreeMap<String, Arc<Pod>> = BTreeMap::new();
-    // Static pods whose manifest went while the agent was down stop as if removed now.
-    let mut removed: BTreeMap<String, Arc<Pod>> = manager
-        .recovered_static_pods()
-        .into_iter()
-        .map(|p| (p.metadata.uid.clone().unwrap_or_default(), Arc::new(p)))
-        .collect();
+    let mut merge = SourceMerge::new(manager.recovered_static_pods());
     loop {
-        // An unchanged pod keeps the object its worker already holds (one copy per pod).
-        let current: Option<BTreeMap<String, Arc<Pod>>> =
-            manifests.borrow_and_update().as_ref().map(|pods| {
-                pods.iter()
-                    .map(|p| {
-                        let uid = p.metadata.uid.clone().unwrap_or_default();
-                        let pod = match previous.get(&uid) {
-                            Some(old) if **old == *p => old.clone(),
-                            _ => Arc::new(p.clone()),
-                        };
-                        (uid, pod)
-                    })
-                    .collect()
-            });
         let api_set = match api.as_mut() {
             None => Some(Vec::new()),
             Some(a) => {
@@ -461,39 +438,15 @@ async fn sync_pods(
                 synced.then(|| a.desired.borrow_and_update().clone())
             }
         };
-        if let Some(now) = current {
-            for (uid, pod) in std::mem::take(&mut previous) {
-                if !now.contains_key(&uid) {
-                    removed.insert(uid, pod);
-                }
-            }
-            removed.retain(|uid, _| !now.contains_key(uid));
-            // Removals first: a pod replaced while the agent was down is stopped before its
-            // successor of the same name may start (the successor waits for it).
-            let statics = removed
-                .values()
-                .map(|pod| Desired {
-                    pod: pod.clone(),
-                    deletion: Some(Deletion {
-                        grace: crate::pod::machine::grace(pod, None),
-                        gone: true,
-                    }),
-                })
-                .chain(now.values().map(|pod| Desired {
-                    pod: pod.clone(),
-                    deletion: None,
-                }));
-            match api_set {
-                Some(mut desired) => {
-                    desired.extend(statics);
-                    manager.sync_all(desired).await;
-                }
-                // The API has not listed yet (it may be unreachable): static pods run
-                // regardless, as the kubelet runs them (a control plane may be among them);
-                // nothing is cleaned up before the first full set.
-                None => statics.for_each(|d| manager.update(d)),
-            }
-            previous = now;
+        // Nothing is synced before the files have been read once.
+        let plan = manifests
+            .borrow_and_update()
+            .as_ref()
+            .map(|files| merge.merge(files, api_set));
+        match plan {
+            Some(Plan::All(desired)) => manager.sync_all(desired).await,
+            Some(Plan::Each(desired)) => desired.into_iter().for_each(|d| manager.update(d)),
+            None => {}
         }
         let api_changed = async {
             match api.as_mut() {
@@ -510,7 +463,7 @@ async fn sync_pods(
             open = api_changed => if !open { return },
             done = finished.recv() => {
                 if let Ok(uid) = done {
-                    removed.remove(&uid);
+                    merge.finished(&uid);
                 }
             }
         }
