@@ -205,7 +205,7 @@ mod tests {
         let same = each(m.merge(std::slice::from_ref(&a), None));
         assert!(Arc::ptr_eq(&first[0].pod, &same[0].pod));
         let edited = pod("a", 31);
-        let changed = each(m.merge(&[edited.clone()], None));
+        let changed = each(m.merge(std::slice::from_ref(&edited), None));
         assert!(!Arc::ptr_eq(&first[0].pod, &changed[0].pod));
         assert_eq!(*changed[0].pod, edited);
     }
