@@ -950,14 +950,11 @@ async fn bad_input_is_reported_and_retried_without_affecting_other_pods() {
     };
     assert!(failed("missing-image") && failed("missing-config"));
 
-    h.ctx.store.update(|o| {
-        let cm = ConfigMap {
-            data: Some([("value".to_string(), "hello".to_string())].into()),
-            ..Default::default()
-        };
-        o.config_maps
-            .insert(("default".into(), "settings".into()), cm);
-    });
+    let cm = ConfigMap {
+        data: Some([("value".to_string(), "hello".to_string())].into()),
+        ..Default::default()
+    };
+    h.ctx.store.set_config_map("default", "settings", Some(cm));
     h.wait_status(&missing_config, "running once the ConfigMap exists", |s| {
         running(s, "app")
     })

@@ -28,6 +28,8 @@ struct Host {
     _dir: tempfile::TempDir,
     root: PathBuf,
     store: ObjectStore,
+    /// The objects the test wrote, as the store's file layer holds them.
+    objects: std::sync::Mutex<Objects>,
     vm: Arc<VolumeManager>,
     loops: Vec<String>,
 }
@@ -52,6 +54,7 @@ impl Host {
             _dir: dir,
             root,
             store,
+            objects: Default::default(),
             vm,
             loops: Vec::new(),
         }
@@ -69,8 +72,11 @@ impl Host {
         ));
     }
 
+    /// Changes the test's objects; the store learns which ones changed, as from a resync.
     fn objects(&self, f: impl FnOnce(&mut Objects)) {
-        self.store.update(f);
+        let mut objects = self.objects.lock().unwrap();
+        f(&mut objects);
+        self.store.replace(objects.clone());
     }
 
     /// A sparse file attached to a loop device.

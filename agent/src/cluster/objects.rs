@@ -5,9 +5,9 @@
 //! by one: ConfigMaps and Secrets are followed with a per-object watch (`metadata.name` field
 //! selector), claims and volumes (GET only) are polled. One task per referenced object; it is
 //! started when the first pod refers to the object and stopped (and the object dropped from the
-//! store) when the last one goes. [`references`] is the pure part. The Secrets a bound CSI
-//! volume references (nodeStageSecretRef, nodePublishSecretRef) are followed too, once the
-//! claim and its volume are in the store ([`volume_secrets`]). Services, which the Node
+//! store) when the last one goes; what a pod references is `store::refs`. The Secrets a bound
+//! CSI volume references (nodeStageSecretRef, nodePublishSecretRef) are followed too, once the
+//! claim and its volume are in the store. Services, which the Node
 //! authorizer lets a node list and watch, are followed as a whole ([`follow_services`]) for
 //! the pods' service environment variables.
 
@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Service,
+    ConfigMap, PersistentVolume, PersistentVolumeClaim, Secret, Service,
 };
 use kube::runtime::watcher::{self, Event};
 use kube::Api;
@@ -25,158 +25,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::pods::ApiPods;
 use super::{sleep_or_cancel, Backoff};
-use crate::store::ObjectStore;
+use crate::store::refs::{references, volume_secrets};
+use crate::store::{ObjectRef, ObjectStore};
 
 /// How often a bound claim (and its volume) is re-read.
 const CLAIM_POLL: Duration = Duration::from_secs(30);
 /// How often a claim that is not bound yet is re-read.
 const UNBOUND_POLL: Duration = Duration::from_secs(2);
-
-/// One object a pod refers to (in the pod's namespace; a CSI volume's Secret in its own).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) enum ObjectRef {
-    ConfigMap { namespace: String, name: String },
-    Secret { namespace: String, name: String },
-    Claim { namespace: String, name: String },
-}
-
-/// Every ConfigMap, Secret and claim `pod` refers to: volumes (also projected sources, CSI
-/// publish secrets and generic ephemeral volumes' claims `<pod>-<volume>`), env and envFrom of
-/// every container kind, and image pull secrets.
-pub(super) fn references(pod: &Pod) -> BTreeSet<ObjectRef> {
-    let mut refs = BTreeSet::new();
-    let namespace = pod
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
-    let pod_name = pod.metadata.name.clone().unwrap_or_default();
-    let Some(spec) = &pod.spec else { return refs };
-    let cm = |name: &str| ObjectRef::ConfigMap {
-        namespace: namespace.clone(),
-        name: name.to_string(),
-    };
-    let secret = |name: &str| ObjectRef::Secret {
-        namespace: namespace.clone(),
-        name: name.to_string(),
-    };
-    let claim = |name: &str| ObjectRef::Claim {
-        namespace: namespace.clone(),
-        name: name.to_string(),
-    };
-    for v in spec.volumes.iter().flatten() {
-        if let Some(c) = &v.config_map {
-            refs.insert(cm(&c.name));
-        }
-        if let Some(name) = v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) {
-            refs.insert(secret(name));
-        }
-        if let Some(c) = &v.persistent_volume_claim {
-            refs.insert(claim(&c.claim_name));
-        }
-        if v.ephemeral.is_some() {
-            refs.insert(claim(&format!("{pod_name}-{}", v.name)));
-        }
-        if let Some(s) = v
-            .csi
-            .as_ref()
-            .and_then(|c| c.node_publish_secret_ref.as_ref())
-        {
-            refs.insert(secret(&s.name));
-        }
-        for source in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
-            if let Some(c) = &source.config_map {
-                refs.insert(cm(&c.name));
-            }
-            if let Some(s) = &source.secret {
-                refs.insert(secret(&s.name));
-            }
-        }
-    }
-    let containers = spec
-        .containers
-        .iter()
-        .chain(spec.init_containers.iter().flatten());
-    let env_sets = containers
-        .map(|c| (c.env.as_deref(), c.env_from.as_deref()))
-        .chain(
-            spec.ephemeral_containers
-                .iter()
-                .flatten()
-                .map(|c| (c.env.as_deref(), c.env_from.as_deref())),
-        );
-    for (env, env_from) in env_sets {
-        for from in env
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|e| e.value_from.as_ref())
-        {
-            if let Some(k) = &from.config_map_key_ref {
-                refs.insert(cm(&k.name));
-            }
-            if let Some(k) = &from.secret_key_ref {
-                refs.insert(secret(&k.name));
-            }
-        }
-        for from in env_from.unwrap_or_default() {
-            if let Some(r) = &from.config_map_ref {
-                refs.insert(cm(&r.name));
-            }
-            if let Some(r) = &from.secret_ref {
-                refs.insert(secret(&r.name));
-            }
-        }
-    }
-    for s in spec.image_pull_secrets.iter().flatten() {
-        refs.insert(secret(&s.name));
-    }
-    refs.retain(|r| match r {
-        ObjectRef::ConfigMap { name, .. }
-        | ObjectRef::Secret { name, .. }
-        | ObjectRef::Claim { name, .. } => !name.is_empty(),
-    });
-    refs
-}
-
-/// The Secrets the CSI volumes bound to the claims among `refs` reference, as far as the
-/// store holds those claims and volumes. A reference without a namespace means the claim's.
-pub(super) fn volume_secrets(
-    store: &ObjectStore,
-    refs: &BTreeSet<ObjectRef>,
-) -> BTreeSet<ObjectRef> {
-    let mut out = BTreeSet::new();
-    for r in refs {
-        let ObjectRef::Claim { namespace, name } = r else {
-            continue;
-        };
-        let Some(pv_name) = store
-            .claim(namespace, name)
-            .and_then(|c| c.spec)
-            .and_then(|s| s.volume_name)
-        else {
-            continue;
-        };
-        let Some(csi) = store
-            .volume(&pv_name)
-            .and_then(|pv| pv.spec)
-            .and_then(|s| s.csi)
-        else {
-            continue;
-        };
-        for secret in [csi.node_stage_secret_ref, csi.node_publish_secret_ref]
-            .into_iter()
-            .flatten()
-        {
-            if let Some(secret_name) = secret.name.filter(|n| !n.is_empty()) {
-                out.insert(ObjectRef::Secret {
-                    namespace: secret.namespace.unwrap_or_else(|| namespace.clone()),
-                    name: secret_name,
-                });
-            }
-        }
-    }
-    out
-}
 
 /// Keeps one follower task per object the current pods reference, until `token` is cancelled.
 pub(super) async fn run(
@@ -276,7 +131,7 @@ pub(super) async fn follow_services(
         |event| {
             let done = matches!(event, Event::InitDone);
             if apply_service_event(&mut known, &mut relist, event) {
-                store.update(|o| o.services = known.clone());
+                store.set_services(known.clone());
             }
             done
         },
@@ -330,50 +185,25 @@ async fn follow(client: kube::Client, store: ObjectStore, r: ObjectRef, token: C
     match &r {
         ObjectRef::ConfigMap { namespace, name } => {
             let api: Api<ConfigMap> = Api::namespaced(client, namespace);
-            let key = (namespace.clone(), name.clone());
-            let put = |cm: Option<ConfigMap>| {
-                if store.config_map(namespace, name) != cm {
-                    store.update(|o| set(&mut o.config_maps, key.clone(), cm));
-                }
-            };
+            let put = |cm| store.set_config_map(namespace, name, cm);
             watch_one(api, name, put, &token).await;
-            store.update(|o| {
-                o.config_maps.remove(&key);
-            });
+            store.set_config_map(namespace, name, None);
         }
         ObjectRef::Secret { namespace, name } => {
             let api: Api<Secret> = Api::namespaced(client, namespace);
-            let key = (namespace.clone(), name.clone());
-            let put = |s: Option<Secret>| {
-                if store.secret(namespace, name) != s {
-                    store.update(|o| set(&mut o.secrets, key.clone(), s));
-                }
-            };
+            let put = |secret| store.set_secret(namespace, name, secret);
             watch_one(api, name, put, &token).await;
-            store.update(|o| {
-                o.secrets.remove(&key);
-            });
+            store.set_secret(namespace, name, None);
         }
         ObjectRef::Claim { namespace, name } => {
             let volume = poll_claim(client, &store, namespace, name, &token).await;
-            store.update(|o| {
-                o.claims.remove(&(namespace.clone(), name.clone()));
-                if let Some(pv) = volume {
-                    o.volumes.remove(&pv);
-                }
-            });
+            store.set_claim(namespace, name, None);
+            if let Some(pv) = volume {
+                store.set_volume(&pv, None);
+            }
         }
-    }
-}
-
-fn set<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, value: Option<V>) {
-    match value {
-        Some(v) => {
-            map.insert(key, v);
-        }
-        None => {
-            map.remove(&key);
-        }
+        // Never referenced by a pod itself: read with their claim, or followed as a whole.
+        ObjectRef::Volume { .. } | ObjectRef::Services => {}
     }
 }
 
@@ -405,7 +235,6 @@ async fn poll_claim(
 ) -> Option<String> {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     let volumes: Api<PersistentVolume> = Api::all(client);
-    let key = (namespace.to_string(), name.to_string());
     let mut stored_pv: Option<String> = None;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {
@@ -427,20 +256,13 @@ async fn poll_claim(
             Ok((claim, pv_name, pv)) => {
                 backoff.reset();
                 let bound = pv.is_some();
-                let old_pv = stored_pv.clone();
-                if store.claim(namespace, name) != claim
-                    || old_pv != pv_name
-                    || pv_name.as_deref().and_then(|n| store.volume(n)) != pv
-                {
-                    store.update(|o| {
-                        set(&mut o.claims, key.clone(), claim);
-                        if let Some(old) = old_pv.filter(|o| Some(o) != pv_name.as_ref()) {
-                            o.volumes.remove(&old);
-                        }
-                        if let Some(n) = &pv_name {
-                            set(&mut o.volumes, n.clone(), pv);
-                        }
-                    });
+                // The volume first: a reader that sees the claim finds the volume it names.
+                if let Some(n) = &pv_name {
+                    store.set_volume(n, pv);
+                }
+                store.set_claim(namespace, name, claim);
+                if let Some(old) = stored_pv.filter(|old| Some(old) != pv_name.as_ref()) {
+                    store.set_volume(&old, None);
                 }
                 stored_pv = pv_name;
                 if bound {
@@ -495,127 +317,5 @@ mod tests {
         assert!(apply(Event::Delete(svc("ns", "b", "10.0.0.2"))));
         assert!(!apply(Event::Delete(svc("ns", "b", "10.0.0.2"))));
         assert!(known.is_empty());
-    }
-
-    fn pod(yaml: &str) -> Pod {
-        serde_yaml::from_str(yaml).unwrap()
-    }
-
-    #[test]
-    fn a_bound_csi_volumes_secrets_are_wanted_once_it_is_stored() {
-        let store = ObjectStore::new();
-        let claim = |ns: &str, name: &str| ObjectRef::Claim {
-            namespace: ns.into(),
-            name: name.into(),
-        };
-        let refs: BTreeSet<ObjectRef> = [claim("shop", "data"), claim("shop", "other")].into();
-        assert!(
-            volume_secrets(&store, &refs).is_empty(),
-            "nothing stored yet"
-        );
-        store.update(|o| {
-            o.claims.insert(
-                ("shop".into(), "data".into()),
-                serde_yaml::from_str(
-                    "metadata: {name: data, namespace: shop}
-spec: {volumeName: pv-1}
-",
-                )
-                .unwrap(),
-            );
-            o.volumes.insert(
-                "pv-1".into(),
-                serde_yaml::from_str(
-                    "metadata: {name: pv-1}
-spec:
-  csi:
-    driver: x
-    volumeHandle: h
-    nodeStageSecretRef: {name: stage, namespace: storage}
-    nodePublishSecretRef: {name: publish}
-",
-                )
-                .unwrap(),
-            );
-        });
-        let secret = |ns: &str, name: &str| ObjectRef::Secret {
-            namespace: ns.into(),
-            name: name.into(),
-        };
-        assert_eq!(
-            volume_secrets(&store, &refs),
-            [secret("storage", "stage"), secret("shop", "publish")].into()
-        );
-    }
-
-    #[test]
-    fn every_kind_of_reference_is_found() {
-        let p = pod(r#"
-metadata: {name: web-0, namespace: shop}
-spec:
-  imagePullSecrets: [{name: pull}]
-  volumes:
-  - {name: a, configMap: {name: cm-vol}}
-  - {name: b, secret: {secretName: sec-vol}}
-  - {name: c, persistentVolumeClaim: {claimName: data-web-0}}
-  - name: d
-    projected:
-      sources:
-      - configMap: {name: cm-proj}
-      - secret: {name: sec-proj}
-      - serviceAccountToken: {path: token}
-  - name: scratch
-    ephemeral: {volumeClaimTemplate: {spec: {accessModes: [ReadWriteOnce]}}}
-  - name: e
-    csi: {driver: x, nodePublishSecretRef: {name: csi-sec}}
-  initContainers:
-  - name: init
-    envFrom: [{secretRef: {name: sec-envfrom}}]
-  containers:
-  - name: app
-    env:
-    - name: A
-      valueFrom: {configMapKeyRef: {name: cm-env, key: k}}
-    - name: B
-      valueFrom: {secretKeyRef: {name: sec-env, key: k}}
-    - {name: C, value: plain}
-    envFrom: [{configMapRef: {name: cm-envfrom}}]
-"#);
-        let cm = |n: &str| ObjectRef::ConfigMap {
-            namespace: "shop".into(),
-            name: n.into(),
-        };
-        let sec = |n: &str| ObjectRef::Secret {
-            namespace: "shop".into(),
-            name: n.into(),
-        };
-        let claim = |n: &str| ObjectRef::Claim {
-            namespace: "shop".into(),
-            name: n.into(),
-        };
-        let want: BTreeSet<_> = [
-            cm("cm-vol"),
-            cm("cm-proj"),
-            cm("cm-env"),
-            cm("cm-envfrom"),
-            sec("pull"),
-            sec("sec-vol"),
-            sec("sec-proj"),
-            sec("csi-sec"),
-            sec("sec-envfrom"),
-            sec("sec-env"),
-            claim("data-web-0"),
-            claim("web-0-scratch"),
-        ]
-        .into_iter()
-        .collect();
-        assert_eq!(references(&p), want);
-    }
-
-    #[test]
-    fn a_pod_without_references_has_none() {
-        let p = pod("metadata: {name: a}\nspec:\n  containers: [{name: app}]\n");
-        assert!(references(&p).is_empty());
-        assert!(references(&Pod::default()).is_empty());
     }
 }

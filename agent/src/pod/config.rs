@@ -613,15 +613,14 @@ mod tests {
         use k8s_openapi::ByteString;
         let store = ObjectStore::new();
         let json = r#"{"auths":{"http://127.0.0.1:5000/":{"username":"u","password":"p"}}}"#;
-        store.update(|o| {
-            o.secrets.insert(
-                ("default".into(), "creds".into()),
-                Secret {
-                    data: Some([(".dockerconfigjson".to_string(), ByteString(json.into()))].into()),
-                    ..Default::default()
-                },
-            );
-        });
+        store.set_secret(
+            "default",
+            "creds",
+            Some(Secret {
+                data: Some([(".dockerconfigjson".to_string(), ByteString(json.into()))].into()),
+                ..Default::default()
+            }),
+        );
         let pod = Pod {
             spec: Some(PodSpec {
                 image_pull_secrets: Some(vec![LocalObjectReference {

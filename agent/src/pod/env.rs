@@ -532,15 +532,18 @@ mod tests {
     #[test]
     fn service_variables_expand_and_come_last() {
         let store = store();
-        store.update(|o| {
-            for svc in master_and_foo() {
-                let key = (
-                    svc.metadata.namespace.clone().unwrap(),
-                    svc.metadata.name.clone().unwrap(),
-                );
-                o.services.insert(key, svc);
-            }
-        });
+        store.set_services(
+            master_and_foo()
+                .into_iter()
+                .map(|svc| {
+                    let key = (
+                        svc.metadata.namespace.clone().unwrap(),
+                        svc.metadata.name.clone().unwrap(),
+                    );
+                    (key, svc)
+                })
+                .collect(),
+        );
         let c = Container {
             name: "c".into(),
             env: Some(vec![

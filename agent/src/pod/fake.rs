@@ -303,6 +303,8 @@ impl Exec for FakeExec {
 struct HostState {
     sandboxes: BTreeSet<String>,
     volumes: BTreeSet<String>,
+    /// The UID of every volume refresh, in order.
+    refreshes: Vec<String>,
 }
 
 /// Sandboxes and volumes as sets; cgroups from the runtime.
@@ -319,6 +321,12 @@ impl FakeHost {
     pub(crate) fn volumes(&self) -> BTreeSet<String> {
         self.state.lock().unwrap().volumes.clone()
     }
+
+    /// How many times `uid`'s volumes were refreshed.
+    pub(crate) fn refreshes(&self, uid: &str) -> usize {
+        let state = self.state.lock().unwrap();
+        state.refreshes.iter().filter(|u| *u == uid).count()
+    }
 }
 
 fn uid(pod: &Pod) -> String {
@@ -331,7 +339,8 @@ impl PodHost for FakeHost {
         self.state.lock().unwrap().volumes.insert(uid(pod));
         Ok(PodVolumes::default())
     }
-    async fn refresh_volumes(&self, _pod: &Pod, _volumes: &PodVolumes) -> Result<(), VolumeError> {
+    async fn refresh_volumes(&self, pod: &Pod, _volumes: &PodVolumes) -> Result<(), VolumeError> {
+        self.state.lock().unwrap().refreshes.push(uid(pod));
         Ok(())
     }
     fn container_mounts(

@@ -42,6 +42,7 @@ use crate::runtime::{
     RuntimeError, TaskState,
 };
 use crate::sandbox::Sandbox;
+use crate::store::refs::watched_by;
 use crate::volume::PodVolumes;
 pub(crate) use exits::ExitRouter;
 pub(crate) use kill::remove_pod_dir;
@@ -107,6 +108,8 @@ pub(crate) struct Worker {
     hook_rx: mpsc::UnboundedReceiver<start::HookDone>,
     /// When containers whose start failed turn from RunContainerError to CrashLoopBackOff.
     settle: Option<tokio::time::Instant>,
+    /// The object store's generation this worker has looked at.
+    store_seen: u64,
 }
 
 fn field_path(kind: Kind, name: &str) -> String {
@@ -138,6 +141,7 @@ impl Worker {
         // A re-adopted pod's status goes on from what the API holds (written by the agent
         // before its restart): conditions keep their lastTransitionTime, nothing flaps.
         let reported = desired.pod.status.clone().filter(|_| !recovered.is_empty());
+        let store_seen = ctx.store.generation();
         let mut worker = Worker {
             ctx,
             router,
@@ -164,6 +168,7 @@ impl Worker {
             hook_tx,
             hook_rx,
             settle: None,
+            store_seen,
         };
         let stale = worker.adopt(recovered);
         (worker, stale)
@@ -378,7 +383,16 @@ impl Worker {
         }
     }
 
+    /// Objects changed: only a change to one this pod watches (or one the store no longer
+    /// remembers) refreshes its volumes and steps it again.
     async fn on_store_change(&mut self) {
+        let (now, changed) = self.ctx.store.changes_since(self.store_seen);
+        self.store_seen = now;
+        if let Some(keys) = changed {
+            if keys.is_disjoint(&watched_by(&self.desired.pod, &self.ctx.store)) {
+                return;
+            }
+        }
         if let Some(volumes) = self.volumes.clone() {
             if let Err(e) = self
                 .ctx

@@ -156,6 +156,40 @@ pub(super) async fn until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// #14: a change in the object store refreshes (and steps) only the pods that watch the
+/// changed object, not every pod of the node.
+#[tokio::test(start_paused = true)]
+async fn only_a_change_to_an_object_the_pod_watches_refreshes_its_volumes() {
+    let node = Node::new().await;
+    let mut p = pod("u1", "Always");
+    p.spec.as_mut().unwrap().volumes = Some(vec![serde_json::from_value(
+        serde_json::json!({"name": "v", "configMap": {"name": "watched"}}),
+    )
+    .expect("volume")]);
+    node.run(&p).await;
+    let before = node.host.refreshes("u1");
+    let cm = k8s_openapi::api::core::v1::ConfigMap::default;
+    node.ctx
+        .store
+        .set_config_map("default", "other", Some(cm()));
+    node.ctx
+        .store
+        .set_config_map("elsewhere", "watched", Some(cm()));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        node.host.refreshes("u1"),
+        before,
+        "objects the pod does not watch refreshed it"
+    );
+    node.ctx
+        .store
+        .set_config_map("default", "watched", Some(cm()));
+    until("the pod's volumes are refreshed", || {
+        node.host.refreshes("u1") > before
+    })
+    .await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_deleted_pod_is_stopped_and_leaves_nothing() {
     let mut node = Node::new().await;
