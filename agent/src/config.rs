@@ -97,7 +97,8 @@ pub struct Flags {
     /// with no --kubeconfig (standalone) allows nothing.
     #[arg(long)]
     pub authorization_mode: Option<String>,
-    /// The node IP to report; default the first non-loopback IPv4 address.
+    /// The node IP to report; default the node name when it is an IP (as with the kubelet's
+    /// --hostname-override=<IP>), else the first non-loopback IPv4 address.
     #[arg(long)]
     pub node_ip: Option<String>,
     /// Where container logs go. Default /var/log/pods.
@@ -412,6 +413,8 @@ impl Config {
             .or(file.hostname_override)
             .unwrap_or_else(|| hostname.to_string())
             .to_lowercase();
+        // As the kubelet: a node named by an IP (`--hostname-override=<IP>`) has that IP.
+        let node_ip = node_ip.or_else(|| node_name.parse().ok());
         Ok(Config {
             pod_manifest_path: flags.pod_manifest_path.or(file.static_pod_path),
             kubeconfig,
@@ -687,6 +690,29 @@ mod tests {
         assert_eq!(c.max_pods, 110);
         assert_eq!(c.cluster_domain, "cluster.local");
         assert!(c.kubeconfig.is_none());
+    }
+
+    #[test]
+    fn a_node_named_by_an_ip_has_that_ip_unless_node_ip_says_otherwise() {
+        let c = Config::resolve(flags(&["--hostname-override", "10.1.2.3"]), "host").unwrap();
+        assert_eq!(
+            (c.node_name.as_str(), c.node_ip),
+            ("10.1.2.3", Some([10, 1, 2, 3].into()))
+        );
+        let c = Config::resolve(flags(&["--hostname-override", "FD00::7"]), "host").unwrap();
+        assert_eq!(c.node_ip, Some("fd00::7".parse().unwrap()));
+        let c = Config::resolve(
+            flags(&["--hostname-override", "10.1.2.3", "--node-ip", "10.9.9.9"]),
+            "host",
+        )
+        .unwrap();
+        assert_eq!(c.node_ip, Some([10, 9, 9, 9].into()));
+        // A name that is not an IP leaves the node IP to be found on the host.
+        assert_eq!(Config::resolve(flags(&[]), "node-a").unwrap().node_ip, None);
+        assert_eq!(
+            Config::resolve(flags(&[]), "10.4.4.4").unwrap().node_ip,
+            Some([10, 4, 4, 4].into())
+        );
     }
 
     #[test]

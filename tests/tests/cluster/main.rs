@@ -31,6 +31,8 @@ use kube::api::{DeleteParams, EvictParams, PostParams};
 use kube::Api;
 use nodelet_tests::csi_support::{LoopPlugin, LOOP_DRIVER};
 
+mod ports;
+
 const CONTAINERD_NS: &str = "k8s.nodelet.cluster-test";
 const IMAGE: &str = "127.0.0.1:5000/nodelet/busybox:latest";
 /// The gateway address of the nodelet CNI bridge (`scripts/cni/10-nodelet.conflist`).
@@ -94,6 +96,8 @@ struct Agent {
     kubeconfig: PathBuf,
     containerd_ns: String,
     extra: Vec<String>,
+    /// The network namespace it runs in (a path under /run/netns); `None`: the test's own.
+    netns: Option<PathBuf>,
 }
 
 impl Agent {
@@ -109,16 +113,27 @@ impl Agent {
         containerd_ns: &str,
         extra: &[String],
     ) -> Agent {
-        let mut agent = Agent {
+        let mut agent = Agent::unstarted(node, kubeconfig, containerd_ns, extra);
+        agent.restart();
+        agent
+    }
+
+    /// As `start_as`, not started yet: set `netns` first, then `restart`.
+    fn unstarted(
+        node: &str,
+        kubeconfig: &std::path::Path,
+        containerd_ns: &str,
+        extra: &[String],
+    ) -> Agent {
+        Agent {
             child: None,
             dir: tempfile::tempdir().expect("temp dir"),
             node: node.to_string(),
             kubeconfig: kubeconfig.to_path_buf(),
             containerd_ns: containerd_ns.to_string(),
             extra: extra.to_vec(),
-        };
-        agent.restart();
-        agent
+            netns: None,
+        }
     }
 
     fn log(&self) -> PathBuf {
@@ -141,7 +156,20 @@ impl Agent {
             .expect("agent log");
         std::fs::create_dir_all(self.manifests()).expect("manifest folder");
         let bin = agent_binary();
-        let child = Command::new(&bin)
+        // In a network namespace of the test's: nsenter joins it and execs the agent (the
+        // child is the agent itself), the mount namespace stays the host's, which containerd
+        // shares.
+        let mut command = match &self.netns {
+            Some(netns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", netns.display()))
+                    .arg("--")
+                    .arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let child = command
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .args(["--hostname-override", &self.node])
@@ -163,9 +191,10 @@ impl Agent {
             )
             .arg("--client-ca-file")
             .arg(credential_files(&self.kubeconfig, d).0)
-            // The node's address is the CNI bridge's (scripts/setup), never the host's uplink.
+            // The node's address is the CNI bridge's (scripts/setup), never the host's uplink;
+            // in a namespace of the test's, the agent finds its own.
             .args(
-                (!self.extra.iter().any(|a| a == "--node-ip"))
+                (self.netns.is_none() && !self.extra.iter().any(|a| a == "--node-ip"))
                     .then_some(["--node-ip", NODE_IP])
                     .into_iter()
                     .flatten(),
@@ -439,9 +468,15 @@ async fn pod_ready(pods: &Api<Pod>, name: &str) -> Option<Pod> {
 }
 
 async fn create_ready_pod(pods: &Api<Pod>, c: &Cluster, name: &str, grace: i64) -> Pod {
-    pods.create(&PostParams::default(), &pod(name, &c.node, grace))
+    create_until_ready(pods, &pod(name, &c.node, grace)).await
+}
+
+/// Creates `p` and waits for it to be Running and Ready.
+async fn create_until_ready(pods: &Api<Pod>, p: &Pod) -> Pod {
+    pods.create(&PostParams::default(), p)
         .await
         .expect("create pod");
+    let name = p.metadata.name.as_deref().expect("a pod name");
     let d = Deadline::new(format!("pod {name} Running and Ready"), 180);
     loop {
         if let Some(p) = pod_ready(pods, name).await {
@@ -1113,13 +1148,7 @@ async fn kubectl_logs_reach_the_secure_port_and_others_are_refused() {
         "echo hello; touch /tmp; i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done"
             .into(),
     ]);
-    pods.create(&PostParams::default(), &p)
-        .await
-        .expect("create");
-    let d = Deadline::new("talker Ready", 90);
-    while pod_ready(&pods, "talker").await.is_none() {
-        d.tick().await;
-    }
+    create_until_ready(&pods, &p).await;
 
     // Through the API server (its kubelet client certificate, authorized by a
     // SubjectAccessReview the agent makes with the node's identity).
@@ -1160,21 +1189,9 @@ async fn kubectl_logs_reach_the_secure_port_and_others_are_refused() {
         ns.name
     );
     let curl = |extra: &[&std::ffi::OsStr]| {
-        let out = Command::new("curl")
-            .args([
-                "-sk",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--max-time",
-                "10",
-            ])
-            .args(extra)
-            .arg(&url)
-            .output()
-            .expect("curl");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let mut curl = Command::new("curl");
+        curl.args(extra);
+        https_status(curl, &url)
     };
     assert_eq!(curl(&[]), "401", "anonymous requests are not authenticated");
     let with_cert = [
@@ -1188,6 +1205,26 @@ async fn kubectl_logs_reach_the_secure_port_and_others_are_refused() {
         "403",
         "a node may not read pod logs on a node"
     );
+}
+
+/// The HTTP status of a GET of `url` (its server certificate not checked) by `curl`: a command
+/// that runs curl with the arguments it has and these (e.g. a client certificate, or `nsenter`
+/// into a network namespace first).
+fn https_status(mut curl: Command, url: &str) -> String {
+    let out = curl
+        .args([
+            "-sk",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+            url,
+        ])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Ephemeral containers (`kubectl debug --target`, upstream's Ephemeral Containers specs): one
@@ -1459,7 +1496,17 @@ async fn static_pods_run_while_the_api_is_unreachable() {
 /// A proxy to the API server and a copy of the node's kubeconfig that goes through it (in the
 /// returned temp dir): cutting the proxy makes the API unreachable for that agent only.
 fn api_proxy(c: &Cluster) -> (Proxy, PathBuf, tempfile::TempDir) {
-    let text = std::fs::read_to_string(&c.node_kubeconfig).unwrap();
+    api_proxy_on(&c.node_kubeconfig, "127.0.0.1:0".parse().unwrap(), |_| {})
+}
+
+/// A proxy to the API server of `kubeconfig` listening on `listen` (port 0: any), and a copy
+/// of `kubeconfig` that goes through it, changed further by `edit` (in the returned temp dir).
+fn api_proxy_on(
+    kubeconfig: &std::path::Path,
+    listen: std::net::SocketAddr,
+    edit: impl FnOnce(&mut serde_yaml::Value),
+) -> (Proxy, PathBuf, tempfile::TempDir) {
+    let text = std::fs::read_to_string(kubeconfig).unwrap();
     let mut doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
     let server = doc["clusters"][0]["cluster"]["server"]
         .as_str()
@@ -1470,14 +1517,12 @@ fn api_proxy(c: &Cluster) -> (Proxy, PathBuf, tempfile::TempDir) {
         .trim_end_matches('/')
         .parse()
         .expect("a server address of the form https://<ip>:<port>");
-    let proxy = Proxy::new(
-        Endpoint::Tcp("127.0.0.1:0".parse().unwrap()),
-        Endpoint::Tcp(api),
-    );
+    let proxy = Proxy::new(Endpoint::Tcp(listen), Endpoint::Tcp(api));
     let Endpoint::Tcp(through) = proxy.listen else {
         unreachable!()
     };
     doc["clusters"][0]["cluster"]["server"] = format!("https://{through}").into();
+    edit(&mut doc);
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(&kubeconfig, serde_yaml::to_string(&doc).unwrap()).unwrap();
@@ -1499,16 +1544,36 @@ fn second_node(test: &str) -> (String, PathBuf) {
     }
 }
 
-/// Deletes a Node at the end of a test (its Lease goes with it).
-struct NodeCleanup {
+/// Deletes a cluster-scoped object at the end of a test, also when it fails (a Node: its
+/// Lease goes with it).
+struct DeleteAtEnd<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
     name: String,
+    kind: std::marker::PhantomData<K>,
 }
 
-impl Drop for NodeCleanup {
+impl<K> DeleteAtEnd<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    fn new(name: &str) -> Self {
+        DeleteAtEnd {
+            name: name.to_string(),
+            kind: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<K> Drop for DeleteAtEnd<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
     fn drop(&mut self) {
         let name = self.name.clone();
         with_own_client(move |client| async move {
-            let _ = Api::<Node>::all(client)
+            let _ = Api::<K>::all(client)
                 .delete(&name, &DeleteParams::default())
                 .await;
         });
@@ -1531,9 +1596,7 @@ async fn an_unreachable_node_is_tainted_its_pod_evicted_and_killed_on_restart() 
     };
     let (node2, node2_kubeconfig) = second_node(test);
     assert_ne!(node2, c.node, "the second node must be another node");
-    let _node2_cleanup = NodeCleanup {
-        name: node2.clone(),
-    };
+    let _node2_cleanup = DeleteAtEnd::<Node>::new(&node2);
     let _other = Agent::start_as(
         &node2,
         &node2_kubeconfig,
@@ -1670,15 +1733,22 @@ impl Endpoint {
         })
     }
 
-    /// Binds (a Unix socket path is replaced); a TCP port 0 becomes the bound port.
-    fn bind(&mut self) -> Listener {
+    /// Binds (a Unix socket path is replaced); a TCP port 0 becomes the bound port. A TCP
+    /// address is bound in network namespace `netns` if given (a path is in no namespace).
+    fn bind(&mut self, netns: Option<&std::path::Path>) -> Listener {
         match self {
             Endpoint::Unix(p) => {
                 let _ = std::fs::remove_file(&*p);
                 Listener::Unix(tokio::net::UnixListener::bind(&*p).expect("proxy socket"))
             }
             Endpoint::Tcp(a) => {
-                let std = std::net::TcpListener::bind(*a).expect("proxy port");
+                let addr = *a;
+                let bind = move || std::net::TcpListener::bind(addr);
+                let std = match netns {
+                    Some(netns) => in_netns(netns, bind),
+                    None => bind(),
+                }
+                .expect("proxy port");
                 *a = std.local_addr().unwrap();
                 std.set_nonblocking(true).unwrap();
                 Listener::Tcp(tokio::net::TcpListener::from_std(std).unwrap())
@@ -1696,21 +1766,48 @@ impl Listener {
     }
 }
 
-/// A stand-in for a socket the agent uses (containerd's, the API server's): forwards every
-/// connection to the real one while up; taking it down closes the listener and every
-/// forwarded connection. The agent loses its runtime or its API server and gets it back
-/// without the shared one being touched.
+/// Runs `work` on a thread of its own that joined the network namespace at `netns` (setns
+/// changes the calling thread only); a socket made there stays in that namespace.
+fn in_netns<T: Send + 'static>(
+    netns: &std::path::Path,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    use std::os::fd::AsRawFd;
+    let ns = std::fs::File::open(netns)
+        .unwrap_or_else(|e| panic!("network namespace {}: {e}", netns.display()));
+    std::thread::spawn(move || {
+        // SAFETY: setns on a namespace file this thread holds open; it affects this thread only.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        work()
+    })
+    .join()
+    .expect("the thread in the network namespace")
+}
+
+/// A stand-in for a socket the agent uses (containerd's, the API server's, the registry's):
+/// forwards every connection to the real one while up; taking it down closes the listener and
+/// every forwarded connection. The agent loses its runtime or its API server and gets it back
+/// without the shared one being touched. It may listen in another network namespace (then
+/// it relays between that namespace and the test's).
 struct Proxy {
     listen: Endpoint,
     target: Endpoint,
+    netns: Option<PathBuf>,
     up: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl Proxy {
     fn new(listen: Endpoint, target: Endpoint) -> Self {
+        Proxy::in_netns(None, listen, target)
+    }
+
+    /// A proxy that listens in network namespace `netns` (`None`: the test's).
+    fn in_netns(netns: Option<PathBuf>, listen: Endpoint, target: Endpoint) -> Self {
         let mut proxy = Proxy {
             listen,
             target,
+            netns,
             up: None,
         };
         proxy.start();
@@ -1718,7 +1815,7 @@ impl Proxy {
     }
 
     fn start(&mut self) {
-        let listener = self.listen.bind();
+        let listener = self.listen.bind(self.netns.as_deref());
         let target = self.target.clone();
         let token = tokio_util::sync::CancellationToken::new();
         let stop = token.clone();
