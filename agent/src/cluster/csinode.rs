@@ -195,4 +195,101 @@ mod tests {
         assert_eq!(owners.len(), 1);
         assert_eq!(owners[0].uid, "uid-2");
     }
+
+    use crate::cluster::fake_api::{until, FakeApi};
+
+    const CSINODE: &str = "/apis/storage.k8s.io/v1/csinodes/n1";
+    const CSINODES: &str = "/apis/storage.k8s.io/v1/csinodes";
+    /// Catches a hang; paused time gets there at once.
+    const HANG: Duration = Duration::from_secs(600);
+
+    fn entries(api: &FakeApi) -> Vec<(String, String)> {
+        let csinode = api.get(CSINODE).unwrap_or_default();
+        csinode["spec"]["drivers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| {
+                let field = |k: &str| d[k].as_str().unwrap_or_default().to_string();
+                (field("name"), field("nodeID"))
+            })
+            .collect()
+    }
+
+    fn registered(drivers: &[Driver]) -> Registered {
+        Registered {
+            listed: true,
+            drivers: drivers
+                .iter()
+                .map(|d| (d.name.clone(), d.clone()))
+                .collect(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn registered_drivers_are_written_to_the_csinode_made_when_absent() {
+        let api = FakeApi::new();
+        api.put(
+            "/api/v1/nodes/n1",
+            serde_json::json!({ "metadata": { "uid": "node-uid" } }),
+        );
+        let (tx, rx) = watch::channel(Registered::default());
+        let token = CancellationToken::new();
+        let task = tokio::spawn(run(api.client(), "n1".into(), rx, token.clone()));
+        // Before the registry's first pass nothing is written.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(api.requests().is_empty(), "{:?}", api.requests());
+
+        let a = driver("a.csi", "node-a", 8, &["topology.a/zone"]);
+        tx.send_replace(registered(std::slice::from_ref(&a)));
+        until("the CSINode created", HANG, || api.get(CSINODE).is_some()).await;
+        assert_eq!(api.requests_to("POST", CSINODES).len(), 1);
+        let made = api.get(CSINODE).unwrap();
+        assert_eq!(made["spec"]["drivers"][0]["allocatable"]["count"], 8);
+        assert_eq!(
+            made["spec"]["drivers"][0]["topologyKeys"],
+            serde_json::json!(["topology.a/zone"])
+        );
+        let owner = &made["metadata"]["ownerReferences"][0];
+        assert_eq!(
+            (&owner["kind"], &owner["uid"]),
+            (&"Node".into(), &"node-uid".into())
+        );
+
+        // A second driver registers: the existing object is updated, not made again.
+        let b = driver("b.csi", "node-b", 0, &[]);
+        tx.send_replace(registered(&[a.clone(), b]));
+        until("the second driver", HANG, || entries(&api).len() == 2).await;
+        assert_eq!(
+            entries(&api),
+            [
+                ("a.csi".to_string(), "node-a".to_string()),
+                ("b.csi".to_string(), "node-b".to_string())
+            ]
+        );
+        assert_eq!(api.requests_to("PUT", CSINODE).len(), 1);
+        assert_eq!(api.requests_to("POST", CSINODES).len(), 1);
+        // Nothing changes: the re-checks write nothing.
+        tokio::time::sleep(RESYNC * 3).await;
+        assert_eq!(api.requests_to("PUT", CSINODE).len(), 1);
+
+        // Garbage-collected with a Node registered again: made anew at the next re-check,
+        // owned by the new Node.
+        api.remove(CSINODE);
+        api.edit("/api/v1/nodes/n1", |node| {
+            node["metadata"]["uid"] = "node-uid-2".into()
+        });
+        tokio::time::sleep(RESYNC).await;
+        until("the CSINode made anew", HANG, || api.get(CSINODE).is_some()).await;
+        let made = api.get(CSINODE).unwrap();
+        assert_eq!(made["metadata"]["ownerReferences"][0]["uid"], "node-uid-2");
+        assert_eq!(entries(&api).len(), 2);
+
+        // The driver goes away: its entry goes.
+        tx.send_replace(registered(&[a]));
+        until("the entry dropped", HANG, || entries(&api).len() == 1).await;
+        assert_eq!(entries(&api)[0].0, "a.csi");
+        token.cancel();
+        task.await.unwrap();
+    }
 }

@@ -153,4 +153,59 @@ mod tests {
         assert_eq!(owners.len(), 1);
         assert_eq!(owners[0].uid, "new-uid");
     }
+
+    use crate::cluster::fake_api::{until, FakeApi};
+
+    const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/n1";
+    /// Catches a hang; paused time gets there at once.
+    const HANG: Duration = Duration::from_secs(600);
+
+    fn renewals(api: &FakeApi) -> usize {
+        let puts = api.requests_to("PUT", LEASE);
+        puts.iter().filter(|r| r.code == 200).count()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_lease_is_made_renewed_and_taken_back_after_a_conflict() {
+        let api = FakeApi::new();
+        let (uid_tx, uid) = watch::channel(None);
+        let token = CancellationToken::new();
+        let task = tokio::spawn(run(api.client(), "n1".into(), uid, token.clone()));
+        // Nothing before the Node is registered (the owner reference needs its UID).
+        tokio::time::sleep(RENEW_INTERVAL * 2).await;
+        assert!(api.requests().is_empty());
+        uid_tx.send_replace(Some("node-uid".into()));
+        until("the lease", HANG, || api.get(LEASE).is_some()).await;
+        let lease = api.get(LEASE).unwrap();
+        assert_eq!(lease["spec"]["holderIdentity"], "n1");
+        assert_eq!(lease["spec"]["leaseDurationSeconds"], DURATION_SECONDS);
+        assert_eq!(lease["metadata"]["ownerReferences"][0]["uid"], "node-uid");
+        until("two renewals", HANG, || renewals(&api) >= 2).await;
+
+        // Someone else writes the Lease: the renewal with the old resourceVersion is refused
+        // (409), the Lease is read again and the node holds it again.
+        api.edit(LEASE, |lease| {
+            lease["spec"]["holderIdentity"] = "other".into()
+        });
+        until("a refused renewal", HANG, || {
+            api.requests_to("PUT", LEASE).iter().any(|r| r.code == 409)
+        })
+        .await;
+        until("the node holds the lease again", HANG, || {
+            api.get(LEASE).unwrap()["spec"]["holderIdentity"] == "n1"
+        })
+        .await;
+        let requests = api.requests();
+        let refused = requests.iter().position(|r| r.code == 409).unwrap();
+        assert_eq!(
+            (
+                requests[refused + 1].method.as_str(),
+                requests[refused + 2].method.as_str()
+            ),
+            ("GET", "PUT"),
+            "{requests:?}"
+        );
+        token.cancel();
+        task.await.unwrap();
+    }
 }

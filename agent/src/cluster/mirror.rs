@@ -585,4 +585,119 @@ mod tests {
             }]
         );
     }
+
+    use crate::cluster::fake_api::{until, FakeApi};
+    use crate::cluster::pods;
+
+    const MIRROR: &str = "/api/v1/namespaces/default/pods/web-n1";
+    /// Catches a hang; paused time gets there at once.
+    const HANG: Duration = Duration::from_secs(600);
+
+    fn uid_of(pod: &serde_json::Value) -> String {
+        pod["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// The pod watch and the mirror task against `api`, as the cluster agent wires them, for
+    /// the static pods sent on the first sender returned (the second holds the Node's UID).
+    fn start(
+        api: &FakeApi,
+        token: &CancellationToken,
+    ) -> (
+        watch::Sender<Option<Vec<Pod>>>,
+        watch::Sender<Option<String>>,
+    ) {
+        let (desired, _) = watch::channel(Vec::new());
+        let (synced, synced_rx) = watch::channel(false);
+        let (api_pods, api_pods_rx) = watch::channel(ApiPods::default());
+        let out = pods::Outputs {
+            desired,
+            synced,
+            api_pods,
+        };
+        tokio::spawn(pods::run(api.client(), "n1".into(), out, token.clone()));
+        let (statics, statics_rx) = watch::channel(None);
+        let (node_uid_tx, node_uid) = watch::channel(Some("node-uid".to_string()));
+        let inputs = Inputs {
+            statics: statics_rx,
+            api_pods: api_pods_rx,
+            synced: synced_rx,
+            node_uid,
+            status: StatusManager::new(),
+        };
+        tokio::spawn(run(api.client(), "n1".into(), inputs, token.clone()));
+        (statics, node_uid_tx)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_static_pod_keeps_a_mirror_pod_that_goes_with_it() {
+        let api = FakeApi::new();
+        let token = CancellationToken::new();
+        let (statics, _node_uid) = start(&api, &token);
+        statics.send_replace(Some(vec![static_pod("web-n1", "h1")]));
+        until("the mirror pod", HANG, || api.get(MIRROR).is_some()).await;
+        let made = api.get(MIRROR).unwrap();
+        assert_eq!(made["metadata"]["annotations"][CONFIG_MIRROR], "h1");
+        assert_eq!(made["spec"]["nodeName"], "n1");
+        let owner = &made["metadata"]["ownerReferences"][0];
+        assert_eq!(
+            (&owner["kind"], &owner["uid"], &owner["controller"]),
+            (&"Node".into(), &"node-uid".into(), &true.into())
+        );
+
+        // Someone deletes the mirror pod (gracefully: the API marks it): the agent finishes
+        // the deletion (grace 0, its UID) and makes it anew.
+        let first = uid_of(&made);
+        api.edit(MIRROR, |pod| {
+            pod["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:30Z".into()
+        });
+        until("a new mirror pod", HANG, || {
+            api.get(MIRROR).is_some_and(|p| uid_of(&p) != first)
+        })
+        .await;
+        let deletes = api.requests_to("DELETE", MIRROR);
+        assert_eq!(deletes.len(), 1);
+        assert_eq!(deletes[0].body["gracePeriodSeconds"], 0);
+        assert_eq!(deletes[0].body["preconditions"]["uid"], first.as_str());
+        let second = api.get(MIRROR).unwrap();
+        assert!(second["metadata"].get("deletionTimestamp").is_none());
+
+        // The manifest changed: the mirror of the old hash is replaced.
+        statics.send_replace(Some(vec![static_pod("web-n1", "h2")]));
+        until("the mirror of the new hash", HANG, || {
+            api.get(MIRROR)
+                .is_some_and(|p| p["metadata"]["annotations"][CONFIG_MIRROR] == "h2")
+        })
+        .await;
+        let third = uid_of(&api.get(MIRROR).unwrap());
+        let deletes = api.requests_to("DELETE", MIRROR);
+        assert_eq!(deletes.len(), 2);
+        assert_eq!(
+            deletes[1].body["preconditions"]["uid"],
+            uid_of(&second).as_str()
+        );
+
+        // The static pod goes (its worker reports nothing): so does its mirror, for good.
+        statics.send_replace(Some(vec![]));
+        until("the mirror pod gone", HANG, || api.get(MIRROR).is_none()).await;
+        let deletes = api.requests_to("DELETE", MIRROR);
+        assert_eq!(deletes.len(), 3);
+        assert_eq!(deletes[2].body["preconditions"]["uid"], third.as_str());
+        let creates = || api.requests_to("POST", "/api/v1/namespaces/default/pods");
+        let made: Vec<u16> = creates()
+            .iter()
+            .map(|r| r.code)
+            .filter(|c| *c == 201)
+            .collect();
+        assert_eq!(made.len(), 3, "one per mirror made");
+        // A create before the watch showed the last one is refused (409), nothing more.
+        assert!(creates().iter().all(|r| r.code == 201 || r.code == 409));
+        let before = creates().len();
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        assert_eq!(creates().len(), before, "no mirror without its static pod");
+        assert!(api.get(MIRROR).is_none());
+        token.cancel();
+    }
 }

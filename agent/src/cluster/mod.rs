@@ -53,6 +53,8 @@ use crate::store::ObjectStore;
 mod authz;
 mod csinode;
 mod events;
+#[cfg(test)]
+mod fake_api;
 mod lease;
 mod mirror;
 mod node;

@@ -535,6 +535,7 @@ async fn register(nodes: &Api<Node>, host: &Host, machine: &Machine) -> Result<N
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::fake_api::{until, FakeApi};
 
     fn host() -> Host {
         Host {
@@ -808,63 +809,11 @@ mod tests {
         ));
     }
 
-    /// An in-process API server that keeps one Node: create, get and status patches (the
-    /// patch's status replaces the stored one, as the conditions' merge keys would).
-    #[derive(Default)]
-    struct FakeApi {
-        node: Option<serde_json::Value>,
-        status_patches: usize,
-    }
-
-    fn fake_client(api: std::sync::Arc<std::sync::Mutex<FakeApi>>) -> kube::Client {
-        use http_body_util::BodyExt;
-        let service = tower::service_fn(move |req: http::Request<kube::client::Body>| {
-            let api = api.clone();
-            async move {
-                let (parts, body) = req.into_parts();
-                let body = body
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default();
-                let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-                let path = parts.uri.path().to_string();
-                let mut api = api.lock().unwrap();
-                let (code, reply) = match (parts.method.as_str(), path.as_str()) {
-                    ("POST", "/api/v1/nodes") => {
-                        let mut node = body;
-                        node["metadata"]["uid"] = "uid-1".into();
-                        api.node = Some(node.clone());
-                        (201, node)
-                    }
-                    ("GET", "/api/v1/nodes/nodelet-1") => match &api.node {
-                        Some(node) => (200, node.clone()),
-                        None => (404, serde_json::json!({"kind": "Status", "code": 404})),
-                    },
-                    ("PATCH", "/api/v1/nodes/nodelet-1/status") => {
-                        api.status_patches += 1;
-                        let node = api.node.as_mut().expect("patch of a registered node");
-                        node["status"] = body["status"].clone();
-                        (200, node.clone())
-                    }
-                    other => panic!("unexpected request {other:?}"),
-                };
-                let reply = serde_json::to_vec(&reply).unwrap();
-                Ok::<_, std::convert::Infallible>(
-                    http::Response::builder()
-                        .status(code)
-                        .header("content-type", "application/json")
-                        .body(kube::client::Body::from(reply))
-                        .unwrap(),
-                )
-            }
-        });
-        kube::Client::new(service, "default")
-    }
+    const NODE: &str = "/api/v1/nodes/nodelet-1";
 
     fn ready_status(api: &FakeApi) -> String {
-        let conditions = &api.node.as_ref().unwrap()["status"]["conditions"];
-        conditions
+        let node = api.get(NODE).unwrap_or_default();
+        node["status"]["conditions"]
             .as_array()
             .into_iter()
             .flatten()
@@ -873,29 +822,32 @@ mod tests {
             .unwrap_or_default()
     }
 
+    fn status_patches(api: &FakeApi) -> usize {
+        api.requests_to("PATCH", &format!("{NODE}/status")).len()
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_ready_condition_the_controller_changed_is_corrected_at_the_next_interval() {
-        let api = std::sync::Arc::new(std::sync::Mutex::new(FakeApi::default()));
+        let api = FakeApi::new();
         let root = std::env::temp_dir();
         let mut host = host();
         host.config.root_dir = root;
         let token = CancellationToken::new();
         let (uid, _) = watch::channel(None);
         let task = tokio::spawn(run(
-            fake_client(api.clone()),
+            api.client(),
             host,
             Recorder::new("nodelet-1"),
             uid,
             token.clone(),
         ));
-        while api.lock().unwrap().status_patches == 0 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert_eq!(ready_status(&api.lock().unwrap()), "True");
+        until("the first status", Duration::from_secs(60), || {
+            status_patches(&api) > 0
+        })
+        .await;
+        assert_eq!(ready_status(&api), "True");
         // The node controller marks the node Unknown (as after an API-server outage).
-        {
-            let mut api = api.lock().unwrap();
-            let node = api.node.as_mut().unwrap();
+        api.edit(NODE, |node| {
             for c in node["status"]["conditions"].as_array_mut().unwrap() {
                 if c["type"] == "Ready" {
                     c["status"] = "Unknown".into();
@@ -903,16 +855,13 @@ mod tests {
                     c["message"] = "Kubelet stopped posting node status.".into();
                 }
             }
-        }
+        });
         tokio::time::sleep(STATUS_INTERVAL * 2).await;
-        {
-            let api = api.lock().unwrap();
-            assert_eq!(
-                (ready_status(&api), api.status_patches),
-                ("True".to_string(), 2),
-                "Ready posted again within two intervals, not after {REPORT_INTERVAL:?}"
-            );
-        }
+        assert_eq!(
+            (ready_status(&api), status_patches(&api)),
+            ("True".to_string(), 2),
+            "Ready posted again within two intervals, not after {REPORT_INTERVAL:?}"
+        );
         token.cancel();
         task.await.unwrap();
     }

@@ -318,4 +318,98 @@ mod tests {
         assert!(!apply(Event::Delete(svc("ns", "b", "10.0.0.2"))));
         assert!(known.is_empty());
     }
+
+    use crate::cluster::fake_api::{until, FakeApi};
+    use k8s_openapi::api::core::v1::Pod;
+    use std::sync::Arc;
+
+    const CFG: &str = "/api/v1/namespaces/default/configmaps/cfg";
+    /// Catches a hang; paused time gets there at once.
+    const HANG: Duration = Duration::from_secs(600);
+
+    /// A pod of this node whose volumes come from the ConfigMaps `names`.
+    fn pod_using(uid: &str, names: &[&str]) -> Pod {
+        let volumes: Vec<_> = names
+            .iter()
+            .map(|n| serde_json::json!({ "name": n, "configMap": { "name": n } }))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": uid, "namespace": "default", "uid": uid },
+            "spec": { "containers": [{ "name": "c", "image": "i" }], "volumes": volumes },
+        }))
+        .unwrap()
+    }
+
+    fn api_pods(pods: &[Pod]) -> ApiPods {
+        Arc::new(
+            pods.iter()
+                .map(|p| (p.metadata.uid.clone().unwrap(), Arc::new(p.clone())))
+                .collect(),
+        )
+    }
+
+    fn value(store: &ObjectStore, name: &str) -> Option<String> {
+        let cm = store.config_map("default", name)?;
+        cm.data?.get("k").cloned()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_referenced_config_map_is_followed_into_the_store_until_no_pod_uses_it() {
+        let api = FakeApi::new();
+        api.put(CFG, serde_json::json!({ "data": { "k": "1" } }));
+        let store = ObjectStore::new();
+        let (pods, rx) = watch::channel(ApiPods::default());
+        let token = CancellationToken::new();
+        let task = tokio::spawn(run(api.client(), store.clone(), rx, token.clone()));
+        pods.send_replace(api_pods(&[pod_using("p1", &["cfg", "later"])]));
+        until("the ConfigMap in the store", HANG, || {
+            value(&store, "cfg").as_deref() == Some("1")
+        })
+        .await;
+        // Followed one by one, by name: all the Node authorizer lets a node read.
+        let watches: Vec<_> = api
+            .requests()
+            .into_iter()
+            .filter(|r| r.query.contains("watch=true"))
+            .collect();
+        assert!(watches.iter().any(|r| {
+            r.path == "/api/v1/namespaces/default/configmaps"
+                && r.query.contains("fieldSelector=metadata.name%3Dcfg")
+        }));
+        assert!(watches
+            .iter()
+            .all(|r| r.query.contains("fieldSelector=metadata.name")));
+
+        // A change reaches the store; so does an object made after the pod.
+        api.edit(CFG, |cm| cm["data"]["k"] = "2".into());
+        until("the change", HANG, || {
+            value(&store, "cfg").as_deref() == Some("2")
+        })
+        .await;
+        assert_eq!(value(&store, "later"), None);
+        api.put(
+            "/api/v1/namespaces/default/configmaps/later",
+            serde_json::json!({ "data": { "k": "3" } }),
+        );
+        until("the late object", HANG, || {
+            value(&store, "later").as_deref() == Some("3")
+        })
+        .await;
+
+        // Another pod keeps `cfg` wanted after the first one goes; then it goes too.
+        pods.send_replace(api_pods(&[pod_using("p2", &["cfg"])]));
+        until("`later` dropped", HANG, || value(&store, "later").is_none()).await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(value(&store, "cfg").as_deref(), Some("2"));
+        pods.send_replace(api_pods(&[]));
+        until("`cfg` dropped", HANG, || value(&store, "cfg").is_none()).await;
+        // Not followed any more: no request for it, and a change does not come back.
+        let asked = api.requests().len();
+        api.edit(CFG, |cm| cm["data"]["k"] = "4".into());
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        assert_eq!(api.requests().len(), asked);
+        assert_eq!(value(&store, "cfg"), None);
+        token.cancel();
+        task.await.unwrap();
+    }
 }

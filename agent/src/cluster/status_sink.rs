@@ -497,4 +497,208 @@ mod tests {
         assert!(conditions[0].get("reason").is_none(), "no stale reason");
         assert_eq!(conditions[1]["type"], "DisruptionTarget");
     }
+
+    use crate::cluster::fake_api::{until, FakeApi};
+    use serde_json::json;
+
+    const POD: &str = "/api/v1/namespaces/default/pods/web";
+    const STATUS: &str = "/api/v1/namespaces/default/pods/web/status";
+    /// Catches a hang; paused time gets there at once.
+    const HANG: Duration = Duration::from_secs(600);
+
+    /// Stores the API pod `web` (UID `uid`, being deleted when `deleting`) as the API has it.
+    fn api_web(api: &FakeApi, uid: &str, deleting: bool) -> Pod {
+        let mut pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": "web", "namespace": "default", "uid": uid },
+            "spec": { "nodeName": "n1", "containers": [{ "name": "c", "image": "i" }] },
+            "status": { "phase": "Pending" },
+        });
+        if deleting {
+            pod["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:30Z".into();
+            pod["metadata"]["deletionGracePeriodSeconds"] = 30.into();
+        }
+        serde_json::from_value(api.put(POD, pod)).unwrap()
+    }
+
+    fn phase(phase: &str) -> PodStatus {
+        PodStatus {
+            phase: Some(phase.into()),
+            ..Default::default()
+        }
+    }
+
+    /// The sink running against `api`, the pod watch having listed `pods`.
+    struct Sink {
+        status: StatusManager,
+        pods: watch::Sender<ApiPods>,
+        token: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Sink {
+        fn start(api: &FakeApi, pods: &[&Pod]) -> Self {
+            let status = StatusManager::new();
+            let (tx, rx) = watch::channel(ApiPods::default());
+            let token = CancellationToken::new();
+            let sink = Self {
+                task: tokio::spawn(run(api.client(), status.clone(), rx, token.clone())),
+                status,
+                pods: tx,
+                token,
+            };
+            sink.list(pods);
+            sink
+        }
+
+        /// The pod watch publishes `pods` as the API's current set.
+        fn list(&self, pods: &[&Pod]) {
+            let set = pods
+                .iter()
+                .map(|p| (p.metadata.uid.clone().unwrap(), Arc::new((*p).clone())))
+                .collect();
+            self.pods.send_replace(Arc::new(set));
+        }
+
+        /// Waits until the sink dropped `uid` from the status manager.
+        async fn forgotten(&self, uid: &str) {
+            until("the status forgotten", HANG, || {
+                self.status.get(uid).is_none()
+            })
+            .await;
+        }
+
+        async fn stop(self) {
+            self.token.cancel();
+            self.task.await.unwrap();
+        }
+    }
+
+    /// The sink after it wrote the Running status of the API pod `web` (UID u1, being deleted
+    /// when `deleting`), and that pod.
+    async fn running(api: &FakeApi, deleting: bool) -> (Sink, Pod) {
+        let pod = api_web(api, "u1", deleting);
+        let sink = Sink::start(api, &[&pod]);
+        sink.status.set(&pod, phase("Running"));
+        until("the status patch", HANG, || {
+            api.requests_to("PATCH", STATUS).len() == 1
+        })
+        .await;
+        (sink, pod)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pod_status_is_merge_patched_under_its_uid_and_a_failed_patch_is_retried() {
+        let api = FakeApi::new();
+        let (sink, pod) = running(&api, false).await;
+        let sent = &api.requests_to("PATCH", STATUS)[0];
+        assert_eq!(sent.content_type, "application/merge-patch+json");
+        assert_eq!(
+            sent.body["metadata"]["uid"], "u1",
+            "the UID as precondition"
+        );
+        assert_eq!(sent.body["status"]["phase"], "Running");
+        assert_eq!(api.get(POD).unwrap()["status"]["phase"], "Running");
+
+        // The API server fails twice (an outage): the newer status still gets there.
+        api.fail("PATCH", STATUS, 2, 503);
+        sink.status.set(&pod, phase("Succeeded"));
+        until("the status after two failures", HANG, || {
+            api.get(POD).unwrap()["status"]["phase"] == "Succeeded"
+        })
+        .await;
+        let patches = api.requests_to("PATCH", STATUS);
+        assert_eq!(
+            patches.len(),
+            4,
+            "the first, then two failed tries and one written"
+        );
+        assert!(patches[1..]
+            .iter()
+            .all(|p| p.body["status"]["phase"] == "Succeeded"));
+        // Written once: no further request for the same version.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(api.requests_to("PATCH", STATUS).len(), 4);
+        sink.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pod_deleted_in_the_api_is_neither_patched_again_nor_made_anew() {
+        let api = FakeApi::new();
+        let (sink, pod) = running(&api, false).await;
+        // Deleted (force) in the API before the pod watch shows it: the next patch finds no
+        // pod (404), which is not retried.
+        api.remove(POD);
+        sink.status.set(&pod, phase("Failed"));
+        until("the patch of the gone pod", HANG, || {
+            api.requests_to("PATCH", STATUS).len() == 2
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        assert_eq!(
+            api.requests_to("PATCH", STATUS).len(),
+            2,
+            "no retry of a 404"
+        );
+        // The watch shows it gone and the worker finishes: the sink forgets the pod.
+        sink.list(&[]);
+        sink.status.finish("u1");
+        sink.forgotten("u1").await;
+        let requests = api.requests();
+        assert_eq!(
+            requests.len(),
+            2,
+            "nothing but the two patches: {requests:?}"
+        );
+        assert!(api.get(POD).is_none(), "not made anew");
+        sink.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_gracefully_deleted_pod_gets_its_final_status_then_one_delete_with_its_uid() {
+        let api = FakeApi::new();
+        let (sink, pod) = running(&api, true).await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(
+            api.get(POD).is_some(),
+            "no delete while the pod is terminating"
+        );
+        sink.status.set(&pod, phase("Succeeded"));
+        sink.status.finish("u1");
+        until("the final delete", HANG, || api.get(POD).is_none()).await;
+        sink.forgotten("u1").await;
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        let requests = api.requests();
+        let methods: Vec<&str> = requests.iter().map(|r| r.method.as_str()).collect();
+        assert_eq!(methods, ["PATCH", "PATCH", "DELETE"], "{requests:?}");
+        assert_eq!(requests[1].body["status"]["phase"], "Succeeded");
+        let delete = &requests[2];
+        assert_eq!(delete.path, POD);
+        assert_eq!(delete.body["gracePeriodSeconds"], 0);
+        assert_eq!(delete.body["preconditions"]["uid"], "u1");
+        sink.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_same_name_pod_made_anew_is_not_deleted_for_the_old_one() {
+        let api = FakeApi::new();
+        let (sink, old) = running(&api, true).await;
+        // The old pod went and a controller made a new one of the same name before the pod
+        // watch showed either.
+        api.remove(POD);
+        api_web(&api, "u2", false);
+        sink.status.set(&old, phase("Succeeded"));
+        sink.status.finish("u1");
+        sink.forgotten("u1").await;
+        let new = api.get(POD).expect("the new pod stays");
+        assert_eq!(new["metadata"]["uid"], "u2");
+        assert_eq!(
+            new["status"]["phase"], "Pending",
+            "not the old pod's status"
+        );
+        let deletes = api.requests_to("DELETE", POD);
+        assert_eq!(deletes.len(), 1);
+        assert_eq!(deletes[0].body["preconditions"]["uid"], "u1");
+        sink.stop().await;
+    }
 }
