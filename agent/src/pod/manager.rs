@@ -296,6 +296,13 @@ impl PodManager {
     }
 
     /// UIDs with a live worker.
+    /// A receiver of what the worker of `uid` is handed, if it runs.
+    #[cfg(test)]
+    pub(crate) fn worker_updates(&self, uid: &str) -> Option<watch::Receiver<Desired>> {
+        let st = self.inner.state.lock().expect("manager lock");
+        st.workers.get(uid).map(|h| h.tx.subscribe())
+    }
+
     pub fn uids(&self) -> Vec<String> {
         let st = self.inner.state.lock().expect("manager lock");
         let mut uids: Vec<String> = st.workers.keys().cloned().collect();
@@ -319,7 +326,16 @@ impl Inner {
             return;
         }
         if let Some(h) = st.workers.get(&uid) {
-            h.tx.send_replace(desired);
+            // A worker wakes only when its pod or its deletion changed, not for every set
+            // a source hands over.
+            h.tx.send_if_modified(|current| {
+                let same = current.deletion == desired.deletion
+                    && (Arc::ptr_eq(&current.pod, &desired.pod) || current.pod == desired.pod);
+                if !same {
+                    *current = desired;
+                }
+                !same
+            });
             return;
         }
         if let Some(slot) = st.waiting.get_mut(&uid) {

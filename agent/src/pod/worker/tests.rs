@@ -156,6 +156,27 @@ pub(super) async fn until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// #14: a source handing over its whole set again wakes only the workers whose pod changed.
+#[tokio::test(start_paused = true)]
+async fn a_worker_is_handed_its_pod_only_when_it_changed() {
+    let node = Node::new().await;
+    let (a, b) = (pod("u1", "Always"), pod("u2", "Always"));
+    let set = |a: &Pod, b: &Pod| vec![desired(a, None), desired(b, None)];
+    node.manager.sync_all(set(&a, &b)).await;
+    until("both containers run", || node.rt.running().len() == 2).await;
+    let mut to_a = node.manager.worker_updates("u1").expect("u1's worker");
+    let mut to_b = node.manager.worker_updates("u2").expect("u2's worker");
+    // The same pods again, as new objects (an API relist): nobody is woken.
+    node.manager.sync_all(set(&a, &b)).await;
+    assert!(!to_a.has_changed().unwrap() && !to_b.has_changed().unwrap());
+    let mut changed = b.clone();
+    changed.metadata.labels = Some([("v".to_string(), "2".to_string())].into());
+    node.manager.sync_all(set(&a, &changed)).await;
+    assert!(!to_a.has_changed().unwrap(), "u1 did not change");
+    assert!(to_b.has_changed().unwrap(), "u2 changed");
+    assert_eq!(*to_b.borrow_and_update().pod, changed);
+}
+
 /// #14: a change in the object store refreshes (and steps) only the pods that watch the
 /// changed object, not every pod of the node.
 #[tokio::test(start_paused = true)]
