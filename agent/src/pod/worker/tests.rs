@@ -164,7 +164,7 @@ async fn a_worker_is_handed_its_pod_only_when_it_changed() {
     let set = |a: &Pod, b: &Pod| vec![desired(a, None), desired(b, None)];
     node.manager.sync_all(set(&a, &b)).await;
     until("both containers run", || node.rt.running().len() == 2).await;
-    let mut to_a = node.manager.worker_updates("u1").expect("u1's worker");
+    let to_a = node.manager.worker_updates("u1").expect("u1's worker");
     let mut to_b = node.manager.worker_updates("u2").expect("u2's worker");
     // The same pods again, as new objects (an API relist): nobody is woken.
     node.manager.sync_all(set(&a, &b)).await;
