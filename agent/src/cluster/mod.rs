@@ -98,6 +98,8 @@ pub struct ClusterConfig {
     pub root_dir: PathBuf,
     /// The port of the node's server, reported as daemonEndpoints.kubeletEndpoint.
     pub kubelet_port: u16,
+    /// Reported as status.declaredFeatures (from the feature gates).
+    pub declared_features: Vec<String>,
 }
 
 impl ClusterConfig {
@@ -112,6 +114,7 @@ impl ClusterConfig {
             max_pods: config.max_pods,
             root_dir: config.root_dir.clone(),
             kubelet_port: config.port,
+            declared_features: config.feature_gates.declared_features(),
         })
     }
 }

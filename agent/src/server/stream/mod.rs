@@ -158,6 +158,14 @@ fn is_websocket(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
+/// How the request streams, for the log: `websocket` or `spdy`.
+fn transport(headers: &HeaderMap) -> &'static str {
+    match is_websocket(headers) {
+        true => "websocket",
+        false => "spdy",
+    }
+}
+
 /// Checks a SPDY upgrade request and negotiates its protocol: (protocol, the 101 response),
 /// or the refusal to send instead.
 fn spdy_handshake(
@@ -343,14 +351,23 @@ async fn remote_command_upgrade(
     .map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
     let pod = pod(&ctx.status, namespace, name, uid)?;
     let container_id = running_container(&pod, container)?;
+    let transport = transport(request.headers());
     let action = match attaching {
         true => {
-            info!(pod = name, ns = namespace, container, "attach");
+            info!(pod = name, ns = namespace, container, transport, "attach");
             let target = attach_target(&pod, container, container_id, &ctx.log_dir)?;
             Action::Attach(target)
         }
         false => {
-            info!(pod = name, ns = namespace, container, command = ?options.command, "exec");
+            let command = &options.command;
+            info!(
+                pod = name,
+                ns = namespace,
+                container,
+                transport,
+                ?command,
+                "exec"
+            );
             Action::Exec { container_id }
         }
     };
@@ -532,19 +549,21 @@ async fn port_forward_upgrade(ctx: Ctx, request: Request) -> Result<Response, Re
     let pod = pod(&ctx.status, namespace, name, uid)?;
     let target = portforward::Target::of(&pod, &streaming.sandbox_dir);
     let idle = streaming.idle_timeout;
+    let transport = transport(request.headers());
     if is_websocket(request.headers()) {
         let ports = websocket::forwarded_ports(request.uri().query().unwrap_or(""))
             .map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
         info!(
             pod = name,
             ns = namespace,
+            transport,
             ?ports,
-            "port-forward over WebSocket"
+            "port-forward"
         );
         return Ok(websocket::port_forward(request, target, ports, idle).await);
     }
     let (_, response) = spdy_handshake(request.headers(), &[portforward::PROTOCOL])?;
-    info!(pod = name, ns = namespace, "port-forward");
+    info!(pod = name, ns = namespace, transport, "port-forward");
     Ok(upgrade_to_spdy(
         request,
         response,
