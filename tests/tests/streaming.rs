@@ -459,7 +459,12 @@ fn exec_over_websocket_carries_stdin_with_its_close_stdout_stderr_and_the_exit_c
                             .unwrap();
                         (t.as_str().as_bytes()[0] - b'0', data)
                     }
-                    Message::Close(_) => break,
+                    Message::Close(frame) => {
+                        // client-go fails every stream on any other close (kubectl exec too).
+                        let code = frame.map(|f| u16::from(f.code));
+                        assert_eq!(code, Some(1000), "a normal closure: {protocol}");
+                        break;
+                    }
                     _ => continue,
                 };
                 channels.entry(channel).or_default().extend(data);
