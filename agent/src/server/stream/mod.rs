@@ -1,7 +1,10 @@
 //! Streaming into pods on the secure port, as the kubelet serves it to the API server:
 //! `/exec/{namespace}/{pod}[/{uid}]/{container}` and `/attach/…` (same path) over SPDY/3.1
 //! (`v1`–`v5.channel.k8s.io`) or WebSocket (`v4`/`v5.channel.k8s.io` and their `base64.`
-//! forms), and `/portForward/{namespace}/{pod}[/{uid}]` over SPDY (`portforward.k8s.io`).
+//! forms), and `/portForward/{namespace}/{pod}[/{uid}]` over SPDY (`portforward.k8s.io`) or
+//! WebSocket (see `websocket`). Which one the API server uses follows the node's declared
+//! features (`ExtendWebSocketsToKubelet`, see `crate::features`): it passes kubectl's
+//! WebSocket through to a node declaring it and speaks SPDY to any other.
 //!
 //! Layout: `spdy` (the frame codec), `session` (a SPDY server session), `remotecommand`
 //! (options, versions and the exec session bound to channels), `attach` (the session bound
@@ -66,7 +69,7 @@ struct Ctx {
     streaming: Option<Streaming>,
 }
 
-/// The streaming routes; without a runtime they answer 501.
+/// The streaming routes; without a runtime they answer 501, and `/run` always does.
 pub fn routes(status: StatusManager, log_dir: PathBuf, streaming: Option<Streaming>) -> Router {
     let unsupported = || async {
         (
