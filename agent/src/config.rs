@@ -120,6 +120,9 @@ pub struct Flags {
     /// Log files kept per container, the live one included (at least 2). Default 5.
     #[arg(long)]
     pub container_log_max_files: Option<i64>,
+    /// Feature gates, `Name=true|false,…`, over the file's `featureGates`; see `features`.
+    #[arg(long, value_delimiter = ',')]
+    pub feature_gates: Option<Vec<String>>,
     /// Log verbosity: 0 info, 1-3 debug, 4+ trace; or RUST_LOG-style filter via --log-filter.
     #[arg(short = 'v', long = "v")]
     pub verbosity: Option<u8>,
@@ -167,6 +170,8 @@ pub struct FileConfig {
     /// Idle streaming connections (exec, attach, port-forward) are closed after this long.
     #[serde(deserialize_with = "seconds")]
     pub streaming_connection_idle_timeout: Option<u64>,
+    /// Gate name to on/off, as KubeletConfiguration's `featureGates`.
+    pub feature_gates: std::collections::BTreeMap<String, bool>,
 }
 
 /// How many image pulls run at once unless the file says otherwise. The kubelet pulls one at a
@@ -249,7 +254,6 @@ pub const NOT_IMPLEMENTED: &[&str] = &[
     "makeIPTablesUtilChains",
     "iptablesMasqueradeBit",
     "iptablesDropBit",
-    "featureGates",
     "failSwapOn",
     "memorySwap",
     "containerLogMaxWorkers",
@@ -354,6 +358,8 @@ pub struct Config {
     pub container_log_max_size: u64,
     /// `containerLogMaxFiles`: files kept per container, the live one included.
     pub container_log_max_files: usize,
+    /// The feature gates (`--feature-gates` over `featureGates`), defaults as the kubelet's.
+    pub feature_gates: crate::features::FeatureGates,
     /// Settings the file gave that nodelet ignores, one line each, for the log.
     pub warnings: Vec<String>,
 }
@@ -362,7 +368,7 @@ impl Config {
     /// Merges flags over the file (if any) over the defaults. `hostname` is the machine's name,
     /// passed in so tests need no real host.
     pub fn resolve(flags: Flags, hostname: &str) -> Result<Self, ConfigError> {
-        let (file, warnings) = match &flags.config {
+        let (file, mut warnings) = match &flags.config {
             Some(path) => read_file(path)?,
             None => (FileConfig::default(), Vec::new()),
         };
@@ -373,6 +379,17 @@ impl Config {
                 .container_log_max_files
                 .or(file.container_log_max_files),
         )?;
+        let mut gates = file.feature_gates.clone();
+        for item in flags.feature_gates.iter().flatten() {
+            let (name, on) =
+                crate::features::parse_gate(item).map_err(|detail| ConfigError::Invalid {
+                    flag: "--feature-gates",
+                    detail,
+                })?;
+            gates.insert(name, on);
+        }
+        let (feature_gates, unknown_gates) = crate::features::FeatureGates::resolve(&gates);
+        warnings.extend(unknown_gates);
         let node_labels = match flags.node_labels {
             Some(list) => parse_labels(&list)?,
             None => file.node_labels.unwrap_or_default(),
@@ -489,6 +506,7 @@ impl Config {
                 .map_or(STREAMING_IDLE_TIMEOUT, std::time::Duration::from_secs),
             container_log_max_size,
             container_log_max_files,
+            feature_gates,
             warnings,
         })
     }
@@ -857,6 +875,39 @@ mod tests {
             (c.container_log_max_size, c.container_log_max_files),
             (1 << 20, 3)
         );
+    }
+
+    #[test]
+    fn feature_gates_from_the_flag_win_over_the_file_gate_by_gate() {
+        use crate::features::EXTEND_WEBSOCKETS_TO_KUBELET as WS;
+        let c = Config::resolve(flags(&[]), "n").unwrap();
+        assert!(c.feature_gates.enabled(WS), "on by default");
+        let dir = tempfile_dir();
+        let file = dir.join("kubelet.yaml");
+        std::fs::write(
+            &file,
+            "featureGates:\n  ExtendWebSocketsToKubelet: false\n  SomeKubeletGate: true\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let c = Config::resolve(flags(&["--config", path]), "n").unwrap();
+        assert!(!c.feature_gates.enabled(WS));
+        assert!(c.warnings.iter().any(|w| w.contains("SomeKubeletGate")));
+        let on = format!("--feature-gates={WS}=true,NodeDeclaredFeatures=true");
+        let c = Config::resolve(flags(&["--config", path, &on]), "n").unwrap();
+        assert!(c.feature_gates.enabled(WS), "the flag wins");
+        let bad = Config::resolve(
+            flags(&["--feature-gates", "ExtendWebSocketsToKubelet"]),
+            "n",
+        );
+        assert!(matches!(
+            bad,
+            Err(ConfigError::Invalid {
+                flag: "--feature-gates",
+                ..
+            })
+        ));
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

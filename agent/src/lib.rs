@@ -10,6 +10,7 @@ pub mod agent;
 pub mod cluster;
 pub mod config;
 pub mod events;
+pub mod features;
 #[cfg(test)]
 mod heap;
 pub mod host;

@@ -527,3 +527,21 @@ impl ClientPki {
         assert!(out.status.success(), "openssl {args:?}: {out:?}");
     }
 }
+
+/// A nodelet process's open fds, its threads outside tokio's pool (whose idle threads linger
+/// while the agent's own periodic blocking work keeps them warm), and its alive async tasks
+/// as its `metrics` text reports them: what a session must not leave behind.
+pub fn fds_threads_and_tasks(pid: u32, metrics: &str) -> (usize, usize, usize) {
+    let entries = |what: &str| std::fs::read_dir(format!("/proc/{pid}/{what}")).unwrap();
+    let threads = entries("task")
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
+        .filter(|name| name.trim() != "tokio-rt-worker")
+        .count();
+    let tasks = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("nodelet_runtime_tasks "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("the agent reports its tasks");
+    (entries("fd").count(), threads, tasks)
+}

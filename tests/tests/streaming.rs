@@ -459,7 +459,12 @@ fn exec_over_websocket_carries_stdin_with_its_close_stdout_stderr_and_the_exit_c
                             .unwrap();
                         (t.as_str().as_bytes()[0] - b'0', data)
                     }
-                    Message::Close(_) => break,
+                    Message::Close(frame) => {
+                        // client-go fails every stream on any other close (kubectl exec too).
+                        let code = frame.map(|f| u16::from(f.code));
+                        assert_eq!(code, Some(1000), "a normal closure: {protocol}");
+                        break;
+                    }
                     _ => continue,
                 };
                 channels.entry(channel).or_default().extend(data);
@@ -942,23 +947,10 @@ fn idle_streaming_connections_are_closed_after_the_configured_timeout() {
     assert_no_exec_left(&agent, &container);
 }
 
-/// The agent's open fds, its threads outside tokio's pool (whose idle threads linger while
-/// the agent's own periodic blocking work keeps them warm), and its alive async tasks.
+/// The agent's open fds, its threads outside tokio's pool and its alive async tasks.
 fn fds_threads_and_tasks(agent: &Agent) -> (usize, usize, usize) {
     let pid = agent.pid().expect("the agent runs");
-    let entries = |what: &str| std::fs::read_dir(format!("/proc/{pid}/{what}")).unwrap();
-    let threads = entries("task")
-        .flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
-        .filter(|name| name.trim() != "tokio-rt-worker")
-        .count();
-    let tasks = agent
-        .metrics()
-        .lines()
-        .find_map(|l| l.strip_prefix("nodelet_runtime_tasks "))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("the agent reports its tasks");
-    (entries("fd").count(), threads, tasks)
+    nodelet_tests::agent_support::fds_threads_and_tasks(pid, &agent.metrics())
 }
 
 /// What the agent's fds point to and its threads' names, for a failure's message.

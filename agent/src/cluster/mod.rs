@@ -100,6 +100,8 @@ pub struct ClusterConfig {
     pub root_dir: PathBuf,
     /// The port of the node's server, reported as daemonEndpoints.kubeletEndpoint.
     pub kubelet_port: u16,
+    /// Reported as status.declaredFeatures (from the feature gates).
+    pub declared_features: Vec<String>,
 }
 
 impl ClusterConfig {
@@ -114,6 +116,7 @@ impl ClusterConfig {
             max_pods: config.max_pods,
             root_dir: config.root_dir.clone(),
             kubelet_port: config.port,
+            declared_features: config.feature_gates.declared_features(),
         })
     }
 }

@@ -250,6 +250,8 @@ pub(super) fn node_object(host: &Host, machine: &Machine) -> Node {
                 system_uuid: machine.system_uuid.clone(),
                 ..Default::default()
             }),
+            // Always sent, empty too: a feature declared by an earlier run is withdrawn.
+            declared_features: Some(c.declared_features.clone()),
             ..Default::default()
         }),
     }
@@ -552,6 +554,7 @@ mod tests {
                 max_pods: 20,
                 root_dir: "/var/lib/nodelet".into(),
                 kubelet_port: 10250,
+                declared_features: vec!["ExtendWebSocketsToKubelet".into()],
             },
             runtime_version: "1.6.20".into(),
             runtime_check: std::sync::Arc::new(|| Box::pin(async { Ok(()) })),
@@ -618,6 +621,11 @@ mod tests {
             s.daemon_endpoints.unwrap().kubelet_endpoint.unwrap().port,
             10250
         );
+        assert_eq!(s.declared_features.unwrap(), ["ExtendWebSocketsToKubelet"]);
+        let mut none = host();
+        none.config.declared_features.clear();
+        let s = node_object(&none, &machine()).status.unwrap();
+        assert_eq!(s.declared_features, Some(vec![]), "sent empty, to withdraw");
     }
 
     fn healthy() -> Usage {

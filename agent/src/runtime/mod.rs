@@ -147,15 +147,27 @@ pub struct Device {
     pub container_path: String,
 }
 
-/// Namespaces a container joins: paths of pinned namespaces; None = the host's, except for
-/// `pid`, where None is a new PID namespace of the container's own.
+/// Namespaces a container joins: paths of pinned namespaces; None = the host's. The PID
+/// namespace is said apart ([`PidNamespace`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NamespacePaths {
     pub net: Option<PathBuf>,
     pub ipc: Option<PathBuf>,
     pub uts: Option<PathBuf>,
-    /// Another container's PID namespace (an ephemeral container's target).
-    pub pid: Option<PathBuf>,
+    pub pid: PidNamespace,
+}
+
+/// The PID namespace a container runs in.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum PidNamespace {
+    /// A new one of the container's own.
+    #[default]
+    Own,
+    /// The host's (`hostPID`): the spec lists no PID namespace, so the container stays in the
+    /// one its runtime runs in, as containerd's CRI does it.
+    Host,
+    /// Another container's, by path (an ephemeral container's target).
+    Join(PathBuf),
 }
 
 /// Who the process runs as. `uid`/`gid` from securityContext win over the image's user;

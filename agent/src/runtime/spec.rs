@@ -15,7 +15,7 @@ use oci_spec::runtime::{
     ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
 };
 
-use super::ContainerConfig;
+use super::{ContainerConfig, PidNamespace};
 
 /// The capabilities containerd's CRI plugin grants by default.
 pub const DEFAULT_CAPABILITIES: &[&str] = &[
@@ -477,12 +477,20 @@ pub fn build_spec(config: &ContainerConfig, inputs: &SpecInputs) -> Result<Spec,
         .build()?;
 
     let ns = &config.namespaces;
-    let mut namespaces = vec![
-        namespace(LinuxNamespaceType::Pid, ns.pid.as_deref())?,
+    let pid = match &ns.pid {
+        PidNamespace::Own => Some(None),
+        PidNamespace::Host => None,
+        PidNamespace::Join(path) => Some(Some(path.as_path())),
+    };
+    let mut namespaces = Vec::new();
+    if let Some(path) = pid {
+        namespaces.push(namespace(LinuxNamespaceType::Pid, path)?);
+    }
+    namespaces.extend([
         namespace(LinuxNamespaceType::Ipc, ns.ipc.as_deref())?,
         namespace(LinuxNamespaceType::Uts, ns.uts.as_deref())?,
         namespace(LinuxNamespaceType::Mount, None)?,
-    ];
+    ]);
     // No net entry for None: the container shares the host's network.
     if let Some(net) = &ns.net {
         namespaces.push(namespace(LinuxNamespaceType::Network, Some(net))?);
@@ -682,7 +690,7 @@ mod tests {
             net: Some("/run/nodelet/netns/p".into()),
             ipc: Some("/run/nodelet/ipcns/p".into()),
             uts: None,
-            pid: None,
+            pid: PidNamespace::Own,
         };
         let v = json(
             &build_spec(
@@ -709,11 +717,20 @@ mod tests {
     #[test]
     fn an_ephemeral_container_joins_its_targets_pid_namespace() {
         let mut c = base();
-        c.namespaces.pid = Some("/proc/42/ns/pid".into());
+        c.namespaces.pid = PidNamespace::Join("/proc/42/ns/pid".into());
         let v = json(&build_spec(&c, &SpecInputs::default()).unwrap());
         let ns = v["linux"]["namespaces"].as_array().unwrap();
         let pid = ns.iter().find(|n| n["type"] == "pid").unwrap();
         assert_eq!(pid["path"], "/proc/42/ns/pid");
+    }
+
+    #[test]
+    fn host_pid_lists_no_pid_namespace() {
+        let mut c = base();
+        c.namespaces.pid = PidNamespace::Host;
+        let v = json(&build_spec(&c, &SpecInputs::default()).unwrap());
+        let ns = v["linux"]["namespaces"].as_array().unwrap();
+        assert!(ns.iter().all(|n| n["type"] != "pid"), "{ns:?}");
     }
 
     #[test]

@@ -258,7 +258,7 @@ impl SandboxManager {
                 net: state.net.clone(),
                 ipc: state.ipc.clone(),
                 uts: state.uts.clone(),
-                pid: None,
+                pid: Default::default(),
             },
             ip: state.ips.first().copied(),
             hostname: state.hostname.clone(),

@@ -1,5 +1,6 @@
 //! The authenticated HTTPS port, as the kubelet's :10250: the API server reaches it for
-//! `kubectl logs` (`/containerLogs/…`), and monitoring for `/pods`, `/metrics` and `/healthz`.
+//! `kubectl logs` (`/containerLogs/…`) and for exec, attach and port-forward, and monitoring
+//! for `/pods`, `/metrics` and `/healthz`.
 //!
 //! - TLS with the node's serving certificate: `--tls-cert-file`/`--tls-private-key-file`, or
 //!   a self-signed one made once in `<root-dir>/pki` for the node's names and addresses.
@@ -12,7 +13,8 @@
 //!   `pods`, `healthz`, else `proxy`; a fine-grained subresource falls back to `proxy`).
 //!   `AlwaysAllow`, or a `Webhook` (SubjectAccessReview through the API, see `cluster`); the
 //!   Webhook default with no API server (standalone) allows nothing.
-//! - exec and port-forward upgrade to SPDY or WebSocket (`stream`); attach and run answer 501.
+//! - exec, attach and port-forward upgrade to SPDY or WebSocket (`stream`); `/run` (a command
+//!   run without a stream, its output in the response) answers 501.
 //!
 //! [`routes`] is the whole set of endpoints; the local socket serves the same set to root.
 

@@ -32,6 +32,7 @@ use kube::Api;
 use nodelet_tests::csi_support::{LoopPlugin, LOOP_DRIVER};
 
 mod ports;
+mod streaming;
 
 const CONTAINERD_NS: &str = "k8s.nodelet.cluster-test";
 const IMAGE: &str = "127.0.0.1:5000/nodelet/busybox:latest";

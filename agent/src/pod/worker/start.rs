@@ -3,7 +3,7 @@
 //! failed start (StartError attempt, or the same attempt retried with a waiting reason).
 
 use super::*;
-use crate::runtime::NamespacePaths;
+use crate::runtime::{NamespacePaths, PidNamespace};
 
 impl Worker {
     pub(super) async fn setup_volumes(&mut self) -> bool {
@@ -355,23 +355,37 @@ impl Worker {
         pod
     }
 
-    /// The PID namespace of an ephemeral container's running target (`targetContainerName`),
-    /// which it joins as the kubelet has it join (`kubectl debug --target`); None otherwise.
-    async fn target_pid_namespace(&self, kind: Kind, name: &str) -> Option<PathBuf> {
+    /// The PID namespace a container runs in: an ephemeral container's running target's
+    /// (`targetContainerName`, as the kubelet has it join for `kubectl debug --target`), else
+    /// the host's for a `hostPID` pod, else one of its own.
+    async fn pid_namespace(&self, kind: Kind, name: &str) -> PidNamespace {
+        let spec = self.pod().spec.as_ref();
+        let own = match spec.and_then(|s| s.host_pid).unwrap_or(false) {
+            true => PidNamespace::Host,
+            false => PidNamespace::Own,
+        };
         if kind != Kind::Ephemeral {
-            return None;
+            return own;
         }
-        let spec = self.pod().spec.as_ref()?;
-        let ephemeral = spec.ephemeral_containers.iter().flatten();
-        let target = ephemeral
+        let ephemeral = spec
+            .into_iter()
+            .flat_map(|s| s.ephemeral_containers.iter().flatten());
+        let Some(target) = ephemeral
             .filter(|e| e.name == name)
-            .find_map(|e| e.target_container_name.clone())?;
-        let id = self.live.get(&target)?.id.clone()?;
+            .find_map(|e| e.target_container_name.clone())
+        else {
+            return own;
+        };
+        let Some(id) = self.live.get(&target).and_then(|c| c.id.clone()) else {
+            return own;
+        };
         match self.ctx.runtime.inspect(&id).await.map(|r| r.state) {
-            Ok(TaskState::Running { pid, .. }) => Some(format!("/proc/{pid}/ns/pid").into()),
+            Ok(TaskState::Running { pid, .. }) => {
+                PidNamespace::Join(format!("/proc/{pid}/ns/pid").into())
+            }
             _ => {
                 warn!(pod = %self.uid, container = %name, %target, "target not running; own PID namespace");
-                None
+                own
             }
         }
     }
@@ -445,7 +459,7 @@ impl Worker {
             mounts,
             devices,
             namespaces: NamespacePaths {
-                pid: self.target_pid_namespace(kind, name).await,
+                pid: self.pid_namespace(kind, name).await,
                 ..sandbox.namespaces.clone()
             },
             resources: resources::container_resources(&pod, c, node_memory()),

@@ -1,7 +1,10 @@
 //! Streaming into pods on the secure port, as the kubelet serves it to the API server:
 //! `/exec/{namespace}/{pod}[/{uid}]/{container}` and `/attach/…` (same path) over SPDY/3.1
 //! (`v1`–`v5.channel.k8s.io`) or WebSocket (`v4`/`v5.channel.k8s.io` and their `base64.`
-//! forms), and `/portForward/{namespace}/{pod}[/{uid}]` over SPDY (`portforward.k8s.io`).
+//! forms), and `/portForward/{namespace}/{pod}[/{uid}]` over SPDY (`portforward.k8s.io`) or
+//! WebSocket (see `websocket`). Which one the API server uses follows the node's declared
+//! features (`ExtendWebSocketsToKubelet`, see `crate::features`): it passes kubectl's
+//! WebSocket through to a node declaring it and speaks SPDY to any other.
 //!
 //! Layout: `spdy` (the frame codec), `session` (a SPDY server session), `remotecommand`
 //! (options, versions and the exec session bound to channels), `attach` (the session bound
@@ -66,7 +69,7 @@ struct Ctx {
     streaming: Option<Streaming>,
 }
 
-/// The streaming routes; without a runtime they answer 501.
+/// The streaming routes; without a runtime they answer 501, and `/run` always does.
 pub fn routes(status: StatusManager, log_dir: PathBuf, streaming: Option<Streaming>) -> Router {
     let unsupported = || async {
         (
@@ -156,6 +159,14 @@ fn is_websocket(headers: &HeaderMap) -> bool {
         .get(header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+/// How the request streams, for the log: `websocket` or `spdy`.
+fn transport(headers: &HeaderMap) -> &'static str {
+    match is_websocket(headers) {
+        true => "websocket",
+        false => "spdy",
+    }
 }
 
 /// Checks a SPDY upgrade request and negotiates its protocol: (protocol, the 101 response),
@@ -343,14 +354,23 @@ async fn remote_command_upgrade(
     .map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
     let pod = pod(&ctx.status, namespace, name, uid)?;
     let container_id = running_container(&pod, container)?;
+    let transport = transport(request.headers());
     let action = match attaching {
         true => {
-            info!(pod = name, ns = namespace, container, "attach");
+            info!(pod = name, ns = namespace, container, transport, "attach");
             let target = attach_target(&pod, container, container_id, &ctx.log_dir)?;
             Action::Attach(target)
         }
         false => {
-            info!(pod = name, ns = namespace, container, command = ?options.command, "exec");
+            let command = &options.command;
+            info!(
+                pod = name,
+                ns = namespace,
+                container,
+                transport,
+                ?command,
+                "exec"
+            );
             Action::Exec { container_id }
         }
     };
@@ -532,19 +552,21 @@ async fn port_forward_upgrade(ctx: Ctx, request: Request) -> Result<Response, Re
     let pod = pod(&ctx.status, namespace, name, uid)?;
     let target = portforward::Target::of(&pod, &streaming.sandbox_dir);
     let idle = streaming.idle_timeout;
+    let transport = transport(request.headers());
     if is_websocket(request.headers()) {
         let ports = websocket::forwarded_ports(request.uri().query().unwrap_or(""))
             .map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
         info!(
             pod = name,
             ns = namespace,
+            transport,
             ?ports,
-            "port-forward over WebSocket"
+            "port-forward"
         );
         return Ok(websocket::port_forward(request, target, ports, idle).await);
     }
     let (_, response) = spdy_handshake(request.headers(), &[portforward::PROTOCOL])?;
-    info!(pod = name, ns = namespace, "port-forward");
+    info!(pod = name, ns = namespace, transport, "port-forward");
     Ok(upgrade_to_spdy(
         request,
         response,

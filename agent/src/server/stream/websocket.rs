@@ -266,10 +266,21 @@ fn channel_writer(
             }
             activity.touch();
         }
-        let _ = sink.send(Message::Close(None)).await;
-        let _ = sink.close().await;
+        close_normally(&mut sink).await;
     });
     (out_tx, writer)
+}
+
+/// Ends the WebSocket as upstream's server does, with a close frame of status 1000 (normal
+/// closure): client-go's remote command client takes any other close, one without a status
+/// too, as a failure of every stream, the exec's own status included.
+async fn close_normally(sink: &mut futures::stream::SplitSink<WebSocket, Message>) {
+    let frame = axum::extract::ws::CloseFrame {
+        code: axum::extract::ws::close_code::NORMAL,
+        reason: Default::default(),
+    };
+    let _ = sink.send(Message::Close(Some(frame))).await;
+    let _ = sink.close().await;
 }
 
 /// Cancels `gone` once the connection is idle.
@@ -461,8 +472,7 @@ async fn tunnel(socket: WebSocket, target: portforward::Target, activity: Activi
                 }
             }
         }
-        let _ = sink.send(Message::Close(None)).await;
-        let _ = sink.close().await;
+        close_normally(&mut sink).await;
     });
     let (session, streams) = super::session::Session::serve(IdleIo::new(ours, activity.clone()));
     super::serve_until_idle(session, streams, activity, |session, streams| {
