@@ -20,6 +20,16 @@ const HTTPD: &str = nodelet_tests::agent_support::HTTPD;
 /// Bounds every kubectl run: catches a hang, never a slow run.
 const HANG: Duration = Duration::from_secs(120);
 
+/// The tolerations of the tests' pods: the machine's disk is shared with other work, and these
+/// tests are about streaming, not about scheduling under disk pressure.
+fn tolerations() -> serde_json::Value {
+    serde_json::json!([{
+        "key": "node.kubernetes.io/disk-pressure",
+        "operator": "Exists",
+        "effect": "NoSchedule",
+    }])
+}
+
 /// How the API server reaches the node for exec, attach and port-forward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Path {
@@ -139,6 +149,8 @@ impl Setup {
         if command.is_none() {
             container.readiness_probe = None;
         }
+        let spec = p.spec.as_mut().unwrap();
+        spec.tolerations = Some(serde_json::from_value(tolerations()).unwrap());
         let pods = self.ns.pods();
         pods.create(&PostParams::default(), &p)
             .await
@@ -383,6 +395,7 @@ async fn attach(path: Path) {
     let overrides = serde_json::json!({"spec": {
         "nodeSelector": {"kubernetes.io/hostname": s.node},
         "automountServiceAccountToken": false,
+        "tolerations": tolerations(),
     }})
     .to_string();
     let run_it = s.kubectl(&[
