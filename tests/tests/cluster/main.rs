@@ -31,6 +31,8 @@ use kube::api::{DeleteParams, EvictParams, PostParams};
 use kube::Api;
 use nodelet_tests::csi_support::{LoopPlugin, LOOP_DRIVER};
 
+mod parity;
+
 const CONTAINERD_NS: &str = "k8s.nodelet.cluster-test";
 const IMAGE: &str = "127.0.0.1:5000/nodelet/busybox:latest";
 /// The gateway address of the nodelet CNI bridge (`scripts/cni/10-nodelet.conflist`).
