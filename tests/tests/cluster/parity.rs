@@ -320,7 +320,11 @@ impl Run<'_> {
         let mut reasons: Vec<String> = list
             .items
             .iter()
-            .filter(|e| e.reason.as_deref() != Some("Scheduled"))
+            // Those the node wrote (not the scheduler's, for one).
+            .filter(|e| {
+                e.reporting_instance.as_deref() == Some(node)
+                    || e.source.as_ref().and_then(|s| s.host.as_deref()) == Some(node)
+            })
             .map(|e| {
                 let path = e.involved_object.field_path.as_deref().unwrap_or("");
                 format!(
