@@ -688,7 +688,13 @@ fn many_bad_inputs_at_once_each_get_a_reason_and_the_good_pod_keeps_running() {
     let good = agent.pod("good").unwrap();
     assert_eq!(phase_of(Some(&good)), Some("Running"));
     assert_eq!(restarts(Some(&good), "main"), Some(0));
-    assert!(warnings_for(&agent.events(), "good").is_empty());
+    // The agent runs without cluster DNS, which it says of every ClusterFirst pod as the
+    // kubelet does (MissingClusterDNS); nothing else is said of the good pod.
+    let warnings: Vec<_> = warnings_for(&agent.events(), "good")
+        .into_iter()
+        .filter(|w| !w.starts_with("MissingClusterDNS: "))
+        .collect();
+    assert!(warnings.is_empty(), "{warnings:#?}");
     assert_no_panic(&agent);
 }
 

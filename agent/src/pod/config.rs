@@ -329,15 +329,9 @@ pub fn verify_run_as_non_root(
     if non_root != Some(true) {
         return Ok(());
     }
-    let meta = &pod.metadata;
     let who = format!(
         "(pod: {}, container: {})",
-        crate::volume::downward::go_quote(&format!(
-            "{}_{}({})",
-            meta.name.as_deref().unwrap_or_default(),
-            meta.namespace.as_deref().unwrap_or_default(),
-            meta.uid.as_deref().unwrap_or_default()
-        )),
+        crate::volume::downward::go_quote(&super::format_pod(pod)),
         c.name
     );
     let run_as_user = sc

@@ -52,7 +52,7 @@ struct RuntimeState {
     exec_exit: Option<Option<i32>>,
     /// Tasks take TERM without ending (only KILL ends them).
     ignore_term: bool,
-    /// Starts fail: the OCI runtime refuses the process with this message.
+    /// Creates fail: the OCI runtime refuses the process with this message.
     refuse_start: Option<String>,
 }
 
@@ -92,7 +92,8 @@ impl FakeRuntime {
         self.state.lock().unwrap().exec_exit = Some(code);
     }
 
-    /// Starts fail as the OCI runtime refusing the process (a missing binary) with `message`.
+    /// Starts fail as the OCI runtime refusing the process (a missing binary) with `message`,
+    /// in tasks.Create as with containerd.
     pub(crate) fn refuse_start(&self, message: &str) {
         self.state.lock().unwrap().refuse_start = Some(message.to_string());
     }
@@ -198,6 +199,15 @@ impl ContainerRuntime for FakeRuntime {
 
     async fn create(&self, config: &ContainerConfig) -> Result<()> {
         let mut st = self.call("create", config.id.clone())?;
+        // As containerd: runc creates the process (and fails on a missing binary) in
+        // tasks.Create, and a failed create leaves no container.
+        if let Some(message) = st.refuse_start.clone() {
+            let status = tonic::Status::unknown(message);
+            return Err(RuntimeError::Grpc {
+                op: "tasks.Create",
+                status,
+            });
+        }
         let container = FakeContainer {
             labels: config.labels.clone(),
             image: config.image.reference.clone(),
@@ -210,13 +220,6 @@ impl ContainerRuntime for FakeRuntime {
 
     async fn start(&self, id: &str) -> Result<u32> {
         let mut st = self.call("start", id.to_string())?;
-        if let Some(message) = st.refuse_start.clone() {
-            let status = tonic::Status::unknown(message);
-            return Err(RuntimeError::Grpc {
-                op: "tasks.Start",
-                status,
-            });
-        }
         st.next_pid += 1;
         let pid = 1000 + st.next_pid;
         let c = st
@@ -372,6 +375,7 @@ impl PodHost for FakeHost {
             hosts_file: PathBuf::from("/fake/hosts"),
             resolv_file: PathBuf::from("/fake/resolv.conf"),
             hostname_file: PathBuf::from("/fake/hostname"),
+            cluster_dns_missing: false,
         })
     }
     async fn teardown_sandbox(&self, uid: &str) -> Result<(), SandboxError> {

@@ -37,6 +37,17 @@ pub mod seam;
 pub mod status;
 pub mod worker;
 
+/// A pod as the kubelet names it in messages (its `format.Pod`): `name_namespace(uid)`.
+pub fn format_pod(pod: &Pod) -> String {
+    let m = &pod.metadata;
+    format!(
+        "{}_{}({})",
+        m.name.as_deref().unwrap_or_default(),
+        m.namespace.as_deref().unwrap_or_default(),
+        m.uid.as_deref().unwrap_or_default()
+    )
+}
+
 /// Node facts pods need.
 #[derive(Clone, Debug)]
 pub struct NodeFacts {

@@ -160,12 +160,10 @@ fn container_status(input: &Input, kind: Kind, c: &Container) -> ContainerStatus
                 (true, Some(w), _) => (w, Some(terminated(e))),
                 (true, None, Some(w)) => {
                     let msg = format!(
-                        "back-off {} restarting failed container={} pod={}_{}({})",
+                        "back-off {} restarting failed container={} pod={}",
                         super::backoff::go_duration(w.delay),
                         c.name,
-                        pod.metadata.name.as_deref().unwrap_or(""),
-                        pod.metadata.namespace.as_deref().unwrap_or(""),
-                        pod.metadata.uid.as_deref().unwrap_or(""),
+                        super::format_pod(pod),
                     );
                     (waiting("CrashLoopBackOff", Some(msg)), Some(terminated(e)))
                 }

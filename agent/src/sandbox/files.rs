@@ -217,6 +217,26 @@ enum DnsKind {
     None,
 }
 
+/// The resolver the pod's dnsPolicy asks for.
+fn requested_dns(pod: &Pod) -> DnsKind {
+    let spec = pod.spec.as_ref();
+    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+    match spec.and_then(|s| s.dns_policy.as_deref()) {
+        Some("None") => DnsKind::None,
+        Some("Default") => DnsKind::Host,
+        Some("ClusterFirstWithHostNet") => DnsKind::Cluster,
+        // "ClusterFirst", unset, or anything the API server should have rejected.
+        _ if host_network => DnsKind::Host,
+        _ => DnsKind::Cluster,
+    }
+}
+
+/// Whether the pod asks for the cluster's resolver while no cluster DNS is configured: it gets
+/// the node's instead (`pod_dns`), which the kubelet reports as a MissingClusterDNS event.
+pub fn cluster_dns_missing(pod: &Pod, cluster_dns: &[String]) -> bool {
+    requested_dns(pod) == DnsKind::Cluster && cluster_dns.is_empty()
+}
+
 /// The pod's resolver configuration as the kubelet computes it: dnsPolicy (ClusterFirst
 /// falls back to the host's for hostNetwork pods and when no cluster DNS is configured), then
 /// spec.dnsConfig merged in, then the resolver's limits applied.
@@ -227,18 +247,10 @@ pub fn pod_dns(
     host: &DnsConfig,
 ) -> DnsConfig {
     let spec = pod.spec.as_ref();
-    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
-    let mut kind = match spec.and_then(|s| s.dns_policy.as_deref()) {
-        Some("None") => DnsKind::None,
-        Some("Default") => DnsKind::Host,
-        Some("ClusterFirstWithHostNet") => DnsKind::Cluster,
-        // "ClusterFirst", unset, or anything the API server should have rejected.
-        _ if host_network => DnsKind::Host,
-        _ => DnsKind::Cluster,
+    let kind = match requested_dns(pod) {
+        DnsKind::Cluster if cluster_dns.is_empty() => DnsKind::Host,
+        kind => kind,
     };
-    if kind == DnsKind::Cluster && cluster_dns.is_empty() {
-        kind = DnsKind::Host;
-    }
     let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
     let mut cfg = match kind {
         DnsKind::Cluster => DnsConfig {
@@ -493,6 +505,21 @@ mod tests {
             "search prod.svc.cluster.local svc.cluster.local cluster.local example.com\n\
              nameserver 10.96.0.10\noptions ndots:5\n"
         );
+    }
+
+    #[test]
+    fn only_a_pod_asking_for_cluster_dns_misses_it() {
+        let mut p = statefulset_pod();
+        let dns = vec!["10.96.0.10".to_string()];
+        assert!(cluster_dns_missing(&p, &[]));
+        assert!(!cluster_dns_missing(&p, &dns));
+        // hostNetwork with plain ClusterFirst uses the node's resolver anyway.
+        p.spec.as_mut().unwrap().host_network = Some(true);
+        assert!(!cluster_dns_missing(&p, &[]));
+        p.spec.as_mut().unwrap().dns_policy = Some("ClusterFirstWithHostNet".into());
+        assert!(cluster_dns_missing(&p, &[]));
+        p.spec.as_mut().unwrap().dns_policy = Some("Default".into());
+        assert!(!cluster_dns_missing(&p, &[]));
     }
 
     #[test]

@@ -75,6 +75,8 @@ pub struct Sandbox {
     pub hosts_file: PathBuf,
     pub resolv_file: PathBuf,
     pub hostname_file: PathBuf,
+    /// The pod asked for the cluster's DNS and none is configured: it has the node's resolver.
+    pub cluster_dns_missing: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -176,7 +178,7 @@ impl SandboxManager {
         if let Some(state) = self.load_state(&uid) {
             if state.pins_valid() {
                 self.write_pod_files(&state, false)?;
-                return Ok(self.sandbox(&state));
+                return Ok(self.sandbox(pod, &state));
             }
             warn!(uid = %uid, "sandbox pins are gone; making the sandbox again");
         }
@@ -188,7 +190,7 @@ impl SandboxManager {
         match self.create(pod, &uid).await {
             Ok(state) => {
                 info!(uid = %uid, ip = ?state.ips.first(), "sandbox ready");
-                Ok(self.sandbox(&state))
+                Ok(self.sandbox(pod, &state))
             }
             Err(e) => {
                 if let Err(undo) = self.cleanup(&uid, true).await {
@@ -251,7 +253,7 @@ impl SandboxManager {
         crate::layout::pod_dir(&self.config.root_dir, uid).join(name)
     }
 
-    fn sandbox(&self, state: &State) -> Sandbox {
+    fn sandbox(&self, pod: &Pod, state: &State) -> Sandbox {
         Sandbox {
             uid: state.uid.clone(),
             namespaces: NamespacePaths {
@@ -265,6 +267,7 @@ impl SandboxManager {
             hosts_file: self.pod_file(&state.uid, "etc-hosts"),
             resolv_file: self.pod_file(&state.uid, "resolv.conf"),
             hostname_file: self.pod_file(&state.uid, "hostname"),
+            cluster_dns_missing: files::cluster_dns_missing(pod, &self.config.cluster_dns),
         }
     }
 

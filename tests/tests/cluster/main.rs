@@ -31,6 +31,7 @@ use kube::api::{DeleteParams, EvictParams, PostParams};
 use kube::Api;
 use nodelet_tests::csi_support::{LoopPlugin, LOOP_DRIVER};
 
+mod parity;
 mod ports;
 mod streaming;
 

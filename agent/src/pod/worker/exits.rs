@@ -82,13 +82,7 @@ impl Worker {
         let o = self.obs.containers.entry(name.to_string()).or_default();
         let window = machine::record_exit(o, exit, restarts, &mut self.crash, name);
         if let Some(w) = window {
-            let m = &self.desired.pod.metadata;
-            let pod = format!(
-                "{}_{}({})",
-                m.name.as_deref().unwrap_or_default(),
-                m.namespace.as_deref().unwrap_or_default(),
-                m.uid.as_deref().unwrap_or_default()
-            );
+            let pod = crate::pod::format_pod(&self.desired.pod);
             debug!(pod = %self.uid, container = %name, delay = ?w.delay, "restart back-off");
             let msg = format!("Back-off restarting failed container {name} in pod {pod}");
             self.container_event(name, EventType::Warning, "BackOff", &msg);

@@ -26,6 +26,14 @@ impl Worker {
     pub(super) async fn ensure_sandbox(&mut self) -> bool {
         match self.ctx.host.ensure_sandbox(&self.desired.pod).await {
             Ok(s) => {
+                if s.cluster_dns_missing {
+                    let msg = format!(
+                        "pod: {}. kubelet does not have ClusterDNS IP configured and cannot \
+                         create Pod using \"ClusterFirst\" policy. Falling back to \"Default\" policy.",
+                        crate::volume::downward::go_quote(&crate::pod::format_pod(self.pod()))
+                    );
+                    self.event(EventType::Warning, None, "MissingClusterDNS", &msg);
+                }
                 self.sandbox = Some(s);
                 self.obs.sandbox_ready = true;
                 self.dirty = true;
@@ -39,6 +47,11 @@ impl Worker {
                 false
             }
         }
+    }
+
+    fn created_event(&self, name: &str) {
+        let msg = format!("Created container {name}");
+        self.container_event(name, EventType::Normal, "Created", &msg);
     }
 
     /// Records a start failure: waiting reason, Warning event, back-off.
@@ -55,7 +68,7 @@ impl Worker {
         let window = self.failures.failed(&key, now, None);
         let (reason, message) = match (pull, window) {
             (Some(image), Some(_)) => {
-                let m = format!("Back-off pulling image \"{image}\": {message}");
+                let m = format!("Back-off pulling image \"{image}\": {reason}: {message}");
                 self.container_event(name, EventType::Normal, "BackOff", &m);
                 ("ImagePullBackOff".to_string(), m)
             }
@@ -103,15 +116,15 @@ impl Worker {
         self.router.register(&config.id, &self.exit_tx);
         if let Err(e) = self.ctx.runtime.create(&config).await {
             self.router.unregister(&config.id);
+            // CRI makes the OCI runtime's task in StartContainer: a task refused is a created
+            // container that failed to start, as the kubelet reports it.
+            if e.reason() == "RunContainerError" {
+                self.created_event(name);
+            }
             self.not_started(name, attempt, &config, &e, "CreateContainerError");
             return;
         }
-        self.container_event(
-            name,
-            EventType::Normal,
-            "Created",
-            &format!("Created container {name}"),
-        );
+        self.created_event(name);
         if let Err(e) = self.ctx.runtime.start(&config.id).await {
             self.router.unregister(&config.id);
             let _ = self.ctx.runtime.remove(&config.id).await;
@@ -580,6 +593,11 @@ impl Worker {
 /// message, without the call's name or status code.
 fn runtime_message(e: &RuntimeError) -> String {
     match e {
+        // As CRI's StartContainer words it.
+        RuntimeError::Grpc {
+            op: "tasks.Create",
+            status,
+        } => format!("failed to create containerd task: {}", status.message()),
         RuntimeError::Grpc { status, .. } => status.message().to_string(),
         other => other.to_string(),
     }

@@ -451,7 +451,8 @@ async fn a_kill_for_a_failed_post_start_survives_an_agent_restart() {
 
 /// #18.8: a start the OCI runtime refuses shows RunContainerError with the runtime's message
 /// (lastState StartError), as the kubelet's reason cache does, and CrashLoopBackOff once the
-/// next sync (a relist later) finds the container in back-off; Created and Failed events.
+/// next sync (a relist later) finds the container in back-off; Created (CRI's CreateContainer
+/// succeeded, its StartContainer makes the task) and Failed events.
 #[tokio::test(start_paused = true)]
 async fn a_refused_start_shows_run_container_error_before_crash_loop_back_off() {
     let node = Node::new().await;
@@ -463,9 +464,11 @@ async fn a_refused_start_shows_run_container_error_before_crash_loop_back_off() 
         container_status(&node, "u1").is_some_and(|c| c.restart_count >= 1)
     })
     .await;
+    // CRI's wording of a task create that failed.
+    let message = format!("failed to create containerd task: {refusal}");
     let w = waiting(&node, "u1").expect("waiting");
     assert_eq!(w.reason.as_deref(), Some("RunContainerError"));
-    assert_eq!(w.message.as_deref(), Some(refusal));
+    assert_eq!(w.message.as_deref(), Some(message.as_str()));
     let c = container_status(&node, "u1").expect("status");
     let last = c.last_state.and_then(|l| l.terminated).expect("lastState");
     assert_eq!(
@@ -486,7 +489,7 @@ async fn a_refused_start_shows_run_container_error_before_crash_loop_back_off() 
             .any(|e| e.reason.as_deref() == Some(reason) && e.message.as_deref() == Some(message))
     };
     assert!(said("Created", "Created container c"), "{events:?}");
-    assert!(said("Failed", &format!("Error: {refusal}")), "{events:?}");
+    assert!(said("Failed", &format!("Error: {message}")), "{events:?}");
 }
 
 /// A pod asking for a shared PID namespace runs, and says that it does not get one.
