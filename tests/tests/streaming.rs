@@ -506,6 +506,48 @@ fn forwarded(frame: Frame, (error, data): (u32, u32), got: &mut Vec<u8>) -> bool
     }
 }
 
+/// One plain HTTP/1.1 request on the secure port; the response head and body.
+async fn plain(
+    config: &Arc<rustls::ClientConfig>,
+    port: u16,
+    method: &str,
+    path: &str,
+) -> (String, String) {
+    let mut io = tls(config, port).await;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    );
+    io.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    // A close_notify-less end of the TLS stream is fine: the response is complete by then.
+    let _ = io.read_to_end(&mut response).await;
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (head.to_string(), body.to_string())
+}
+
+/// `/run`, the kubelet's command without a stream: a POST runs `cmd` (split on spaces) to its
+/// end and answers its output; a non-zero exit is a 500 naming it; only POST is routed.
+#[test]
+fn run_answers_a_commands_output_and_a_failed_one_is_an_error() {
+    let (agent, config, container) = agent_with_a_busybox("run");
+    let port = agent.secure_port;
+    runtime().block_on(async {
+        let path = "/run/default/box/main?cmd=echo+hello++world";
+        let (head, body) = plain(&config, port, "POST", path).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
+        assert_eq!(body, "hello  world\n");
+        let (head, body) = plain(&config, port, "POST", "/run/default/box/main?cmd=false").await;
+        assert!(head.starts_with("HTTP/1.1 500"), "{head}\n{body}");
+        assert!(body.contains("exited with 1"), "{body}");
+        let (head, _) = plain(&config, port, "GET", path).await;
+        assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+        let (head, _) = plain(&config, port, "POST", "/run/default/nobox/main?cmd=true").await;
+        assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    });
+    assert_no_exec_left(&agent, &container);
+}
+
 #[test]
 fn port_forward_over_spdy_reaches_the_pods_localhost_and_reports_a_closed_port() {
     let (agent, config) = agent_with_client_ca("portfwd");

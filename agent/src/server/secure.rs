@@ -13,8 +13,8 @@
 //!   `pods`, `healthz`, else `proxy`; a fine-grained subresource falls back to `proxy`).
 //!   `AlwaysAllow`, or a `Webhook` (SubjectAccessReview through the API, see `cluster`); the
 //!   Webhook default with no API server (standalone) allows nothing.
-//! - exec, attach and port-forward upgrade to SPDY or WebSocket (`stream`); `/run` (a command
-//!   run without a stream, its output in the response) answers 501.
+//! - exec, attach and port-forward upgrade to SPDY or WebSocket (`stream`); `/run` (POST, a
+//!   command run without a stream, its output in the response) runs it as the kubelet does.
 //!
 //! [`routes`] is the whole set of endpoints; the local socket serves the same set to root.
 

@@ -69,19 +69,13 @@ struct Ctx {
     streaming: Option<Streaming>,
 }
 
-/// The streaming routes; without a runtime they answer 501, and `/run` always does.
+/// The streaming routes (and `/run`); without a runtime they answer 501.
 pub fn routes(status: StatusManager, log_dir: PathBuf, streaming: Option<Streaming>) -> Router {
-    let unsupported = || async {
-        (
-            StatusCode::NOT_IMPLEMENTED,
-            "nodelet does not run commands without a stream (run)",
-        )
-    };
     Router::new()
         .route("/exec/{*rest}", any(exec))
         .route("/attach/{*rest}", any(attach))
         .route("/portForward/{*rest}", any(port_forward))
-        .route("/run/{*rest}", any(unsupported))
+        .route("/run/{*rest}", axum::routing::post(run))
         .with_state(Ctx {
             status,
             log_dir,
@@ -152,6 +146,25 @@ fn running_container(pod: &Pod, container: &str) -> Result<String, Refusal> {
 
 fn segments(path: &str) -> Vec<&str> {
     path.trim_start_matches('/').split('/').skip(1).collect()
+}
+
+/// The `{namespace}/{pod}[/{uid}]/{container}` a command path names.
+fn command_target(path: &str) -> Result<(&str, &str, Option<&str>, &str), Refusal> {
+    match segments(path)[..] {
+        [ns, pod, container] => Ok((ns, pod, None, container)),
+        [ns, pod, uid, container] => Ok((ns, pod, Some(uid), container)),
+        _ => Err(error(
+            StatusCode::NOT_FOUND,
+            format!("no target container in {path}"),
+        )),
+    }
+}
+
+fn no_runtime() -> Refusal {
+    error(
+        StatusCode::NOT_IMPLEMENTED,
+        "no container runtime to exec in",
+    )
 }
 
 fn is_websocket(headers: &HeaderMap) -> bool {
@@ -330,22 +343,9 @@ async fn remote_command_upgrade(
     request: Request,
     attaching: bool,
 ) -> Result<Response, Refusal> {
-    let no_runtime = || {
-        error(
-            StatusCode::NOT_IMPLEMENTED,
-            "no container runtime to exec in",
-        )
-    };
     let streaming = ctx.streaming.clone().ok_or_else(no_runtime)?;
     let path = request.uri().path().to_string();
-    let (namespace, name, uid, container) = match segments(&path)[..] {
-        [ns, pod, container] => (ns, pod, None, container),
-        [ns, pod, uid, container] => (ns, pod, Some(uid), container),
-        _ => {
-            let message = format!("no target container in {path}");
-            return Err(error(StatusCode::NOT_FOUND, message));
-        }
-    };
+    let (namespace, name, uid, container) = command_target(&path)?;
     let query = request.uri().query().unwrap_or("");
     let options = match attaching {
         true => remotecommand::attach_options(query),
@@ -397,6 +397,46 @@ async fn remote_command_upgrade(
             .await
         },
     ))
+}
+
+/// `POST /run/{namespace}/{pod}[/{uid}]/{container}?cmd=…`, the kubelet's command run without a
+/// stream: `cmd` split on spaces (its legacy parameter), run to its end, stdout then stderr
+/// answered; a non-zero exit is a 500 naming it, as the kubelet's ExecSync error. The
+/// kubelet sets no timeout; the streaming idle timeout bounds it here.
+async fn run(State(ctx): State<Ctx>, request: Request) -> Response {
+    run_command(ctx, request)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn run_command(ctx: Ctx, request: Request) -> Result<Response, Refusal> {
+    let streaming = ctx.streaming.clone().ok_or_else(no_runtime)?;
+    let path = request.uri().path().to_string();
+    let (namespace, name, uid, container) = command_target(&path)?;
+    let command: Vec<String> = remotecommand::form_urlencoded(request.uri().query().unwrap_or(""))
+        .into_iter()
+        .find(|(k, _)| k == "cmd")
+        .map(|(_, v)| v.split(' ').map(str::to_string).collect())
+        .unwrap_or_default();
+    let pod = pod(&ctx.status, namespace, name, uid)?;
+    let container_id = running_container(&pod, container)?;
+    info!(pod = name, ns = namespace, container, ?command, "run");
+    let output = streaming
+        .runtime
+        .exec(&container_id, &command, streaming.idle_timeout)
+        .await
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let mut body = output.stdout;
+    body.extend(output.stderr);
+    if output.exit_code != 0 {
+        let message = format!(
+            "command {command:?} exited with {}: {}",
+            output.exit_code,
+            String::from_utf8_lossy(&body)
+        );
+        return Err(error(StatusCode::INTERNAL_SERVER_ERROR, message));
+    }
+    Ok((StatusCode::OK, body).into_response())
 }
 
 /// The streams of one exec session, by `streamType`.
