@@ -79,23 +79,23 @@ impl ObjectStore {
     /// readers of what changed. Objects written with `set_*` stay.
     pub fn replace(&self, objects: Objects) {
         let mut changed = BTreeSet::new();
-        let ns = |(namespace, name): &(String, String)| (namespace.clone(), name.clone());
         let mut guard = self.inner.write().expect("store lock");
         let old = &guard.replaced;
-        diff(&old.config_maps, &objects.config_maps, &mut changed, |k| {
-            let (namespace, name) = ns(k);
-            ObjectRef::ConfigMap { namespace, name }
-        });
-        diff(&old.secrets, &objects.secrets, &mut changed, |k| {
-            let (namespace, name) = ns(k);
-            ObjectRef::Secret { namespace, name }
-        });
-        diff(&old.claims, &objects.claims, &mut changed, |k| {
-            let (namespace, name) = ns(k);
-            ObjectRef::Claim { namespace, name }
-        });
-        diff(&old.volumes, &objects.volumes, &mut changed, |name| {
-            ObjectRef::Volume { name: name.clone() }
+        diff(
+            &old.config_maps,
+            &objects.config_maps,
+            &mut changed,
+            ObjectRef::config_map,
+        );
+        diff(
+            &old.secrets,
+            &objects.secrets,
+            &mut changed,
+            ObjectRef::secret,
+        );
+        diff(&old.claims, &objects.claims, &mut changed, ObjectRef::claim);
+        diff(&old.volumes, &objects.volumes, &mut changed, |n| {
+            ObjectRef::volume(n)
         });
         if old.services != objects.services {
             changed.insert(ObjectRef::Services);
@@ -107,43 +107,19 @@ impl ObjectStore {
     /// Sets (Some) or removes (None) the API's copy of a ConfigMap.
     pub fn set_config_map(&self, namespace: &str, name: &str, value: Option<ConfigMap>) {
         let key = (namespace.to_string(), name.to_string());
-        self.set(
-            |o| &mut o.config_maps,
-            key,
-            value,
-            || ObjectRef::ConfigMap {
-                namespace: namespace.into(),
-                name: name.into(),
-            },
-        );
+        self.set(|o| &mut o.config_maps, key, value, ObjectRef::config_map);
     }
 
     /// Sets (Some) or removes (None) the API's copy of a Secret.
     pub fn set_secret(&self, namespace: &str, name: &str, value: Option<Secret>) {
         let key = (namespace.to_string(), name.to_string());
-        self.set(
-            |o| &mut o.secrets,
-            key,
-            value,
-            || ObjectRef::Secret {
-                namespace: namespace.into(),
-                name: name.into(),
-            },
-        );
+        self.set(|o| &mut o.secrets, key, value, ObjectRef::secret);
     }
 
     /// Sets (Some) or removes (None) the API's copy of a PersistentVolumeClaim.
     pub fn set_claim(&self, namespace: &str, name: &str, value: Option<PersistentVolumeClaim>) {
         let key = (namespace.to_string(), name.to_string());
-        self.set(
-            |o| &mut o.claims,
-            key,
-            value,
-            || ObjectRef::Claim {
-                namespace: namespace.into(),
-                name: name.into(),
-            },
-        );
+        self.set(|o| &mut o.claims, key, value, ObjectRef::claim);
     }
 
     /// Sets (Some) or removes (None) the API's copy of a PersistentVolume.
@@ -152,7 +128,7 @@ impl ObjectStore {
             |o| &mut o.volumes,
             name.to_string(),
             value,
-            || ObjectRef::Volume { name: name.into() },
+            |n| ObjectRef::volume(n),
         );
     }
 
@@ -195,18 +171,19 @@ impl ObjectStore {
         map: impl FnOnce(&mut Objects) -> &mut BTreeMap<K, V>,
         key: K,
         value: Option<V>,
-        changed: impl FnOnce() -> ObjectRef,
+        changed: impl FnOnce(&K) -> ObjectRef,
     ) {
         let mut guard = self.inner.write().expect("store lock");
         let map = map(&mut guard.updated);
         if map.get(&key) == value.as_ref() {
             return;
         }
+        let changed = changed(&key);
         match value {
             Some(v) => map.insert(key, v),
             None => map.remove(&key),
         };
-        self.log(guard, [changed()].into());
+        self.log(guard, [changed].into());
     }
 
     /// Logs `changed` under a new generation each and wakes the readers.
@@ -265,6 +242,28 @@ impl ObjectStore {
 
     fn layers(&self) -> std::sync::RwLockReadGuard<'_, Layers> {
         self.inner.read().expect("store lock")
+    }
+}
+
+/// The keys of the store's maps as the references the change log records.
+impl ObjectRef {
+    fn config_map((namespace, name): &(String, String)) -> Self {
+        let (namespace, name) = (namespace.clone(), name.clone());
+        ObjectRef::ConfigMap { namespace, name }
+    }
+
+    fn secret((namespace, name): &(String, String)) -> Self {
+        let (namespace, name) = (namespace.clone(), name.clone());
+        ObjectRef::Secret { namespace, name }
+    }
+
+    fn claim((namespace, name): &(String, String)) -> Self {
+        let (namespace, name) = (namespace.clone(), name.clone());
+        ObjectRef::Claim { namespace, name }
+    }
+
+    fn volume(name: &str) -> Self {
+        ObjectRef::Volume { name: name.into() }
     }
 }
 

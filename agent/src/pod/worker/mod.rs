@@ -389,7 +389,8 @@ impl Worker {
         let (now, changed) = self.ctx.store.changes_since(self.store_seen);
         self.store_seen = now;
         if let Some(keys) = changed {
-            if keys.is_disjoint(&watched_by(&self.desired.pod, &self.ctx.store)) {
+            if keys.is_empty() || keys.is_disjoint(&watched_by(&self.desired.pod, &self.ctx.store))
+            {
                 return;
             }
         }
