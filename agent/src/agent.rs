@@ -31,6 +31,7 @@ use crate::server::secure::{self, SecureConfig};
 use crate::server::{self, ServerState};
 use crate::source::manifest::ManifestSource;
 use crate::source::merge::{Plan, SourceMerge};
+use crate::stats::{Cgroups, Stats};
 use crate::status::StatusManager;
 use crate::store::ObjectStore;
 use crate::volume::downward::NodeAllocatable;
@@ -223,6 +224,12 @@ pub async fn run(
         metrics: Arc::new(move || prober.metrics_text()),
         log_dir: config.log_dir.clone(),
         streaming: Some(streaming),
+        stats: Arc::new(Stats::new(
+            Cgroups::of_host(),
+            &config.node_name,
+            &config.root_dir,
+            &config.log_dir,
+        )),
     };
     let mut server_tasks = Vec::new();
     if config.read_only_port != 0 {

@@ -23,6 +23,7 @@ pub mod runtime;
 pub mod sandbox;
 pub mod server;
 pub mod source;
+pub mod stats;
 pub mod status;
 pub mod store;
 pub mod volume;

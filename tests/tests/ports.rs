@@ -62,7 +62,13 @@ fn the_read_only_port_serves_only_the_kubelets_read_only_set() {
             "{path} on the read-only port"
         );
     }
-    for path in ["/healthz", "/pods", "/metrics"] {
+    for path in [
+        "/healthz",
+        "/pods",
+        "/metrics",
+        "/metrics/resource",
+        "/stats/summary",
+    ] {
         assert_eq!(
             read_only_status(&agent, path),
             200,
@@ -284,4 +290,185 @@ fn logs_stream_in_chunks_as_bytes_and_tail_and_limit_without_reading_it_all() {
     assert_eq!(limited.concat(), b"\xff\xfe raw\n1\n");
     let (_, both) = local_chunks(&agent, &format!("{path}?tailLines=2&limitBytes=8"));
     assert_eq!(both.concat(), b"49999\n50");
+}
+
+/// A pod that holds 40 MiB in its shared memory and one that spins.
+const HOG: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: hog\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: mem\n    image: BUSYBOX\n    command: [sh, -c, 'dd if=/dev/zero of=/dev/shm/fill bs=1M count=40 && touch /tmp/filled && sleep 3600']\n  - name: cpu\n    image: BUSYBOX\n    command: [sh, -c, 'while :; do :; done']\n";
+
+/// Parses Prometheus text with a parser nodelet did not write; every sample keyed by its name
+/// and its `container` label.
+fn samples(text: &str) -> Vec<prometheus_parse::Sample> {
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    prometheus_parse::Scrape::parse(lines)
+        .expect("Prometheus text")
+        .samples
+}
+
+fn sample<'a>(
+    samples: &'a [prometheus_parse::Sample],
+    name: &str,
+    container: Option<&str>,
+) -> Option<&'a prometheus_parse::Sample> {
+    samples
+        .iter()
+        .find(|s| s.metric == name && s.labels.get("container") == container)
+}
+
+fn value(s: &prometheus_parse::Sample) -> f64 {
+    match s.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => v,
+        _ => panic!("a plain value: {s:?}"),
+    }
+}
+
+/// What metrics-server reads for `kubectl top` (its decoder: `container_cpu_usage_seconds_total`,
+/// `container_memory_working_set_bytes`, `node_*`, with `container`, `pod`, `namespace` labels
+/// and sample times; a container with a zero CPU or memory is dropped) and the summary API.
+#[test]
+fn resource_usage_is_served_as_the_kubelets_summary_and_resource_metrics() {
+    let agent = Agent::start("ports-stats");
+    agent.write_manifest("hog.yaml", &HOG.replace("BUSYBOX", BUSYBOX));
+    let pod = agent.wait_phase("hog", "Running", MINUTE);
+    let namespace = pod.metadata.namespace.clone().unwrap();
+    let cpu_seconds = |a: &Agent| {
+        let text = a.local_get("/metrics/resource").unwrap_or_default();
+        sample(
+            &samples(&text),
+            "container_cpu_usage_seconds_total",
+            Some("cpu"),
+        )
+        .map(value)
+    };
+    agent.wait_until(
+        "the spinning container used half a CPU second",
+        MINUTE,
+        |a| cpu_seconds(a).is_some_and(|s| s > 0.5),
+    );
+    agent.wait_until("40 MiB held in the mem container", MINUTE, |a| {
+        let text = a.local_get("/metrics/resource").unwrap_or_default();
+        sample(
+            &samples(&text),
+            "container_memory_working_set_bytes",
+            Some("mem"),
+        )
+        .is_some_and(|s| value(s) >= (40 << 20) as f64)
+    });
+
+    let text = agent
+        .local_get("/metrics/resource")
+        .expect("/metrics/resource");
+    let all = samples(&text);
+    let now = jiff::Timestamp::now();
+    for container in ["mem", "cpu"] {
+        for name in [
+            "container_cpu_usage_seconds_total",
+            "container_memory_working_set_bytes",
+        ] {
+            let s =
+                sample(&all, name, Some(container)).unwrap_or_else(|| panic!("{name} {container}"));
+            assert!(value(s) > 0.0, "{name} {container}: {s:?}");
+            assert_eq!(s.labels.get("pod"), Some("hog"));
+            assert_eq!(s.labels.get("namespace"), Some(namespace.as_str()));
+            let age = now.as_millisecond() - s.timestamp.timestamp_millis();
+            assert!(
+                (0..60_000).contains(&age),
+                "{name}: a sample time of now, {age} ms ago"
+            );
+        }
+        // The start time is the container status's startedAt.
+        let started = pod
+            .status
+            .as_ref()
+            .unwrap()
+            .container_statuses
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|c| c.name == container)
+            .and_then(|c| c.state.as_ref()?.running.as_ref()?.started_at.clone())
+            .expect("startedAt");
+        let s = sample(&all, "container_start_time_seconds", Some(container)).expect("start time");
+        assert_eq!(value(s).floor() as i64, started.0.as_second());
+    }
+    for name in [
+        "node_cpu_usage_seconds_total",
+        "node_memory_working_set_bytes",
+    ] {
+        assert!(
+            sample(&all, name, None).is_some_and(|s| value(s) > 0.0),
+            "{name}"
+        );
+    }
+    let pod_memory = sample(&all, "pod_memory_working_set_bytes", None).expect("pod memory");
+    assert!(value(pod_memory) >= (40 << 20) as f64);
+    assert_eq!(
+        sample(&all, "resource_scrape_error", None).map(value),
+        Some(0.0)
+    );
+
+    // The summary API: the same containers, and a CPU rate once two reads are a second apart.
+    let summary = |a: &Agent| -> serde_json::Value {
+        serde_json::from_str(&a.local_get("/stats/summary").unwrap_or_default()).unwrap_or_default()
+    };
+    summary(&agent);
+    std::thread::sleep(Duration::from_millis(1500));
+    let json = summary(&agent);
+    assert!(json["node"]["nodeName"].is_string(), "{json}");
+    assert!(json["node"]["memory"]["availableBytes"].as_u64() > Some(0));
+    assert!(json["node"]["fs"]["capacityBytes"].as_u64() > Some(0));
+    let hog = json["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["podRef"]["name"] == "hog")
+        .expect("hog in the summary");
+    assert_eq!(hog["podRef"]["uid"].as_str(), pod.metadata.uid.as_deref());
+    let spinning = hog["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "cpu")
+        .unwrap();
+    assert!(
+        spinning["cpu"]["usageNanoCores"].as_u64() > Some(50_000_000),
+        "a spinning container's rate: {spinning}"
+    );
+    let mem = hog["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "mem")
+        .unwrap();
+    assert!(
+        mem["memory"]["workingSetBytes"].as_u64() >= Some(40 << 20),
+        "{mem}"
+    );
+
+    // The kubelet's own gauges under its names.
+    let metrics = samples(&agent.metrics());
+    let running = metrics.iter().find(|s| {
+        s.metric == "kubelet_running_containers"
+            && s.labels.get("container_state") == Some("running")
+    });
+    assert_eq!(running.map(value), Some(2.0));
+    assert_eq!(
+        metrics
+            .iter()
+            .find(|s| s.metric == "kubelet_running_pods")
+            .map(value),
+        Some(1.0)
+    );
+    assert!(metrics
+        .iter()
+        .any(|s| s.metric == "kubelet_node_name" && value(s) == 1.0));
+
+    // Gone pods leave the summary.
+    agent.remove_manifest("hog.yaml");
+    agent.wait_until("the hog pod gone from the summary", MINUTE, |a| {
+        summary(a)["pods"]
+            .as_array()
+            .is_some_and(|p| p.iter().all(|p| p["podRef"]["name"] != "hog"))
+    });
 }

@@ -6,6 +6,12 @@
 use std::io;
 use std::path::Path;
 
+/// The pod's cgroup below a hierarchy's root, `nodelet/pod<uid>`; its containers' are
+/// `nodelet/pod<uid>/<container id>`.
+pub fn pod_path(uid: &str) -> String {
+    format!("nodelet/pod{uid}")
+}
+
 /// Removes `nodelet/pod<uid>` (and any empty child cgroup left in it) from the v2 root and
 /// every v1 hierarchy under `root`. Ok when none is left; the first failure otherwise (a cgroup
 /// that still holds a process cannot go).
@@ -16,7 +22,7 @@ pub fn remove_pod(root: &Path, uid: &str) -> io::Result<()> {
             format!("invalid pod uid {uid:?}"),
         ));
     }
-    let pod = format!("nodelet/pod{uid}");
+    let pod = pod_path(uid);
     let hierarchies = std::fs::read_dir(root).into_iter().flatten().flatten();
     let mut first_error = None;
     for dir in hierarchies.map(|e| e.path()).chain([root.to_path_buf()]) {

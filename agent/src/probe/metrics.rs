@@ -116,8 +116,8 @@ impl Metrics {
     }
 }
 
-/// Escapes a label value per the text exposition format.
-fn escape(value: &str) -> String {
+/// Escapes a label value per the text exposition format (the resource metrics use it too).
+pub(crate) fn escape(value: &str) -> String {
     value
         .replace('\\', "\\\\")
         .replace('"', "\\\"")

@@ -46,7 +46,7 @@ use crate::events::Recorder;
 pub mod exec;
 pub mod grpc;
 pub mod http;
-mod metrics;
+pub(crate) mod metrics;
 mod scheduler;
 pub mod tcp;
 

@@ -486,6 +486,12 @@ mod tests {
             metrics: Arc::new(String::new),
             log_dir: dir.clone(),
             streaming: None,
+            stats: Arc::new(crate::stats::Stats::new(
+                crate::stats::Cgroups::of_host(),
+                "n1",
+                &dir,
+                &dir,
+            )),
         };
         let token = tokio_util::sync::CancellationToken::new();
         tokio::spawn(serve(bound, state, token.clone().cancelled_owned()));

@@ -476,7 +476,7 @@ impl Worker {
                 ..sandbox.namespaces.clone()
             },
             resources: resources::container_resources(&pod, c, node_memory()),
-            cgroup_parent: format!("/nodelet/pod{}", self.uid),
+            cgroup_parent: format!("/{}", crate::pod::cgroup::pod_path(&self.uid)),
             security: security(c),
             sysctls: sysctls(&pod),
             log_path: files.log,

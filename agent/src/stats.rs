@@ -1,0 +1,775 @@
+//! Resource usage of the node, its pods and their containers, as the kubelet reports it: the
+//! summary API (`GET /stats/summary`, the `stats/v1alpha1` JSON) and the resource metrics
+//! (`GET /metrics/resource`, the Prometheus text metrics-server scrapes for `kubectl top` and the
+//! HPA: the kubelet's metric names, labels and millisecond sample times).
+//!
+//! Usage is read from the cgroups runc makes for each container (`nodelet/pod<uid>/<id>`, see
+//! [`crate::pod::cgroup`]) and from the root cgroup for the node: cumulative CPU time and the
+//! working set (usage less inactive file pages, as cAdvisor counts it). The few counters are read
+//! by hand: the crates that know cgroups (cgroups-rs) manage them, and would bring their whole
+//! controller API for two reads. CPU rates (`usageNanoCores`) are the change since the previous
+//! read of the same cgroup, at least a second before; the first read has none, as the kubelet
+//! before its first housekeeping.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use procfs::Current;
+use serde::Serialize;
+
+use crate::probe::metrics::escape;
+use crate::status::Reported;
+
+/// Where the cgroup hierarchies are mounted, and which kind they are.
+#[derive(Clone, Debug)]
+pub enum Cgroups {
+    /// One hierarchy per controller under the root (`cpuacct/`, `memory/`).
+    V1(PathBuf),
+    /// The unified hierarchy at the root.
+    V2(PathBuf),
+}
+
+/// A cgroup's memory as the summary API counts it, in bytes (faults in counts).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Memory {
+    usage: u64,
+    working_set: u64,
+    rss: u64,
+    page_faults: u64,
+    major_page_faults: u64,
+}
+
+impl Cgroups {
+    /// The host's hierarchies at /sys/fs/cgroup.
+    pub fn of_host() -> Self {
+        Self::at(Path::new("/sys/fs/cgroup"))
+    }
+
+    /// The hierarchies under `root`: unified when it lists its controllers.
+    pub fn at(root: &Path) -> Self {
+        if root.join("cgroup.controllers").exists() {
+            Cgroups::V2(root.to_path_buf())
+        } else {
+            Cgroups::V1(root.to_path_buf())
+        }
+    }
+
+    /// Cumulative CPU time of the cgroup at `rel` ("" for the root) in nanoseconds.
+    fn cpu_ns(&self, rel: &str) -> Option<u64> {
+        match self {
+            Cgroups::V1(root) => read_u64(&root.join("cpuacct").join(rel).join("cpuacct.usage")),
+            Cgroups::V2(root) => {
+                let stat = std::fs::read_to_string(root.join(rel).join("cpu.stat")).ok()?;
+                keyed(&stat, "usage_usec").map(|us| us.saturating_mul(1000))
+            }
+        }
+    }
+
+    /// Memory of the cgroup at `rel`; the v2 root, which has no `memory.current`, is read from
+    /// /proc/meminfo as cAdvisor reads it.
+    fn memory(&self, rel: &str) -> Option<Memory> {
+        let (usage, stat, [inactive, rss, faults, major]) = match self {
+            Cgroups::V1(root) => {
+                let dir = root.join("memory").join(rel);
+                let keys = [
+                    "total_inactive_file",
+                    "total_rss",
+                    "total_pgfault",
+                    "total_pgmajfault",
+                ];
+                (read_u64(&dir.join("memory.usage_in_bytes"))?, dir, keys)
+            }
+            Cgroups::V2(_) if rel.is_empty() => return node_memory_from_meminfo(),
+            Cgroups::V2(root) => {
+                let dir = root.join(rel);
+                let keys = ["inactive_file", "anon", "pgfault", "pgmajfault"];
+                (read_u64(&dir.join("memory.current"))?, dir, keys)
+            }
+        };
+        let stat = std::fs::read_to_string(stat.join("memory.stat")).ok()?;
+        let value = |key| keyed(&stat, key).unwrap_or(0);
+        Some(Memory {
+            usage,
+            working_set: usage.saturating_sub(value(inactive)),
+            rss: value(rss),
+            page_faults: value(faults),
+            major_page_faults: value(major),
+        })
+    }
+}
+
+fn node_memory_from_meminfo() -> Option<Memory> {
+    let m = procfs::Meminfo::current().ok()?;
+    let usage = m.mem_total.saturating_sub(m.mem_free);
+    Some(Memory {
+        usage,
+        working_set: usage.saturating_sub(m.inactive_file.unwrap_or(0)),
+        rss: m.active_anon.unwrap_or(0) + m.inactive_anon.unwrap_or(0),
+        ..Memory::default()
+    })
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The value of `key` in a `key value` per line file (memory.stat, cpu.stat).
+fn keyed(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let (k, v) = line.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+/// The summary API's `Summary`, with the fields nodelet fills.
+#[derive(Serialize, Debug)]
+pub struct Summary {
+    pub node: NodeStats,
+    pub pods: Vec<PodStats>,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStats {
+    pub node_name: String,
+    pub start_time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryStats>,
+    pub fs: FsStats,
+    pub rlimit: RlimitStats,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStats {
+    pub pod_ref: PodReference,
+    pub start_time: String,
+    pub containers: Vec<ContainerStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryStats>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct PodReference {
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerStats {
+    pub name: String,
+    pub start_time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryStats>,
+    pub logs: FsStats,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct CpuStats {
+    pub time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage_nano_cores: Option<u64>,
+    pub usage_core_nano_seconds: u64,
+    /// The sample's time in milliseconds, for the resource metrics.
+    #[serde(skip)]
+    millis: u128,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct MemoryStats {
+    pub time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub available_bytes: Option<u64>,
+    pub usage_bytes: u64,
+    pub working_set_bytes: u64,
+    pub rss_bytes: u64,
+    pub page_faults: u64,
+    pub major_page_faults: u64,
+    #[serde(skip)]
+    millis: u128,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct FsStats {
+    pub time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub available_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capacity_bytes: Option<u64>,
+    pub used_bytes: u64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct RlimitStats {
+    pub time: String,
+    pub maxpid: u64,
+    pub curproc: u64,
+}
+
+/// Reads usage for the summary API and the resource metrics; keeps the previous CPU sample of
+/// each cgroup for its rate.
+pub struct Stats {
+    cgroups: Cgroups,
+    node_name: String,
+    /// The filesystem the node's usage is reported for (the root dir's).
+    root_dir: PathBuf,
+    /// Where container logs are (/var/log/pods).
+    log_dir: PathBuf,
+    previous: Mutex<HashMap<String, CpuSample>>,
+}
+
+/// A cgroup's CPU time at an instant, and the rate found at that instant.
+#[derive(Clone, Copy)]
+struct CpuSample {
+    at: Duration,
+    cpu_ns: u64,
+    rate: Option<u64>,
+}
+
+/// Rates are taken over at least this long, so a scrape right after another is not noise.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
+
+impl Stats {
+    pub fn new(cgroups: Cgroups, node_name: &str, root_dir: &Path, log_dir: &Path) -> Self {
+        Stats {
+            cgroups,
+            node_name: node_name.to_string(),
+            root_dir: root_dir.to_path_buf(),
+            log_dir: log_dir.to_path_buf(),
+            previous: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The node's name, as the summary and the kubelet's metrics give it.
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+
+    /// The summary of the node and of the pods given (the status manager's), their running
+    /// containers only, as the kubelet lists what cAdvisor sees.
+    pub fn summary(&self, pods: &[Reported]) -> Summary {
+        let mut seen = Vec::new();
+        let now = SystemTime::now();
+        let (capacity, available) = crate::host::filesystem(&self.root_dir);
+        let node = NodeStats {
+            node_name: self.node_name.clone(),
+            start_time: rfc3339(boot_time()),
+            cpu: self.cpu("", now, &mut seen),
+            memory: self.memory("", now).map(|mut m| {
+                m.available_bytes = Some(crate::host::memory_available());
+                m
+            }),
+            fs: FsStats {
+                time: rfc3339(now),
+                available_bytes: Some(available),
+                capacity_bytes: Some(capacity),
+                used_bytes: capacity.saturating_sub(available),
+            },
+            rlimit: RlimitStats {
+                time: rfc3339(now),
+                maxpid: crate::host::pid_max(),
+                curproc: crate::host::threads(),
+            },
+        };
+        let pods = pods
+            .iter()
+            .filter(|r| !r.finished)
+            .filter_map(|r| self.pod(&r.pod, now, &mut seen))
+            .collect();
+        self.previous
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|key, _| seen.contains(key));
+        Summary { node, pods }
+    }
+
+    fn pod(&self, pod: &Pod, now: SystemTime, seen: &mut Vec<String>) -> Option<PodStats> {
+        let uid = pod.metadata.uid.as_deref()?;
+        let status = pod.status.as_ref()?;
+        let running = [
+            &status.init_container_statuses,
+            &status.container_statuses,
+            &status.ephemeral_container_statuses,
+        ]
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|c| Some((c, running_since(c)?, runtime_id(c)?)));
+        let pod_cgroup = crate::pod::cgroup::pod_path(uid);
+        let log_dir = crate::pod::logs::pod_dir(&self.log_dir, pod);
+        let containers: Vec<ContainerStats> = running
+            .map(|(c, started, id)| {
+                let cgroup = format!("{pod_cgroup}/{id}");
+                ContainerStats {
+                    name: c.name.clone(),
+                    start_time: started.clone(),
+                    cpu: self.cpu(&cgroup, now, seen),
+                    memory: self.memory(&cgroup, now),
+                    logs: FsStats {
+                        time: rfc3339(now),
+                        available_bytes: None,
+                        capacity_bytes: None,
+                        used_bytes: dir_size(&log_dir.join(&c.name)),
+                    },
+                }
+            })
+            .collect();
+        if containers.is_empty() {
+            return None;
+        }
+        Some(PodStats {
+            pod_ref: PodReference {
+                name: pod.metadata.name.clone().unwrap_or_default(),
+                namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+                uid: uid.to_string(),
+            },
+            start_time: status
+                .start_time
+                .as_ref()
+                .map(|t| t.0.to_string())
+                .unwrap_or_default(),
+            cpu: self.cpu(&pod_cgroup, now, seen),
+            memory: self.memory(&pod_cgroup, now),
+            containers,
+        })
+    }
+
+    fn cpu(&self, cgroup: &str, now: SystemTime, seen: &mut Vec<String>) -> Option<CpuStats> {
+        let cpu_ns = self.cgroups.cpu_ns(cgroup)?;
+        let at = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let mut previous = self.previous.lock().unwrap_or_else(|e| e.into_inner());
+        let sample = match previous.get(cgroup) {
+            Some(p) if at < p.at + RATE_WINDOW => *p,
+            Some(p) => CpuSample {
+                at,
+                cpu_ns,
+                rate: Some(rate(p.cpu_ns, cpu_ns, at - p.at)),
+            },
+            None => CpuSample {
+                at,
+                cpu_ns,
+                rate: None,
+            },
+        };
+        previous.insert(cgroup.to_string(), sample);
+        seen.push(cgroup.to_string());
+        Some(CpuStats {
+            time: rfc3339(now),
+            usage_nano_cores: sample.rate,
+            usage_core_nano_seconds: cpu_ns,
+            millis: at.as_millis(),
+        })
+    }
+
+    fn memory(&self, cgroup: &str, now: SystemTime) -> Option<MemoryStats> {
+        let m = self.cgroups.memory(cgroup)?;
+        Some(MemoryStats {
+            time: rfc3339(now),
+            available_bytes: None,
+            usage_bytes: m.usage,
+            working_set_bytes: m.working_set,
+            rss_bytes: m.rss,
+            page_faults: m.page_faults,
+            major_page_faults: m.major_page_faults,
+            millis: now
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis(),
+        })
+    }
+}
+
+/// CPU used over `elapsed`, in billionths of a core.
+fn rate(before: u64, after: u64, elapsed: Duration) -> u64 {
+    let nanos = elapsed.as_nanos().max(1);
+    u64::try_from(u128::from(after.saturating_sub(before)) * 1_000_000_000 / nanos)
+        .unwrap_or(u64::MAX)
+}
+
+/// When a running container started (its status's `startedAt`); None when it is not running.
+fn running_since(c: &ContainerStatus) -> Option<String> {
+    let running = c.state.as_ref()?.running.as_ref()?;
+    Some(
+        running
+            .started_at
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .unwrap_or_default(),
+    )
+}
+
+/// The container's id in containerd, from `containerd://<id>`; None for anything that is not
+/// one plain path component.
+fn runtime_id(c: &ContainerStatus) -> Option<&str> {
+    let id = c.container_id.as_deref()?.split_once("://")?.1;
+    let plain = !id.is_empty() && !id.starts_with('.') && !id.contains('/');
+    plain.then_some(id)
+}
+
+/// Bytes in the files under `dir` (a container's log files); 0 when it is gone.
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
+fn boot_time() -> SystemTime {
+    procfs::boot_time_secs().map_or(UNIX_EPOCH, |s| UNIX_EPOCH + Duration::from_secs(s))
+}
+
+/// A time as the API writes one: RFC 3339 in UTC, to the second.
+fn rfc3339(t: SystemTime) -> String {
+    jiff::Timestamp::try_from(t)
+        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_default()
+}
+
+/// The resource metrics of a summary in the Prometheus text format, as the kubelet's
+/// `/metrics/resource` writes them (metrics-server reads the names, the `container`, `pod` and
+/// `namespace` labels and the sample times in milliseconds).
+pub fn resource_metrics(summary: &Summary) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<String>| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for s in samples {
+            out.push_str(name);
+            out.push_str(&s);
+            out.push('\n');
+        }
+    };
+    let node = &summary.node;
+    family(
+        "container_cpu_usage_seconds_total",
+        "counter",
+        "[STABLE] Cumulative cpu time consumed by the container in core-seconds",
+        containers(summary, |c| c.cpu.as_ref().map(cpu_sample)),
+    );
+    family(
+        "container_memory_working_set_bytes",
+        "gauge",
+        "[STABLE] Current working set of the container in bytes",
+        containers(summary, |c| c.memory.as_ref().map(memory_sample)),
+    );
+    family(
+        "container_start_time_seconds",
+        "gauge",
+        "[STABLE] Start time of the container since unix epoch in seconds",
+        containers(summary, |c| {
+            let t = c.start_time.parse::<jiff::Timestamp>().ok()?;
+            let seconds = t.as_nanosecond() as f64 / 1e9;
+            (seconds > 0.0).then(|| format!(" {seconds}"))
+        }),
+    );
+    family(
+        "node_cpu_usage_seconds_total",
+        "counter",
+        "[STABLE] Cumulative cpu time consumed by the node in core-seconds",
+        node.cpu.as_ref().map(cpu_sample).into_iter().collect(),
+    );
+    family(
+        "node_memory_working_set_bytes",
+        "gauge",
+        "[STABLE] Current working set of the node in bytes",
+        node.memory
+            .as_ref()
+            .map(memory_sample)
+            .into_iter()
+            .collect(),
+    );
+    family(
+        "pod_cpu_usage_seconds_total",
+        "counter",
+        "[STABLE] Cumulative cpu time consumed by the pod in core-seconds",
+        pods(summary, |p| p.cpu.as_ref().map(cpu_sample)),
+    );
+    family(
+        "pod_memory_working_set_bytes",
+        "gauge",
+        "[STABLE] Current working set of the pod in bytes",
+        pods(summary, |p| p.memory.as_ref().map(memory_sample)),
+    );
+    family(
+        "resource_scrape_error",
+        "gauge",
+        "[STABLE] 1 if there was an error while getting container metrics, 0 otherwise",
+        vec![" 0".into()],
+    );
+    out
+}
+
+/// ` value time_ms` of a CPU sample, in core-seconds.
+fn cpu_sample(c: &CpuStats) -> String {
+    format!(" {} {}", c.usage_core_nano_seconds as f64 / 1e9, c.millis)
+}
+
+fn memory_sample(m: &MemoryStats) -> String {
+    format!(" {} {}", m.working_set_bytes, m.millis)
+}
+
+/// `{container=…,namespace=…,pod=…} sample` for each container that has the sample.
+fn containers(
+    summary: &Summary,
+    sample: impl Fn(&ContainerStats) -> Option<String>,
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    for p in &summary.pods {
+        for c in &p.containers {
+            if let Some(s) = sample(c) {
+                lines.push(format!(
+                    "{{container=\"{}\",namespace=\"{}\",pod=\"{}\"}}{s}",
+                    escape(&c.name),
+                    escape(&p.pod_ref.namespace),
+                    escape(&p.pod_ref.name)
+                ));
+            }
+        }
+    }
+    lines
+}
+
+fn pods(summary: &Summary, sample: impl Fn(&PodStats) -> Option<String>) -> Vec<String> {
+    summary
+        .pods
+        .iter()
+        .filter_map(|p| {
+            let s = sample(p)?;
+            Some(format!(
+                "{{namespace=\"{}\",pod=\"{}\"}}{s}",
+                escape(&p.pod_ref.namespace),
+                escape(&p.pod_ref.name)
+            ))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{ContainerState, ContainerStateRunning, PodStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use std::sync::Arc;
+
+    fn write(path: &Path, text: &str) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    /// A v1 tree with the root and one container of pod u1 (id c1).
+    fn v1_tree(root: &Path) {
+        for (rel, cpu, usage, inactive) in [
+            ("", 9_000_000_000u64, 900 << 20, 100 << 20),
+            ("nodelet/podu1", 3_000_000_000, 60 << 20, 10 << 20),
+            ("nodelet/podu1/c1", 2_500_000_000, 50 << 20, 8 << 20),
+        ] {
+            write(
+                &root.join("cpuacct").join(rel).join("cpuacct.usage"),
+                &format!("{cpu}\n"),
+            );
+            let memory = root.join("memory").join(rel);
+            write(&memory.join("memory.usage_in_bytes"), &format!("{usage}\n"));
+            write(
+                &memory.join("memory.stat"),
+                &format!("cache 1\ninactive_file 2\ntotal_inactive_file {inactive}\ntotal_rss 7\ntotal_pgfault 11\ntotal_pgmajfault 3\n"),
+            );
+        }
+    }
+
+    fn running_pod() -> Reported {
+        let mut pod = Pod::default();
+        pod.metadata.name = Some("web".into());
+        pod.metadata.namespace = Some("prod".into());
+        pod.metadata.uid = Some("u1".into());
+        let started = "2026-12-07T10:00:00Z".parse::<jiff::Timestamp>().unwrap();
+        let running = |name: &str, id: Option<&str>| ContainerStatus {
+            name: name.into(),
+            container_id: id.map(|id| format!("containerd://{id}")),
+            state: Some(ContainerState {
+                running: Some(ContainerStateRunning {
+                    started_at: Some(Time(started)),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        pod.status = Some(PodStatus {
+            start_time: Some(Time(started)),
+            // A container whose id is not a plain name is never read as a path.
+            container_statuses: Some(vec![
+                running("app", Some("c1")),
+                running("odd", Some("../x")),
+            ]),
+            ..Default::default()
+        });
+        Reported {
+            pod: Arc::new(pod),
+            version: 1,
+            finished: false,
+        }
+    }
+
+    #[test]
+    fn v1_and_v2_cgroups_are_read_as_cadvisor_counts_them() {
+        let dir = tempfile::tempdir().unwrap();
+        v1_tree(dir.path());
+        let v1 = Cgroups::at(dir.path());
+        assert_eq!(v1.cpu_ns("nodelet/podu1/c1"), Some(2_500_000_000));
+        assert_eq!(
+            v1.memory("nodelet/podu1/c1"),
+            Some(Memory {
+                usage: 50 << 20,
+                working_set: 42 << 20,
+                rss: 7,
+                page_faults: 11,
+                major_page_faults: 3
+            })
+        );
+        assert_eq!(v1.memory("nodelet/gone"), None);
+
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        write(&root.join("cgroup.controllers"), "cpu memory\n");
+        write(
+            &root.join("p/cpu.stat"),
+            "usage_usec 1500\nuser_usec 1000\n",
+        );
+        write(&root.join("p/memory.current"), "4096\n");
+        write(
+            &root.join("p/memory.stat"),
+            "anon 3000\ninactive_file 1000\npgfault 5\npgmajfault 1\n",
+        );
+        let v2 = Cgroups::at(root);
+        assert!(matches!(v2, Cgroups::V2(_)));
+        assert_eq!(v2.cpu_ns("p"), Some(1_500_000));
+        assert_eq!(
+            v2.memory("p"),
+            Some(Memory {
+                usage: 4096,
+                working_set: 3096,
+                rss: 3000,
+                page_faults: 5,
+                major_page_faults: 1
+            })
+        );
+        let node = v2.memory("").expect("the v2 root from /proc/meminfo");
+        assert!(node.working_set > 0 && node.working_set <= node.usage);
+    }
+
+    #[test]
+    fn the_summary_and_resource_metrics_are_the_kubelets() {
+        let dir = tempfile::tempdir().unwrap();
+        v1_tree(dir.path());
+        let stats = Stats::new(Cgroups::at(dir.path()), "node-a", dir.path(), dir.path());
+        let logs = dir.path().join("prod_web_u1/app");
+        write(&logs.join("0.log"), "hello\n");
+        let summary = stats.summary(&[running_pod()]);
+        let json = serde_json::to_value(&summary).unwrap();
+        assert_eq!(json["node"]["nodeName"], "node-a");
+        assert_eq!(
+            json["node"]["cpu"]["usageCoreNanoSeconds"],
+            9_000_000_000u64
+        );
+        assert!(
+            json["node"]["cpu"].get("usageNanoCores").is_none(),
+            "no rate before a second read"
+        );
+        assert_eq!(json["node"]["memory"]["workingSetBytes"], 800u64 << 20);
+        let pod = &json["pods"][0];
+        assert_eq!(
+            pod["podRef"],
+            serde_json::json!({"name": "web", "namespace": "prod", "uid": "u1"})
+        );
+        assert_eq!(pod["startTime"], "2026-12-07T10:00:00Z");
+        assert_eq!(pod["memory"]["workingSetBytes"], 50u64 << 20);
+        let containers = pod["containers"].as_array().unwrap();
+        assert_eq!(
+            containers.len(),
+            1,
+            "only containers with a plain id: {containers:?}"
+        );
+        assert_eq!(containers[0]["name"], "app");
+        assert_eq!(
+            containers[0]["cpu"]["usageCoreNanoSeconds"],
+            2_500_000_000u64
+        );
+        assert_eq!(containers[0]["memory"]["workingSetBytes"], 42u64 << 20);
+        assert_eq!(containers[0]["logs"]["usedBytes"], 6);
+
+        let text = resource_metrics(&summary);
+        let ms = |line: &str| -> (f64, u128) {
+            let l = text
+                .lines()
+                .find(|l| l.starts_with(line))
+                .unwrap_or_else(|| panic!("{line} in\n{text}"));
+            let mut parts = l[line.len()..].split_whitespace();
+            (
+                parts.next().unwrap().parse().unwrap(),
+                parts.next().map_or(0, |t| t.parse().unwrap()),
+            )
+        };
+        let (cpu, at) = ms(
+            "container_cpu_usage_seconds_total{container=\"app\",namespace=\"prod\",pod=\"web\"}",
+        );
+        assert_eq!(cpu, 2.5);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        assert!(
+            at <= now && at + 60_000 > now,
+            "a sample time in milliseconds: {at}"
+        );
+        assert_eq!(ms("container_memory_working_set_bytes{container=\"app\",namespace=\"prod\",pod=\"web\"}").0, (42u64 << 20) as f64);
+        assert_eq!(
+            ms("container_start_time_seconds{container=\"app\",namespace=\"prod\",pod=\"web\"}"),
+            (1_796_637_600.0, 0)
+        );
+        assert_eq!(ms("node_cpu_usage_seconds_total").0, 9.0);
+        assert_eq!(ms("node_memory_working_set_bytes").0, (800u64 << 20) as f64);
+        assert_eq!(
+            ms("pod_cpu_usage_seconds_total{namespace=\"prod\",pod=\"web\"}").0,
+            3.0
+        );
+        assert_eq!(
+            ms("pod_memory_working_set_bytes{namespace=\"prod\",pod=\"web\"}").0,
+            (50u64 << 20) as f64
+        );
+        assert_eq!(ms("resource_scrape_error").0, 0.0);
+        assert!(text.contains("# TYPE container_cpu_usage_seconds_total counter\n"));
+        assert!(text.contains("# HELP node_memory_working_set_bytes [STABLE] Current working set of the node in bytes\n"));
+        assert!(!text.contains("odd"), "{text}");
+    }
+
+    #[test]
+    fn a_rate_is_the_cpu_used_over_the_time_between_reads() {
+        assert_eq!(rate(1_000, 501_000, Duration::from_millis(1)), 500_000_000);
+        assert_eq!(
+            rate(5, 1, Duration::from_secs(1)),
+            0,
+            "a counter that went back"
+        );
+        // Two reads at one instant divide by a nanosecond, never by zero.
+        assert_eq!(
+            rate(0, 2_000_000_000, Duration::ZERO),
+            2_000_000_000_000_000_000
+        );
+    }
+}
