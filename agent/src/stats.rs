@@ -40,7 +40,12 @@ struct Memory {
     rss: u64,
     page_faults: u64,
     major_page_faults: u64,
+    /// The cgroup's memory limit; None when unlimited.
+    limit: Option<u64>,
 }
+
+/// A v1 limit at or past this is "unlimited" (the kernel writes the largest page multiple).
+const V1_UNLIMITED: u64 = 1 << 62;
 
 impl Cgroups {
     /// The host's hierarchies at /sys/fs/cgroup.
@@ -71,22 +76,31 @@ impl Cgroups {
     /// Memory of the cgroup at `rel`; the v2 root, which has no `memory.current`, is read from
     /// /proc/meminfo as cAdvisor reads it.
     fn memory(&self, rel: &str) -> Option<Memory> {
-        let (usage, stat, [inactive, rss, faults, major]) = match self {
+        let (usage, limit, stat, [inactive, rss, faults, major]) = match self {
             Cgroups::V1(root) => {
                 let dir = root.join("memory").join(rel);
+                let limit =
+                    read_u64(&dir.join("memory.limit_in_bytes")).filter(|&l| l < V1_UNLIMITED);
                 let keys = [
                     "total_inactive_file",
                     "total_rss",
                     "total_pgfault",
                     "total_pgmajfault",
                 ];
-                (read_u64(&dir.join("memory.usage_in_bytes"))?, dir, keys)
+                (
+                    read_u64(&dir.join("memory.usage_in_bytes"))?,
+                    limit,
+                    dir,
+                    keys,
+                )
             }
             Cgroups::V2(_) if rel.is_empty() => return node_memory_from_meminfo(),
             Cgroups::V2(root) => {
                 let dir = root.join(rel);
                 let keys = ["inactive_file", "anon", "pgfault", "pgmajfault"];
-                (read_u64(&dir.join("memory.current"))?, dir, keys)
+                // "max" does not parse: unlimited.
+                let limit = read_u64(&dir.join("memory.max"));
+                (read_u64(&dir.join("memory.current"))?, limit, dir, keys)
             }
         };
         let stat = std::fs::read_to_string(stat.join("memory.stat")).ok()?;
@@ -97,6 +111,7 @@ impl Cgroups {
             rss: value(rss),
             page_faults: value(faults),
             major_page_faults: value(major),
+            limit,
         })
     }
 }
@@ -200,6 +215,9 @@ pub struct MemoryStats {
     pub major_page_faults: u64,
     #[serde(skip)]
     millis: u128,
+    /// The cgroup's limit, for a container's `availableBytes`.
+    #[serde(skip)]
+    limit: Option<u64>,
 }
 
 #[derive(Serialize, Debug)]
@@ -232,7 +250,8 @@ pub struct Stats {
     previous: Mutex<HashMap<String, CpuSample>>,
 }
 
-/// A cgroup's CPU time at an instant, and the rate found at that instant.
+/// A cgroup's CPU time at an instant, and the rate found at that instant (on the first read,
+/// the average since the cgroup's work started).
 #[derive(Clone, Copy)]
 struct CpuSample {
     at: Duration,
@@ -268,7 +287,7 @@ impl Stats {
         let node = NodeStats {
             node_name: self.node_name.clone(),
             start_time: rfc3339(boot_time()),
-            cpu: self.cpu("", now, &mut seen),
+            cpu: self.cpu("", Some(boot_time()), now, &mut seen),
             memory: self.memory("", now).map(|mut m| {
                 m.available_bytes = Some(crate::host::memory_available());
                 m
@@ -285,10 +304,11 @@ impl Stats {
                 curproc: crate::host::threads(),
             },
         };
+        let logs_fs = crate::host::filesystem(&self.log_dir);
         let pods = pods
             .iter()
             .filter(|r| !r.finished)
-            .filter_map(|r| self.pod(&r.pod, now, &mut seen))
+            .filter_map(|r| self.pod(&r.pod, logs_fs, now, &mut seen))
             .collect();
         self.previous
             .lock()
@@ -297,7 +317,14 @@ impl Stats {
         Summary { node, pods }
     }
 
-    fn pod(&self, pod: &Pod, now: SystemTime, seen: &mut Vec<String>) -> Option<PodStats> {
+    /// A pod's stats; `logs_fs` is (size, available) of the log directory's filesystem.
+    fn pod(
+        &self,
+        pod: &Pod,
+        logs_fs: (u64, u64),
+        now: SystemTime,
+        seen: &mut Vec<String>,
+    ) -> Option<PodStats> {
         let uid = pod.metadata.uid.as_deref()?;
         let status = pod.status.as_ref()?;
         let running = [
@@ -317,12 +344,15 @@ impl Stats {
                 ContainerStats {
                     name: c.name.clone(),
                     start_time: started.clone(),
-                    cpu: self.cpu(&cgroup, now, seen),
-                    memory: self.memory(&cgroup, now),
+                    cpu: self.cpu(&cgroup, system_time(&started), now, seen),
+                    memory: self.memory(&cgroup, now).map(|mut m| {
+                        m.available_bytes = m.limit.map(|l| l.saturating_sub(m.working_set_bytes));
+                        m
+                    }),
                     logs: FsStats {
                         time: rfc3339(now),
-                        available_bytes: None,
-                        capacity_bytes: None,
+                        available_bytes: Some(logs_fs.1),
+                        capacity_bytes: Some(logs_fs.0),
                         used_bytes: dir_size(&log_dir.join(&c.name)),
                     },
                 }
@@ -331,24 +361,32 @@ impl Stats {
         if containers.is_empty() {
             return None;
         }
+        let started = status
+            .start_time
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .unwrap_or_default();
         Some(PodStats {
             pod_ref: PodReference {
                 name: pod.metadata.name.clone().unwrap_or_default(),
                 namespace: pod.metadata.namespace.clone().unwrap_or_default(),
                 uid: uid.to_string(),
             },
-            start_time: status
-                .start_time
-                .as_ref()
-                .map(|t| t.0.to_string())
-                .unwrap_or_default(),
-            cpu: self.cpu(&pod_cgroup, now, seen),
+            cpu: self.cpu(&pod_cgroup, system_time(&started), now, seen),
+            start_time: started,
             memory: self.memory(&pod_cgroup, now),
             containers,
         })
     }
 
-    fn cpu(&self, cgroup: &str, now: SystemTime, seen: &mut Vec<String>) -> Option<CpuStats> {
+    /// CPU of a cgroup whose work started at `since`.
+    fn cpu(
+        &self,
+        cgroup: &str,
+        since: Option<SystemTime>,
+        now: SystemTime,
+        seen: &mut Vec<String>,
+    ) -> Option<CpuStats> {
         let cpu_ns = self.cgroups.cpu_ns(cgroup)?;
         let at = now.duration_since(UNIX_EPOCH).unwrap_or_default();
         let mut previous = self.previous.lock().unwrap_or_else(|e| e.into_inner());
@@ -362,7 +400,10 @@ impl Stats {
             None => CpuSample {
                 at,
                 cpu_ns,
-                rate: None,
+                rate: since
+                    .and_then(|since| now.duration_since(since).ok())
+                    .filter(|d| *d >= RATE_WINDOW)
+                    .map(|d| rate(0, cpu_ns, d)),
             },
         };
         previous.insert(cgroup.to_string(), sample);
@@ -385,6 +426,7 @@ impl Stats {
             rss_bytes: m.rss,
             page_faults: m.page_faults,
             major_page_faults: m.major_page_faults,
+            limit: m.limit,
             millis: now
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default()
@@ -430,6 +472,11 @@ fn dir_size(dir: &Path) -> u64 {
         .filter(|m| m.is_file())
         .map(|m| m.len())
         .sum()
+}
+
+/// An API time (RFC 3339) as a SystemTime.
+fn system_time(text: &str) -> Option<SystemTime> {
+    text.parse::<jiff::Timestamp>().ok().map(SystemTime::from)
 }
 
 fn boot_time() -> SystemTime {
@@ -586,6 +633,12 @@ mod tests {
             );
             let memory = root.join("memory").join(rel);
             write(&memory.join("memory.usage_in_bytes"), &format!("{usage}\n"));
+            let limit = if rel.ends_with("c1") {
+                64 << 20
+            } else {
+                9_223_372_036_854_771_712u64
+            };
+            write(&memory.join("memory.limit_in_bytes"), &format!("{limit}\n"));
             write(
                 &memory.join("memory.stat"),
                 &format!("cache 1\ninactive_file 2\ntotal_inactive_file {inactive}\ntotal_rss 7\ntotal_pgfault 11\ntotal_pgmajfault 3\n"),
@@ -639,7 +692,8 @@ mod tests {
                 working_set: 42 << 20,
                 rss: 7,
                 page_faults: 11,
-                major_page_faults: 3
+                major_page_faults: 3,
+                limit: Some(64 << 20),
             })
         );
         assert_eq!(v1.memory("nodelet/gone"), None);
@@ -652,6 +706,7 @@ mod tests {
             "usage_usec 1500\nuser_usec 1000\n",
         );
         write(&root.join("p/memory.current"), "4096\n");
+        write(&root.join("p/memory.max"), "max\n");
         write(
             &root.join("p/memory.stat"),
             "anon 3000\ninactive_file 1000\npgfault 5\npgmajfault 1\n",
@@ -666,7 +721,8 @@ mod tests {
                 working_set: 3096,
                 rss: 3000,
                 page_faults: 5,
-                major_page_faults: 1
+                major_page_faults: 1,
+                limit: None,
             })
         );
         let node = v2.memory("").expect("the v2 root from /proc/meminfo");
@@ -688,8 +744,8 @@ mod tests {
             9_000_000_000u64
         );
         assert!(
-            json["node"]["cpu"].get("usageNanoCores").is_none(),
-            "no rate before a second read"
+            json["node"]["cpu"]["usageNanoCores"].as_u64() > Some(0),
+            "a first read's rate is the average since boot"
         );
         assert_eq!(json["node"]["memory"]["workingSetBytes"], 800u64 << 20);
         let pod = &json["pods"][0];
@@ -712,6 +768,25 @@ mod tests {
         );
         assert_eq!(containers[0]["memory"]["workingSetBytes"], 42u64 << 20);
         assert_eq!(containers[0]["logs"]["usedBytes"], 6);
+        assert!(containers[0]["logs"]["capacityBytes"].as_u64() > Some(0));
+        assert_eq!(
+            containers[0]["memory"]["availableBytes"],
+            22u64 << 20,
+            "the limit less the working set"
+        );
+        assert!(pod["memory"].get("availableBytes").is_none());
+        // The first read's rate: the average since the container started, 2.5 s of CPU.
+        let since = SystemTime::now()
+            .duration_since(SystemTime::from(
+                "2026-12-07T10:00:00Z".parse::<jiff::Timestamp>().unwrap(),
+            ))
+            .unwrap();
+        let average = 2.5e9 / since.as_secs_f64();
+        let found = containers[0]["cpu"]["usageNanoCores"].as_u64().unwrap() as f64;
+        assert!(
+            (found - average).abs() <= average * 0.01,
+            "{found} vs {average}"
+        );
 
         let text = resource_metrics(&summary);
         let ms = |line: &str| -> (f64, u128) {
