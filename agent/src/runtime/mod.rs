@@ -4,8 +4,8 @@
 //! whose stdio goes to the log driver started by the shim, so logs outlive the agent.
 //! Every container carries the label checkpoint (see `labels`) that the agent recovers from.
 //!
-//! Layout: `image` (pull, unpack, single-flight), `registry` and `reference` (OCI
-//! distribution client, docker-style names), `spec` (the pure OCI spec builder), `user`
+//! Layout: `image` (pull, single-flight), `registry` (the `oci-client` registry client for a
+//! pull, docker-style names), `content` (the content store and snapshotter writes), `spec` (the pure OCI spec builder), `user`
 //! (image users, devices, the brief read-only rootfs view), `container` (create … remove,
 //! inspect, list), `exec`, `eventstream` (the one `/tasks/exit` subscriber) and `logdriver`
 //! (the binary side of the `binary://` stdio URI). Every request carries the
@@ -45,10 +45,10 @@ mod container;
 mod eventstream;
 mod exec;
 pub use exec::{ExecControl, ExecStdio, ExecStreams};
+mod content;
 mod image;
 pub mod logdriver;
-pub mod reference;
-mod registry;
+pub mod registry;
 pub mod spec;
 mod user;
 
@@ -361,7 +361,6 @@ struct Inner {
     channel: Channel,
     ns: NamespaceInterceptor,
     exits: broadcast::Sender<ExitEvent>,
-    http: reqwest::Client,
     pulls: image::PullGroup,
     cgroup_v2: bool,
     _events: tokio_util::sync::DropGuard,
@@ -500,14 +499,6 @@ impl Runtime {
             exits.clone(),
             token.clone(),
         ));
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(15))
-            .read_timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| RuntimeError::Pull {
-                image: String::new(),
-                detail: format!("building the HTTP client: {e}"),
-            })?;
         Ok(Runtime {
             inner: Arc::new(Inner {
                 cgroup_v2: cgroup_v2(),
@@ -515,7 +506,6 @@ impl Runtime {
                 channel,
                 ns,
                 exits,
-                http,
                 pulls: image::PullGroup::default(),
                 _events: token.drop_guard(),
             }),
