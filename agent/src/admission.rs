@@ -99,7 +99,7 @@ pub fn pod_request(pod: &Pod, resource: &str) -> i128 {
     let mut init_peak: i128 = 0;
     for c in spec.init_containers.iter().flatten() {
         let r = request(c, resource);
-        if c.restart_policy.as_deref() == Some("Always") {
+        if crate::pod::machine::is_sidecar(c) {
             sidecars = sidecars.saturating_add(r);
             init_peak = init_peak.max(sidecars);
         } else {

@@ -194,41 +194,28 @@ pub async fn wait_exited(rt: &Runtime, id: &str) -> TaskState {
     panic!("{id} did not exit");
 }
 
-/// A registry on a loopback port that demands a bearer token (obtained from its own token
-/// endpoint with basic auth `user`/`password`) and forwards authorised requests to the test
-/// registry. Returns its address and the Authorization headers its token endpoint saw.
-pub async fn start_token_registry(
-    user: &str,
-    password: &str,
-) -> (
-    std::net::SocketAddr,
-    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-) {
+/// What a fake registry answers itself: status, content type, body, extra header lines.
+pub type Answer = (u16, String, Vec<u8>, String);
+
+/// A registry on a loopback port that answers what `answer` answers for a request (its path
+/// and a header lookup) and forwards every other request to the test registry.
+pub async fn start_fake_registry(
+    answer: impl Fn(std::net::SocketAddr, &str, &dyn Fn(&str) -> String) -> Option<Answer>
+        + Send
+        + Sync
+        + 'static,
+) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let expected_basic = reqwest::Client::new()
-        .get("http://127.0.0.1/")
-        .basic_auth(user, Some(password))
-        .build()
-        .unwrap()
-        .headers()["authorization"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let seen_by_server = seen.clone();
+    let answer = std::sync::Arc::new(answer);
     tokio::spawn(async move {
         let upstream = reqwest::Client::new();
         loop {
             let Ok((mut conn, _)) = listener.accept().await else {
                 return;
             };
-            let (upstream, expected_basic, seen) = (
-                upstream.clone(),
-                expected_basic.clone(),
-                seen_by_server.clone(),
-            );
+            let (upstream, answer) = (upstream.clone(), answer.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
@@ -248,54 +235,29 @@ pub async fn start_token_registry(
                         })
                         .unwrap_or_default()
                 };
-                let (status, content_type, body, extra) = if path.starts_with("/token") {
-                    let auth = header("authorization");
-                    seen.lock().unwrap().push(auth.clone());
-                    if auth == expected_basic {
+                let (status, content_type, body, extra) = match answer(addr, &path, &header) {
+                    Some(answered) => answered,
+                    None => {
+                        let resp = upstream
+                            .get(format!("http://{REGISTRY}{path}"))
+                            .header("accept", header("accept"))
+                            .send()
+                            .await
+                            .unwrap();
+                        let status = resp.status().as_u16();
+                        let ct = resp
+                            .headers()
+                            .get("content-type")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("application/octet-stream")
+                            .to_string();
                         (
-                            200,
-                            "application/json".to_string(),
-                            br#"{"token":"t0k3n"}"#.to_vec(),
-                            String::new(),
-                        )
-                    } else {
-                        (
-                            401,
-                            "text/plain".to_string(),
-                            b"bad credentials".to_vec(),
+                            status,
+                            ct,
+                            resp.bytes().await.unwrap().to_vec(),
                             String::new(),
                         )
                     }
-                } else if header("authorization") != "Bearer t0k3n" {
-                    let challenge = format!(
-                        "WWW-Authenticate: Bearer realm=\"http://{addr}/token\",service=\"test\",scope=\"repository:nodelet/busybox:pull\"\r\n"
-                    );
-                    (
-                        401,
-                        "text/plain".to_string(),
-                        b"auth required".to_vec(),
-                        challenge,
-                    )
-                } else {
-                    let resp = upstream
-                        .get(format!("http://{REGISTRY}{path}"))
-                        .header("accept", header("accept"))
-                        .send()
-                        .await
-                        .unwrap();
-                    let status = resp.status().as_u16();
-                    let ct = resp
-                        .headers()
-                        .get("content-type")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("application/octet-stream")
-                        .to_string();
-                    (
-                        status,
-                        ct,
-                        resp.bytes().await.unwrap().to_vec(),
-                        String::new(),
-                    )
                 };
                 let reply = format!(
                     "HTTP/1.1 {status} X\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
@@ -307,6 +269,50 @@ pub async fn start_token_registry(
             });
         }
     });
+    addr
+}
+
+/// A registry on a loopback port that demands a bearer token (obtained from its own token
+/// endpoint with basic auth `user`/`password`) and forwards authorised requests to the test
+/// registry. Returns its address and the Authorization headers its token endpoint saw.
+pub async fn start_token_registry(
+    user: &str,
+    password: &str,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    let expected_basic = reqwest::Client::new()
+        .get("http://127.0.0.1/")
+        .basic_auth(user, Some(password))
+        .build()
+        .unwrap()
+        .headers()["authorization"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen_by_server = seen.clone();
+    let addr = start_fake_registry(move |addr, path, header| {
+        if path.starts_with("/token") {
+            let auth = header("authorization");
+            seen_by_server.lock().unwrap().push(auth.clone());
+            let (status, body) = if auth == expected_basic {
+                (200, br#"{"token":"t0k3n"}"#.to_vec())
+            } else {
+                (401, b"bad credentials".to_vec())
+            };
+            Some((status, "application/json".into(), body, String::new()))
+        } else if header("authorization") != "Bearer t0k3n" {
+            let challenge = format!(
+                "WWW-Authenticate: Bearer realm=\"http://{addr}/token\",service=\"test\",scope=\"repository:nodelet/busybox:pull\"\r\n"
+            );
+            Some((401, "text/plain".into(), b"auth required".to_vec(), challenge))
+        } else {
+            None
+        }
+    })
+    .await;
     (addr, seen)
 }
 

@@ -9,8 +9,8 @@ use nodelet::runtime::{
     User,
 };
 use nodelet_tests::runtime_support::{
-    busybox, ctr, gc, log_driver_binary, multilayer, start_token_registry, wait_exited,
-    wait_for_text, SocketProxy, TestRuntime, REGISTRY,
+    busybox, ctr, gc, log_driver_binary, multilayer, start_fake_registry, start_token_registry,
+    wait_exited, wait_for_text, SocketProxy, TestRuntime, REGISTRY,
 };
 
 const SLEEP: &[&str] = &["sleep", "3600"];
@@ -106,6 +106,15 @@ async fn missing_images_and_unreachable_registries() {
             "{image}: {err:?}"
         );
         assert_eq!(err.reason(), "ErrImagePull");
+        // The message names the image, the URL asked and what the registry said.
+        let (repo, tag) = image.rsplit_once(':').unwrap();
+        let repo = repo.trim_start_matches(&format!("{REGISTRY}/"));
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "image {image} not found: http://{REGISTRY}/v2/{repo}/manifests/{tag}: manifest unknown"
+            )
+        );
     }
     // Nothing listens on this loopback port.
     let err =
@@ -785,6 +794,83 @@ async fn bearer_token_auth_with_registry_credentials() {
     assert_eq!(seen.len(), 3, "{seen:?}");
     assert_eq!(seen[0], "", "no credentials were sent without auth");
     assert!(seen[2].starts_with("Basic "), "{seen:?}");
+    t.cleanup().await;
+}
+
+/// A multi-arch index: the entry for linux on the host's architecture is pulled (the other
+/// entries name manifests no registry has), and the image record points at the index, whose
+/// digest is the repo digest.
+#[tokio::test]
+async fn a_multi_arch_index_pulls_the_hosts_platform() {
+    let t = TestRuntime::new("index").await;
+    let accept = "application/vnd.oci.image.manifest.v1+json";
+    let resp = reqwest::Client::new()
+        .get(format!(
+            "http://{REGISTRY}/v2/nodelet/busybox/manifests/latest"
+        ))
+        .header("accept", accept)
+        .send()
+        .await
+        .unwrap();
+    let digest = resp.headers()["docker-content-digest"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body = resp.bytes().await.unwrap();
+    let size = body.len();
+    let manifest: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let other_arch = if arch == "amd64" { "arm64" } else { "amd64" };
+    let missing = format!("sha256:{}", "0".repeat(64));
+    let entry = |digest: &str, os: &str, arch: &str| {
+        serde_json::json!({"mediaType": accept, "digest": digest, "size": size,
+                           "platform": {"os": os, "architecture": arch}})
+    };
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [entry(&missing, "linux", other_arch), entry(&missing, "windows", arch),
+                      entry(&digest, "linux", arch)],
+    });
+    let index = serde_json::to_vec(&index).unwrap();
+    let served = index.clone();
+    let addr = start_fake_registry(move |_, path, _| {
+        (path == "/v2/nodelet/busybox/manifests/multi").then(|| {
+            let ct = "application/vnd.oci.image.index.v1+json".to_string();
+            (200, ct, served.clone(), String::new())
+        })
+    })
+    .await;
+    let image = format!("{addr}/nodelet/busybox:multi");
+    let info =
+        t.rt.ensure_image(&image, PullPolicy::Always, None)
+            .await
+            .unwrap();
+    assert_eq!(
+        info.image_id,
+        manifest["config"]["digest"].as_str().unwrap()
+    );
+    assert_eq!(info.config.cmd, vec!["sh"]);
+    let (name, index_digest) = info.repo_digest.split_once('@').unwrap();
+    assert_eq!(name, format!("{addr}/nodelet/busybox"));
+    assert_ne!(index_digest, digest, "the repo digest is the index's");
+    let images = ctr(&t.namespace, &["images", "ls"]);
+    assert!(
+        images.contains(&image)
+            && images.contains("application/vnd.oci.image.index.v1+json")
+            && images.contains(index_digest),
+        "{images}"
+    );
+    // Present now, through the index: no second pull.
+    let pulls = t.rt.pulls_started();
+    t.rt.ensure_image(&image, PullPolicy::IfNotPresent, None)
+        .await
+        .unwrap();
+    assert_eq!(t.rt.pulls_started(), pulls);
     t.cleanup().await;
 }
 

@@ -1236,6 +1236,44 @@ async fn csi_calls_carry_the_pvs_secrets_and_mount_options() {
     assert!(host.mounts().is_empty(), "{:?}", host.mounts());
 }
 
+/// A NodeStage the driver refuses for good (Unauthenticated: not one of the codes after which
+/// the kubelet's CSI client counts the call as possibly under way) fails with the code kept,
+/// and the staging dir the agent made for it goes, as the kubelet's removeMountDir.
+#[tokio::test]
+async fn a_csi_call_refused_for_good_keeps_its_code_and_leaves_no_staging_dir() {
+    let host = Host::new();
+    let _plugin = start_plugin(&host).await;
+    let source = json!({"csi": {"driver": DRIVER, "volumeHandle": "vol-r", "fsType": "ext4",
+        "volumeAttributes": {"size": "16777216", "requireStageSecret": "password"}}});
+    host.objects(|o| {
+        o.claims.insert(
+            key("ref-data"),
+            claim("ref-data", Some("pv-ref"), &["ReadWriteOnce"]),
+        );
+        o.volumes
+            .insert("pv-ref".into(), pv("pv-ref", Some("ref-data"), source));
+    });
+    let user = pod(
+        "ref-csi-1",
+        json!([{"name": "v", "persistentVolumeClaim": {"claimName": "ref-data"}}]),
+        json!([{"name": "v", "mountPath": "/data"}]),
+    );
+    let err = host.vm.setup(&user).await.unwrap_err();
+    let VolumeError::Csi { source, .. } = &err else {
+        panic!("not a CSI error: {err}");
+    };
+    assert_eq!(source.code(), Some(tonic::Code::Unauthenticated), "{err}");
+    assert!(source.is_final(), "{err}");
+    assert!(
+        err.to_string().starts_with("volume v: NodeStageVolume: "),
+        "{err}"
+    );
+    let staging = nodelet::volume::csi::staging_path(&host.root, DRIVER, "vol-r");
+    assert!(!staging.exists(), "{} is left", staging.display());
+    host.vm.teardown("ref-csi-1").await.unwrap();
+    assert!(host.mounts().is_empty(), "{:?}", host.mounts());
+}
+
 #[tokio::test]
 async fn a_csi_stage_in_flight_stalls_only_the_pods_that_share_it() {
     let host = Host::new();

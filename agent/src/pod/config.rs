@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{Container, Pod};
 use sha2::{Digest, Sha256};
 
 use super::env;
-use crate::runtime::{ImageInfo, Mount, PullPolicy, RegistryAuth, Security, User};
+use crate::runtime::{registry, ImageInfo, Mount, PullPolicy, RegistryAuth, Security, User};
 use crate::store::ObjectStore;
 
 /// The log tail used for FallbackToLogsOnError.
@@ -184,21 +184,26 @@ pub fn registry_auth(pod: &Pod, store: &ObjectStore, image: &str) -> Option<Regi
 
 /// The kubelet's docker keyring (`pkg/credentialprovider`), written here because no crate
 /// keys and matches registries its way: each `auths` key (or the legacy top-level map) is
-/// made schemeless, `/v1/` or `/v2/` dropped, and an image matches a key with the same port,
+/// made schemeless, `/v1/` or `/v2/` dropped, and the image's repository (its normalised
+/// name without tag or digest, as the kubelet looks it up) matches a key with the same port,
 /// as many host name parts, each matching the key's as a glob, and the key's path as a prefix;
 /// the longest keys are tried first, then Docker Hub's `index.docker.io` for images that pull
 /// from Docker Hub. An entry's `auth` (base64 `user:password`) wins over its username and
-/// password.
+/// password. An image name that does not parse gets none (its pull fails as InvalidImageName).
 pub fn keyring_lookup(config: &serde_json::Value, image: &str) -> Option<RegistryAuth> {
+    let reference = registry::parse(image).ok()?;
+    let repository = registry::name(&reference);
     let auths = config.get("auths").unwrap_or(config).as_object()?;
     let mut keyring: Vec<(String, RegistryAuth)> = auths
         .iter()
         .filter_map(|(loc, entry)| Some((keyring_key(loc), keyring_entry(entry)?)))
         .collect();
     keyring.sort_by(|a, b| b.0.cmp(&a.0));
-    let found = keyring.iter().find(|(key, _)| keyring_match(key, image));
+    let found = keyring
+        .iter()
+        .find(|(key, _)| keyring_match(key, &repository));
     let found = found.or_else(|| {
-        is_docker_hub(image)
+        (reference.registry() == "docker.io")
             .then(|| keyring.iter().find(|(key, _)| key == "index.docker.io"))
             .flatten()
     });
@@ -272,16 +277,6 @@ fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
         Some((b'*', rest)) => (0..=text.len()).any(|i| glob_match(rest, &text[i..])),
         Some((b'?', rest)) => !text.is_empty() && glob_match(rest, &text[1..]),
         Some((c, rest)) => text.first() == Some(c) && glob_match(rest, &text[1..]),
-    }
-}
-
-/// Whether the image pulls from Docker Hub (no registry host in its first part).
-fn is_docker_hub(image: &str) -> bool {
-    match image.split_once('/') {
-        None => !image.is_empty(),
-        Some(("", _)) => false,
-        Some(("docker.io" | "index.docker.io", _)) => true,
-        Some((first, _)) => !first.contains(['.', ':']),
     }
 }
 
@@ -665,6 +660,14 @@ mod tests {
         assert_eq!(user("a.glob.example/x").as_deref(), Some("glob"));
         assert_eq!(user("a.b.glob.example/x"), None, "a glob is one name part");
         assert_eq!(user("quay.io/x/y"), None);
+        // The image's repository is looked up, as the kubelet does: tag and digest aside.
+        let pinned = format!("registry.example.com/team/app:1@sha256:{}", "a".repeat(64));
+        assert_eq!(user(&pinned).as_deref(), Some("team"));
+        assert_eq!(
+            user("registry.example.com/Team/app"),
+            None,
+            "no such image name"
+        );
         // The legacy .dockercfg form is the map of auths itself.
         let legacy: serde_json::Value =
             serde_json::from_str(r#"{"quay.io":{"auth":"cTpw"}}"#).unwrap();

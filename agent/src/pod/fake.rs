@@ -22,7 +22,7 @@ use crate::events::Recorder;
 use crate::probe::{Exec, ExecError, Prober};
 use crate::runtime::{
     labels, ContainerConfig, ContainerRecord, Device, ExecOutput, ExitEvent, ImageInfo, Mount,
-    PullPolicy, RegistryAuth, Result, RuntimeError, TaskState,
+    PullPolicy, RegistryAuth, Result, RuntimeError, TaskStage, TaskState,
 };
 use crate::sandbox::{Sandbox, SandboxError};
 use crate::status::StatusManager;
@@ -202,10 +202,9 @@ impl ContainerRuntime for FakeRuntime {
         // As containerd: runc creates the process (and fails on a missing binary) in
         // tasks.Create, and a failed create leaves no container.
         if let Some(message) = st.refuse_start.clone() {
-            let status = tonic::Status::unknown(message);
-            return Err(RuntimeError::Grpc {
-                op: "tasks.Create",
-                status,
+            return Err(RuntimeError::StartFailure {
+                stage: TaskStage::Create,
+                message,
             });
         }
         let container = FakeContainer {

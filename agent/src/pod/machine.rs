@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 
+use super::api::RestartPolicy;
 use super::backoff::{Backoff, Window};
 use super::{Deletion, Desired};
 
@@ -273,7 +274,7 @@ pub struct Step {
 
 /// Whether an init container is a sidecar.
 pub fn is_sidecar(container: &Container) -> bool {
-    container.restart_policy.as_deref() == Some("Always")
+    RestartPolicy::of_container(container) == Some(RestartPolicy::Always)
 }
 
 /// The pod's containers in start order, with their kind.
@@ -310,22 +311,14 @@ pub fn ephemeral(pod: &Pod) -> Vec<Container> {
         .collect()
 }
 
-/// The pod's restartPolicy (Always when unset).
-pub fn restart_policy(pod: &Pod) -> &str {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.restart_policy.as_deref())
-        .unwrap_or("Always")
-}
-
 /// Whether a container that ended with `exit` runs again.
-pub fn wants_restart(policy: &str, kind: Kind, exit: &Exit) -> bool {
+pub fn wants_restart(policy: RestartPolicy, kind: Kind, exit: &Exit) -> bool {
     match (kind, policy) {
         (Kind::Ephemeral, _) => false,
         (Kind::Sidecar, _) => true,
-        (_, "Never") => false,
-        (Kind::Init, _) | (Kind::App, "OnFailure") => exit.code != 0,
-        (Kind::App, _) => true,
+        (_, RestartPolicy::Never) => false,
+        (Kind::Init, _) | (Kind::App, RestartPolicy::OnFailure) => exit.code != 0,
+        (Kind::App, RestartPolicy::Always) => true,
     }
 }
 
@@ -416,8 +409,8 @@ fn termination_reason(desired: &Desired, obs: &Observed) -> Option<Why> {
 
 /// Every app container finished for good, or an init container failed under Never.
 fn completed(pod: &Pod, obs: &Observed) -> bool {
-    let policy = restart_policy(pod);
-    if policy == "Always" {
+    let policy = RestartPolicy::of(pod);
+    if policy == RestartPolicy::Always {
         return false;
     }
     let all = containers(pod);
@@ -459,7 +452,7 @@ fn sync(pod: &Pod, obs: &Observed, state: PodState, actions: &mut Vec<Action>) -
         return state;
     }
     let base_grace = grace(pod, None);
-    let policy = restart_policy(pod);
+    let policy = RestartPolicy::of(pod);
     let mut wake: Option<SystemTime> = active_deadline(pod, obs.start_time);
     let none = ContainerObs::default();
     let all = containers(pod);
@@ -519,7 +512,7 @@ fn advance(
     name: &str,
     kind: Kind,
     o: &ContainerObs,
-    policy: &str,
+    policy: RestartPolicy,
     now: SystemTime,
     actions: &mut Vec<Action>,
     wake: &mut Option<SystemTime>,
@@ -1386,7 +1379,7 @@ mod tests {
         ];
         for (policy, kind, code, want) in table {
             assert_eq!(
-                wants_restart(policy, kind, &e(code)),
+                wants_restart(RestartPolicy::parse(policy).unwrap(), kind, &e(code)),
                 want,
                 "{policy} {kind:?} {code}"
             );

@@ -392,7 +392,7 @@ impl Inner {
     /// The kubelet's `rejectPod`: a Warning event, phase Failed with the reason, no worker.
     fn reject(&self, st: &mut State, pod: &Pod, r: crate::admission::Rejection) {
         let status = k8s_openapi::api::core::v1::PodStatus {
-            phase: Some("Failed".into()),
+            phase: Some(super::api::Phase::Failed.as_str().into()),
             reason: Some(r.reason.clone()),
             message: Some(format!("Pod was rejected: {}", r.message)),
             qos_class: Some(super::resources::qos_class(pod).to_string()),

@@ -21,6 +21,7 @@ use crate::store::ObjectStore;
 
 pub use self::seam::{ContainerRuntime, NodeHost, PodHost};
 
+pub mod api;
 pub mod backoff;
 pub mod cgroup;
 pub mod checkpoint;

@@ -104,7 +104,7 @@ pub fn pod_aggregate(pod: &Pod, limits: bool) -> Quantities {
     };
     let value = |q: &Quantity| (milli(&q.0).unwrap_or(0).max(0), q.0.contains('i'));
     for c in spec.init_containers.iter().flatten() {
-        let sidecar = c.restart_policy.as_deref() == Some("Always");
+        let sidecar = machine::is_sidecar(c);
         for (k, q) in list(c) {
             let (v, bin) = value(&q);
             if sidecar {

@@ -17,6 +17,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use super::api::{Phase, RestartPolicy};
 use super::machine::{self, Attempt, ContainerObs, Exit, Kind, Observed, PodState, Why};
 use super::resources;
 
@@ -77,7 +78,7 @@ pub fn compute(input: &Input) -> PodStatus {
         .and_then(|p| p.start_time.clone())
         .or_else(|| input.obs.start_time.map(time));
     let mut status = PodStatus {
-        phase: Some(phase.to_string()),
+        phase: Some(phase.as_str().to_string()),
         reason,
         message,
         host_ips: host_ip.clone().map(|ip| vec![HostIP { ip }]),
@@ -92,7 +93,7 @@ pub fn compute(input: &Input) -> PodStatus {
         ephemeral_container_statuses: (!ephemeral.is_empty()).then_some(ephemeral),
         ..Default::default()
     };
-    status.conditions = Some(conditions(input, &status));
+    status.conditions = Some(conditions(input, phase, &status));
     // InPlacePodLevelResourcesVerticalScaling (beta, on in v1.36): the pod's aggregated
     // requests and limits (the kubelet reads a running pod's back from its cgroup, which holds
     // what the agent set from the same spec); `{}` for a pod with none.
@@ -154,7 +155,7 @@ fn container_status(input: &Input, kind: Kind, c: &Container) -> ContainerStatus
         }
         Attempt::Exited(e) => {
             let restarts = input.state < PodState::Terminating
-                && machine::wants_restart(machine::restart_policy(pod), kind, e);
+                && machine::wants_restart(RestartPolicy::of(pod), kind, e);
             let backoff = o.backoff.filter(|w| w.until > input.obs.now);
             match (restarts, reported_waiting, backoff) {
                 (true, Some(w), _) => (w, Some(terminated(e))),
@@ -269,8 +270,8 @@ fn phase_of(
     init: &[ContainerStatus],
     apps: &[ContainerStatus],
     terminal: bool,
-) -> (&'static str, Option<String>, Option<String>) {
-    let policy = machine::restart_policy(input.pod);
+) -> (Phase, Option<String>, Option<String>) {
+    let policy = RestartPolicy::of(input.pod);
     let kinds = all.iter().map(|(k, _)| *k);
     let mut pending_init = 0;
     let mut failed_init = 0;
@@ -315,50 +316,48 @@ fn phase_of(
     let any_app_started = apps
         .iter()
         .any(|s| is_running(s) || terminated_state(s).is_some() || last_terminated(s).is_some());
-    let mut phase = if failed_init > 0 && policy == "Never" {
-        "Failed"
+    let mut phase = if failed_init > 0 && policy == RestartPolicy::Never {
+        Phase::Failed
     } else if (pending_init > 0 && !any_app_started) || waiting > 0 {
-        "Pending"
+        Phase::Pending
     } else if running > 0 {
-        "Running"
+        Phase::Running
     } else if stopped == 0 {
-        "Pending"
-    } else if terminal || policy != "Always" && stopped == succeeded {
+        Phase::Pending
+    } else if terminal || policy != RestartPolicy::Always && stopped == succeeded {
         if stopped == succeeded {
-            "Succeeded"
+            Phase::Succeeded
         } else {
-            "Failed"
+            Phase::Failed
         }
-    } else if policy == "Never" {
-        "Failed"
+    } else if policy == RestartPolicy::Never {
+        Phase::Failed
     } else {
-        "Running"
+        Phase::Running
     };
     let mut reason = None;
     let mut message = None;
     if matches!(input.obs.terminating, Some((_, Why::DeadlineExceeded))) {
-        phase = "Failed";
+        phase = Phase::Failed;
         reason = Some("DeadlineExceeded".to_string());
         message = Some("Pod was active on the node longer than the specified deadline".into());
     }
     let previous = input.previous;
-    let prev_phase = previous.and_then(|p| p.phase.as_deref());
-    let api_phase = input.pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    let is_terminal = |p: Option<&str>| matches!(p, Some("Succeeded" | "Failed"));
-    if !is_terminal(Some(phase)) {
+    let prev_phase = Phase::of(previous);
+    let api_phase = Phase::of(input.pod.status.as_ref());
+    if !phase.is_terminal() {
         if let Some(p) = [prev_phase, api_phase]
             .into_iter()
-            .find(|p| is_terminal(*p))
+            .flatten()
+            .find(|p| p.is_terminal())
         {
-            phase = static_phase(p.unwrap_or_default());
+            phase = p;
         }
     } else if !terminal {
         // Not terminal until every container has stopped.
-        phase = static_phase(
-            prev_phase
-                .filter(|p| !is_terminal(Some(p)))
-                .unwrap_or("Running"),
-        );
+        phase = prev_phase
+            .filter(|p| !p.is_terminal())
+            .unwrap_or(Phase::Running);
         reason = None;
         message = None;
     }
@@ -369,18 +368,8 @@ fn phase_of(
     (phase, reason, message)
 }
 
-fn static_phase(p: &str) -> &'static str {
-    match p {
-        "Running" => "Running",
-        "Succeeded" => "Succeeded",
-        "Failed" => "Failed",
-        _ => "Pending",
-    }
-}
-
-fn conditions(input: &Input, status: &PodStatus) -> Vec<PodCondition> {
+fn conditions(input: &Input, phase: Phase, status: &PodStatus) -> Vec<PodCondition> {
     let pod = input.pod;
-    let phase = status.phase.as_deref().unwrap_or("Pending");
     let generation = pod.metadata.generation;
     let now = time(input.obs.now);
     let previous = input.previous.and_then(|p| p.conditions.as_ref());
@@ -430,10 +419,15 @@ fn foreign_conditions(pod: &Pod) -> impl Iterator<Item = &PodCondition> {
 
 type Cond = (bool, Option<String>, Option<String>);
 
-fn initialized(pod: &Pod, phase: &str, init: &[ContainerStatus], apps: &[ContainerStatus]) -> Cond {
+fn initialized(
+    pod: &Pod,
+    phase: Phase,
+    init: &[ContainerStatus],
+    apps: &[ContainerStatus],
+) -> Cond {
     let all = machine::containers(pod);
     let specs: Vec<_> = all.iter().filter(|(k, _)| *k != Kind::App).collect();
-    if phase == "Succeeded" {
+    if phase == Phase::Succeeded {
         return (true, Some("PodCompleted".into()), None);
     }
     if specs.is_empty() {
@@ -468,14 +462,14 @@ fn initialized(pod: &Pod, phase: &str, init: &[ContainerStatus], apps: &[Contain
 }
 
 fn containers_ready(
-    phase: &str,
+    phase: Phase,
     pod: &Pod,
     init: &[ContainerStatus],
     apps: &[ContainerStatus],
 ) -> Cond {
     match phase {
-        "Succeeded" => return (false, Some("PodCompleted".into()), None),
-        "Failed" => return (false, Some("PodFailed".into()), None),
+        Phase::Succeeded => return (false, Some("PodCompleted".into()), None),
+        Phase::Failed => return (false, Some("PodFailed".into()), None),
         _ => {}
     }
     let sidecars = machine::containers(pod)
@@ -502,7 +496,7 @@ fn containers_ready(
     )
 }
 
-fn ready(pod: &Pod, phase: &str, init: &[ContainerStatus], apps: &[ContainerStatus]) -> Cond {
+fn ready(pod: &Pod, phase: Phase, init: &[ContainerStatus], apps: &[ContainerStatus]) -> Cond {
     let cr = containers_ready(phase, pod, init, apps);
     if !cr.0 {
         return cr;

@@ -20,8 +20,8 @@ use containerd_client::types::Mount as CtrMount;
 use super::spec::{bounding_set, build_spec, nofile_limit, SpecInputs, NOFILE_LIMIT};
 use super::user::{device_node, host_devices, read_rootfs_users, resolve_user};
 use super::{
-    grpc, labels, leased, to_system_time, ContainerConfig, ContainerRecord, LogRotation, Result,
-    Runtime, RuntimeError, TaskState, RUNC_RUNTIME, SNAPSHOTTER,
+    grpc, labels, leased, task_error, to_system_time, ContainerConfig, ContainerRecord,
+    LogRotation, Result, Runtime, RuntimeError, TaskStage, TaskState, RUNC_RUNTIME, SNAPSHOTTER,
 };
 
 /// Type URL containerd registers for the OCI runtime spec.
@@ -294,7 +294,7 @@ impl Runtime {
                 runtime_path: String::new(),
             })
             .await
-            .map_err(grpc("tasks.Create"))?;
+            .map_err(|s| task_error(TaskStage::Create, s))?;
         tracing::debug!(container_id = id, "created container");
         Ok(())
     }
@@ -308,7 +308,10 @@ impl Runtime {
                 exec_id: String::new(),
             })
             .await
-            .map_err(|s| self.not_found_or(id, "tasks.Start", s))?
+            .map_err(|s| match s.code() {
+                tonic::Code::NotFound => RuntimeError::NotFound { id: id.to_string() },
+                _ => task_error(TaskStage::Start, s),
+            })?
             .into_inner()
             .pid;
         let started = jiff::Timestamp::now().to_string();

@@ -4,8 +4,8 @@
 //! whose stdio goes to the log driver started by the shim, so logs outlive the agent.
 //! Every container carries the label checkpoint (see `labels`) that the agent recovers from.
 //!
-//! Layout: `image` (pull, unpack, single-flight), `registry` and `reference` (OCI
-//! distribution client, docker-style names), `spec` (the pure OCI spec builder), `user`
+//! Layout: `image` (pull, single-flight), `registry` (the `oci-client` registry client for a
+//! pull, docker-style names), `content` (the content store and snapshotter writes), `spec` (the pure OCI spec builder), `user`
 //! (image users, devices, the brief read-only rootfs view), `container` (create … remove,
 //! inspect, list), `exec`, `eventstream` (the one `/tasks/exit` subscriber) and `logdriver`
 //! (the binary side of the `binary://` stdio URI). Every request carries the
@@ -45,10 +45,10 @@ mod container;
 mod eventstream;
 mod exec;
 pub use exec::{ExecControl, ExecStdio, ExecStreams};
+mod content;
 mod image;
 pub mod logdriver;
-pub mod reference;
-mod registry;
+pub mod registry;
 pub mod spec;
 mod user;
 
@@ -282,6 +282,15 @@ pub enum RuntimeError {
         op: &'static str,
         status: tonic::Status,
     },
+    /// The OCI runtime refused to run the container's process (a missing binary, a bad working
+    /// dir…): CRI's StartContainer failing. Built by [`task_error`] alone.
+    #[error("{}", .stage.words(.message))]
+    StartFailure {
+        /// The containerd call that met the refusal.
+        stage: TaskStage,
+        /// containerd's message (the shim's, quoting runc).
+        message: String,
+    },
     /// The image does not exist in the registry (or locally under pull policy Never).
     #[error("image {image} not found: {detail}")]
     ImageNotFound { image: String, detail: String },
@@ -315,13 +324,17 @@ impl RuntimeError {
             RuntimeError::NeverPull { .. } => "ErrImageNeverPull",
             RuntimeError::InvalidReference { .. } => "InvalidImageName",
             RuntimeError::Spec { .. } => "CreateContainerConfigError",
-            // The OCI runtime refused to start the process (a missing binary, a bad working
-            // dir…): CRI's StartContainer failing. containerd being unreachable is not that.
-            RuntimeError::Grpc {
-                op: "tasks.Create" | "tasks.Start",
-                status,
-            } if status.message().contains("OCI runtime") => "RunContainerError",
+            RuntimeError::StartFailure { .. } => "RunContainerError",
             _ => "CreateContainerError",
+        }
+    }
+
+    /// The message of a start the OCI runtime refused, as CRI's StartContainer words it
+    /// (None for any other error).
+    pub fn start_failure(&self) -> Option<String> {
+        match self {
+            RuntimeError::StartFailure { stage, message } => Some(stage.words(message)),
+            _ => None,
         }
     }
 
@@ -348,7 +361,6 @@ struct Inner {
     channel: Channel,
     ns: NamespaceInterceptor,
     exits: broadcast::Sender<ExitEvent>,
-    http: reqwest::Client,
     pulls: image::PullGroup,
     cgroup_v2: bool,
     _events: tokio_util::sync::DropGuard,
@@ -386,6 +398,51 @@ fn leased<T>(message: T, lease: &str) -> Request<T> {
 /// Maps a gRPC status of operation `op` to a RuntimeError.
 fn grpc(op: &'static str) -> impl FnOnce(tonic::Status) -> RuntimeError {
     move |status| RuntimeError::Grpc { op, status }
+}
+
+/// The containerd call that brings a container's task up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskStage {
+    /// tasks.Create: the shim runs `runc create`, which execs nothing yet but fails on a
+    /// missing binary or working dir.
+    Create,
+    /// tasks.Start.
+    Start,
+}
+
+impl TaskStage {
+    fn op(self) -> &'static str {
+        match self {
+            TaskStage::Create => "tasks.Create",
+            TaskStage::Start => "tasks.Start",
+        }
+    }
+
+    /// containerd's message of a refusal at this stage as CRI's StartContainer words it.
+    fn words(self, message: &str) -> String {
+        match self {
+            TaskStage::Create => format!("failed to create containerd task: {message}"),
+            TaskStage::Start => message.to_string(),
+        }
+    }
+}
+
+/// The typed error of a failed task create or start. containerd 1.6 says that the OCI
+/// runtime refused the process only in its message (code Unknown, "… OCI runtime create
+/// failed: …"), so that text is read here, once; everything else (containerd unreachable, a
+/// missing container) stays a gRPC error of the call.
+fn task_error(stage: TaskStage, status: tonic::Status) -> RuntimeError {
+    if status.message().contains("OCI runtime") {
+        RuntimeError::StartFailure {
+            stage,
+            message: status.message().to_string(),
+        }
+    } else {
+        RuntimeError::Grpc {
+            op: stage.op(),
+            status,
+        }
+    }
 }
 
 /// prost timestamp to SystemTime (the epoch when absent or out of range).
@@ -442,14 +499,6 @@ impl Runtime {
             exits.clone(),
             token.clone(),
         ));
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(15))
-            .read_timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| RuntimeError::Pull {
-                image: String::new(),
-                detail: format!("building the HTTP client: {e}"),
-            })?;
         Ok(Runtime {
             inner: Arc::new(Inner {
                 cgroup_v2: cgroup_v2(),
@@ -457,7 +506,6 @@ impl Runtime {
                 channel,
                 ns,
                 exits,
-                http,
                 pulls: image::PullGroup::default(),
                 _events: token.drop_guard(),
             }),
@@ -565,17 +613,22 @@ mod tests {
 
     #[test]
     fn only_a_refusal_of_the_oci_runtime_is_a_run_container_error() {
-        let grpc = |op, status| RuntimeError::Grpc { op, status };
-        let refused = tonic::Status::unknown(
-            "failed to create shim task: OCI runtime create failed: exec: \"/x\": not found",
-        );
-        assert_eq!(grpc("tasks.Create", refused).reason(), "RunContainerError");
-        let down = tonic::Status::unavailable("error trying to connect: connection refused");
-        assert_eq!(grpc("tasks.Create", down).reason(), "CreateContainerError");
-        let other = tonic::Status::unknown("OCI runtime create failed");
+        let refusal =
+            "failed to create shim task: OCI runtime create failed: exec: \"/x\": not found";
+        let refused = task_error(TaskStage::Create, tonic::Status::unknown(refusal));
+        assert_eq!(refused.reason(), "RunContainerError");
         assert_eq!(
-            grpc("containers.Create", other).reason(),
-            "CreateContainerError"
+            refused.start_failure().as_deref(),
+            Some(format!("failed to create containerd task: {refusal}").as_str())
         );
+        assert_eq!(refused.to_string(), refused.start_failure().unwrap());
+        let at_start = task_error(TaskStage::Start, tonic::Status::unknown(refusal));
+        assert_eq!(at_start.start_failure().as_deref(), Some(refusal));
+        let down = tonic::Status::unavailable("error trying to connect: connection refused");
+        let down = task_error(TaskStage::Create, down);
+        assert_eq!(down.reason(), "CreateContainerError");
+        assert_eq!(down.start_failure(), None);
+        let other = grpc("containers.Create")(tonic::Status::unknown("OCI runtime create failed"));
+        assert_eq!(other.reason(), "CreateContainerError");
     }
 }

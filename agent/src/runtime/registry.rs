@@ -1,327 +1,206 @@
-//! A small OCI distribution client: manifests and blobs over HTTP(S), with the bearer-token
-//! flow (`WWW-Authenticate: Bearer realm=…,service=…,scope=…`) and basic auth from
-//! [`RegistryAuth`]. One [`Registry`] serves one repository during one pull.
+//! Nodelet's side of the OCI distribution client (`oci-client`, which speaks the protocol:
+//! manifests, blobs, the `/v2/` ping and the bearer-token flow of a 401 challenge, basic auth):
+//! image names parsed and normalised as docker does (`oci-spec`'s reference: `busybox` is
+//! `docker.io/library/busybox:latest`), one client per pull so that a pull's credentials and
+//! tokens serve that pull alone (oci-client keeps the first credentials a client is given for a
+//! registry, and its tokens, for the client's life), plain HTTP for registries on the
+//! loopback (HTTPS for all others: oci-client's own exception is a fixed list of registry
+//! names, which cannot say "any loopback address and port", hence `is_loopback` here), and its
+//! errors turned into the runtime's.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::time::Duration;
 
-use reqwest::header::{HeaderMap, ACCEPT, CONTENT_TYPE, WWW_AUTHENTICATE};
-use reqwest::{Response, StatusCode};
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::secrets::RegistryAuth as Credentials;
+pub use oci_client::Reference;
 
-use super::reference::Reference;
-use super::RegistryAuth;
+use super::{RegistryAuth, RuntimeError};
 
-/// Media types the agent accepts for manifests and indexes.
-pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
-application/vnd.docker.distribution.manifest.list.v2+json, \
-application/vnd.oci.image.manifest.v1+json, \
-application/vnd.docker.distribution.manifest.v2+json";
-
-/// Why a registry request failed.
-#[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
-    /// The registry says the repository, tag or blob does not exist.
-    #[error("{url}: not found ({detail})")]
-    NotFound { url: String, detail: String },
-    /// The registry refused our credentials (or wants some we do not have).
-    #[error("{url}: unauthorized ({status})")]
-    Unauthorized { url: String, status: StatusCode },
-    /// Any other non-success HTTP status.
-    #[error("{url}: HTTP {status}: {detail}")]
-    Status {
-        url: String,
-        status: StatusCode,
-        detail: String,
-    },
-    /// The registry could not be reached or the transfer broke.
-    #[error("{url}: {source}")]
-    Transport { url: String, source: reqwest::Error },
-    /// The token endpoint answered with something unusable.
-    #[error("token from {realm}: {detail}")]
-    Token { realm: String, detail: String },
-}
-
-/// A challenge from `WWW-Authenticate`.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Challenge {
-    Basic,
-    Bearer(HashMap<String, String>),
-}
-
-/// Parses `Bearer realm="…",service="…"` or `Basic realm="…"`.
-pub fn parse_challenge(header: &str) -> Option<Challenge> {
-    let (scheme, rest) = header.trim().split_once(' ').unwrap_or((header.trim(), ""));
-    if scheme.eq_ignore_ascii_case("basic") {
-        return Some(Challenge::Basic);
-    }
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return None;
-    }
-    let mut params = HashMap::new();
-    let mut s = rest.trim();
-    while !s.is_empty() {
-        let (key, after) = s.split_once('=')?;
-        let key = key.trim().to_ascii_lowercase();
-        let after = after.trim_start();
-        let (value, remaining) = if let Some(quoted) = after.strip_prefix('"') {
-            let end = quoted.find('"')?;
-            (&quoted[..end], &quoted[end + 1..])
-        } else {
-            match after.find(',') {
-                Some(i) => (&after[..i], &after[i..]),
-                None => (after, ""),
-            }
-        };
-        params.insert(key, value.trim().to_string());
-        s = remaining.trim_start().trim_start_matches(',').trim_start();
-    }
-    Some(Challenge::Bearer(params))
-}
-
-/// The authorisation header to send, once learned.
-#[derive(Clone, Debug)]
-enum Authorization {
-    None,
-    Basic,
-    Bearer(String),
-}
-
-/// A client for one repository of one registry.
-pub struct Registry {
-    http: reqwest::Client,
-    base: String,
-    repository: String,
-    auth: Option<RegistryAuth>,
-    authorization: Mutex<Authorization>,
-}
-
-impl Registry {
-    pub fn new(http: reqwest::Client, reference: &Reference, auth: Option<RegistryAuth>) -> Self {
-        Registry {
-            http,
-            base: reference.base_url(),
-            repository: reference.repository.clone(),
-            auth,
-            authorization: Mutex::new(Authorization::None),
-        }
-    }
-
-    /// Fetches a manifest or index by tag or digest: (media type, body).
-    pub async fn manifest(&self, object: &str) -> Result<(String, Vec<u8>), RegistryError> {
-        let url = format!("{}/v2/{}/manifests/{object}", self.base, self.repository);
-        let resp = self.get(&url, Some(MANIFEST_ACCEPT)).await?;
-        let media_type = content_type(resp.headers());
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|source| RegistryError::Transport {
-                url: url.clone(),
-                source,
-            })?;
-        Ok((media_type, body.to_vec()))
-    }
-
-    /// Starts fetching a blob; the caller streams the body.
-    pub async fn blob(&self, digest: &str) -> Result<Response, RegistryError> {
-        let url = format!("{}/v2/{}/blobs/{digest}", self.base, self.repository);
-        self.get(&url, None).await
-    }
-
-    async fn get(&self, url: &str, accept: Option<&str>) -> Result<Response, RegistryError> {
-        let mut retried = false;
-        loop {
-            let authorization = self.authorization.lock().expect("poisoned").clone();
-            let mut req = self.http.get(url);
-            if let Some(a) = accept {
-                req = req.header(ACCEPT, a);
-            }
-            req = match (&authorization, &self.auth) {
-                (Authorization::Bearer(token), _) => req.bearer_auth(token),
-                (Authorization::Basic, Some(auth)) => {
-                    req.basic_auth(&auth.username, Some(&auth.password))
-                }
-                _ => req,
-            };
-            let resp = req
-                .send()
-                .await
-                .map_err(|source| RegistryError::Transport {
-                    url: url.to_string(),
-                    source,
-                })?;
-            let status = resp.status();
-            if status.is_success() {
-                return Ok(resp);
-            }
-            if status == StatusCode::UNAUTHORIZED && !retried {
-                retried = true;
-                let challenge = resp
-                    .headers()
-                    .get(WWW_AUTHENTICATE)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(parse_challenge);
-                let next = match challenge {
-                    Some(Challenge::Basic) if self.auth.is_some() => Authorization::Basic,
-                    Some(Challenge::Bearer(params)) => {
-                        Authorization::Bearer(self.token(&params).await?)
-                    }
-                    _ => {
-                        return Err(RegistryError::Unauthorized {
-                            url: url.to_string(),
-                            status,
-                        })
-                    }
-                };
-                *self.authorization.lock().expect("poisoned") = next;
-                continue;
-            }
-            let detail = resp.text().await.unwrap_or_default();
-            let detail: String = detail.chars().take(512).collect();
-            return Err(match status {
-                StatusCode::NOT_FOUND => RegistryError::NotFound {
-                    url: url.to_string(),
-                    detail,
-                },
-                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => RegistryError::Unauthorized {
-                    url: url.to_string(),
-                    status,
-                },
-                _ => RegistryError::Status {
-                    url: url.to_string(),
-                    status,
-                    detail,
-                },
-            });
-        }
-    }
-
-    /// Runs the token flow for a bearer challenge.
-    async fn token(&self, params: &HashMap<String, String>) -> Result<String, RegistryError> {
-        let realm = params.get("realm").cloned().unwrap_or_default();
-        if realm.is_empty() {
-            return Err(RegistryError::Token {
-                realm,
-                detail: "challenge has no realm".into(),
-            });
-        }
-        let scope = params
-            .get("scope")
-            .cloned()
-            .unwrap_or_else(|| format!("repository:{}:pull", self.repository));
-        let mut query: Vec<(&str, String)> = vec![("scope", scope)];
-        if let Some(service) = params.get("service") {
-            query.push(("service", service.clone()));
-        }
-        let url =
-            reqwest::Url::parse_with_params(&realm, &query).map_err(|e| RegistryError::Token {
-                realm: realm.clone(),
-                detail: e.to_string(),
-            })?;
-        let mut req = self.http.get(url);
-        if let Some(auth) = &self.auth {
-            req = req.basic_auth(&auth.username, Some(&auth.password));
-        }
-        let resp = req
-            .send()
-            .await
-            .map_err(|source| RegistryError::Transport {
-                url: realm.clone(),
-                source,
-            })?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-                return Err(RegistryError::Unauthorized { url: realm, status });
-            }
-            return Err(RegistryError::Token {
-                realm,
-                detail: format!("HTTP {status}"),
-            });
-        }
-        #[derive(serde::Deserialize)]
-        struct TokenResponse {
-            #[serde(default)]
-            token: String,
-            #[serde(default)]
-            access_token: String,
-        }
-        let body: TokenResponse = resp.json().await.map_err(|e| RegistryError::Token {
-            realm: realm.clone(),
+/// Parses and normalises an image name; a name docker would refuse is InvalidImageName.
+pub fn parse(image: &str) -> Result<Reference, RuntimeError> {
+    image
+        .parse()
+        .map_err(|e: oci_client::ParseError| RuntimeError::InvalidReference {
+            image: image.to_string(),
             detail: e.to_string(),
-        })?;
-        let token = if body.token.is_empty() {
-            body.access_token
-        } else {
-            body.token
-        };
-        if token.is_empty() {
-            return Err(RegistryError::Token {
-                realm,
-                detail: "no token in response".into(),
-            });
-        }
-        Ok(token)
+        })
+}
+
+/// `registry/repository`: the name without tag or digest (the kubelet's parsed repository).
+pub fn name(reference: &Reference) -> String {
+    format!("{}/{}", reference.registry(), reference.repository())
+}
+
+/// Registries on the loopback (`localhost`, 127.0.0.0/8, ::1, with any port) are spoken to
+/// over plain HTTP, all others over HTTPS.
+pub fn is_loopback(registry: &str) -> bool {
+    let host = match registry.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => registry,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A client for one pull from `reference`'s registry.
+pub fn client(reference: &Reference) -> oci_client::Client {
+    let protocol = if is_loopback(reference.resolve_registry()) {
+        ClientProtocol::Http
+    } else {
+        ClientProtocol::Https
+    };
+    oci_client::Client::new(ClientConfig {
+        protocol,
+        connect_timeout: Some(Duration::from_secs(15)),
+        read_timeout: Some(Duration::from_secs(60)),
+        ..Default::default()
+    })
+}
+
+/// The credentials of a pull (anonymous without a matching pull secret).
+pub fn credentials(auth: Option<&RegistryAuth>) -> Credentials {
+    match auth {
+        Some(a) => Credentials::Basic(a.username.clone(), a.password.clone()),
+        None => Credentials::Anonymous,
     }
 }
 
-/// The media type without parameters.
-fn content_type(headers: &HeaderMap) -> String {
-    headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_string())
-        .unwrap_or_default()
-}
-
-/// A header value for tests.
-#[cfg(test)]
-fn header_value(h: &str) -> reqwest::header::HeaderValue {
-    reqwest::header::HeaderValue::from_str(h).unwrap()
+/// The runtime error of a failed registry request: ImageNotFound when the registry says the
+/// repository, tag, manifest or blob does not exist, a pull error otherwise.
+pub fn error(image: &str, e: OciDistributionError) -> RuntimeError {
+    let unknown = |code: &OciErrorCode| {
+        matches!(
+            code,
+            OciErrorCode::ManifestUnknown
+                | OciErrorCode::NameUnknown
+                | OciErrorCode::BlobUnknown
+                | OciErrorCode::NotFound
+        )
+    };
+    let not_found = match &e {
+        OciDistributionError::ImageManifestNotFoundError(_) => true,
+        OciDistributionError::RegistryError { envelope, .. } => {
+            envelope.errors.iter().any(|err| unknown(&err.code))
+        }
+        OciDistributionError::ServerError { code, .. } => *code == 404,
+        _ => false,
+    };
+    // The registry's own words where it gave some ("…/manifests/latest: manifest unknown").
+    let detail = match &e {
+        OciDistributionError::RegistryError { envelope, url } => {
+            let words: Vec<&str> = envelope.errors.iter().map(|e| e.message.as_str()).collect();
+            format!("{url}: {}", words.join("; "))
+        }
+        other => other.to_string(),
+    };
+    if not_found {
+        RuntimeError::ImageNotFound {
+            image: image.to_string(),
+            detail,
+        }
+    } else {
+        RuntimeError::Pull {
+            image: image.to_string(),
+            detail,
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
     #[test]
-    fn bearer_challenge_parameters() {
-        let c = parse_challenge(
-            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:library/busybox:pull""#,
-        )
-        .unwrap();
-        let Challenge::Bearer(p) = c else {
-            panic!("not bearer")
-        };
-        assert_eq!(p["realm"], "https://auth.example/token");
-        assert_eq!(p["service"], "registry.example");
-        assert_eq!(p["scope"], "repository:library/busybox:pull");
+    fn docker_hub_short_names_are_normalised() {
+        let r = parse("busybox").unwrap();
+        assert_eq!(r.to_string(), "docker.io/library/busybox:latest");
+        assert!(!is_loopback(r.resolve_registry()));
+        let r = parse("user/app:1.2").unwrap();
+        assert_eq!(r.to_string(), "docker.io/user/app:1.2");
+        let r = parse("index.docker.io/library/nginx").unwrap();
+        assert_eq!(r.to_string(), "docker.io/library/nginx:latest");
+        assert_eq!(name(&r), "docker.io/library/nginx");
     }
 
     #[test]
-    fn basic_and_unknown_challenges() {
-        assert_eq!(
-            parse_challenge(r#"Basic realm="Registry""#),
-            Some(Challenge::Basic)
-        );
-        assert_eq!(parse_challenge("Negotiate abc"), None);
-        let Some(Challenge::Bearer(p)) = parse_challenge("bearer realm=http://x/t , service=s")
-        else {
-            panic!("not bearer")
-        };
-        assert_eq!(p["realm"], "http://x/t");
-        assert_eq!(p["service"], "s");
+    fn registry_with_port_and_tag() {
+        let r = parse("127.0.0.1:5000/nodelet/busybox:latest").unwrap();
+        assert_eq!(r.registry(), "127.0.0.1:5000");
+        assert_eq!(r.repository(), "nodelet/busybox");
+        assert_eq!(r.tag(), Some("latest"));
+        assert!(is_loopback(r.resolve_registry()));
+        let r = parse("localhost:5000/a").unwrap();
+        assert!(is_loopback(r.registry()));
+        assert_eq!(r.to_string(), "localhost:5000/a:latest");
+        let r = parse("localhost/a").unwrap();
+        assert_eq!(r.registry(), "localhost");
+        assert!(is_loopback("[::1]:5000"));
+        assert!(!is_loopback("quay.io"));
+        assert!(!is_loopback("10.0.0.1:5000"));
     }
 
     #[test]
-    fn content_type_drops_parameters() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            CONTENT_TYPE,
-            header_value("application/vnd.oci.image.manifest.v1+json; charset=utf-8"),
-        );
-        assert_eq!(
-            content_type(&h),
-            "application/vnd.oci.image.manifest.v1+json"
-        );
+    fn digests_keep_no_default_tag() {
+        let r = parse(&format!("127.0.0.1:5000/nodelet/busybox@{D}")).unwrap();
+        assert_eq!(r.tag(), None);
+        assert_eq!(r.digest(), Some(D));
+        assert_eq!(r.to_string(), format!("127.0.0.1:5000/nodelet/busybox@{D}"));
+        let r = parse(&format!("busybox:1@{D}")).unwrap();
+        assert_eq!(r.tag(), Some("1"));
+        assert_eq!(r.to_string(), format!("docker.io/library/busybox:1@{D}"));
+        assert_eq!(name(&r), "docker.io/library/busybox");
+    }
+
+    #[test]
+    fn invalid_references_are_refused() {
+        for bad in [
+            "",
+            "Busybox",
+            "busybox:",
+            "busybox@sha256:abc",
+            "busybox@md5:0123",
+            "a//b",
+            "a/-b",
+            " busybox",
+            "busybox:bad/tag",
+            "busybox:-x",
+            "127.0.0.1:5000/Bad/Name",
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert_eq!(err.reason(), "InvalidImageName", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn only_what_the_registry_says_is_unknown_is_not_found() {
+        let envelope = |code: &str| {
+            let body = format!(r#"{{"errors":[{{"code":"{code}","message":"m"}}]}}"#);
+            OciDistributionError::RegistryError {
+                envelope: serde_json::from_str(&body).unwrap(),
+                url: "http://r/v2/a/manifests/x".into(),
+            }
+        };
+        let kind = |e| match error("r/a:x", e) {
+            RuntimeError::ImageNotFound { .. } => "not found",
+            RuntimeError::Pull { .. } => "pull",
+            _ => "other",
+        };
+        assert_eq!(kind(envelope("MANIFEST_UNKNOWN")), "not found");
+        assert_eq!(kind(envelope("NAME_UNKNOWN")), "not found");
+        assert_eq!(kind(envelope("DENIED")), "pull");
+        let unauthorized = OciDistributionError::UnauthorizedError { url: "u".into() };
+        assert_eq!(kind(unauthorized), "pull");
+        let plain_404 = OciDistributionError::ServerError {
+            code: 404,
+            url: "u".into(),
+            message: "404 page not found".into(),
+        };
+        assert_eq!(kind(plain_404), "not found");
     }
 }

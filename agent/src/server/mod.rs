@@ -32,6 +32,7 @@ use k8s_openapi::List;
 use tokio::net::TcpListener;
 
 use crate::events::Recorder;
+use crate::pod::api::Phase;
 use crate::stats::{Stats, Summary};
 use crate::status::StatusManager;
 
@@ -132,15 +133,10 @@ async fn metrics(State(state): State<ServerState>) -> impl IntoResponse {
     text.push_str(
         "# HELP nodelet_pods Pods known to the agent, by phase.\n# TYPE nodelet_pods gauge\n",
     );
-    let mut by_phase = std::collections::BTreeMap::<String, usize>::new();
+    let mut by_phase = std::collections::BTreeMap::<&str, usize>::new();
     for r in &pods {
-        let phase = r
-            .pod
-            .status
-            .as_ref()
-            .and_then(|s| s.phase.clone())
-            .unwrap_or_else(|| "Pending".into());
-        *by_phase.entry(phase).or_default() += 1;
+        let phase = Phase::of(r.pod.status.as_ref()).unwrap_or(Phase::Pending);
+        *by_phase.entry(phase.as_str()).or_default() += 1;
     }
     for (phase, n) in by_phase {
         text.push_str(&format!("nodelet_pods{{phase=\"{phase}\"}} {n}\n"));

@@ -13,6 +13,8 @@ use std::collections::BTreeSet;
 use k8s_openapi::api::core::v1::{Container, KeyToPath, Pod, Probe, Volume};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+use crate::pod::api::RestartPolicy;
+
 /// The kernel's limit on one argument or environment string, terminating NUL included
 /// (`MAX_ARG_STRLEN`, 32 pages).
 pub const MAX_ARG_BYTES: usize = 32 * 4096;
@@ -187,8 +189,31 @@ fn probe(field: &str, p: Option<&Probe>) -> Result<(), String> {
     Ok(())
 }
 
+/// A pod's or a container's restartPolicy: one the API knows, listed as upstream lists them
+/// (in declaration order for the pod's, sorted for a container's).
+fn restart_policy(field: &str, policy: Option<&str>, sorted: bool) -> Result<(), String> {
+    let Some(policy) = policy.filter(|p| RestartPolicy::parse(p).is_none()) else {
+        return Ok(());
+    };
+    let mut values: Vec<&str> = RestartPolicy::ALL.iter().map(|p| p.as_str()).collect();
+    if sorted {
+        values.sort_unstable();
+    }
+    let values: Vec<String> = values.iter().map(|v| format!("{v:?}")).collect();
+    Err(format!(
+        "{field}: Unsupported value: {}: supported values: {}",
+        shown(policy),
+        values.join(", ")
+    ))
+}
+
 fn container(field: &str, c: &Container, volumes: &BTreeSet<&str>) -> Result<(), String> {
     dns_label(&format!("{field}.name"), &c.name)?;
+    restart_policy(
+        &format!("{field}.restartPolicy"),
+        c.restart_policy.as_deref(),
+        true,
+    )?;
     if c.image.as_deref().unwrap_or("").trim().is_empty() {
         return Err(format!("{field}.image: Required value"));
     }
@@ -319,14 +344,7 @@ pub fn pod(pod: &Pod) -> Result<(), String> {
             return Err(format!("{field}.name: Duplicate value: {}", shown(&c.name)));
         }
     }
-    if let Some(policy) = spec.restart_policy.as_deref() {
-        if !matches!(policy, "Always" | "OnFailure" | "Never") {
-            return Err(format!(
-                "spec.restartPolicy: Unsupported value: {}: supported values: \"Always\", \"OnFailure\", \"Never\"",
-                shown(policy)
-            ));
-        }
-    }
+    restart_policy("spec.restartPolicy", spec.restart_policy.as_deref(), false)?;
     if let Some(h) = spec.hostname.as_deref() {
         dns_label("spec.hostname", h)?;
     }
@@ -389,7 +407,9 @@ mod tests {
             (format!("{OK}  hostname: ../h\n"), "spec.hostname"),
             (format!("{OK}  activeDeadlineSeconds: 9223372036854775807\n"), "must be between 1 and 2147483647"),
             (format!("{OK}  terminationGracePeriodSeconds: -1\n"), "greater than or equal to 0"),
-            (format!("{OK}  restartPolicy: Sometimes\n"), "Unsupported value"),
+            (format!("{OK}  restartPolicy: Sometimes\n"), "spec.restartPolicy: Unsupported value: \"Sometimes\": supported values: \"Always\", \"OnFailure\", \"Never\""),
+            (format!("{OK}    restartPolicy: Sometimes\n"), "spec.containers[0].restartPolicy: Unsupported value: \"Sometimes\": supported values: \"Always\", \"Never\", \"OnFailure\""),
+            (format!("{OK}  initContainers:\n  - {{name: side, image: busybox, restartPolicy: always}}\n"), "spec.initContainers[0].restartPolicy: Unsupported value: \"always\""),
         ];
         for (yaml, expected) in cases {
             let err = check(&yaml).unwrap_err();

@@ -13,8 +13,8 @@ use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use super::local::fs_group;
 use super::records::ClaimUse;
 use super::{
-    blocking, csi, failed, host, invalid, mount, namespace, plugin, projection, Ctx, ReadyVolume,
-    VolumeError, VolumeManager,
+    blocking, csi, csi_failed, failed, host, invalid, mount, namespace, plugin, projection, Ctx,
+    ReadyVolume, VolumeError, VolumeManager,
 };
 use crate::store::ObjectStore;
 
@@ -202,7 +202,7 @@ impl VolumeManager {
             .plugins
             .setup(&rec, context, secrets)
             .await
-            .map_err(|e| failed(volume, e))?;
+            .map_err(csi_failed(volume))?;
         self.apply_fs_group_async(pod, volume, &ready, !rec.fs_type.is_empty())
             .await?;
         Ok(ready)

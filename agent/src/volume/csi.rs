@@ -44,6 +44,94 @@ pub const CSI_PLUGIN_TYPE: &str = "CSIPlugin";
 /// How long one CSI call may take before the operation fails (and is retried by the worker).
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// What went wrong talking to a CSI plugin, keeping a failed call's gRPC code so that whether
+/// the operation surely ended ([`CsiError::is_final`]) is read from the code, never the text.
+#[derive(Debug, thiserror::Error)]
+pub enum CsiError {
+    /// No registered driver has this name.
+    #[error("CSI driver {driver:?} is not registered")]
+    NotRegistered { driver: String },
+    /// The plugin's socket did not answer.
+    #[error("connecting to {}: {source}", .socket.display())]
+    Connect {
+        socket: PathBuf,
+        source: tonic::transport::Error,
+    },
+    /// A call answered with an error status.
+    #[error("{call}: {} {}", .status.code(), .status.message())]
+    Call {
+        call: &'static str,
+        status: tonic::Status,
+    },
+    /// A call did not answer within [`CALL_TIMEOUT`].
+    #[error("{call}: timed out after {CALL_TIMEOUT:?}")]
+    Timeout { call: &'static str },
+    /// A call answered something the agent cannot use.
+    #[error("{call}: {detail}")]
+    Answer { call: &'static str, detail: String },
+    /// The agent's own work around the calls: the staging and target dirs, the block staging
+    /// marker, the mount table.
+    #[error("{what}: {source}")]
+    Local {
+        what: String,
+        source: std::io::Error,
+    },
+    /// NodeUnstageVolume answered OK, yet the staging path is still mounted.
+    #[error("{} is still mounted after NodeUnstageVolume", .0.display())]
+    StillMounted(PathBuf),
+}
+
+impl CsiError {
+    /// The gRPC code a call failed with (a timeout is DeadlineExceeded, as a call's deadline
+    /// passing is for the kubelet's CSI client); None when no call answered.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            CsiError::Call { status, .. } => Some(status.code()),
+            CsiError::Timeout { .. } => Some(tonic::Code::DeadlineExceeded),
+            _ => None,
+        }
+    }
+
+    /// Whether the operation surely ended, so nothing of it can still be under way in the
+    /// driver: the kubelet CSI client's `isFinalError`. A call that failed with any code but
+    /// Canceled, DeadlineExceeded, Unavailable, ResourceExhausted or Aborted (the driver may
+    /// still be working on it) is final; an error before any call answered is not (a previous
+    /// operation may be under way).
+    pub fn is_final(&self) -> bool {
+        use tonic::Code;
+        !matches!(
+            self.code(),
+            None | Some(
+                Code::Cancelled
+                    | Code::DeadlineExceeded
+                    | Code::Unavailable
+                    | Code::ResourceExhausted
+                    | Code::Aborted
+            )
+        )
+    }
+}
+
+/// An I/O error of the agent's own work on `path`.
+fn local(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> CsiError {
+    let what = format!("{what} {}", path.display());
+    move |source| CsiError::Local { what, source }
+}
+
+/// Whether `path` is a mount point (the mount table could not be read: an error).
+fn is_mounted(path: &Path) -> Result<bool, CsiError> {
+    mount::is_mounted(path).map_err(local("reading the mount table for", path))
+}
+
+/// After a NodeStage or NodePublish that surely ended in failure, the dir the driver was to
+/// mount at goes if it is empty and not mounted (the kubelet's `removeMountDir`); after one
+/// that may still be under way it stays, and teardown asks the driver to undo it.
+fn remove_failed_dir(dir: &Path, error: &CsiError) {
+    if error.is_final() && !is_mounted(dir).unwrap_or(true) {
+        let _ = std::fs::remove_dir(dir);
+    }
+}
+
 /// What a pod's CSI volume was published with; persisted so teardown needs no spec.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CsiRecord {
@@ -116,11 +204,11 @@ fn staged_marker(staging: &Path) -> PathBuf {
 }
 
 /// Whether the volume is staged at `staging`: mounted there, or for a block volume, marked.
-fn is_staged(rec: &CsiRecord, staging: &Path) -> Result<bool, String> {
+fn is_staged(rec: &CsiRecord, staging: &Path) -> Result<bool, CsiError> {
     if rec.block {
         Ok(staged_marker(staging).exists())
     } else {
-        mount::is_mounted(staging).map_err(|e| e.to_string())
+        is_mounted(staging)
     }
 }
 
@@ -229,7 +317,7 @@ fn access_mode(modes: &[String], multi_writer: bool) -> Mode {
 }
 
 /// Connects a gRPC channel to a unix socket.
-pub async fn connect(socket: &Path) -> Result<Channel, String> {
+pub async fn connect(socket: &Path) -> Result<Channel, CsiError> {
     let path = socket.to_path_buf();
     Endpoint::from_static("http://[::1]:1")
         .connect_timeout(Duration::from_secs(5))
@@ -241,17 +329,20 @@ pub async fn connect(socket: &Path) -> Result<Channel, String> {
             }
         }))
         .await
-        .map_err(|e| format!("connecting to {}: {e}", socket.display()))
+        .map_err(|source| CsiError::Connect {
+            socket: socket.to_path_buf(),
+            source,
+        })
 }
 
 async fn timed<T>(
-    what: &str,
+    call: &'static str,
     fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-) -> Result<T, String> {
+) -> Result<T, CsiError> {
     match tokio::time::timeout(CALL_TIMEOUT, fut).await {
         Ok(Ok(resp)) => Ok(resp.into_inner()),
-        Ok(Err(status)) => Err(format!("{what}: {} {}", status.code(), status.message())),
-        Err(_) => Err(format!("{what}: timed out after {CALL_TIMEOUT:?}")),
+        Ok(Err(status)) => Err(CsiError::Call { call, status }),
+        Err(_) => Err(CsiError::Timeout { call }),
     }
 }
 
@@ -414,11 +505,13 @@ impl Plugins {
         known(self)
     }
 
-    async fn client(&self, driver: &str) -> Result<NodeClient<Channel>, String> {
+    async fn client(&self, driver: &str) -> Result<NodeClient<Channel>, CsiError> {
         let endpoint = self
             .endpoint(driver)
             .await
-            .ok_or_else(|| format!("CSI driver {driver:?} is not registered"))?;
+            .ok_or_else(|| CsiError::NotRegistered {
+                driver: driver.to_string(),
+            })?;
         Ok(NodeClient::new(connect(&endpoint).await?))
     }
 
@@ -431,13 +524,13 @@ impl Plugins {
         rec: &CsiRecord,
         context: BTreeMap<String, String>,
         secrets: &CsiSecrets,
-    ) -> Result<ReadyVolume, String> {
+    ) -> Result<ReadyVolume, CsiError> {
         let ready = ReadyVolume {
             host_path: rec.target_path.clone(),
             read_only: rec.read_only,
             block: rec.block,
         };
-        if mount::is_mounted(&rec.target_path).map_err(|e| e.to_string())? {
+        if is_mounted(&rec.target_path)? {
             return Ok(ready);
         }
         let mut client = self.client(&rec.driver).await?;
@@ -472,10 +565,9 @@ impl Plugins {
             _ => None,
         };
         if let Some(staging) = &staging {
-            std::fs::create_dir_all(staging)
-                .map_err(|e| format!("mkdir {}: {e}", staging.display()))?;
+            std::fs::create_dir_all(staging).map_err(local("mkdir", staging))?;
             if !is_staged(rec, staging)? {
-                timed(
+                let staged = timed(
                     "NodeStageVolume",
                     client.node_stage_volume(proto::NodeStageVolumeRequest {
                         volume_id: rec.volume_handle.clone(),
@@ -486,19 +578,22 @@ impl Plugins {
                         volume_context: context.clone(),
                     }),
                 )
-                .await?;
+                .await;
+                if let Err(e) = &staged {
+                    remove_failed_dir(staging, e);
+                }
+                staged?;
                 if rec.block {
                     let marker = staged_marker(staging);
                     std::fs::write(&marker, rec.volume_handle.as_bytes())
-                        .map_err(|e| format!("writing {}: {e}", marker.display()))?;
+                        .map_err(local("writing", &marker))?;
                 }
             }
         }
         if let Some(parent) = rec.target_path.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| format!("mkdir {}: {e}", parent.display()))?;
+            std::fs::create_dir_all(parent).map_err(local("mkdir", parent))?;
         }
-        timed(
+        let published = timed(
             "NodePublishVolume",
             client.node_publish_volume(proto::NodePublishVolumeRequest {
                 volume_id: rec.volume_handle.clone(),
@@ -514,16 +609,20 @@ impl Plugins {
                 volume_context: context,
             }),
         )
-        .await?;
+        .await;
+        if let (Err(e), false) = (&published, rec.block) {
+            remove_failed_dir(&rec.target_path, e);
+        }
+        published?;
         Ok(ready)
     }
 
     /// NodeUnpublish of the pod's target (skipped when nothing is there).
-    pub async fn unpublish(&self, rec: &CsiRecord) -> Result<(), String> {
+    pub async fn unpublish(&self, rec: &CsiRecord) -> Result<(), CsiError> {
         if !rec.target_path.exists() {
             return Ok(());
         }
-        let mounted = mount::is_mounted(&rec.target_path).map_err(|e| e.to_string())?;
+        let mounted = is_mounted(&rec.target_path)?;
         let mut client = match self.client(&rec.driver).await {
             Ok(c) => c,
             // Nothing was published (setup failed before): nothing for the driver to undo.
@@ -543,7 +642,7 @@ impl Plugins {
 
     /// NodeUnstage of the staging path (call only when no other pod uses it) and removal of
     /// the staging dirs.
-    pub async fn unstage(&self, rec: &CsiRecord) -> Result<(), String> {
+    pub async fn unstage(&self, rec: &CsiRecord) -> Result<(), CsiError> {
         let Some(staging) = &rec.staging_path else {
             return Ok(());
         };
@@ -569,15 +668,12 @@ impl Plugins {
             let marker = staged_marker(staging);
             if let Err(e) = std::fs::remove_file(&marker) {
                 if e.kind() != std::io::ErrorKind::NotFound {
-                    return Err(format!("removing {}: {e}", marker.display()));
+                    return Err(local("removing", &marker)(e));
                 }
             }
         }
-        if mount::is_mounted(staging).map_err(|e| e.to_string())? {
-            return Err(format!(
-                "{} is still mounted after NodeUnstageVolume",
-                staging.display()
-            ));
+        if is_mounted(staging)? {
+            return Err(CsiError::StillMounted(staging.clone()));
         }
         let _ = std::fs::remove_dir(staging);
         if let Some(parent) = staging.parent() {
@@ -590,7 +686,7 @@ impl Plugins {
 /// Asks one registration socket for its plugin info, the driver for its node info, and tells
 /// the plugin the outcome. Ok(None) for a plugin that is not a usable CSI driver (it is told
 /// why); Err when either does not answer (it is told too, and asked again on a later pass).
-async fn register(socket: &Path) -> Result<Option<Driver>, String> {
+async fn register(socket: &Path) -> Result<Option<Driver>, CsiError> {
     use registration::registration_client::RegistrationClient;
     let mut client = RegistrationClient::new(connect(socket).await?);
     let info = timed("GetInfo", client.get_info(registration::InfoRequest {})).await?;
@@ -623,7 +719,7 @@ async fn register(socket: &Path) -> Result<Option<Driver>, String> {
     let node = match node_info(&endpoint).await {
         Ok(node) => node,
         Err(e) => {
-            notify(&mut client, Some(e.clone())).await?;
+            notify(&mut client, Some(e.to_string())).await?;
             return Err(e);
         }
     };
@@ -641,7 +737,7 @@ async fn register(socket: &Path) -> Result<Option<Driver>, String> {
 async fn notify(
     client: &mut registration::registration_client::RegistrationClient<Channel>,
     error: Option<String>,
-) -> Result<(), String> {
+) -> Result<(), CsiError> {
     let status = registration::RegistrationStatus {
         plugin_registered: error.is_none(),
         error: error.unwrap_or_default(),
@@ -655,7 +751,7 @@ async fn notify(
 }
 
 /// NodeGetInfo of the driver at `endpoint`.
-async fn node_info(endpoint: &Path) -> Result<NodeInfo, String> {
+async fn node_info(endpoint: &Path) -> Result<NodeInfo, CsiError> {
     let mut client = NodeClient::new(connect(endpoint).await?);
     let info = timed(
         "NodeGetInfo",
@@ -663,7 +759,10 @@ async fn node_info(endpoint: &Path) -> Result<NodeInfo, String> {
     )
     .await?;
     if info.node_id.is_empty() {
-        return Err("NodeGetInfo: the driver returned no node_id".into());
+        return Err(CsiError::Answer {
+            call: "NodeGetInfo",
+            detail: "the driver returned no node_id".into(),
+        });
     }
     let mut topology_keys: Vec<String> = info
         .accessible_topology
@@ -719,6 +818,47 @@ mod tests {
             staged_marker(&staging).parent(),
             staging.parent(),
             "the marker sits beside the staging dir, not in the driver's"
+        );
+    }
+
+    #[test]
+    fn only_a_call_that_surely_ended_is_final_as_for_the_kubelet() {
+        use tonic::{Code, Status};
+        let call = |code| CsiError::Call {
+            call: "NodePublishVolume",
+            status: Status::new(code, "x"),
+        };
+        for code in [
+            Code::Unknown,
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::FailedPrecondition,
+            Code::Unauthenticated,
+            Code::Internal,
+        ] {
+            assert!(call(code).is_final(), "{code:?}");
+            assert_eq!(call(code).code(), Some(code));
+        }
+        for code in [
+            Code::Cancelled,
+            Code::DeadlineExceeded,
+            Code::Unavailable,
+            Code::ResourceExhausted,
+            Code::Aborted,
+        ] {
+            assert!(!call(code).is_final(), "{code:?}");
+        }
+        let timeout = CsiError::Timeout {
+            call: "NodeStageVolume",
+        };
+        assert_eq!(timeout.code(), Some(Code::DeadlineExceeded));
+        assert!(!timeout.is_final());
+        let before = CsiError::NotRegistered { driver: "d".into() };
+        assert!(!before.is_final(), "no call answered: maybe under way");
+        assert_eq!(
+            call(Code::Unauthenticated).to_string(),
+            format!("NodePublishVolume: {} x", Code::Unauthenticated),
+            "the message the worker's event and log show"
         );
     }
 

@@ -119,6 +119,12 @@ pub enum VolumeError {
     /// writing the pod's volume state).
     #[error("{}{detail}", volume_prefix(.volume))]
     Failed { volume: String, detail: String },
+    /// A CSI plugin failed the volume (its gRPC code kept: see `CsiError::is_final`).
+    #[error("volume {volume}: {source}")]
+    Csi {
+        volume: String,
+        source: csi::CsiError,
+    },
 }
 
 /// "volume NAME: " before a volume's error; nothing before a pod-wide one.
@@ -141,6 +147,13 @@ fn invalid(volume: &str, detail: impl Into<String>) -> VolumeError {
     VolumeError::Invalid {
         volume: volume.to_string(),
         detail: detail.into(),
+    }
+}
+
+fn csi_failed(volume: &str) -> impl FnOnce(csi::CsiError) -> VolumeError + '_ {
+    move |source| VolumeError::Csi {
+        volume: volume.to_string(),
+        source,
     }
 }
 
@@ -384,7 +397,7 @@ impl VolumeManager {
             self.plugins
                 .unpublish(rec)
                 .await
-                .map_err(|e| failed(name, e))?;
+                .map_err(csi_failed(name))?;
         }
         unmount_blocking(devices.clone()).await?;
         unmount_blocking(volumes.clone()).await?;
@@ -405,10 +418,7 @@ impl VolumeManager {
                         })
                 });
             if !shared {
-                self.plugins
-                    .unstage(rec)
-                    .await
-                    .map_err(|e| failed(name, e))?;
+                self.plugins.unstage(rec).await.map_err(csi_failed(name))?;
             }
             // This pod no longer uses the staging path: a teardown of another pod sharing it,
             // running right after, must not count it as a user and leave the path staged.

@@ -61,7 +61,7 @@ const KNOWN_DIFFERENCES: &[Known] = &[
     // The pull error's own text is the runtime's: the kubelet quotes what containerd's CRI
     // plugin answered through gRPC ("rpc error: code = NotFound desc = failed to pull and
     // unpack image …: failed to resolve reference …: not found"), nodelet what its own
-    // resolver met ("image … not found: http://…/manifests/latest: not found (…)"). The
+    // resolver met ("image … not found: http://…/manifests/latest: manifest unknown"). The
     // kubelet's part of the message agrees.
     Known {
         shape: "missing-image",

@@ -77,7 +77,7 @@ impl Worker {
         let restarts = self.obs.state < PodState::Terminating
             && !spec_changed
             && self.spec(name).is_some_and(|(kind, _)| {
-                machine::wants_restart(machine::restart_policy(self.pod()), kind, &exit)
+                machine::wants_restart(api::RestartPolicy::of(self.pod()), kind, &exit)
             });
         let o = self.obs.containers.entry(name.to_string()).or_default();
         let window = machine::record_exit(o, exit, restarts, &mut self.crash, name);

@@ -27,7 +27,7 @@ use super::machine::{
     self, Action, Attempt, ContainerObs, Exit, KillReason, KillRequest, Kind, Observed, PodState,
     Waiting,
 };
-use super::{checkpoint, env, hooks, resources, status, Desired, PodContext};
+use super::{api, checkpoint, env, hooks, resources, status, Desired, PodContext};
 
 mod adopt;
 mod exits;

@@ -118,7 +118,7 @@ impl Worker {
             self.router.unregister(&config.id);
             // CRI makes the OCI runtime's task in StartContainer: a task refused is a created
             // container that failed to start, as the kubelet reports it.
-            if e.reason() == "RunContainerError" {
+            if matches!(e, RuntimeError::StartFailure { .. }) {
                 self.created_event(name);
             }
             self.not_started(name, attempt, &config, &e, "CreateContainerError");
@@ -214,12 +214,12 @@ impl Worker {
         e: &RuntimeError,
         reason: &str,
     ) {
-        match e.reason() {
-            "RunContainerError" => self.start_error(name, attempt, config, runtime_message(e)),
-            "CreateContainerConfigError" => {
-                self.start_failed(name, "CreateContainerConfigError", e.to_string(), None)
+        match (e.start_failure(), e) {
+            (Some(message), _) => self.start_error(name, attempt, config, message),
+            (None, RuntimeError::Spec { .. }) => {
+                self.start_failed(name, e.reason(), e.to_string(), None)
             }
-            _ => self.start_failed(name, reason, e.to_string(), None),
+            (None, _) => self.start_failed(name, reason, e.to_string(), None),
         }
     }
 
@@ -586,20 +586,6 @@ impl Worker {
             .filter(|(dest, _)| !volume_mounts.iter().any(|m| m.destination == *dest))
             .map(|(dest, src)| bind(dest, src, false))
             .collect()
-    }
-}
-
-/// The message of a runtime error as the kubelet writes it: a containerd call's status
-/// message, without the call's name or status code.
-fn runtime_message(e: &RuntimeError) -> String {
-    match e {
-        // As CRI's StartContainer words it.
-        RuntimeError::Grpc {
-            op: "tasks.Create",
-            status,
-        } => format!("failed to create containerd task: {}", status.message()),
-        RuntimeError::Grpc { status, .. } => status.message().to_string(),
-        other => other.to_string(),
     }
 }
 
