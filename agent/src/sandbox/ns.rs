@@ -14,68 +14,14 @@ use std::path::{Path, PathBuf};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::statfs::{statfs, NSFS_MAGIC};
 
-/// One line of /proc/self/mountinfo, the fields used here.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MountEntry {
-    pub mount_point: PathBuf,
-    pub fs_type: String,
-    /// Has a `shared:N` optional field.
-    pub shared: bool,
-}
-
-/// Parses /proc/self/mountinfo text (octal escapes such as `\040` decoded).
-pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
-    text.lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let fields: Vec<&str> = left.split(' ').collect();
-            let mount_point = PathBuf::from(unescape(fields.get(4)?));
-            let shared = fields.iter().skip(6).any(|f| f.starts_with("shared:"));
-            let fs_type = right.split(' ').next()?.to_string();
-            Some(MountEntry {
-                mount_point,
-                fs_type,
-                shared,
-            })
-        })
-        .collect()
-}
-
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
-            let oct = &bytes[i + 1..i + 4];
-            let digits = std::str::from_utf8(oct)
-                .ok()
-                .filter(|o| o.bytes().all(|c| c.is_ascii_digit()));
-            if let Some(b) = digits.and_then(|o| u8::from_str_radix(o, 8).ok()) {
-                out.push(b);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The last (topmost) mount at exactly `path`.
-pub fn mount_at<'a>(entries: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
-    entries.iter().rev().find(|e| e.mount_point == path)
-}
-
 /// Makes `dir` (created if needed) a mount point with shared propagation in a peer group of
 /// its own: a bind mount of itself made private, then shared. A dir that already is a shared
 /// mount point is left as it is.
 pub fn ensure_shared_mount_point(dir: &Path) -> io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let dir = dir.canonicalize()?;
-    let entries = parse_mountinfo(&std::fs::read_to_string("/proc/self/mountinfo")?);
-    match mount_at(&entries, &dir) {
+    let mounts = crate::host::mounts()?;
+    match mounts.iter().rev().find(|m| m.mount_point == dir) {
         Some(e) if e.shared => return Ok(()),
         Some(_) => {}
         None => {
@@ -182,38 +128,6 @@ async fn run(program: &str, args: &[String]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const MOUNTINFO: &str = "\
-27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
-46 27 0:4 net:[4026532180] /run/nodelet/sandboxes/u1/net rw - nsfs nsfs rw
-50 27 254:0 /run/nodelet/sandboxes /run/nodelet/sandboxes rw shared:7 - ext4 /dev/vda rw
-51 27 0:50 / /mnt/with\\040space rw - tmpfs tmpfs rw
-";
-
-    #[test]
-    fn parses_mountinfo() {
-        let entries = parse_mountinfo(MOUNTINFO);
-        assert_eq!(entries.len(), 4);
-        assert!(entries[0].shared);
-        assert_eq!(entries[1].fs_type, "nsfs");
-        assert!(!entries[1].shared);
-        let run = mount_at(&entries, Path::new("/run/nodelet/sandboxes")).unwrap();
-        assert!(run.shared);
-        assert_eq!(
-            mount_at(&entries, Path::new("/mnt/with space"))
-                .unwrap()
-                .fs_type,
-            "tmpfs"
-        );
-        assert!(mount_at(&entries, Path::new("/run")).is_none());
-    }
-
-    #[test]
-    fn unescape_keeps_plain_backslashes() {
-        assert_eq!(unescape("a\\040b"), "a b");
-        assert_eq!(unescape("a\\b"), "a\\b");
-        assert_eq!(unescape("end\\04"), "end\\04");
-    }
 
     #[test]
     fn a_plain_file_is_not_pinned() {

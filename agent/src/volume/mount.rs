@@ -9,66 +9,10 @@ use std::process::Command;
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
-/// One line of /proc/self/mountinfo.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MountEntry {
-    /// Where it is mounted.
-    pub mount_point: PathBuf,
-    /// The filesystem type (ext4, tmpfs, …).
-    pub fs_type: String,
-    /// The mount source (device or "tmpfs").
-    pub source: String,
-    /// Per-mount options (rw/ro, nosuid, …).
-    pub options: Vec<String>,
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space, …).
-fn unescape(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .filter(|o| bytes[i] == b'\\' && o.iter().all(|b| (b'0'..=b'7').contains(b)));
-        if let Some(o) = octal {
-            let v = o.iter().fold(0u32, |acc, b| acc * 8 + u32::from(b - b'0'));
-            out.push(v as u8);
-            i += 4;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Parses mountinfo text.
-pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
-    text.lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let left: Vec<&str> = left.split(' ').collect();
-            let right: Vec<&str> = right.split(' ').collect();
-            Some(MountEntry {
-                mount_point: PathBuf::from(unescape(left.get(4)?)),
-                options: left.get(5)?.split(',').map(str::to_string).collect(),
-                fs_type: right.first()?.to_string(),
-                source: unescape(right.get(1).unwrap_or(&"")),
-            })
-        })
-        .collect()
-}
-
-/// The current mount table of this process's mount namespace.
-pub fn mounts() -> io::Result<Vec<MountEntry>> {
-    Ok(parse_mountinfo(&std::fs::read_to_string(
-        "/proc/self/mountinfo",
-    )?))
-}
+use crate::host::{mounts, Mount};
 
 /// The top-most mount at exactly `path`, if any.
-pub fn mount_at(path: &Path) -> io::Result<Option<MountEntry>> {
+pub fn mount_at(path: &Path) -> io::Result<Option<Mount>> {
     let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     Ok(mounts()?.into_iter().rev().find(|m| m.mount_point == path))
 }
@@ -222,30 +166,5 @@ pub fn unmount_all_under(dir: &Path) -> io::Result<()> {
             "mounts remain under {}: {left:?}",
             dir.display()
         )))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_mountinfo_lines() {
-        let text = "36 35 98:0 /mnt1 /mnt/with\\040space rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n\
-                    37 35 0:5 / /dev/shm rw,nosuid shared:2 - tmpfs tmpfs rw,size=65536k\n";
-        let m = parse_mountinfo(text);
-        assert_eq!(m.len(), 2);
-        assert_eq!(m[0].mount_point, PathBuf::from("/mnt/with space"));
-        assert_eq!(m[0].fs_type, "ext3");
-        assert_eq!(m[0].source, "/dev/root");
-        assert_eq!(m[0].options, vec!["rw", "noatime"]);
-        assert_eq!(m[1].fs_type, "tmpfs");
-    }
-
-    #[test]
-    fn unescape_handles_trailing_backslash() {
-        assert_eq!(unescape("a\\"), "a\\");
-        assert_eq!(unescape("a\\011b"), "a\tb");
-        assert_eq!(unescape("\\0"), "\\0");
     }
 }
