@@ -19,6 +19,7 @@ pub mod lock;
 pub mod memory;
 pub mod pod;
 pub mod probe;
+pub mod retry;
 pub mod runtime;
 pub mod sandbox;
 pub mod server;

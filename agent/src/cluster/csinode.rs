@@ -20,7 +20,8 @@ use kube::Api;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{Backoff, ClusterError};
+use super::ClusterError;
+use crate::retry::Retry;
 use crate::volume::csi::{Driver, Registered};
 
 /// How often the CSINode is re-checked when nothing changed.
@@ -71,7 +72,7 @@ pub(super) async fn run(
 ) {
     let csinodes: Api<CSINode> = Api::all(client.clone());
     let nodes: Api<Node> = Api::all(client);
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let mut backoff = Retry::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {
         let registered = drivers.borrow_and_update().clone();
         let delay = if !registered.listed {

@@ -12,7 +12,8 @@ use kube::Api;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{sleep_or_cancel, Backoff, ClusterError};
+use super::{sleep_or_cancel, ClusterError};
+use crate::retry::Retry;
 
 pub(super) const NAMESPACE: &str = "kube-node-lease";
 pub(super) const DURATION_SECONDS: i32 = 40;
@@ -57,7 +58,7 @@ pub(super) async fn run(
     }
     let api: Api<Lease> = Api::namespaced(client, NAMESPACE);
     let mut current: Option<Lease> = None;
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(7));
+    let mut backoff = Retry::new(Duration::from_millis(200), Duration::from_secs(7));
     loop {
         // The latest UID: a Node registered again (after it was deleted) owns the Lease anew.
         let uid = node_uid.borrow().clone().unwrap_or_default();

@@ -34,7 +34,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::pods::ApiPods;
-use super::{sleep_or_cancel, Backoff, ClusterError};
+use super::{sleep_or_cancel, ClusterError};
+use crate::retry::Retry;
 use crate::source::manifest::CONFIG_HASH;
 use crate::status::StatusManager;
 
@@ -269,7 +270,7 @@ pub(super) async fn run(
         _ = token.cancelled() => return,
         r = synced.wait_for(|s| *s) => if r.is_err() { return },
     }
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut backoff = Retry::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut retry: Option<Duration> = None;
     loop {
         let uid = node_uid.borrow_and_update().clone();

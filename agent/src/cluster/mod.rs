@@ -358,35 +358,6 @@ async fn client(path: &std::path::Path) -> Result<kube::Client, ClusterError> {
     })
 }
 
-/// Exponential back-off between `min` and `max` for retried API calls.
-#[derive(Clone, Debug)]
-struct Backoff {
-    min: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    fn new(min: Duration, max: Duration) -> Self {
-        Self {
-            min,
-            max,
-            next: min,
-        }
-    }
-
-    /// The delay before the next attempt after a failure; doubles up to `max`.
-    fn fail(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (self.next * 2).min(self.max);
-        delay
-    }
-
-    fn reset(&mut self) {
-        self.next = self.min;
-    }
-}
-
 /// Sleeps `delay`, or returns false at once when `token` is cancelled.
 /// Makes the Node (of `node_uid`) the owner of an object the node keeps (its Lease, its
 /// CSINode), replacing an owner reference to an earlier Node of that name.
@@ -414,18 +385,6 @@ async fn sleep_or_cancel(delay: Duration, token: &CancellationToken) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_to_its_cap_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(200), Duration::from_secs(1));
-        let delays: Vec<_> = (0..5).map(|_| b.fail()).collect();
-        assert_eq!(
-            delays,
-            [200, 400, 800, 1000, 1000].map(Duration::from_millis)
-        );
-        b.reset();
-        assert_eq!(b.fail(), Duration::from_millis(200));
-    }
 
     #[tokio::test(start_paused = true)]
     async fn sleep_or_cancel_stops_early_on_cancel() {

@@ -33,8 +33,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{sleep_or_cancel, Backoff, ClusterConfig, ClusterError};
+use super::{sleep_or_cancel, ClusterConfig, ClusterError};
 use crate::events::{EventType, Recorder};
+use crate::retry::Retry;
 
 /// The kubelet version the Node reports (the control plane checks version skew against it).
 pub(super) const KUBELET_VERSION: &str = "v1.34.0-nodelet";
@@ -397,7 +398,7 @@ pub(super) async fn run(
     let nodes: Api<Node> = Api::all(client);
     let name = host.config.node_name.clone();
     let machine = Machine::read(&host.config.root_dir);
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let mut backoff = Retry::new(Duration::from_millis(200), Duration::from_secs(30));
     let mut runtime_ok: Option<Instant> = None;
     'register: loop {
         let node = loop {

@@ -24,7 +24,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::pods::ApiPods;
-use super::{sleep_or_cancel, Backoff};
+use super::sleep_or_cancel;
+use crate::retry::Retry;
 use crate::store::refs::{references, volume_secrets};
 use crate::store::{ObjectRef, ObjectStore};
 
@@ -153,7 +154,7 @@ pub(super) async fn rewatch<S, T, E>(
 ) where
     S: futures::Stream<Item = Result<T, E>>,
 {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let mut backoff = Retry::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {
         let mut stream = std::pin::pin!(watch());
         loop {
@@ -236,7 +237,7 @@ async fn poll_claim(
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     let volumes: Api<PersistentVolume> = Api::all(client);
     let mut stored_pv: Option<String> = None;
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let mut backoff = Retry::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {
         let result = async {
             let claim = claims.get_opt(name).await?;

@@ -28,7 +28,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::pods::ApiPods;
-use super::{Backoff, ClusterError};
+use super::ClusterError;
+use crate::retry::Retry;
 use crate::status::{Reported, StatusManager};
 
 /// What the sink does next for one pod.
@@ -133,8 +134,8 @@ pub(super) fn patch_body(reported: &Reported, api: Option<&Pod>) -> serde_json::
 }
 
 /// A pod whose last attempt failed, and when to try again.
-struct Retry {
-    backoff: Backoff,
+struct Retrying {
+    backoff: Retry,
     at: Instant,
 }
 
@@ -147,7 +148,7 @@ pub(super) async fn run(
 ) {
     let mut changed = status.subscribe();
     let mut written: BTreeMap<String, Written> = BTreeMap::new();
-    let mut retries: BTreeMap<String, Retry> = BTreeMap::new();
+    let mut retries: BTreeMap<String, Retrying> = BTreeMap::new();
     // The API's pods were listed (the channel starts with an empty set before the first list).
     let mut listed = false;
     loop {
@@ -201,8 +202,8 @@ pub(super) async fn run(
                     progressed = true;
                 }
                 Err(e) => {
-                    let retry = retries.entry(uid.clone()).or_insert_with(|| Retry {
-                        backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+                    let retry = retries.entry(uid.clone()).or_insert_with(|| Retrying {
+                        backoff: Retry::new(Duration::from_millis(500), Duration::from_secs(30)),
                         at: now,
                     });
                     let delay = retry.backoff.fail();

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use super::{to_system_time, ExitEvent};
+use crate::retry::Retry;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -24,7 +25,7 @@ pub(super) async fn exit_events(
     tx: broadcast::Sender<ExitEvent>,
     token: CancellationToken,
 ) {
-    let mut backoff = MIN_BACKOFF;
+    let mut retry = Retry::new(MIN_BACKOFF, MAX_BACKOFF);
     loop {
         let mut client = EventsClient::new(channel.clone());
         let req = SubscribeRequest {
@@ -36,7 +37,7 @@ pub(super) async fn exit_events(
         };
         match subscribed {
             Ok(resp) => {
-                backoff = MIN_BACKOFF;
+                retry.reset();
                 let mut stream = resp.into_inner();
                 loop {
                     let msg = tokio::select! {
@@ -72,14 +73,13 @@ pub(super) async fn exit_events(
                 }
             }
             Err(status) => {
-                tracing::warn!(%status, ?backoff, "subscribing to containerd events failed");
+                tracing::warn!(%status, "subscribing to containerd events failed");
             }
         }
         tokio::select! {
             _ = token.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(retry.fail()) => {}
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 

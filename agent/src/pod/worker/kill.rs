@@ -246,7 +246,7 @@ impl KillTask {
     /// as containerd being away, is retried (until `until` when given), so a kill asked for
     /// during an outage is carried out once containerd is back.
     async fn deliver(&self, signal: i32, until: Option<tokio::time::Instant>) {
-        let mut delay = SIGNAL_RETRY_FIRST;
+        let mut retry = crate::retry::Retry::new(SIGNAL_RETRY_FIRST, SIGNAL_RETRY_MAX);
         let mut failures = 0u32;
         loop {
             let error = match self.ctx.runtime.signal(&self.id, signal).await {
@@ -260,12 +260,11 @@ impl KillTask {
             } else {
                 debug!(container_id = %self.id, signal, %error, "signal failed again");
             }
-            let next = tokio::time::Instant::now() + delay;
+            let next = tokio::time::Instant::now() + retry.fail();
             if until.is_some_and(|u| next >= u) {
                 return;
             }
             tokio::time::sleep_until(next).await;
-            delay = (delay * 2).min(SIGNAL_RETRY_MAX);
         }
     }
 }
