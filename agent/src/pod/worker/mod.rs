@@ -216,18 +216,6 @@ impl Worker {
         self.event(kind, field, reason, message);
     }
 
-    /// What the pod asks that nodelet does not do, said where `kubectl describe pod` shows it
-    /// rather than ignored in silence: the pod runs without it.
-    fn warn_unsupported(&self) {
-        let spec = self.pod().spec.as_ref();
-        if spec.and_then(|s| s.share_process_namespace) == Some(true) {
-            let message = "shareProcessNamespace is not supported by nodelet: each container \
-                           runs in its own PID namespace";
-            warn!(pod = %self.uid, "{message}");
-            self.event(EventType::Warning, None, "UnsupportedFeature", message);
-        }
-    }
-
     fn gone(&self) -> bool {
         self.desired.deletion.is_some_and(|d| d.gone)
     }
@@ -245,7 +233,6 @@ impl Worker {
             }
         }
         self.restore_images().await;
-        self.warn_unsupported();
         loop {
             self.desired = merge(&self.desired, &desired.borrow_and_update());
             self.note_spec_changes();

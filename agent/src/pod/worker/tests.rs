@@ -491,25 +491,3 @@ async fn a_refused_start_shows_run_container_error_before_crash_loop_back_off() 
     assert!(said("Created", "Created container c"), "{events:?}");
     assert!(said("Failed", &format!("Error: {message}")), "{events:?}");
 }
-
-/// A pod asking for a shared PID namespace runs, and says that it does not get one.
-#[tokio::test(start_paused = true)]
-async fn a_shared_process_namespace_is_warned_about_not_ignored() {
-    let node = Node::new().await;
-    let mut shared = pod("u1", "Always");
-    shared.spec.as_mut().expect("spec").share_process_namespace = Some(true);
-    node.run(&shared).await;
-    let warned = |n: &Node| {
-        n.ctx.recorder.recent().iter().any(|e| {
-            e.type_.as_deref() == Some("Warning")
-                && e.reason.as_deref() == Some("UnsupportedFeature")
-                && e.message
-                    .as_deref()
-                    .is_some_and(|m| m.contains("shareProcessNamespace"))
-        })
-    };
-    assert!(warned(&node));
-    let plain = Node::new().await;
-    plain.run(&pod("u2", "Always")).await;
-    assert!(!warned(&plain));
-}
