@@ -1,13 +1,17 @@
 //! The `nodelet` binary: tracing, configuration, run until SIGTERM/SIGINT, drain. A second
 //! signal exits at once. `nodelet log-driver <path>` runs the per-container log driver (the
 //! fallback when its own small binary could not be installed, see runtime::logdriver);
-//! `nodelet install-log-driver <dir>` installs that binary.
+//! `nodelet install-log-driver <dir>` installs that binary; `nodelet pod-init` is PID 1 of a
+//! pod's shared PID namespace (see sandbox::pidns).
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(nodelet::sandbox::pidns::SUBCOMMAND) {
+        return nodelet::sandbox::pidns::main_with_args();
+    }
     if args.get(1).map(String::as_str) == Some(nodelet::runtime::logdriver::PATH_KEY) {
         return nodelet::runtime::logdriver::main_with_args(&args[1..]);
     }

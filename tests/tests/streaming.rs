@@ -1113,3 +1113,138 @@ fn a_hundred_sessions_leave_no_fd_thread_or_exec_behind() {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// A pod of an init container (writing what PID 1 is to its termination message), a sidecar
+/// and two app containers, each sleeping a number of seconds that names it.
+fn pod_sharing_processes(name: &str, share: bool) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  terminationGracePeriodSeconds: 1\n  shareProcessNamespace: {share}\n  initContainers:\n  - name: init\n    image: {BUSYBOX}\n    command: [sh, -c, 'tr \"\\0\" \" \" </proc/1/cmdline >/dev/termination-log']\n  - name: sidecar\n    image: {BUSYBOX}\n    restartPolicy: Always\n    command: [sleep, '5555']\n  containers:\n  - name: main\n    image: {BUSYBOX}\n    command: [sleep, '3333']\n  - name: other\n    image: {BUSYBOX}\n    command: [sleep, '4444']\n"
+    )
+}
+
+/// `ps` in a container through the agent's `/run`.
+fn ps(config: &Arc<rustls::ClientConfig>, port: u16, pod: &str, container: &str) -> String {
+    let path = format!("/run/default/{pod}/{container}?cmd=ps");
+    let (head, body) = runtime().block_on(plain(config, port, "POST", &path));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
+    body
+}
+
+/// The command of PID 1 in busybox `ps` output (`PID USER [TIME] COMMAND`).
+fn pid1(ps: &str) -> String {
+    let mut header = ps.lines().next().unwrap_or_default().split_whitespace();
+    let command = header.position(|h| h == "COMMAND").unwrap_or(usize::MAX);
+    let line = ps
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("1"));
+    let fields: Vec<&str> = line.unwrap_or_default().split_whitespace().collect();
+    fields.get(command..).unwrap_or_default().join(" ")
+}
+
+/// The init container's termination message (what it read as PID 1's command line).
+fn init_saw(agent: &Agent, pod: &str) -> String {
+    let pod = agent.pod(pod).unwrap();
+    let statuses = pod.status.and_then(|s| s.init_container_statuses);
+    let init = statuses.into_iter().flatten().find(|s| s.name == "init");
+    let terminated = init.and_then(|s| s.state).and_then(|s| s.terminated);
+    terminated.and_then(|t| t.message).unwrap_or_default()
+}
+
+/// `readlink /proc/<pid>/ns/pid` of a container's task, as the host sees it.
+fn pid_namespace_of(agent: &Agent, pod: &str, container: &str) -> String {
+    let id = container_id(&agent.pod(pod).unwrap(), container).unwrap();
+    let pid = agent.task_pid(&id).unwrap();
+    let link = std::fs::read_link(format!("/proc/{pid}/ns/pid")).unwrap();
+    link.display().to_string()
+}
+
+/// Host processes in the PID namespace `ns` (`pid:[inode]`).
+fn processes_in(ns: &str) -> Vec<u32> {
+    let entries = std::fs::read_dir("/proc").unwrap().flatten();
+    let pids = entries.filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok());
+    pids.filter(|p| {
+        std::fs::read_link(format!("/proc/{p}/ns/pid")).is_ok_and(|l| l.display().to_string() == ns)
+    })
+    .collect()
+}
+
+/// shareProcessNamespace as the kubelet has it: every container of the pod (init, sidecar and
+/// app) runs in one PID namespace whose PID 1 is the pod's `/pause`, so `ps` in one container
+/// shows the others' processes; a container restarted after an agent restart joins it again;
+/// the namespace and its PID 1 end with the pod. Without it, each container is PID 1 of its
+/// own namespace and sees nothing of the others.
+#[test]
+fn containers_of_a_pod_sharing_its_process_namespace_see_each_others_processes() {
+    let (mut agent, config) = agent_with_client_ca("pidns");
+    let port = agent.secure_port;
+    agent.write_manifest("shared.yaml", &pod_sharing_processes("shared", true));
+    agent.write_manifest("apart.yaml", &pod_sharing_processes("apart", false));
+    agent.wait_phase("shared", "Running", MINUTE);
+    agent.wait_phase("apart", "Running", MINUTE);
+
+    let shared = ps(&config, port, "shared", "main");
+    assert!(pid1(&shared).starts_with("/pause"), "{shared}");
+    for other in ["sleep 4444", "sleep 5555"] {
+        assert!(shared.contains(other), "main sees {other}:\n{shared}");
+    }
+    let from_other = ps(&config, port, "shared", "other");
+    assert!(from_other.contains("sleep 3333"), "{from_other}");
+    assert!(
+        init_saw(&agent, "shared").starts_with("/pause"),
+        "{}",
+        init_saw(&agent, "shared")
+    );
+
+    let apart = ps(&config, port, "apart", "main");
+    assert_eq!(pid1(&apart), "sleep 3333", "{apart}");
+    for other in ["sleep 4444", "sleep 5555", "/pause"] {
+        assert!(
+            !apart.contains(other),
+            "main must not see {other}:\n{apart}"
+        );
+    }
+    let init = init_saw(&agent, "apart");
+    assert!(!init.is_empty() && !init.contains("/pause"), "{init}");
+
+    // The namespace outlives the agent; a container the restarted agent starts again joins it.
+    let ns = pid_namespace_of(&agent, "shared", "main");
+    assert_eq!(pid_namespace_of(&agent, "shared", "other"), ns);
+    agent.kill9();
+    agent.spawn();
+    // main kills other's process by the PID it sees (the restarted agent serves once it has
+    // read the pod again).
+    let pid = shared.lines().find(|l| l.ends_with("sleep 4444"));
+    let pid = pid.and_then(|l| l.split_whitespace().next()).unwrap();
+    let path = format!("/run/default/shared/main?cmd=kill+{pid}");
+    agent.wait_until("the restarted agent runs kill in main", MINUTE, |_| {
+        let (head, _) = runtime().block_on(plain(&config, port, "POST", &path));
+        head.starts_with("HTTP/1.1 200")
+    });
+    agent.wait_until("other restarted", MINUTE, |a| {
+        let pod = a.pod("shared").unwrap();
+        let statuses = pod
+            .status
+            .and_then(|s| s.container_statuses)
+            .unwrap_or_default();
+        statuses.iter().any(|s| {
+            s.name == "other"
+                && s.restart_count >= 1
+                && s.state.as_ref().is_some_and(|st| st.running.is_some())
+        })
+    });
+    assert_eq!(pid_namespace_of(&agent, "shared", "other"), ns);
+    let again = ps(&config, port, "shared", "main");
+    assert!(again.contains("sleep 4444"), "{again}");
+
+    // Deleting the pod ends every process of its namespace, /pause included.
+    assert!(!processes_in(&ns).is_empty());
+    agent.remove_manifest("shared.yaml");
+    agent.wait_until("the pod is gone", MINUTE, |a| a.pod("shared").is_none());
+    agent.wait_until("no process is left in its PID namespace", MINUTE, |_| {
+        processes_in(&ns).is_empty()
+    });
+    agent.remove_manifest("apart.yaml");
+    agent.wait_until("the other pod is gone", MINUTE, |a| {
+        a.pod("apart").is_none()
+    });
+}

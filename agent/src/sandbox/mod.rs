@@ -1,11 +1,15 @@
 //! Pod sandboxes without a pause container: per pod, network, IPC and UTS namespaces are
-//! created once and pinned by bind mounts under the agent's run dir; CNI (from the distribution's
+//! created once and pinned by bind mounts under the agent's run dir (a shared PID namespace
+//! needs a process: its PID 1, see [`pidns`]); CNI (from the distribution's
 //! plugins) wires the pinned netns; the pod's /etc/hosts, /etc/resolv.conf and /etc/hostname
 //! are written in the pod dir. Containers join the pinned namespaces by path.
 //!
 //! On-disk layout (the run dir is the checkpoint an agent restart recovers from):
 //! - `<run_dir>/<uid>/{net,ipc,uts}`: namespace pins (a pin is absent when the pod uses the
 //!   host's namespace: hostNetwork → no net and no uts; hostIPC → no ipc).
+//! - `<run_dir>/<uid>/pid`, `pause.json` and the empty dir `pause`: the shared PID namespace
+//!   of a `shareProcessNamespace` pod, its PID 1 and that one's root ([`pidns`]). Other pods
+//!   have none: each container gets a PID namespace of its own (or the host's, hostPID).
 //! - `<root_dir>/pods/<uid>/cni.json`: the network list, the invocation and the ADD result
 //!   (written before ADD with no result, so an interrupted ADD is still undone by DEL). It is
 //!   on disk, not in the run dir: after a reboot the IPAM reservations outlive the netns, and
@@ -25,6 +29,7 @@
 pub mod cni;
 pub mod files;
 pub mod ns;
+pub mod pidns;
 
 use std::io;
 use std::net::IpAddr;
@@ -36,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tracing::{info, warn};
 
-use crate::runtime::NamespacePaths;
+use crate::runtime::{NamespacePaths, PidNamespace};
 use cni::{Cni, CniError, Command, Invocation, NetworkList};
 
 /// The interface name of the pod's network inside its netns.
@@ -44,6 +49,8 @@ pub const POD_IFNAME: &str = "eth0";
 /// The node files read for Default DNS and hostNetwork pods.
 const HOST_RESOLV_CONF: &str = "/etc/resolv.conf";
 const HOST_HOSTS: &str = "/etc/hosts";
+/// The PID 1 of the pod's shared PID namespace, in its run dir.
+const PAUSE_RECORD: &str = "pause.json";
 /// The CNI cache's file name in the pod dir.
 const CNI_CACHE: &str = "cni.json";
 
@@ -128,6 +135,9 @@ struct State {
     net: Option<PathBuf>,
     ipc: Option<PathBuf>,
     uts: Option<PathBuf>,
+    /// The shared PID namespace (`shareProcessNamespace`).
+    #[serde(default)]
+    pid: Option<pidns::PidPin>,
     ips: Vec<IpAddr>,
     hostname: String,
     hosts: String,
@@ -140,6 +150,7 @@ impl State {
             .into_iter()
             .flatten()
             .all(|p| ns::is_pinned(p))
+            && self.pid.as_ref().is_none_or(pidns::PidPin::alive)
     }
 }
 
@@ -260,7 +271,10 @@ impl SandboxManager {
                 net: state.net.clone(),
                 ipc: state.ipc.clone(),
                 uts: state.uts.clone(),
-                pid: Default::default(),
+                pid: match &state.pid {
+                    Some(pin) => PidNamespace::Join(pin.path.clone()),
+                    None => PidNamespace::Own,
+                },
             },
             ip: state.ips.first().copied(),
             hostname: state.hostname.clone(),
@@ -308,6 +322,11 @@ impl SandboxManager {
                 detail,
             })?;
 
+        let pid = match spec.share_process_namespace == Some(true) && spec.host_pid != Some(true) {
+            true => Some(self.pid_namespace(uid, &dir).await?),
+            false => None,
+        };
+
         let ips = match &req.net {
             Some(net) => self.cni_add(pod, uid, net).await?,
             None => Vec::new(),
@@ -334,6 +353,7 @@ impl SandboxManager {
             net: req.net,
             ipc: req.ipc,
             uts: req.uts,
+            pid,
             ips,
             hostname: names.kernel_hostname,
             hosts,
@@ -343,6 +363,28 @@ impl SandboxManager {
         let text = serde_json::to_vec_pretty(&state).map_err(|e| invalid(e.to_string()))?;
         write_atomic(&dir.join("sandbox.json"), &text).map_err(SandboxError::io(uid))?;
         Ok(state)
+    }
+
+    /// Starts the pod's PID 1 (this agent's executable as `/pause`) in a new PID namespace
+    /// pinned in the pod's run dir.
+    async fn pid_namespace(&self, uid: &str, dir: &Path) -> Result<pidns::PidPin, SandboxError> {
+        let failed = |detail: String| SandboxError::Namespace {
+            uid: uid.to_string(),
+            detail,
+        };
+        let agent = std::env::current_exe().map_err(|e| failed(format!("own executable: {e}")))?;
+        let pin = pidns::PidPin::create(&agent, &dir.join("pid"), &dir.join("pause"))
+            .await
+            .map_err(failed)?;
+        // Recorded at once: a sandbox that fails later is undone before its state is written.
+        let text = serde_json::to_vec(&pin).map_err(|e| failed(e.to_string()));
+        if let Err(e) = text.and_then(|t| {
+            write_atomic(&dir.join(PAUSE_RECORD), &t).map_err(|e| failed(e.to_string()))
+        }) {
+            pin.kill();
+            return Err(e);
+        }
+        Ok(pin)
     }
 
     /// Makes the run dir a shared mount point (once; later calls find it done).
@@ -500,7 +542,11 @@ impl SandboxManager {
         }
         // Gone after DEL, or unreadable (no DEL could ever use it).
         remove_if_exists(&self.pod_file(uid, CNI_CACHE)).map_err(SandboxError::io(uid))?;
-        for pin in ["net", "ipc", "uts"] {
+        let record = std::fs::read(dir.join(PAUSE_RECORD)).ok();
+        if let Some(pin) = record.and_then(|t| serde_json::from_slice::<pidns::PidPin>(&t).ok()) {
+            pin.kill();
+        }
+        for pin in ["net", "ipc", "uts", "pid"] {
             ns::remove_pin(&dir.join(pin)).map_err(SandboxError::io(uid))?;
         }
         for name in ["etc-hosts", "resolv.conf", "hostname"] {

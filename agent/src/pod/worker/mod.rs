@@ -216,18 +216,6 @@ impl Worker {
         self.event(kind, field, reason, message);
     }
 
-    /// What the pod asks that nodelet does not do, said where `kubectl describe pod` shows it
-    /// rather than ignored in silence: the pod runs without it.
-    fn warn_unsupported(&self) {
-        let spec = self.pod().spec.as_ref();
-        if spec.and_then(|s| s.share_process_namespace) == Some(true) {
-            let message = "shareProcessNamespace is not supported by nodelet: each container \
-                           runs in its own PID namespace";
-            warn!(pod = %self.uid, "{message}");
-            self.event(EventType::Warning, None, "UnsupportedFeature", message);
-        }
-    }
-
     fn gone(&self) -> bool {
         self.desired.deletion.is_some_and(|d| d.gone)
     }
@@ -245,9 +233,12 @@ impl Worker {
             }
         }
         self.restore_images().await;
-        self.warn_unsupported();
         loop {
-            self.desired = merge(&self.desired, &desired.borrow_and_update());
+            let next = merge(&self.desired, &desired.borrow_and_update());
+            let previous = std::mem::replace(&mut self.desired, next);
+            if downward_inputs_changed(&previous.pod, &self.desired.pod) {
+                self.refresh_volumes().await;
+            }
             self.note_spec_changes();
             self.obs.now = SystemTime::now();
             self.settle_start_errors();
@@ -394,18 +385,32 @@ impl Worker {
                 return;
             }
         }
-        if let Some(volumes) = self.volumes.clone() {
+        self.refresh_volumes().await;
+        self.dirty = true;
+    }
+
+    /// Writes the pod's volumes again from the objects and the pod as they are now.
+    async fn refresh_volumes(&self) {
+        if let Some(volumes) = self.volumes.as_ref() {
             if let Err(e) = self
                 .ctx
                 .host
-                .refresh_volumes(&self.desired.pod, &volumes)
+                .refresh_volumes(&self.desired.pod, volumes)
                 .await
             {
                 warn!(pod = %self.uid, error = %e, "volume refresh failed");
             }
         }
-        self.dirty = true;
     }
+}
+
+/// Whether the pod changed in what its downward API volumes show (labels, annotations, the
+/// spec's resources): as the kubelet, an update of the pod itself rewrites them. A change
+/// of status alone (the agent's own writes coming back) does not.
+fn downward_inputs_changed(old: &Pod, new: &Pod) -> bool {
+    old.metadata.labels != new.metadata.labels
+        || old.metadata.annotations != new.metadata.annotations
+        || old.spec != new.spec
 }
 
 /// A newer desired pod replaces the older, but a deletion is never undone and only shrinks.

@@ -370,12 +370,13 @@ impl Worker {
 
     /// The PID namespace a container runs in: an ephemeral container's running target's
     /// (`targetContainerName`, as the kubelet has it join for `kubectl debug --target`), else
-    /// the host's for a `hostPID` pod, else one of its own.
-    async fn pid_namespace(&self, kind: Kind, name: &str) -> PidNamespace {
+    /// the host's for a `hostPID` pod, else the pod's (`shareProcessNamespace`, the sandbox's),
+    /// else one of its own.
+    async fn pid_namespace(&self, kind: Kind, name: &str, pod: &PidNamespace) -> PidNamespace {
         let spec = self.pod().spec.as_ref();
         let own = match spec.and_then(|s| s.host_pid).unwrap_or(false) {
             true => PidNamespace::Host,
-            false => PidNamespace::Own,
+            false => pod.clone(),
         };
         if kind != Kind::Ephemeral {
             return own;
@@ -472,7 +473,9 @@ impl Worker {
             mounts,
             devices,
             namespaces: NamespacePaths {
-                pid: self.pid_namespace(kind, name).await,
+                pid: self
+                    .pid_namespace(kind, name, &sandbox.namespaces.pid)
+                    .await,
                 ..sandbox.namespaces.clone()
             },
             resources: resources::container_resources(&pod, c, node_memory()),

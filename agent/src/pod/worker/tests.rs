@@ -492,24 +492,37 @@ async fn a_refused_start_shows_run_container_error_before_crash_loop_back_off() 
     assert!(said("Failed", &format!("Error: {message}")), "{events:?}");
 }
 
-/// A pod asking for a shared PID namespace runs, and says that it does not get one.
+/// #16: an update of the pod itself that its downward API volumes show (an annotation)
+/// rewrites its volumes at once, as the kubelet's does, without any object changing; an
+/// update of its status alone does not.
 #[tokio::test(start_paused = true)]
-async fn a_shared_process_namespace_is_warned_about_not_ignored() {
+async fn a_pod_whose_annotations_change_has_its_volumes_refreshed() {
     let node = Node::new().await;
-    let mut shared = pod("u1", "Always");
-    shared.spec.as_mut().expect("spec").share_process_namespace = Some(true);
-    node.run(&shared).await;
-    let warned = |n: &Node| {
-        n.ctx.recorder.recent().iter().any(|e| {
-            e.type_.as_deref() == Some("Warning")
-                && e.reason.as_deref() == Some("UnsupportedFeature")
-                && e.message
-                    .as_deref()
-                    .is_some_and(|m| m.contains("shareProcessNamespace"))
-        })
-    };
-    assert!(warned(&node));
-    let plain = Node::new().await;
-    plain.run(&pod("u2", "Always")).await;
-    assert!(!warned(&plain));
+    let mut p = pod("u1", "Always");
+    p.spec.as_mut().unwrap().volumes = Some(vec![serde_json::from_value(serde_json::json!(
+        {"name": "info", "downwardAPI": {"items": [
+            {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]}}
+    ))
+    .expect("volume")]);
+    node.run(&p).await;
+    let before = node.host.refreshes("u1");
+    let mut status_only = p.clone();
+    status_only.status = Some(k8s_openapi::api::core::v1::PodStatus {
+        message: Some("written by the agent".into()),
+        ..Default::default()
+    });
+    node.manager.update(desired(&status_only, None));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        node.host.refreshes("u1"),
+        before,
+        "a status change refreshed"
+    );
+    let mut annotated = status_only.clone();
+    annotated.metadata.annotations = Some([("builder".to_string(), "foo".to_string())].into());
+    node.manager.update(desired(&annotated, None));
+    until("the pod's volumes are refreshed", || {
+        node.host.refreshes("u1") > before
+    })
+    .await;
 }
