@@ -47,7 +47,7 @@ struct Inner {
     finished: broadcast::Sender<String>,
     state: Mutex<State>,
     /// Admission of new pods (none: every pod is admitted).
-    admission: Mutex<Option<crate::admission::NodeAdmission>>,
+    admission: Option<crate::admission::NodeAdmission>,
 }
 
 #[derive(Default)]
@@ -92,7 +92,14 @@ fn gone(d: &Desired) -> bool {
 
 impl PodManager {
     /// Starts the exit fan-out; `cancel` (a child of the agent's root token) stops everything.
-    pub fn new(ctx: Arc<PodContext>, cancel: &CancellationToken) -> Self {
+    /// With `admission`, every new pod (not one recovered from containerd) is admitted as the
+    /// kubelet does before its worker is made; a refused pod is Failed with the kubelet's
+    /// reason and never runs. Without, every pod is admitted.
+    pub fn new(
+        ctx: Arc<PodContext>,
+        admission: Option<crate::admission::NodeAdmission>,
+        cancel: &CancellationToken,
+    ) -> Self {
         let (finished, _) = broadcast::channel(1024);
         let inner = Arc::new(Inner {
             router: Arc::default(),
@@ -100,7 +107,7 @@ impl PodManager {
             tracker: TaskTracker::new(),
             finished,
             state: Mutex::default(),
-            admission: Mutex::default(),
+            admission,
             ctx,
         });
         let mut exits = inner.ctx.runtime.exits();
@@ -155,12 +162,6 @@ impl PodManager {
     pub fn recovered_static_pods(&self) -> Vec<Pod> {
         let st = self.inner.state.lock().expect("manager lock");
         st.checkpointed.values().cloned().collect()
-    }
-
-    /// Admits every new pod (not one recovered from containerd) as the kubelet does, before
-    /// its worker is made; a refused pod is Failed with the kubelet's reason and never runs.
-    pub fn set_admission(&self, admission: crate::admission::NodeAdmission) {
-        *self.inner.admission.lock().expect("admission lock") = Some(admission);
     }
 
     /// Hands one desired pod to its worker (spawning it if needed).
@@ -374,8 +375,7 @@ impl Inner {
     }
 
     fn admit(&self, st: &State, pod: &Pod) -> Result<(), crate::admission::Rejection> {
-        let admission = self.admission.lock().expect("admission lock");
-        let Some(admission) = admission.as_ref() else {
+        let Some(admission) = self.admission.as_ref() else {
             return Ok(());
         };
         let running: Vec<Arc<Pod>> = st

@@ -592,7 +592,7 @@ mod tests {
 
     fn setup() -> (Arc<FakeExec>, Prober, Recorder) {
         let exec = Arc::new(FakeExec::default());
-        let recorder = Recorder::new("node-1");
+        let recorder = Recorder::new("node-1", None);
         let prober = Prober::new(exec.clone(), recorder.clone());
         (exec, prober, recorder)
     }

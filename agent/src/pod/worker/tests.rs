@@ -54,7 +54,7 @@ impl Node {
         let dir = tempfile::tempdir().expect("temp dir");
         let (ctx, rt, host) = fake::context(dir.path());
         let cancel = CancellationToken::new();
-        let manager = PodManager::new(ctx.clone(), &cancel);
+        let manager = PodManager::new(ctx.clone(), None, &cancel);
         let finished = manager.subscribe_finished();
         manager.recover().await.expect("recover");
         Node {
@@ -353,7 +353,7 @@ async fn a_running_attempt_is_adopted_not_removed_as_a_leftover() {
     let cancel = CancellationToken::new();
     let pod = pod("u1", "Always");
     let id = {
-        let first = PodManager::new(ctx.clone(), &cancel);
+        let first = PodManager::new(ctx.clone(), None, &cancel);
         first.sync_all(vec![desired(&pod, None)]).await;
         until("the container runs", || rt.running().len() == 1).await;
         first.shutdown().await;
@@ -361,7 +361,7 @@ async fn a_running_attempt_is_adopted_not_removed_as_a_leftover() {
     };
     let before = rt.calls().len();
     // A manager that never recovered the container (a listing that failed at start).
-    let second = PodManager::new(ctx.clone(), &CancellationToken::new());
+    let second = PodManager::new(ctx.clone(), None, &CancellationToken::new());
     second.sync_all(vec![desired(&pod, None)]).await;
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert_eq!(rt.running(), vec![id.clone()]);
@@ -428,7 +428,7 @@ async fn a_kill_for_a_failed_post_start_survives_an_agent_restart() {
     rt.set_exec_exit(Some(1));
     rt.set_ignore_term(true);
     let pod = hooked_pod("u1", 30);
-    let first = PodManager::new(ctx.clone(), &CancellationToken::new());
+    let first = PodManager::new(ctx.clone(), None, &CancellationToken::new());
     first.recover().await.expect("recover");
     first.sync_all(vec![desired(&pod, None)]).await;
     until("the container runs", || rt.running().len() == 1).await;
@@ -437,7 +437,7 @@ async fn a_kill_for_a_failed_post_start_survives_an_agent_restart() {
     until("TERM is sent", || rt.calls().contains(&term)).await;
     first.shutdown().await;
     assert_eq!(rt.running(), vec![id.clone()], "TERM is ignored");
-    let second = PodManager::new(ctx.clone(), &CancellationToken::new());
+    let second = PodManager::new(ctx.clone(), None, &CancellationToken::new());
     second.recover().await.expect("recover");
     second.sync_all(vec![desired(&pod, None)]).await;
     let kill = format!("signal {id} 9");
