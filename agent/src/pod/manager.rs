@@ -2,8 +2,9 @@
 //! watch channel (a newer update replaces a pending one). It recovers the agent's containers
 //! from containerd's label checkpoint on start, cleans up pods no source wants after the first
 //! full sync, keeps a same-name pod waiting until its predecessor's worker is done, forgets a
-//! finished pod once no source lists it (so the same UID listed again runs again), and fans
-//! containerd's exit stream out to the workers. Stopping it stops workers, never containers.
+//! finished pod once no source lists it (so the same UID listed again runs again), and starts
+//! the task that routes containerd's exits to the workers (`ExitRouter`). Stopping it stops
+//! workers, never containers.
 //! A worker that panics is made again (after a back-off) from what containerd shows of its
 //! pod, so it adopts the running attempts instead of starting (and removing) them anew.
 
@@ -41,7 +42,7 @@ pub struct PodManager {
 
 struct Inner {
     ctx: Arc<PodContext>,
-    router: Arc<ExitRouter>,
+    router: ExitRouter,
     cancel: CancellationToken,
     tracker: TaskTracker,
     finished: broadcast::Sender<String>,
@@ -91,7 +92,7 @@ fn gone(d: &Desired) -> bool {
 }
 
 impl PodManager {
-    /// Starts the exit fan-out; `cancel` (a child of the agent's root token) stops everything.
+    /// Starts the exit router (`ExitRouter`); `cancel` (a child of the agent's root token) stops everything.
     /// With `admission`, every new pod (not one recovered from containerd) is admitted as the
     /// kubelet does before its worker is made; a refused pod is Failed with the kubelet's
     /// reason and never runs. Without, every pod is admitted.
@@ -101,31 +102,17 @@ impl PodManager {
         cancel: &CancellationToken,
     ) -> Self {
         let (finished, _) = broadcast::channel(1024);
+        let cancel = cancel.child_token();
+        let tracker = TaskTracker::new();
+        let router = ExitRouter::spawn(ctx.runtime.exits(), cancel.clone(), &tracker);
         let inner = Arc::new(Inner {
-            router: Arc::default(),
-            cancel: cancel.child_token(),
-            tracker: TaskTracker::new(),
+            router,
+            cancel,
+            tracker,
             finished,
             state: Mutex::default(),
             admission,
             ctx,
-        });
-        let mut exits = inner.ctx.runtime.exits();
-        let router = inner.router.clone();
-        let token = inner.cancel.clone();
-        inner.tracker.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = token.cancelled() => break,
-                    event = exits.recv() => match event {
-                        Ok(ev) => router.route(ev),
-                        Err(broadcast::error::RecvError::Lagged(n)) => {
-                            warn!(missed = n, "exit events lagged; workers resync by inspection");
-                        }
-                        Err(broadcast::error::RecvError::Closed) => break,
-                    },
-                }
-            }
         });
         Self { inner }
     }
