@@ -439,7 +439,7 @@ async fn sync_pods(
     token: CancellationToken,
 ) {
     let mut finished = manager.subscribe_finished();
-    let mut merge = SourceMerge::new(manager.recovered_static_pods());
+    let mut merge = SourceMerge::new(manager.recovered_static_pods().await);
     loop {
         let api_set = match api.as_mut() {
             None => Some(Vec::new()),
