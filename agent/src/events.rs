@@ -12,9 +12,19 @@
 //! - from the 10th event of one object and reason with different messages within 10 minutes,
 //!   they are one Event, its message prefixed `(combined from similar events): `.
 //!
-//! This is written here rather than taken from the `kube` crate's events `Recorder` because that
-//! one keys a series without the message (different messages merge into the first), writes only
-//! `events.k8s.io`, and cannot feed the local ring a standalone node has.
+//! This is written here rather than taken from the `kube` crate's events `Recorder`
+//! (`kube::runtime::events`, kube 5.0), which was weighed for #14 and does not keep what the
+//! kubelet writes:
+//! - it keys a series by type, action, reason, reporter and object but not the message, and its
+//!   repeat patches the cached Event, so a different message is merged into the first and lost;
+//!   it has no "combined from similar events" aggregation and cuts nothing to the API's limits;
+//! - it writes `events.k8s.io/v1` with `deprecatedSource` and `deprecatedCount` unset, so the
+//!   core v1 view (what `kubectl describe` and the status-parity test compare) has no
+//!   `source.component`/`source.host` and no `count`;
+//! - `publish` is an async API call the caller awaits (and whose failure it must handle, with
+//!   no retry), where recording here never blocks or fails a worker;
+//! - it needs a `kube::Client`: a standalone node has none, and its `/events` ring would still
+//!   need a recorder of its own.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
