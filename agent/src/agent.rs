@@ -2,8 +2,10 @@
 //! manager and the read-only server, and on shutdown stops the agent but never the pods.
 //!
 //! Start order: directories → the node lock (`lock`: no second agent on the same root, run
-//! dir or containerd namespace) → runtime (retried until containerd answers) → sandboxes, volumes,
-//! prober, status, recorder → manifest folder, cluster mode → pod manager (recovers containers
+//! dir or containerd namespace) → runtime (retried until containerd answers) → the API client
+//! (cluster mode) → recorder, status, prober, sandboxes, volumes, each made with what it needs
+//! of the client (no setter afterwards) → manifest folder, cluster-mode tasks → pod manager
+//! (with admission; recovers containers
 //! from containerd) → merge of the sources →
 //! first full sync (orphans are cleaned up only then) → server → READY=1. CSI node plugins are
 //! discovered from `<root>/plugins_registry` all along.
@@ -19,7 +21,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::cluster::{ClusterAgent, ClusterConfig};
+use crate::cluster::{ClusterClient, ClusterConfig};
 use crate::config::Config;
 use crate::events::{EventType, Recorder};
 use crate::pod::manager::PodManager;
@@ -35,7 +37,7 @@ use crate::stats::{Cgroups, Stats};
 use crate::status::StatusManager;
 use crate::store::ObjectStore;
 use crate::volume::downward::NodeAllocatable;
-use crate::volume::{VolumeConfig, VolumeManager};
+use crate::volume::{TokenSource, VolumeConfig, VolumeManager};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -101,7 +103,21 @@ pub async fn run(
     let runtime = connect_runtime(&config, &root).await?;
     runtime.limit_pulls(config.max_parallel_image_pulls);
     let store = ObjectStore::new();
-    let recorder = Recorder::new(&config.node_name);
+    let host_ip = config.node_ip.or_else(node_ip);
+    // The API client first: the recorder, the volume manager and the secure port are made
+    // with what they write or ask through it.
+    let cluster = match ClusterConfig::from_config(&config) {
+        Some(mut cluster) => {
+            cluster.node_ip = host_ip;
+            info!(kubeconfig = %cluster.kubeconfig.display(), "joining the cluster");
+            Some(ClusterClient::connect(cluster).await?)
+        }
+        None => None,
+    };
+    let recorder = Recorder::new(
+        &config.node_name,
+        cluster.as_ref().map(ClusterClient::event_sink),
+    );
     let status = StatusManager::new();
     let prober = Arc::new(Prober::new(Arc::new(runtime.clone()), recorder.clone()));
     let sandboxes = Arc::new(SandboxManager::new(SandboxConfig {
@@ -114,24 +130,26 @@ pub async fn run(
     }));
     // The node's allocatable, read once: admission, downward API volumes and env use it.
     let allocatable = NodeAllocatable::from_host(&config.root_dir);
-    let volumes = Arc::new(VolumeManager::new(
+    let tokens = cluster.as_ref().map(|c| c.tokens() as Arc<dyn TokenSource>);
+    let volumes = VolumeManager::new(
         VolumeConfig {
             root_dir: config.root_dir.clone(),
             plugins_registry: config.root_dir.join("plugins_registry"),
             allocatable,
         },
         store.clone(),
-    ));
+        tokens,
+    );
     {
         let volumes = volumes.clone();
         let token = root.clone();
         tokio::spawn(async move { volumes.plugins().watch(token).await });
     }
-    let host_ip = config.node_ip.or_else(node_ip);
     // The Webhook mode asks the API; with no API server it allows nothing.
-    let mut authorization = match config.authorization_webhook {
-        true => secure::Authorization::DenyAll,
-        false => secure::Authorization::AlwaysAllow,
+    let authorization = match (config.authorization_webhook, &cluster) {
+        (true, Some(cluster)) => secure::Authorization::Webhook(cluster.authorizer()),
+        (true, None) => secure::Authorization::DenyAll,
+        (false, _) => secure::Authorization::AlwaysAllow,
     };
     let (manifest_tx, mut manifest_rx) = watch::channel(None::<Vec<Pod>>);
     if let Some(dir) = config.pod_manifest_path.clone() {
@@ -147,9 +165,8 @@ pub async fn run(
     } else {
         manifest_tx.send_replace(Some(Vec::new()));
     }
-    let api = match ClusterConfig::from_config(&config) {
-        Some(mut cluster) => {
-            cluster.node_ip = host_ip;
+    let api = match cluster {
+        Some(cluster) => {
             let check_runtime = runtime.clone();
             let runtime_info = crate::cluster::RuntimeInfo {
                 version: runtime.version().await.unwrap_or_default(),
@@ -160,22 +177,15 @@ pub async fn run(
                     )
                 }),
             };
-            info!(kubeconfig = %cluster.kubeconfig.display(), "joining the cluster");
-            let agent = ClusterAgent::start(
-                cluster,
+            let agent = cluster.start(
                 manifest_rx.clone(),
                 store.clone(),
                 status.clone(),
                 recorder.clone(),
                 runtime_info,
                 root.child_token(),
-            )
-            .await?;
+            );
             agent.start_csi_node(volumes.plugins().subscribe(), root.child_token());
-            volumes.set_token_source(agent.tokens.clone());
-            if config.authorization_webhook {
-                authorization = secure::Authorization::Webhook(agent.authorizer.clone());
-            }
             // Static pods run as cluster mode names them (mirrored in the API).
             manifest_rx = agent.static_pods;
             Some(ApiPods {
@@ -205,13 +215,13 @@ pub async fn run(
         recorder: recorder.clone(),
         store: store.clone(),
     });
-    let manager = PodManager::new(ctx, &root);
-    manager.set_admission(crate::admission::NodeAdmission {
+    let admission = crate::admission::NodeAdmission {
         max_pods: config.max_pods as usize,
         allocatable,
         labels: crate::admission::node_labels(&config.node_name, &config.node_labels),
         allowed_unsafe_sysctls: config.allowed_unsafe_sysctls.clone(),
-    });
+    };
+    let manager = PodManager::new(ctx, Some(admission), &root);
     if let Err(e) = manager.recover().await {
         warn!(error = %e, "could not list containers; pods will be recreated as needed");
     }
@@ -436,7 +446,7 @@ async fn sync_pods(
     token: CancellationToken,
 ) {
     let mut finished = manager.subscribe_finished();
-    let mut merge = SourceMerge::new(manager.recovered_static_pods());
+    let mut merge = SourceMerge::new(manager.recovered_static_pods().await);
     loop {
         let api_set = match api.as_mut() {
             None => Some(Vec::new()),

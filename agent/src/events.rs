@@ -12,9 +12,19 @@
 //! - from the 10th event of one object and reason with different messages within 10 minutes,
 //!   they are one Event, its message prefixed `(combined from similar events): `.
 //!
-//! This is written here rather than taken from the `kube` crate's events `Recorder` because that
-//! one keys a series without the message (different messages merge into the first), writes only
-//! `events.k8s.io`, and cannot feed the local ring a standalone node has.
+//! This is written here rather than taken from the `kube` crate's events `Recorder`
+//! (`kube::runtime::events`, kube 5.0), which was weighed for #14 and does not keep what the
+//! kubelet writes:
+//! - it keys a series by type, action, reason, reporter and object but not the message, and its
+//!   repeat patches the cached Event, so a different message is merged into the first and lost;
+//!   it has no "combined from similar events" aggregation and cuts nothing to the API's limits;
+//! - it writes `events.k8s.io/v1` with `deprecatedSource` and `deprecatedCount` unset, so the
+//!   core v1 view (what `kubectl describe` and the status-parity test compare) has no
+//!   `source.component`/`source.host` and no `count`;
+//! - `publish` is an async API call the caller awaits (and whose failure it must handle, with
+//!   no retry), where recording here never blocks or fails a worker;
+//! - it needs a `kube::Client`: a standalone node has none, and its `/events` ring would still
+//!   need a recorder of its own.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -56,7 +66,9 @@ pub struct Recorder {
     node: String,
     ring: Arc<Mutex<VecDeque<Event>>>,
     correlator: Arc<Mutex<Correlator>>,
-    sink: Arc<Mutex<Option<mpsc::UnboundedSender<Event>>>>,
+    /// Where every event goes besides the ring: the API writer in cluster mode, none
+    /// standalone.
+    sink: Option<mpsc::UnboundedSender<Event>>,
 }
 
 /// What the recorder remembers to correlate events: the last Event per dedup key, and the
@@ -145,23 +157,20 @@ pub fn truncate(text: &str, limit: usize) -> String {
 }
 
 impl Recorder {
-    pub fn new(node: &str) -> Self {
+    /// A recorder for `node`; every event also goes to `sink` when there is one (cluster
+    /// mode's API writer, `cluster::ClusterClient::event_sink`).
+    pub fn new(node: &str, sink: Option<mpsc::UnboundedSender<Event>>) -> Self {
         Self {
             node: node.to_string(),
             ring: Arc::default(),
             correlator: Arc::default(),
-            sink: Arc::default(),
+            sink,
         }
     }
 
     /// The node this recorder reports from.
     pub fn node(&self) -> &str {
         &self.node
-    }
-
-    /// Routes every later event to `sink` as well (the API writer in cluster mode).
-    pub fn set_sink(&self, sink: mpsc::UnboundedSender<Event>) {
-        *self.sink.lock().expect("sink lock") = Some(sink);
     }
 
     /// Records an event about `object` (a pod, or the node).
@@ -221,7 +230,7 @@ impl Recorder {
             }
             ring.push_back(event.clone());
         }
-        if let Some(sink) = self.sink.lock().expect("sink lock").as_ref() {
+        if let Some(sink) = &self.sink {
             let _ = sink.send(event);
         }
     }
@@ -270,7 +279,7 @@ mod tests {
 
     #[test]
     fn messages_and_reasons_are_cut_to_the_apis_limits() {
-        let recorder = Recorder::new("n");
+        let recorder = Recorder::new("n", None);
         let long = "é".repeat(1_000_000);
         recorder.record(pod("p", None), EventType::Warning, &"R".repeat(300), &long);
         let event = &recorder.recent()[0];
@@ -288,7 +297,7 @@ mod tests {
 
     #[test]
     fn a_repeated_event_is_counted_not_recorded_again() {
-        let recorder = Recorder::new("n");
+        let recorder = Recorder::new("n", None);
         let probe = pod("p", Some("spec.containers{app}"));
         for _ in 0..5000 {
             recorder.record(
@@ -317,7 +326,7 @@ mod tests {
 
     #[test]
     fn similar_events_are_combined_from_the_tenth_and_the_ring_keeps_the_rest() {
-        let recorder = Recorder::new("n");
+        let recorder = Recorder::new("n", None);
         recorder.record(
             pod("bad", None),
             EventType::Warning,
@@ -341,9 +350,8 @@ mod tests {
 
     #[test]
     fn the_sink_sees_the_repeat_as_the_same_event() {
-        let recorder = Recorder::new("n");
         let (tx, mut rx) = mpsc::unbounded_channel();
-        recorder.set_sink(tx);
+        let recorder = Recorder::new("n", Some(tx));
         recorder.record(pod("p", None), EventType::Normal, "Pulled", "image pulled");
         recorder.record(pod("p", None), EventType::Normal, "Pulled", "image pulled");
         let (first, second) = (rx.try_recv().unwrap(), rx.try_recv().unwrap());

@@ -54,7 +54,7 @@ fn root_of(t: &TestRuntime) -> PathBuf {
 fn context(t: &TestRuntime, conf: &Path, run_dir: &Path) -> Arc<PodContext> {
     let root = root_of(t);
     let store = ObjectStore::new();
-    let recorder = Recorder::new("lifecycle-node");
+    let recorder = Recorder::new("lifecycle-node", None);
     let prober = Arc::new(Prober::new(Arc::new(t.rt.clone()), recorder.clone()));
     Arc::new(PodContext {
         node: NodeFacts {
@@ -74,14 +74,15 @@ fn context(t: &TestRuntime, conf: &Path, run_dir: &Path) -> Arc<PodContext> {
                 cluster_dns: vec!["10.96.0.10".into()],
                 cluster_domain: "cluster.local".into(),
             })),
-            Arc::new(VolumeManager::new(
+            VolumeManager::new(
                 VolumeConfig {
                     root_dir: root.clone(),
                     plugins_registry: root.join("plugins_registry"),
                     allocatable: NodeAllocatable::from_host(&root),
                 },
                 store.clone(),
-            )),
+                None,
+            ),
         )),
         prober,
         status: StatusManager::new(),
@@ -102,7 +103,7 @@ impl Harness {
         let run_dir = PathBuf::from(format!("{RUN_DIR}-{name}"));
         let ctx = context(&t, conf.path(), &run_dir);
         let cancel = CancellationToken::new();
-        let manager = PodManager::new(ctx.clone(), &cancel);
+        let manager = PodManager::new(ctx.clone(), None, &cancel);
         manager.recover().await.expect("recover");
         manager.sync_all(Vec::new()).await;
         Harness {
@@ -807,7 +808,7 @@ async fn a_new_manager_re_adopts_running_containers() {
     h.manager.shutdown().await;
     let ctx = context(&h.t, h.conf.path(), &h.run_dir);
     let cancel = CancellationToken::new();
-    let manager = PodManager::new(ctx.clone(), &cancel);
+    let manager = PodManager::new(ctx.clone(), None, &cancel);
     assert_eq!(manager.recover().await.expect("recover"), 1);
     manager
         .sync_all(vec![Desired {
@@ -889,7 +890,7 @@ async fn containers_of_pods_no_source_wants_are_removed_on_first_sync() {
 
     let ctx = context(&h.t, h.conf.path(), &h.run_dir);
     let cancel = CancellationToken::new();
-    let manager = PodManager::new(ctx.clone(), &cancel);
+    let manager = PodManager::new(ctx.clone(), None, &cancel);
     manager.recover().await.expect("recover");
     manager.sync_all(Vec::new()).await;
     assert!(h.containers_of(&pod).await.is_empty());

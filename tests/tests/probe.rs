@@ -514,7 +514,7 @@ fn key(kind: ProbeKind) -> ProbeKey {
 #[tokio::test]
 async fn prober_reports_http_readiness_and_records_events() {
     let (port, _) = http_server().await;
-    let recorder = Recorder::new("node-1");
+    let recorder = Recorder::new("node-1", None);
     let prober = Prober::new(Arc::new(NoExec), recorder.clone());
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let ready = Probe {
@@ -611,7 +611,7 @@ async fn exec_probes_in_a_busybox_container() {
         .unwrap();
     t.rt.start("box").await.unwrap();
 
-    let recorder = Recorder::new("node-1");
+    let recorder = Recorder::new("node-1", None);
     let prober = Prober::new(Arc::new(t.rt.clone()), recorder.clone());
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let exec = |command: &[&str], timeout: i32| Probe {

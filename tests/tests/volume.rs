@@ -34,6 +34,23 @@ struct Host {
     loops: Vec<String>,
 }
 
+/// A volume manager over `root` and `store`, with an optional token issuer.
+fn manager(
+    root: &Path,
+    store: &ObjectStore,
+    tokens: Option<Arc<dyn TokenSource>>,
+) -> Arc<VolumeManager> {
+    VolumeManager::new(
+        VolumeConfig {
+            root_dir: root.to_path_buf(),
+            plugins_registry: root.join("plugins_registry"),
+            allocatable: NodeAllocatable::from_host(root),
+        },
+        store.clone(),
+        tokens,
+    )
+}
+
 impl Host {
     fn new() -> Self {
         let dir = tempfile::Builder::new()
@@ -42,14 +59,7 @@ impl Host {
             .unwrap();
         let root = fs::canonicalize(dir.path()).unwrap();
         let store = ObjectStore::new();
-        let vm = Arc::new(VolumeManager::new(
-            VolumeConfig {
-                root_dir: root.clone(),
-                plugins_registry: root.join("plugins_registry"),
-                allocatable: NodeAllocatable::from_host(&root),
-            },
-            store.clone(),
-        ));
+        let vm = manager(&root, &store, None);
         Self {
             _dir: dir,
             root,
@@ -62,14 +72,13 @@ impl Host {
 
     /// A fresh manager over the same root and store (an agent restart).
     fn restart(&mut self) {
-        self.vm = Arc::new(VolumeManager::new(
-            VolumeConfig {
-                root_dir: self.root.clone(),
-                plugins_registry: self.root.join("plugins_registry"),
-                allocatable: NodeAllocatable::from_host(&self.root),
-            },
-            self.store.clone(),
-        ));
+        self.vm = manager(&self.root, &self.store, None);
+    }
+
+    /// A fresh manager over the same root and store whose projected tokens come from
+    /// `tokens` (an agent restarted in cluster mode).
+    fn restart_with_tokens(&mut self, tokens: Arc<dyn TokenSource>) {
+        self.vm = manager(&self.root, &self.store, Some(tokens));
     }
 
     /// Changes the test's objects; the store learns which ones changed, as from a resync.
@@ -494,14 +503,14 @@ impl TokenSource for CountingTokens {
 
 #[tokio::test]
 async fn projected_token_is_cached_and_rewritten_before_it_expires() {
-    let host = host_with_config_map();
+    let mut host = host_with_config_map();
     let vols = json!([{"name": "proj", "projected": {"sources": [
         {"configMap": {"name": "cfg"}},
         {"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}}
     ]}}]);
     let p = pod("tk-1", vols, json!([]));
     let tokens = Arc::new(CountingTokens::default());
-    host.vm.set_token_source(tokens.clone());
+    host.restart_with_tokens(tokens.clone());
     let v = host.vm.setup(&p).await.unwrap();
     let dir = host_path(&v, "proj");
     assert_eq!(
@@ -562,7 +571,7 @@ fn host_with_config_map() -> Host {
 
 #[tokio::test]
 async fn projected_sources_and_token_source() {
-    let host = host_with_config_map();
+    let mut host = host_with_config_map();
     let vols = json!([{"name": "proj", "projected": {"sources": [
         {"configMap": {"name": "cfg"}},
         {"downwardAPI": {"items": [{"path": "ns", "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
@@ -573,8 +582,8 @@ async fn projected_sources_and_token_source() {
         Err(VolumeError::Invalid { detail, .. }) => assert!(detail.contains("token"), "{detail}"),
         other => panic!("expected Invalid without a token source: {other:?}"),
     }
-    host.vm
-        .set_token_source(Arc::new(CountingTokens::default()));
+    // The same node in cluster mode: the manager is made with the API's token issuer.
+    host.restart_with_tokens(Arc::new(CountingTokens::default()));
     let v = host.vm.setup(&p).await.unwrap();
     let dir = host_path(&v, "proj");
     assert_eq!(mount_at(&host, &dir).expect("tmpfs").fs_type, "tmpfs");

@@ -108,6 +108,101 @@ async fn write(api: &Api<Event>, event: &Event) -> Result<(), kube::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::fake_api::{until, FakeApi};
+    use crate::events::{EventType, Recorder};
+    use k8s_openapi::api::core::v1::ObjectReference;
+
+    const EVENTS: &str = "/api/v1/namespaces/default/events";
+    /// Catches a hang; paused time gets there at once.
+    const HANG: Duration = Duration::from_secs(600);
+
+    fn web() -> ObjectReference {
+        ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some("web".into()),
+            namespace: Some("default".into()),
+            uid: Some("u1".into()),
+            field_path: Some("spec.containers{app}".into()),
+            ..Default::default()
+        }
+    }
+
+    /// A recorder on node `n1` whose sink is the events loop writing to `api`.
+    fn start(api: &FakeApi) -> (Recorder, CancellationToken) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let token = CancellationToken::new();
+        tokio::spawn(run(api.client(), rx, token.clone()));
+        (Recorder::new("n1", Some(tx)), token)
+    }
+
+    fn posts(api: &FakeApi) -> Vec<crate::cluster::fake_api::Request> {
+        api.requests_to("POST", EVENTS)
+    }
+
+    /// #14: an event is created once with what the kubelet writes; its repeat is a merge
+    /// patch of that Event's count, never a second Event.
+    #[tokio::test(start_paused = true)]
+    async fn an_event_is_posted_once_and_its_repeat_patches_the_count() {
+        let api = FakeApi::new();
+        let (recorder, token) = start(&api);
+        recorder.record(
+            web(),
+            EventType::Warning,
+            "Unhealthy",
+            "Liveness probe failed",
+        );
+        until("the event is posted", HANG, || posts(&api).len() == 1).await;
+        let body = &posts(&api)[0].body;
+        assert_eq!(body["reason"], "Unhealthy");
+        assert_eq!(body["message"], "Liveness probe failed");
+        assert_eq!(body["type"], "Warning");
+        assert_eq!(body["count"], 1);
+        assert_eq!(body["source"]["component"], "nodelet");
+        assert_eq!(body["source"]["host"], "n1");
+        assert_eq!(body["involvedObject"]["uid"], "u1");
+        assert_eq!(body["involvedObject"]["fieldPath"], "spec.containers{app}");
+        let name = body["metadata"]["name"]
+            .as_str()
+            .expect("a name")
+            .to_string();
+        let path = format!("{EVENTS}/{name}");
+        recorder.record(
+            web(),
+            EventType::Warning,
+            "Unhealthy",
+            "Liveness probe failed",
+        );
+        until("the repeat is patched", HANG, || {
+            !api.requests_to("PATCH", &path).is_empty()
+        })
+        .await;
+        let patch = &api.requests_to("PATCH", &path)[0];
+        assert_eq!(patch.content_type, "application/merge-patch+json");
+        assert_eq!(patch.body["count"], 2);
+        assert_eq!(api.get(&path).expect("the Event")["count"], 2);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(posts(&api).len(), 1, "the repeat was posted again");
+        token.cancel();
+    }
+
+    /// #14: a write the API failed is retried; one it refused as forbidden is dropped.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_event_write_is_retried_and_a_refused_one_dropped() {
+        let api = FakeApi::new();
+        let (recorder, token) = start(&api);
+        api.fail("POST", EVENTS, 2, 500);
+        recorder.record(web(), EventType::Normal, "Pulled", "image pulled");
+        until("the third try is answered", HANG, || posts(&api).len() == 3).await;
+        let codes: Vec<u16> = posts(&api).iter().map(|r| r.code).collect();
+        assert_eq!(codes, [500, 500, 201]);
+        api.fail("POST", EVENTS, 1, 403);
+        recorder.record(web(), EventType::Normal, "Started", "container started");
+        until("the refusal is answered", HANG, || posts(&api).len() == 4).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(posts(&api).len(), 4, "a forbidden event was retried");
+        token.cancel();
+    }
 
     #[test]
     fn an_event_gets_the_fields_the_api_requires() {

@@ -3,7 +3,7 @@
 //!
 //! OWNER: cluster helper. This is the only module that imports `kube`.
 //!
-//! [`ClusterAgent::start`] reads the node kubeconfig and spawns one task per concern, all children
+//! [`ClusterClient::start`] spawns one task per concern, all children
 //! of the caller's cancellation token; each task owns its own state and talks to the others only
 //! through channels:
 //! - `node`: registers the Node (create, or update the labels of the existing one), then computes
@@ -27,9 +27,11 @@
 //! Stopping the agent (cancelling the token) stops these tasks and nothing else: pods keep running.
 //!
 //! Wiring (agent.rs): build a [`ClusterConfig`] with [`ClusterConfig::from_config`] and set its
-//! `node_ip` to the IP the pods report as hostIP; call [`ClusterAgent::start`] with the shared
-//! store, status manager and recorder and the runtime's version and health check; hand `tokens` to
-//! `VolumeManager::set_token_source`; wait for `synced` before the first full sync of the pod
+//! `node_ip` to the IP the pods report as hostIP; [`ClusterClient::connect`] first, so that the
+//! recorder is made with its `event_sink`, the volume manager with its `tokens` and the secure
+//! port with its `authorizer`; then call [`ClusterClient::start`] with the shared store, status
+//! manager and recorder and the runtime's version and health check; wait for `synced` before
+//! the first full sync of the pod
 //! manager (an empty set before the first list would kill re-adopted pods), then merge every
 //! new `desired` set with the manifest folder's pods into each full sync. A pod absent from
 //! `desired` is gone from the API (force delete, or the final DELETE done).
@@ -173,6 +175,51 @@ impl ClusterError {
     }
 }
 
+/// The API client of cluster mode, made before the agent's parts that write through it: the
+/// recorder gets [`ClusterClient::event_sink`], the volume manager [`ClusterClient::tokens`]
+/// and the secure port [`ClusterClient::authorizer`] at construction; then
+/// [`ClusterClient::start`] spawns the cluster-mode tasks.
+pub struct ClusterClient {
+    config: ClusterConfig,
+    client: kube::Client,
+    events_tx: tokio::sync::mpsc::UnboundedSender<k8s_openapi::api::core::v1::Event>,
+    events_rx: tokio::sync::mpsc::UnboundedReceiver<k8s_openapi::api::core::v1::Event>,
+}
+
+impl ClusterClient {
+    /// Builds the client from `config.kubeconfig` (no request is made yet). Fails only when the
+    /// kubeconfig is unusable; an unreachable API server is retried later, with back-off.
+    pub async fn connect(config: ClusterConfig) -> Result<Self, ClusterError> {
+        let client = client(&config.kubeconfig).await?;
+        let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        Ok(Self {
+            config,
+            client,
+            events_tx,
+            events_rx,
+        })
+    }
+
+    /// Where the [`Recorder`] sends its events: `events::run` writes them as core v1 Events
+    /// once [`ClusterClient::start`] has run.
+    pub fn event_sink(
+        &self,
+    ) -> tokio::sync::mpsc::UnboundedSender<k8s_openapi::api::core::v1::Event> {
+        self.events_tx.clone()
+    }
+
+    /// Service account tokens through the TokenRequest API, for projected volumes (the
+    /// volume manager's token source).
+    pub fn tokens(&self) -> std::sync::Arc<ApiTokens> {
+        std::sync::Arc::new(ApiTokens::new(self.client.clone()))
+    }
+
+    /// The secure port's Webhook authorizer (SubjectAccessReview with the node's identity).
+    pub fn authorizer(&self) -> crate::server::secure::Authorizer {
+        authz::webhook(self.client.clone())
+    }
+}
+
 /// The running cluster mode: the desired pods from the API and the task that drives it all.
 pub struct ClusterAgent {
     /// The full desired set of API pods, replaced on every change. Pods that vanished from the
@@ -181,43 +228,43 @@ pub struct ClusterAgent {
     /// Turns true after the first complete list of this node's pods (and stays true: a later
     /// relist replaces `desired` only once it is complete).
     pub synced: watch::Receiver<bool>,
-    /// Service account tokens through the TokenRequest API, for projected volumes: give it
-    /// to `VolumeManager::set_token_source`.
-    pub tokens: std::sync::Arc<ApiTokens>,
-    /// The secure port's Webhook authorizer (SubjectAccessReview with the node's identity).
-    pub authorizer: crate::server::secure::Authorizer,
     /// The manifest folder's pods as cluster mode runs them: named `<name>-<node>`, each
     /// mirrored in the API. `None` until the folder was read once, as its input.
     pub static_pods: watch::Receiver<Option<Vec<Pod>>>,
-    /// Ends when the token given to [`ClusterAgent::start`] is cancelled.
+    /// Ends when the token given to [`ClusterClient::start`] is cancelled.
     pub task: JoinHandle<()>,
     client: kube::Client,
     node_name: String,
 }
 
-impl ClusterAgent {
-    /// Builds the client from `config.kubeconfig` and spawns every cluster-mode task. Fails only
-    /// when the kubeconfig is unusable; an unreachable API server is retried with back-off.
+impl ClusterClient {
+    /// Spawns every cluster-mode task.
     ///
     /// `runtime` is the container runtime's version (reported as `containerd://<version>`)
-    /// and its health check (the Ready condition follows it).
-    /// The recorder's sink is set here. `manifests` is the manifest folder's pods (`None` until
-    /// first read). Cancelling `shutdown` stops the tasks, never the pods.
-    pub async fn start(
-        config: ClusterConfig,
+    /// and its health check (the Ready condition follows it). `recorder` records the node's
+    /// events (its sink is [`ClusterClient::event_sink`]). `manifests` is the manifest
+    /// folder's pods (`None` until first read). Cancelling `shutdown` stops the tasks, never
+    /// the pods.
+    pub fn start(
+        self,
         mut manifests: watch::Receiver<Option<Vec<Pod>>>,
         store: ObjectStore,
         status: StatusManager,
         recorder: Recorder,
         runtime: RuntimeInfo,
         shutdown: CancellationToken,
-    ) -> Result<Self, ClusterError> {
-        let client = client(&config.kubeconfig).await?;
+    ) -> ClusterAgent {
+        let Self {
+            config,
+            client,
+            events_tx,
+            events_rx,
+        } = self;
+        // The recorders made with the sink hold the other senders.
+        drop(events_tx);
         let (desired_tx, desired) = watch::channel(Vec::new());
         let (synced_tx, synced) = watch::channel(false);
         let (api_pods_tx, api_pods) = watch::channel(pods::ApiPods::default());
-        let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
-        recorder.set_sink(events_tx);
 
         let mut tasks = tokio::task::JoinSet::new();
         let (statics_tx, static_pods) = watch::channel(None);
@@ -312,16 +359,14 @@ impl ClusterAgent {
                 }
             }
         });
-        Ok(Self {
+        ClusterAgent {
             desired,
             synced,
-            authorizer: authz::webhook(client.clone()),
-            tokens: std::sync::Arc::new(ApiTokens::new(client.clone())),
             static_pods,
             task,
             client,
             node_name: config.node_name.clone(),
-        })
+        }
     }
 }
 

@@ -846,7 +846,7 @@ mod tests {
         let task = tokio::spawn(run(
             api.client(),
             host,
-            Recorder::new("nodelet-1"),
+            Recorder::new("nodelet-1", None),
             uid,
             token.clone(),
         ));

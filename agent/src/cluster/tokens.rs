@@ -13,7 +13,7 @@ use kube::Api;
 
 use crate::volume::{IssuedToken, TokenRequest, TokenSource};
 
-/// The cluster mode's [`TokenSource`]; hand it to `VolumeManager::set_token_source`.
+/// The cluster mode's [`TokenSource`] (`ClusterClient::tokens`), given to `VolumeManager::new`.
 pub struct ApiTokens {
     client: kube::Client,
 }

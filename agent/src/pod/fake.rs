@@ -405,7 +405,7 @@ pub(crate) fn context(root: &Path) -> (Arc<PodContext>, Arc<FakeRuntime>, Arc<Fa
         runtime: runtime.clone(),
         state: Mutex::default(),
     });
-    let recorder = Recorder::new("fake-node");
+    let recorder = Recorder::new("fake-node", None);
     let ctx = Arc::new(PodContext {
         node: NodeFacts {
             name: "fake-node".into(),

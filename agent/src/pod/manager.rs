@@ -2,18 +2,23 @@
 //! watch channel (a newer update replaces a pending one). It recovers the agent's containers
 //! from containerd's label checkpoint on start, cleans up pods no source wants after the first
 //! full sync, keeps a same-name pod waiting until its predecessor's worker is done, forgets a
-//! finished pod once no source lists it (so the same UID listed again runs again), and fans
-//! containerd's exit stream out to the workers. Stopping it stops workers, never containers.
+//! finished pod once no source lists it (so the same UID listed again runs again), and starts
+//! the task that routes containerd's exits to the workers (`ExitRouter`). Stopping it stops
+//! workers, never containers.
 //! A worker that panics is made again (after a back-off) from what containerd shows of its
 //! pod, so it adopts the running attempts instead of starting (and removing) them anew.
+//!
+//! One task (`Manager::run`) owns the manager's state; `PodManager` is a handle that sends it
+//! commands, and a worker that ends tells it by the same channel, so the sources' plans and the
+//! workers' ends are taken one at a time, in the order they came.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
 use k8s_openapi::api::core::v1::Pod;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, info_span, warn, Instrument};
@@ -31,23 +36,48 @@ pub enum ManagerError {
     /// Listing the agent's containers failed during recovery.
     #[error("recovering containers: {0}")]
     Recover(#[from] RuntimeError),
+    /// The manager was stopped before it answered.
+    #[error("the pod manager has stopped")]
+    Stopped,
 }
 
-/// Owns the pod workers. Cheap to clone.
+/// A handle on the pod manager's task, which owns the workers. Cheap to clone.
 #[derive(Clone)]
 pub struct PodManager {
-    inner: Arc<Inner>,
+    commands: mpsc::UnboundedSender<Command>,
+    finished: broadcast::Sender<String>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
 }
 
-struct Inner {
+/// What the manager's task is asked, by the handle and by the workers that end.
+enum Command {
+    Recover(oneshot::Sender<Result<usize, ManagerError>>),
+    RecoveredStaticPods(oneshot::Sender<Vec<Pod>>),
+    Update(Desired),
+    SyncAll(Vec<Desired>, oneshot::Sender<()>),
+    /// A worker ended (sent by its task).
+    Ended {
+        uid: String,
+        outcome: Outcome,
+    },
+    Uids(oneshot::Sender<Vec<String>>),
+    #[cfg(test)]
+    WorkerUpdates(String, oneshot::Sender<Option<watch::Receiver<Desired>>>),
+}
+
+/// The manager's task: it alone holds `State`.
+struct Manager {
     ctx: Arc<PodContext>,
-    router: Arc<ExitRouter>,
+    router: ExitRouter,
     cancel: CancellationToken,
     tracker: TaskTracker,
     finished: broadcast::Sender<String>,
-    state: Mutex<State>,
     /// Admission of new pods (none: every pod is admitted).
-    admission: Mutex<Option<crate::admission::NodeAdmission>>,
+    admission: Option<crate::admission::NodeAdmission>,
+    /// For the workers to say that they ended (weak: the handles keep the channel open).
+    commands: mpsc::WeakUnboundedSender<Command>,
+    state: State,
 }
 
 #[derive(Default)]
@@ -91,49 +121,147 @@ fn gone(d: &Desired) -> bool {
 }
 
 impl PodManager {
-    /// Starts the exit fan-out; `cancel` (a child of the agent's root token) stops everything.
-    pub fn new(ctx: Arc<PodContext>, cancel: &CancellationToken) -> Self {
+    /// Starts the manager's task and the exit router (`ExitRouter`); `cancel` (a child of the
+    /// agent's root token) stops everything. With `admission`, every new pod (not one
+    /// recovered from containerd) is admitted as the kubelet does before its worker is made; a
+    /// refused pod is Failed with the kubelet's reason and never runs. Without, every pod is
+    /// admitted.
+    pub fn new(
+        ctx: Arc<PodContext>,
+        admission: Option<crate::admission::NodeAdmission>,
+        cancel: &CancellationToken,
+    ) -> Self {
         let (finished, _) = broadcast::channel(1024);
-        let inner = Arc::new(Inner {
-            router: Arc::default(),
-            cancel: cancel.child_token(),
-            tracker: TaskTracker::new(),
-            finished,
-            state: Mutex::default(),
-            admission: Mutex::default(),
+        let cancel = cancel.child_token();
+        let tracker = TaskTracker::new();
+        let router = ExitRouter::spawn(ctx.runtime.exits(), cancel.clone(), &tracker);
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let manager = Manager {
             ctx,
-        });
-        let mut exits = inner.ctx.runtime.exits();
-        let router = inner.router.clone();
-        let token = inner.cancel.clone();
-        inner.tracker.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = token.cancelled() => break,
-                    event = exits.recv() => match event {
-                        Ok(ev) => router.route(ev),
-                        Err(broadcast::error::RecvError::Lagged(n)) => {
-                            warn!(missed = n, "exit events lagged; workers resync by inspection");
-                        }
-                        Err(broadcast::error::RecvError::Closed) => break,
-                    },
-                }
-            }
-        });
-        Self { inner }
+            router,
+            cancel: cancel.clone(),
+            tracker: tracker.clone(),
+            finished: finished.clone(),
+            admission,
+            commands: commands.downgrade(),
+            state: State::default(),
+        };
+        tracker.spawn(manager.run(receiver));
+        Self {
+            commands,
+            finished,
+            cancel,
+            tracker,
+        }
+    }
+
+    /// Asks the manager's task; None once it has stopped.
+    async fn ask<T>(&self, command: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(command(reply)).ok()?;
+        answer.await.ok()
     }
 
     /// Reads the agent's containers from containerd, grouped by pod UID, for workers to adopt.
     /// Call once before the first `sync_all`. Returns the number of pods found.
     pub async fn recover(&self) -> Result<usize, ManagerError> {
-        let records = self.inner.ctx.runtime.list().await?;
+        self.ask(Command::Recover)
+            .await
+            .unwrap_or(Err(ManagerError::Stopped))
+    }
+
+    /// The static pods whose containers `recover` found, as checkpointed by their workers: a
+    /// source that no longer lists one stops it with its own grace (see `checkpoint`).
+    pub async fn recovered_static_pods(&self) -> Vec<Pod> {
+        self.ask(Command::RecoveredStaticPods)
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Hands one desired pod to its worker (spawning it if needed).
+    pub fn update(&self, desired: Desired) {
+        let _ = self.commands.send(Command::Update(desired));
+    }
+
+    /// A full set of desired pods (all sources merged): UIDs missing from it are deleted as
+    /// gone. The first call first kills and removes what containerd, the sandboxes and the
+    /// volumes hold for pods not in the set. Returns once the manager has taken it.
+    pub async fn sync_all(&self, all: Vec<Desired>) {
+        self.ask(|done| Command::SyncAll(all, done)).await;
+    }
+
+    /// UIDs of pods whose workers finished (deleted and released), for the API's final delete.
+    pub fn subscribe_finished(&self) -> broadcast::Receiver<String> {
+        self.finished.subscribe()
+    }
+
+    /// A receiver of what the worker of `uid` is handed, if it runs.
+    #[cfg(test)]
+    pub(crate) async fn worker_updates(&self, uid: &str) -> Option<watch::Receiver<Desired>> {
+        self.ask(|reply| Command::WorkerUpdates(uid.to_string(), reply))
+            .await
+            .flatten()
+    }
+
+    /// UIDs with a live worker.
+    pub async fn uids(&self) -> Vec<String> {
+        self.ask(Command::Uids).await.unwrap_or_default()
+    }
+
+    /// Stops every worker and waits for them; the pods' containers keep running.
+    pub async fn shutdown(&self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+impl Manager {
+    /// Takes the commands one at a time until cancelled or every handle is gone.
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        loop {
+            let command = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                command = commands.recv() => match command {
+                    Some(command) => command,
+                    None => return,
+                },
+            };
+            match command {
+                Command::Recover(reply) => {
+                    let _ = reply.send(self.recover().await);
+                }
+                Command::RecoveredStaticPods(reply) => {
+                    let _ = reply.send(self.state.checkpointed.values().cloned().collect());
+                }
+                Command::Update(desired) => self.update(desired),
+                Command::SyncAll(all, done) => {
+                    self.sync_all(all).await;
+                    let _ = done.send(());
+                }
+                Command::Ended { uid, outcome } => self.ended(&uid, outcome),
+                Command::Uids(reply) => {
+                    let mut uids: Vec<String> = self.state.workers.keys().cloned().collect();
+                    uids.sort();
+                    let _ = reply.send(uids);
+                }
+                #[cfg(test)]
+                Command::WorkerUpdates(uid, reply) => {
+                    let _ = reply.send(self.state.workers.get(&uid).map(|h| h.tx.subscribe()));
+                }
+            }
+        }
+    }
+
+    async fn recover(&mut self) -> Result<usize, ManagerError> {
+        let records = self.ctx.runtime.list().await?;
         let mut groups: HashMap<String, Vec<ContainerRecord>> = HashMap::new();
         for r in records {
             if let Some(uid) = r.labels.get(labels::POD_UID).cloned() {
                 groups.entry(uid).or_default().push(r);
             }
         }
-        let pods_dir = crate::layout::pods_dir(&self.inner.ctx.node.root_dir);
+        let pods_dir = crate::layout::pods_dir(&self.ctx.node.root_dir);
         let checkpointed: HashMap<String, Pod> = groups
             .keys()
             .filter_map(|uid| checkpoint::read(&pods_dir.join(uid)).map(|p| (uid.clone(), p)))
@@ -144,44 +272,20 @@ impl PodManager {
             static_pods = checkpointed.len(),
             "recovered containers from containerd"
         );
-        let mut st = self.inner.state.lock().expect("manager lock");
-        st.recovered = groups;
-        st.checkpointed = checkpointed;
+        self.state.recovered = groups;
+        self.state.checkpointed = checkpointed;
         Ok(pods)
     }
 
-    /// The static pods whose containers `recover` found, as checkpointed by their workers: a
-    /// source that no longer lists one stops it with its own grace (see `checkpoint`).
-    pub fn recovered_static_pods(&self) -> Vec<Pod> {
-        let st = self.inner.state.lock().expect("manager lock");
-        st.checkpointed.values().cloned().collect()
-    }
-
-    /// Admits every new pod (not one recovered from containerd) as the kubelet does, before
-    /// its worker is made; a refused pod is Failed with the kubelet's reason and never runs.
-    pub fn set_admission(&self, admission: crate::admission::NodeAdmission) {
-        *self.inner.admission.lock().expect("admission lock") = Some(admission);
-    }
-
-    /// Hands one desired pod to its worker (spawning it if needed).
-    pub fn update(&self, desired: Desired) {
-        let mut st = self.inner.state.lock().expect("manager lock");
-        self.inner.update_locked(&mut st, desired);
-    }
-
-    /// A full set of desired pods (all sources merged): UIDs missing from it are deleted as
-    /// gone. The first call first kills and removes what containerd, the sandboxes and the
-    /// volumes hold for pods not in the set.
-    pub async fn sync_all(&self, mut all: Vec<Desired>) {
+    async fn sync_all(&mut self, mut all: Vec<Desired>) {
         // Pods that are gone first: a same-name successor then waits for them, never the
         // other way round (a pod replaced while the agent was down must stop first).
         all.sort_by_key(|d| !gone(d));
         let wanted: HashSet<String> = all.iter().map(uid_of).collect();
-        let first = !self.inner.state.lock().expect("manager lock").synced;
-        if first {
+        if !self.state.synced {
             self.clean_orphans(&wanted).await;
         }
-        let mut st = self.inner.state.lock().expect("manager lock");
+        let st = &mut self.state;
         st.synced = true;
         // A finished pod no source lists any more is forgotten: if it comes back (a manifest
         // put back unchanged has the same UID), it is a new run.
@@ -193,11 +297,12 @@ impl PodManager {
             .collect();
         for uid in forgotten {
             st.done.remove(&uid);
-            self.inner.ctx.status.forget(&uid);
+            self.ctx.status.forget(&uid);
         }
         for d in all {
-            self.inner.update_locked(&mut st, d);
+            self.update(d);
         }
+        let st = &self.state;
         let missing: Vec<Desired> = st
             .workers
             .iter()
@@ -215,14 +320,14 @@ impl PodManager {
                 grace: std::time::Duration::ZERO,
                 gone: true,
             });
-            self.inner.update_locked(&mut st, d);
+            self.update(d);
         }
     }
 
-    async fn clean_orphans(&self, wanted: &HashSet<String>) {
-        let ctx = &self.inner.ctx;
+    async fn clean_orphans(&mut self, wanted: &HashSet<String>) {
+        let ctx = self.ctx.clone();
         let orphans: Vec<(String, Vec<ContainerRecord>)> = {
-            let mut st = self.inner.state.lock().expect("manager lock");
+            let st = &mut self.state;
             let uids: Vec<String> = st
                 .recovered
                 .keys()
@@ -242,10 +347,7 @@ impl PodManager {
                 }
             }
         }
-        let running: HashSet<String> = {
-            let st = self.inner.state.lock().expect("manager lock");
-            st.workers.keys().cloned().collect()
-        };
+        let running: HashSet<String> = self.state.workers.keys().cloned().collect();
         let pod_dirs = std::fs::read_dir(crate::layout::pods_dir(&ctx.node.root_dir));
         let pod_dirs = pod_dirs.into_iter().flatten().flatten();
         uids.extend(pod_dirs.map(|e| e.file_name().to_string_lossy().into_owned()));
@@ -258,9 +360,8 @@ impl PodManager {
             if let Err(e) = ctx.host.teardown_volumes(&uid).await {
                 warn!(pod = %uid, error = %e, "tearing down orphan volumes; retrying in the background");
                 let (host, uid) = (ctx.host.clone(), uid.clone());
-                let token = self.inner.cancel.clone();
-                self.inner
-                    .tracker
+                let token = self.cancel.clone();
+                self.tracker
                     .spawn(async move { host.retry_orphan_teardown(uid, token).await });
             }
             if let Err(e) = ctx.host.teardown_sandbox(&uid).await {
@@ -290,36 +391,8 @@ impl PodManager {
         }
     }
 
-    /// UIDs of pods whose workers finished (deleted and released), for the API's final delete.
-    pub fn subscribe_finished(&self) -> broadcast::Receiver<String> {
-        self.inner.finished.subscribe()
-    }
-
-    /// UIDs with a live worker.
-    /// A receiver of what the worker of `uid` is handed, if it runs.
-    #[cfg(test)]
-    pub(crate) fn worker_updates(&self, uid: &str) -> Option<watch::Receiver<Desired>> {
-        let st = self.inner.state.lock().expect("manager lock");
-        st.workers.get(uid).map(|h| h.tx.subscribe())
-    }
-
-    pub fn uids(&self) -> Vec<String> {
-        let st = self.inner.state.lock().expect("manager lock");
-        let mut uids: Vec<String> = st.workers.keys().cloned().collect();
-        uids.sort();
-        uids
-    }
-
-    /// Stops every worker and waits for them; the pods' containers keep running.
-    pub async fn shutdown(&self) {
-        self.inner.cancel.cancel();
-        self.inner.tracker.close();
-        self.inner.tracker.wait().await;
-    }
-}
-
-impl Inner {
-    fn update_locked(self: &Arc<Self>, st: &mut State, desired: Desired) {
+    fn update(&mut self, desired: Desired) {
+        let st = &mut self.state;
         let uid = uid_of(&desired);
         if uid.is_empty() {
             warn!(pod = ?desired.pod.metadata.name, "pod without a UID ignored");
@@ -359,26 +432,26 @@ impl Inner {
             return;
         }
         if desired.deletion.is_none() && !st.recovered.contains_key(&uid) {
-            if let Err(r) = self.admit(st, &desired.pod) {
-                self.reject(st, &desired.pod, r);
+            if let Err(r) = self.admit(&desired.pod) {
+                self.reject(&desired.pod, r);
                 return;
             }
         }
         let key = key_of(&desired);
-        if st.workers.values().any(|h| h.key == key) {
+        if self.state.workers.values().any(|h| h.key == key) {
             info!(pod = %key.1, ns = %key.0, uid = %uid, "waiting for the same-name predecessor");
-            st.waiting.insert(uid, desired);
+            self.state.waiting.insert(uid, desired);
             return;
         }
-        self.spawn_locked(st, desired);
+        self.spawn(desired);
     }
 
-    fn admit(&self, st: &State, pod: &Pod) -> Result<(), crate::admission::Rejection> {
-        let admission = self.admission.lock().expect("admission lock");
-        let Some(admission) = admission.as_ref() else {
+    fn admit(&self, pod: &Pod) -> Result<(), crate::admission::Rejection> {
+        let Some(admission) = self.admission.as_ref() else {
             return Ok(());
         };
-        let running: Vec<Arc<Pod>> = st
+        let running: Vec<Arc<Pod>> = self
+            .state
             .workers
             .values()
             .map(|h| h.tx.borrow().clone())
@@ -390,7 +463,7 @@ impl Inner {
     }
 
     /// The kubelet's `rejectPod`: a Warning event, phase Failed with the reason, no worker.
-    fn reject(&self, st: &mut State, pod: &Pod, r: crate::admission::Rejection) {
+    fn reject(&mut self, pod: &Pod, r: crate::admission::Rejection) {
         let status = k8s_openapi::api::core::v1::PodStatus {
             phase: Some(super::api::Phase::Failed.as_str().into()),
             reason: Some(r.reason.clone()),
@@ -405,17 +478,17 @@ impl Inner {
             &r.message,
         );
         self.ctx.status.set(pod, status);
-        st.done.insert(uid_of_pod(pod));
+        self.state.done.insert(uid_of_pod(pod));
     }
 
-    fn spawn_locked(self: &Arc<Self>, st: &mut State, desired: Desired) {
+    fn spawn(&mut self, desired: Desired) {
         let uid = uid_of(&desired);
         let key = key_of(&desired);
         let (tx, rx) = watch::channel(desired.clone());
-        let recovered = st.recovered.remove(&uid).unwrap_or_default();
+        let recovered = self.state.recovered.remove(&uid).unwrap_or_default();
         let (worker, stale) =
             Worker::new(self.ctx.clone(), self.router.clone(), desired, recovered);
-        st.workers.insert(
+        self.state.workers.insert(
             uid.clone(),
             Handle {
                 tx,
@@ -423,11 +496,12 @@ impl Inner {
             },
         );
         let span = info_span!("pod", pod = %key.1, ns = %key.0, uid = %uid);
-        let inner = self.clone();
+        let (ctx, router) = (self.ctx.clone(), self.router.clone());
+        let manager = self.commands.clone();
         let token = self.cancel.child_token();
         self.tracker.spawn(
             async move {
-                inner.remove_stale(stale).await;
+                remove_stale(&ctx, stale).await;
                 let (mut worker, mut rx, mut delay) = (worker, rx, RESPAWN_FIRST);
                 let outcome = loop {
                     let run = std::panic::AssertUnwindSafe(worker.run(&mut rx, token.clone()));
@@ -438,61 +512,22 @@ impl Inner {
                         ?delay,
                         "pod worker panicked; making it again from what containerd shows"
                     );
-                    match inner.respawn(&uid, &rx, &token, delay).await {
+                    match respawn(&ctx, &router, &uid, &rx, &token, delay).await {
                         Some(again) => worker = again,
                         None => break Outcome::Stopped,
                     }
                     delay = (delay * 2).min(RESPAWN_MAX);
                 };
-                inner.ended(&uid, outcome);
+                if let Some(manager) = manager.upgrade() {
+                    let _ = manager.send(Command::Ended { uid, outcome });
+                }
             }
             .instrument(span),
         );
     }
 
-    async fn remove_stale(&self, stale: Vec<String>) {
-        for id in stale {
-            if let Err(e) = self.ctx.runtime.remove(&id).await {
-                warn!(container_id = %id, error = %e, "removing stale attempt");
-            }
-        }
-    }
-
-    /// After `delay`, a new worker for `uid` that adopts the pod's containers as containerd
-    /// lists them (retried while containerd cannot list); None once cancelled.
-    async fn respawn(
-        &self,
-        uid: &str,
-        rx: &watch::Receiver<Desired>,
-        token: &CancellationToken,
-        delay: Duration,
-    ) -> Option<Worker> {
-        loop {
-            tokio::select! {
-                _ = token.cancelled() => return None,
-                _ = tokio::time::sleep(delay) => {}
-            }
-            let records = match self.ctx.runtime.list().await {
-                Ok(all) => all,
-                Err(e) => {
-                    warn!(error = %e, "listing containers to adopt after a panic; retrying");
-                    continue;
-                }
-            };
-            let records = records
-                .into_iter()
-                .filter(|r| r.labels.get(labels::POD_UID).map(String::as_str) == Some(uid))
-                .collect();
-            let desired = rx.borrow().clone();
-            let (worker, stale) =
-                Worker::new(self.ctx.clone(), self.router.clone(), desired, records);
-            self.remove_stale(stale).await;
-            return Some(worker);
-        }
-    }
-
-    fn ended(self: &Arc<Self>, uid: &str, outcome: Outcome) {
-        let mut st = self.state.lock().expect("manager lock");
+    fn ended(&mut self, uid: &str, outcome: Outcome) {
+        let st = &mut self.state;
         let Some(handle) = st.workers.remove(uid) else {
             return;
         };
@@ -509,7 +544,48 @@ impl Inner {
             .find(|(_, d)| key_of(d) == handle.key)
             .map(|(u, _)| u.clone());
         if let Some(d) = next.and_then(|u| st.waiting.remove(&u)) {
-            self.spawn_locked(&mut st, d);
+            self.spawn(d);
         }
+    }
+}
+
+async fn remove_stale(ctx: &PodContext, stale: Vec<String>) {
+    for id in stale {
+        if let Err(e) = ctx.runtime.remove(&id).await {
+            warn!(container_id = %id, error = %e, "removing stale attempt");
+        }
+    }
+}
+
+/// After `delay`, a new worker for `uid` that adopts the pod's containers as containerd
+/// lists them (retried while containerd cannot list); None once cancelled.
+async fn respawn(
+    ctx: &Arc<PodContext>,
+    router: &ExitRouter,
+    uid: &str,
+    rx: &watch::Receiver<Desired>,
+    token: &CancellationToken,
+    delay: Duration,
+) -> Option<Worker> {
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        let records = match ctx.runtime.list().await {
+            Ok(all) => all,
+            Err(e) => {
+                warn!(error = %e, "listing containers to adopt after a panic; retrying");
+                continue;
+            }
+        };
+        let records = records
+            .into_iter()
+            .filter(|r| r.labels.get(labels::POD_UID).map(String::as_str) == Some(uid))
+            .collect();
+        let desired = rx.borrow().clone();
+        let (worker, stale) = Worker::new(ctx.clone(), router.clone(), desired, records);
+        remove_stale(ctx, stale).await;
+        return Some(worker);
     }
 }

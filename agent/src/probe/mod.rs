@@ -13,7 +13,8 @@
 //!   [`Prober::start`], which the pod worker calls when the container has started.
 //! - A result is reported only when it crossed its threshold (`successThreshold` consecutive
 //!   successes, `failureThreshold` consecutive failures). [`ProbeUpdate`]s are sent for the
-//!   initial result (synchronously, by `start`) and then only on changes.
+//!   initial result (when the scheduler takes the `start`) and then only on changes, all by
+//!   the scheduler task, which alone owns every probe's result and its results channel.
 //! - Startup gating is internal: a liveness or readiness probe whose container spec has a
 //!   `startupProbe` is parked (not run) until that container's startup probe, started through
 //!   this prober, reports Success, and released at that moment. So the pod worker starts the
@@ -30,9 +31,7 @@
 //! - Metrics: [`Prober::metrics_text`] renders `prober_probe_total` and
 //!   `nodelet_probe_start_delay_seconds` in the Prometheus text format.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -351,101 +350,41 @@ fn capped_text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_OUTPUT)]).into_owned()
 }
 
-/// The state `start`/`stop`/`result` touch synchronously; the scheduler publishes into it.
-struct Shared {
-    published: Mutex<BTreeMap<ProbeKey, Published>>,
-    next_generation: AtomicU64,
-    metrics: Mutex<metrics::Metrics>,
-}
-
-/// The current result of one started probe and where its updates go.
-struct Published {
-    generation: u64,
-    result: ProbeResult,
-    container_id: String,
-    results: mpsc::UnboundedSender<ProbeUpdate>,
-}
-
-impl Shared {
-    /// Records `result` for the probe's current generation; sends an update if it changed.
-    fn publish(&self, key: &ProbeKey, generation: u64, result: ProbeResult, message: &str) {
-        let mut published = self.published.lock().expect("prober state lock");
-        if let Some(entry) = published.get_mut(key) {
-            if entry.generation == generation && entry.result != result {
-                entry.result = result;
-                let _ = entry.results.send(ProbeUpdate {
-                    key: key.clone(),
-                    container_id: entry.container_id.clone(),
-                    result,
-                    message: message.to_string(),
-                });
-            }
-        }
-    }
-}
-
-/// Runs every probe of the node from one scheduler task. Must be created inside a Tokio
-/// runtime; dropping it stops the scheduler and every running probe.
+/// Runs every probe of the node from one scheduler task, which alone owns each probe's state,
+/// its result and where its updates go. Must be created inside a Tokio runtime; dropping it
+/// stops the scheduler and every running probe.
 pub struct Prober {
     commands: mpsc::UnboundedSender<scheduler::Command>,
-    shared: Arc<Shared>,
+    /// Written by the scheduler only; read to render `/metrics`.
+    metrics: Arc<Mutex<metrics::Metrics>>,
 }
 
 impl Prober {
     pub fn new(exec: Arc<dyn Exec>, recorder: Recorder) -> Self {
-        let shared = Arc::new(Shared {
-            published: Mutex::default(),
-            next_generation: AtomicU64::new(1),
-            metrics: Mutex::default(),
-        });
+        let metrics = Arc::new(Mutex::default());
         let (commands, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(scheduler::Scheduler::new(exec, recorder, shared.clone()).run(receiver));
-        Self { commands, shared }
+        tokio::spawn(scheduler::Scheduler::new(exec, recorder, metrics.clone()).run(receiver));
+        Self { commands, metrics }
     }
 
-    /// Starts (or replaces) the probe `key`; results go to `results`. The initial result is
-    /// sent on `results` before this returns.
+    /// Starts (or replaces) the probe `key`; its results go to `results`, the initial one
+    /// first (sent by the scheduler as it takes the start). A replaced probe sends nothing
+    /// more, and its `results` is let go.
     pub fn start(
         &self,
         key: ProbeKey,
         target: ProbeTarget,
         results: mpsc::UnboundedSender<ProbeUpdate>,
     ) {
-        let generation = self.shared.next_generation.fetch_add(1, Ordering::Relaxed);
-        let initial = target.resumed.unwrap_or(key.kind.initial_result());
-        {
-            let mut published = self.shared.published.lock().expect("prober state lock");
-            let _ = results.send(ProbeUpdate {
-                key: key.clone(),
-                container_id: target.container_id.clone(),
-                result: initial,
-                message: String::new(),
-            });
-            published.insert(
-                key.clone(),
-                Published {
-                    generation,
-                    result: initial,
-                    container_id: target.container_id.clone(),
-                    results,
-                },
-            );
-        }
         let _ = self.commands.send(scheduler::Command::Start {
             key,
-            generation,
-            initial,
             target: Box::new(target),
+            results,
         });
     }
 
     /// Stops one probe.
     pub fn stop(&self, key: &ProbeKey) {
-        self.shared
-            .published
-            .lock()
-            .expect("prober state lock")
-            .remove(key);
         let _ = self
             .commands
             .send(scheduler::Command::Stop { key: key.clone() });
@@ -453,33 +392,25 @@ impl Prober {
 
     /// Stops every probe of a pod.
     pub fn stop_pod(&self, pod_uid: &str) {
-        self.shared
-            .published
-            .lock()
-            .expect("prober state lock")
-            .retain(|key, _| key.pod_uid != pod_uid);
         let _ = self.commands.send(scheduler::Command::StopPod {
             pod_uid: pod_uid.to_string(),
         });
     }
 
-    /// The current result of a probe (Unknown when not running).
-    pub fn result(&self, key: &ProbeKey) -> ProbeResult {
-        self.shared
-            .published
-            .lock()
-            .expect("prober state lock")
-            .get(key)
-            .map_or(ProbeResult::Unknown, |p| p.result)
+    /// The result a probe last reported, as the scheduler holds it (Unknown when not running).
+    #[cfg(test)]
+    pub(crate) async fn result(&self, key: &ProbeKey) -> ProbeResult {
+        let (reply, result) = tokio::sync::oneshot::channel();
+        let _ = self.commands.send(scheduler::Command::Result {
+            key: key.clone(),
+            reply,
+        });
+        result.await.unwrap_or(ProbeResult::Unknown)
     }
 
     /// Probe counters and the start-delay histogram in the Prometheus text format.
     pub fn metrics_text(&self) -> String {
-        self.shared
-            .metrics
-            .lock()
-            .expect("prober metrics lock")
-            .render()
+        self.metrics.lock().expect("prober metrics lock").render()
     }
 }
 

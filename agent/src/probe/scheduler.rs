@@ -1,5 +1,7 @@
 //! The one task that schedules every probe: a timer heap of `(due, generation, key)`, a
-//! command channel from [`super::Prober`] and a channel of finished runs. An idle probe costs
+//! command channel from [`super::Prober`] and a channel of finished runs. It alone owns each
+//! probe's state, the result it last reported and the channel its updates go to (the pod
+//! worker's); nothing of it is mirrored outside, only the metrics are read. An idle probe costs
 //! a map entry and a heap entry, no task; each due run is spawned as its own future (so a slow
 //! exec never delays other probes), and a probe is never run twice at once: the next run is
 //! scheduled only when the previous one finished. Every `start` gets a new generation, so a
@@ -9,7 +11,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -17,10 +19,10 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use super::metrics::Labels;
+use super::metrics::{Labels, Metrics};
 use super::{
-    run_once, Exec, Outcome, ProbeError, ProbeKey, ProbeKind, ProbeResult, ProbeTarget, Settings,
-    Shared,
+    run_once, Exec, Outcome, ProbeError, ProbeKey, ProbeKind, ProbeResult, ProbeTarget,
+    ProbeUpdate, Settings,
 };
 use crate::events::{pod_ref, EventType, Recorder};
 
@@ -31,15 +33,20 @@ const RUN_SLACK: Duration = Duration::from_secs(2);
 pub(super) enum Command {
     Start {
         key: ProbeKey,
-        generation: u64,
-        initial: ProbeResult,
         target: Box<ProbeTarget>,
+        results: mpsc::UnboundedSender<ProbeUpdate>,
     },
     Stop {
         key: ProbeKey,
     },
     StopPod {
         pod_uid: String,
+    },
+    /// The result a probe last reported (Unknown when not running).
+    #[cfg(test)]
+    Result {
+        key: ProbeKey,
+        reply: tokio::sync::oneshot::Sender<ProbeResult>,
     },
 }
 
@@ -76,6 +83,8 @@ struct Worker {
     started: Instant,
     /// The result last reported.
     reported: ProbeResult,
+    /// Where the results go (the pod worker's channel).
+    results: mpsc::UnboundedSender<ProbeUpdate>,
     /// The result of the last run and how many runs in a row had it.
     last: Option<ProbeResult>,
     run: u32,
@@ -85,7 +94,9 @@ struct Worker {
 pub(super) struct Scheduler {
     exec: Arc<dyn Exec>,
     recorder: Recorder,
-    shared: Arc<Shared>,
+    metrics: Arc<Mutex<Metrics>>,
+    /// The generation the next start gets.
+    next_generation: u64,
     workers: BTreeMap<ProbeKey, Worker>,
     heap: BinaryHeap<Reverse<(Instant, u64, ProbeKey)>>,
     /// (pod UID, container) whose startup probe succeeded in the current attempt; stopping
@@ -97,12 +108,13 @@ pub(super) struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(exec: Arc<dyn Exec>, recorder: Recorder, shared: Arc<Shared>) -> Self {
+    pub fn new(exec: Arc<dyn Exec>, recorder: Recorder, metrics: Arc<Mutex<Metrics>>) -> Self {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         Self {
             exec,
             recorder,
-            shared,
+            metrics,
+            next_generation: 1,
             workers: BTreeMap::new(),
             heap: BinaryHeap::new(),
             started: BTreeSet::new(),
@@ -142,10 +154,9 @@ impl Scheduler {
         match command {
             Command::Start {
                 key,
-                generation,
-                initial,
                 target,
-            } => self.start(key, generation, initial, *target),
+                results,
+            } => self.start(key, *target, results),
             Command::Stop { key } => {
                 if let Some(worker) = self.workers.remove(&key) {
                     abort(&worker);
@@ -163,10 +174,30 @@ impl Scheduler {
                 self.metrics().forget_pod(&pod_uid);
                 self.started.retain(|(uid, _)| *uid != pod_uid);
             }
+            #[cfg(test)]
+            Command::Result { key, reply } => {
+                let result = self.workers.get(&key).map(|w| w.reported);
+                let _ = reply.send(result.unwrap_or(ProbeResult::Unknown));
+            }
         }
     }
 
-    fn start(&mut self, key: ProbeKey, generation: u64, initial: ProbeResult, target: ProbeTarget) {
+    /// Starts (or replaces) a probe: a new generation, its initial result sent first.
+    fn start(
+        &mut self,
+        key: ProbeKey,
+        target: ProbeTarget,
+        results: mpsc::UnboundedSender<ProbeUpdate>,
+    ) {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let initial = target.resumed.unwrap_or(key.kind.initial_result());
+        let _ = results.send(ProbeUpdate {
+            key: key.clone(),
+            container_id: target.container_id.clone(),
+            result: initial,
+            message: String::new(),
+        });
         let settings = Settings::of(key.kind, &target.probe);
         let now = Instant::now();
         let is_init = target
@@ -199,6 +230,7 @@ impl Scheduler {
             field_path,
             started: now,
             reported: initial,
+            results,
             last: None,
             run: 0,
             phase: Phase::Idle,
@@ -369,7 +401,7 @@ impl Scheduler {
             }
         };
         {
-            let mut metrics = self.shared.metrics.lock().expect("prober metrics lock");
+            let mut metrics = self.metrics.lock().expect("prober metrics lock");
             metrics.count(&done.key, &worker.labels, counted);
             metrics.observe_delay(done.started.saturating_duration_since(done.due));
         }
@@ -389,8 +421,12 @@ impl Scheduler {
             if worker.run >= threshold {
                 if worker.reported != result {
                     worker.reported = result;
-                    self.shared
-                        .publish(&done.key, worker.generation, result, message.trim_end());
+                    let _ = worker.results.send(ProbeUpdate {
+                        key: done.key.clone(),
+                        container_id: worker.target.container_id.clone(),
+                        result,
+                        message: message.trim_end().to_string(),
+                    });
                 }
                 match (done.key.kind, result) {
                     (ProbeKind::Liveness | ProbeKind::Startup, ProbeResult::Failure) => {
@@ -418,8 +454,8 @@ impl Scheduler {
         }
     }
 
-    fn metrics(&self) -> std::sync::MutexGuard<'_, super::metrics::Metrics> {
-        self.shared.metrics.lock().expect("prober metrics lock")
+    fn metrics(&self) -> std::sync::MutexGuard<'_, Metrics> {
+        self.metrics.lock().expect("prober metrics lock")
     }
 }
 
@@ -592,7 +628,7 @@ mod tests {
 
     fn setup() -> (Arc<FakeExec>, Prober, Recorder) {
         let exec = Arc::new(FakeExec::default());
-        let recorder = Recorder::new("node-1");
+        let recorder = Recorder::new("node-1", None);
         let prober = Prober::new(exec.clone(), recorder.clone());
         (exec, prober, recorder)
     }
@@ -608,6 +644,15 @@ mod tests {
         rx.recv()
             .await
             .expect("the prober dropped the results channel")
+    }
+
+    /// Whether the channel ends (every sender let go) within an hour of paused time, after
+    /// what is still queued on it.
+    async fn closed(rx: &mut UnboundedReceiver<ProbeUpdate>) -> bool {
+        let drained = async { while rx.recv().await.is_some() {} };
+        tokio::time::timeout(Duration::from_secs(3600), drained)
+            .await
+            .is_ok()
     }
 
     /// Seconds of (paused) time since `t0`, to the millisecond.
@@ -636,17 +681,19 @@ mod tests {
             ProbeKind::Startup,
         ] {
             prober.start(key(kind), target(exec_probe("hang")), tx.clone());
-            let update = rx.try_recv().expect("initial result sent by start");
+            let update = next(&mut rx).await;
             assert_eq!(update.key.kind, kind);
             assert_eq!(update.result, kind.initial_result());
             assert_eq!(update.container_id, "c1");
-            assert_eq!(prober.result(&key(kind)), kind.initial_result());
+            assert_eq!(prober.result(&key(kind)).await, kind.initial_result());
         }
         assert_eq!(
-            prober.result(&ProbeKey {
-                container: "other".into(),
-                ..key(ProbeKind::Liveness)
-            }),
+            prober
+                .result(&ProbeKey {
+                    container: "other".into(),
+                    ..key(ProbeKind::Liveness)
+                })
+                .await,
             ProbeResult::Unknown
         );
     }
@@ -675,7 +722,7 @@ mod tests {
         assert_eq!(exec.calls("check", t0).len(), 3, "liveness is on hold");
         assert!(rx.try_recv().is_err());
         assert_eq!(
-            prober.result(&key(ProbeKind::Liveness)),
+            prober.result(&key(ProbeKind::Liveness)).await,
             ProbeResult::Failure
         );
     }
@@ -907,13 +954,61 @@ mod tests {
         );
         prober.stop(&key(ProbeKind::Readiness));
         assert_eq!(
-            prober.result(&key(ProbeKind::Readiness)),
+            prober.result(&key(ProbeKind::Readiness)).await,
             ProbeResult::Unknown
         );
         let before = exec.calls("check", t0).len();
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(exec.calls("check", t0).len(), before);
         assert_eq!(exec.calls("hang", t0).len(), 1);
+    }
+
+    /// #14: the scheduler alone holds where a probe's results go: a replaced probe's channel
+    /// and a stopped one's are let go at once (nothing more arrives, no sender is kept).
+    #[tokio::test(start_paused = true)]
+    async fn a_replaced_or_stopped_probe_lets_its_results_channel_go() {
+        let (exec, prober, _) = setup();
+        exec.set("check", &[], OK);
+        let (first, mut from_first) = mpsc::unbounded_channel();
+        prober.start(
+            key(ProbeKind::Readiness),
+            target(exec_probe("check")),
+            first,
+        );
+        assert_eq!(next(&mut from_first).await.result, ProbeResult::Failure);
+        assert_eq!(next(&mut from_first).await.result, ProbeResult::Success);
+        let (second, mut from_second) = mpsc::unbounded_channel();
+        let replacement = ProbeTarget {
+            container_id: "c2".into(),
+            ..target(exec_probe("check"))
+        };
+        prober.start(key(ProbeKind::Readiness), replacement, second);
+        assert!(
+            closed(&mut from_first).await,
+            "the replaced channel is kept"
+        );
+        let initial = next(&mut from_second).await;
+        assert_eq!(
+            (initial.container_id.as_str(), initial.result),
+            ("c2", ProbeResult::Failure)
+        );
+        prober.stop(&key(ProbeKind::Readiness));
+        let after_stop: Vec<ProbeResult> = std::iter::from_fn(|| from_second.try_recv().ok())
+            .map(|u| u.result)
+            .collect();
+        assert!(after_stop.len() <= 1, "{after_stop:?}");
+        assert!(
+            closed(&mut from_second).await,
+            "the stopped channel is kept"
+        );
+        let (third, mut from_third) = mpsc::unbounded_channel();
+        prober.start(key(ProbeKind::Liveness), target(exec_probe("check")), third);
+        assert_eq!(next(&mut from_third).await.result, ProbeResult::Success);
+        prober.stop_pod("u1");
+        assert!(
+            closed(&mut from_third).await,
+            "a stopped pod's channel is kept"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -940,14 +1035,14 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(5)).await;
         prober.stop_pod("u1");
         assert_eq!(
-            prober.result(&key(ProbeKind::Readiness)),
+            prober.result(&key(ProbeKind::Readiness)).await,
             ProbeResult::Unknown
         );
         assert_eq!(
-            prober.result(&key(ProbeKind::Liveness)),
+            prober.result(&key(ProbeKind::Liveness)).await,
             ProbeResult::Unknown
         );
-        assert_eq!(prober.result(&other), ProbeResult::Success);
+        assert_eq!(prober.result(&other).await, ProbeResult::Success);
         tokio::time::sleep(Duration::from_secs(20)).await;
         assert_eq!(exec.calls("check", t0), vec![0.0, 0.0, 0.0, 10.0, 20.0]);
         while rx.try_recv().is_ok() {}
@@ -1033,7 +1128,7 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(25)).await;
         assert!(rx.try_recv().is_err(), "an errored probe keeps its result");
         assert_eq!(
-            prober.result(&key(ProbeKind::Readiness)),
+            prober.result(&key(ProbeKind::Readiness)).await,
             ProbeResult::Failure
         );
         let unhealthy = messages(&recorder, "Unhealthy");

@@ -482,7 +482,7 @@ mod tests {
         let port = bound.local_addr().unwrap().port();
         let state = ServerState {
             status: crate::status::StatusManager::new(),
-            recorder: crate::events::Recorder::new("n1"),
+            recorder: crate::events::Recorder::new("n1", None),
             metrics: Arc::new(String::new),
             log_dir: dir.clone(),
             streaming: None,

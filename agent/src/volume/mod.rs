@@ -40,7 +40,6 @@ mod tokens;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -178,8 +177,6 @@ pub struct VolumeManager {
     /// Pods with serviceAccountToken projections, as last set up or refreshed: the token
     /// refresh task rewrites their volumes when a token is due.
     token_pods: Mutex<BTreeMap<String, Arc<Pod>>>,
-    /// Whether the token refresh task runs.
-    refreshing: AtomicBool,
     records: Mutex<BTreeMap<String, PodRecord>>,
     /// One lock per pod UID over its setup, refresh and teardown (one pod's slow volume work
     /// stalls no other pod).
@@ -203,17 +200,26 @@ const TOKEN_CHECK_PERIOD: Duration = Duration::from_secs(30);
 const VOLUME_DEVICES: &str = "volumeDevices";
 
 impl VolumeManager {
-    pub fn new(config: VolumeConfig, store: ObjectStore) -> Self {
+    /// The manager of the node's volumes, re-adopting what a previous run recorded. `tokens`
+    /// issues service account tokens for projected volumes (cluster mode's `ApiTokens`);
+    /// without one (standalone) a serviceAccountToken projection is refused as Invalid. With
+    /// one, a task refreshes projected tokens before they expire (it ends with the manager),
+    /// so this must be called inside a Tokio runtime.
+    pub fn new(
+        config: VolumeConfig,
+        store: ObjectStore,
+        tokens: Option<Arc<dyn TokenSource>>,
+    ) -> Arc<Self> {
         let node = config.allocatable;
+        let refresh = tokens.is_some();
         let manager = Self {
             ctx: Ctx {
                 root: config.root_dir.clone(),
                 store,
                 node,
             },
-            tokens: TokenCache::default(),
+            tokens: TokenCache::new(tokens),
             token_pods: Mutex::new(BTreeMap::new()),
-            refreshing: AtomicBool::new(false),
             records: Mutex::new(BTreeMap::new()),
             pod_locks: KeyedLocks::default(),
             staging_locks: KeyedLocks::default(),
@@ -223,6 +229,10 @@ impl VolumeManager {
         // Re-adopt what a previous run recorded.
         let records = records::load(&manager.ctx, manager.list());
         *manager.records.lock().expect("records lock") = records;
+        let manager = Arc::new(manager);
+        if refresh {
+            Self::refresh_tokens_periodically(Arc::downgrade(&manager));
+        }
         manager
     }
 

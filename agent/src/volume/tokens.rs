@@ -13,8 +13,7 @@
 //! the issuer, fits without touching this module).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
@@ -85,19 +84,22 @@ impl Key {
 }
 
 /// The token cache (see the module doc).
-#[derive(Default)]
 pub struct TokenCache {
-    source: RwLock<Option<Arc<dyn TokenSource>>>,
+    /// The issuer, fixed at construction (none standalone).
+    source: Option<Arc<dyn TokenSource>>,
     tokens: Mutex<BTreeMap<Key, IssuedToken>>,
 }
 
 impl TokenCache {
-    pub fn set_source(&self, source: Arc<dyn TokenSource>) {
-        *self.source.write().expect("token source lock") = Some(source);
+    pub fn new(source: Option<Arc<dyn TokenSource>>) -> Self {
+        Self {
+            source,
+            tokens: Mutex::default(),
+        }
     }
 
     pub fn has_source(&self) -> bool {
-        self.source.read().expect("token source lock").is_some()
+        self.source.is_some()
     }
 
     /// The token for `request` bound to `pod`: the cached one unless it is due at `now`.
@@ -112,12 +114,7 @@ impl TokenCache {
         if let Some(c) = cached.as_ref().filter(|c| now < c.refresh_at()) {
             return Ok(c.token.clone());
         }
-        let source = self
-            .source
-            .read()
-            .expect("token source lock")
-            .clone()
-            .ok_or("no token issuer")?;
+        let source = self.source.as_ref().ok_or("no token issuer")?;
         match source.token(pod, request).await {
             Ok(issued) => {
                 let token = issued.token.clone();
@@ -157,14 +154,9 @@ impl TokenCache {
 
 // The manager's side: tokens for a projected volume, and the refresh task.
 impl VolumeManager {
-    /// Plugs in the service account token issuer (cluster mode), and starts the task that
-    /// refreshes projected tokens before they expire (it ends with the manager).
-    pub fn set_token_source(self: &Arc<Self>, source: Arc<dyn TokenSource>) {
-        self.tokens.set_source(source);
-        if self.refreshing.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        let manager = Arc::downgrade(self);
+    /// Starts the task that refreshes projected tokens before they expire (with a token
+    /// issuer only; it ends with the manager).
+    pub(super) fn refresh_tokens_periodically(manager: std::sync::Weak<Self>) {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(TOKEN_CHECK_PERIOD).await;
@@ -344,8 +336,7 @@ mod tests {
     fn start() -> (SystemTime, Arc<Fake>, TokenCache) {
         let t0 = SystemTime::UNIX_EPOCH + HOUR * 1000;
         let fake = Fake::new(t0);
-        let cache = TokenCache::default();
-        cache.set_source(fake.clone());
+        let cache = TokenCache::new(Some(fake.clone()));
         (t0, fake, cache)
     }
 

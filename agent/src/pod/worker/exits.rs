@@ -2,6 +2,9 @@
 //! attempt (termination message, restart back-off), and the periodic re-inspection that
 //! catches an exit event missed while containerd was away.
 
+use tokio::sync::broadcast;
+use tokio_util::task::TaskTracker;
+
 use super::*;
 
 impl Worker {
@@ -144,26 +147,171 @@ impl Worker {
     }
 }
 
-/// Routes containerd exit events to the worker owning the container id.
-#[derive(Default)]
+/// What a worker asks of the exit router.
+enum Route {
+    /// Exits of container `id` go to `to` (replacing an earlier route of that id).
+    Register {
+        id: String,
+        to: mpsc::UnboundedSender<ExitEvent>,
+    },
+    /// Exits of container `id` go nowhere.
+    Unregister { id: String },
+}
+
+/// A handle on the task that routes containerd's exit events to the worker owning the
+/// container id (`route`); cheap to clone, one per worker. The task alone owns the routes:
+/// workers register and unregister through it, by channel.
+#[derive(Clone)]
 pub(crate) struct ExitRouter {
-    routes: Mutex<HashMap<String, mpsc::UnboundedSender<ExitEvent>>>,
+    routes: mpsc::UnboundedSender<Route>,
 }
 
 impl ExitRouter {
-    pub(super) fn register(&self, id: &str, tx: &mpsc::UnboundedSender<ExitEvent>) {
-        let mut routes = self.routes.lock().expect("exit routes lock");
-        routes.insert(id.to_string(), tx.clone());
+    /// Spawns the routing task on `tracker`: it reads `exits` until `cancel` fires or the
+    /// stream ends.
+    pub(crate) fn spawn(
+        exits: broadcast::Receiver<ExitEvent>,
+        cancel: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Self {
+        let (routes, commands) = mpsc::unbounded_channel();
+        tracker.spawn(route(exits, commands, cancel));
+        Self { routes }
+    }
+
+    /// Exits of container `id` go to `to` from now on: call it before the container is
+    /// created, so that its exit cannot come first.
+    pub(super) fn register(&self, id: &str, to: &mpsc::UnboundedSender<ExitEvent>) {
+        let _ = self.routes.send(Route::Register {
+            id: id.to_string(),
+            to: to.clone(),
+        });
     }
 
     pub(super) fn unregister(&self, id: &str) {
-        self.routes.lock().expect("exit routes lock").remove(id);
+        let _ = self.routes.send(Route::Unregister { id: id.to_string() });
+    }
+}
+
+/// The routing task. A route asked for before an exit was published is in place when that
+/// exit is routed (the routes are read first). An exit for a worker that is gone (its
+/// receiver dropped: the pod finished, or the worker was made again after a panic) is dropped
+/// with its route, and routes to gone workers are pruned on every registration.
+async fn route(
+    mut exits: broadcast::Receiver<ExitEvent>,
+    mut commands: mpsc::UnboundedReceiver<Route>,
+    cancel: CancellationToken,
+) {
+    let mut routes: HashMap<String, mpsc::UnboundedSender<ExitEvent>> = HashMap::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            Some(command) = commands.recv() => match command {
+                Route::Register { id, to } => {
+                    routes.retain(|_, to| !to.is_closed());
+                    routes.insert(id, to);
+                }
+                Route::Unregister { id } => {
+                    routes.remove(&id);
+                }
+            },
+            event = exits.recv() => match event {
+                Ok(event) => {
+                    let id = event.container_id.clone();
+                    if routes.get(&id).is_some_and(|to| to.send(event).is_err()) {
+                        routes.remove(&id);
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(missed = n, "exit events lagged; workers resync by inspection");
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exit(id: &str) -> ExitEvent {
+        ExitEvent {
+            container_id: id.to_string(),
+            exit_code: 0,
+            exited_at: SystemTime::UNIX_EPOCH,
+        }
     }
 
-    pub(crate) fn route(&self, event: ExitEvent) {
-        let routes = self.routes.lock().expect("exit routes lock");
-        if let Some(tx) = routes.get(&event.container_id) {
-            let _ = tx.send(event);
+    fn received(rx: &mut mpsc::UnboundedReceiver<ExitEvent>) -> Vec<String> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|e| e.container_id)
+            .collect()
+    }
+
+    /// Lets the routing task catch up (paused time moves only once every task waits).
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    /// #14: an exit reaches exactly the worker of its container, also when it is published
+    /// right after the route was asked for; an exit of a container nobody owns goes nowhere.
+    #[tokio::test(start_paused = true)]
+    async fn an_exit_reaches_exactly_the_worker_of_its_container() {
+        let (exits, _) = broadcast::channel(16);
+        let tracker = TaskTracker::new();
+        let router = ExitRouter::spawn(exits.subscribe(), CancellationToken::new(), &tracker);
+        let (a, mut from_a) = mpsc::unbounded_channel();
+        let (b, mut from_b) = mpsc::unbounded_channel();
+        router.register("a1", &a);
+        router.register("b1", &b);
+        // Published before the routing task ran at all: the routes come first.
+        for id in ["a1", "b1", "nobody", "a1"] {
+            exits.send(exit(id)).expect("subscribed");
         }
+        settle().await;
+        assert_eq!(received(&mut from_a), ["a1", "a1"]);
+        assert_eq!(received(&mut from_b), ["b1"]);
+        router.unregister("b1");
+        router.register("b2", &b);
+        exits.send(exit("b1")).expect("subscribed");
+        exits.send(exit("b2")).expect("subscribed");
+        settle().await;
+        assert_eq!(received(&mut from_b), ["b2"], "b1 was unregistered");
+        assert!(received(&mut from_a).is_empty());
+    }
+
+    /// #14: a late exit for a worker that is gone is dropped, and the route with it: the router
+    /// keeps no sender of a gone worker.
+    #[tokio::test(start_paused = true)]
+    async fn a_late_exit_for_a_gone_worker_is_dropped_without_leaking() {
+        let (exits, _) = broadcast::channel(16);
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let router = ExitRouter::spawn(exits.subscribe(), cancel.clone(), &tracker);
+        let (gone, from_gone) = mpsc::unbounded_channel();
+        let (other, mut from_other) = mpsc::unbounded_channel();
+        router.register("g1", &gone);
+        router.register("g2", &gone);
+        router.register("o1", &other);
+        settle().await;
+        let held = gone.downgrade();
+        drop((gone, from_gone));
+        assert!(
+            held.upgrade().is_some(),
+            "the router holds the gone worker's routes"
+        );
+        exits.send(exit("g1")).expect("subscribed");
+        // Another registration prunes what is left of the gone worker (g2).
+        router.register("o2", &other);
+        settle().await;
+        assert!(held.upgrade().is_none(), "a route to a gone worker leaked");
+        exits.send(exit("o2")).expect("subscribed");
+        settle().await;
+        assert_eq!(received(&mut from_other), ["o2"]);
+        cancel.cancel();
+        tracker.close();
+        tracker.wait().await;
     }
 }

@@ -60,7 +60,7 @@ async fn a_running_pod_holds_a_bounded_heap() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (ctx, _rt, _host) = fake::context(dir.path());
     let cancel = CancellationToken::new();
-    let manager = PodManager::new(ctx.clone(), &cancel);
+    let manager = PodManager::new(ctx.clone(), None, &cancel);
     manager.recover().await.expect("recover");
     // One pod run and removed first: what is made once (not per pod) is not counted.
     let warm = pod(PODS);

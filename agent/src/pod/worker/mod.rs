@@ -1,7 +1,7 @@
 //! One pod worker: a task per pod UID that steps the state machine and carries out its actions
 //! against the runtime, sandbox, volumes and prober, then reports the computed status. It
 //! alone decides the pod's lifecycle; its inputs are the latest desired pod (watch channel),
-//! the exits of its containers (routed by the manager), probe results and object-store changes.
+//! the exits of its containers (through the manager's `ExitRouter` task), probe results and object-store changes.
 //!
 //! Split along its seams: `adopt` (recovery), `start`, `kill` (and release), `exits`, `probes`;
 //! this file holds the loop and the step. It reaches the outside only through `PodContext`'s
@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{Container, Pod, PodStatus};
@@ -81,7 +81,7 @@ struct Live {
 
 pub(crate) struct Worker {
     ctx: Arc<PodContext>,
-    router: Arc<ExitRouter>,
+    router: ExitRouter,
     uid: String,
     desired: Desired,
     obs: Observed,
@@ -123,7 +123,7 @@ fn field_path(kind: Kind, name: &str) -> String {
 impl Worker {
     pub(crate) fn new(
         ctx: Arc<PodContext>,
-        router: Arc<ExitRouter>,
+        router: ExitRouter,
         desired: Desired,
         recovered: Vec<ContainerRecord>,
     ) -> (Self, Vec<String>) {

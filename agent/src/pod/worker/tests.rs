@@ -54,7 +54,7 @@ impl Node {
         let dir = tempfile::tempdir().expect("temp dir");
         let (ctx, rt, host) = fake::context(dir.path());
         let cancel = CancellationToken::new();
-        let manager = PodManager::new(ctx.clone(), &cancel);
+        let manager = PodManager::new(ctx.clone(), None, &cancel);
         let finished = manager.subscribe_finished();
         manager.recover().await.expect("recover");
         Node {
@@ -164,8 +164,16 @@ async fn a_worker_is_handed_its_pod_only_when_it_changed() {
     let set = |a: &Pod, b: &Pod| vec![desired(a, None), desired(b, None)];
     node.manager.sync_all(set(&a, &b)).await;
     until("both containers run", || node.rt.running().len() == 2).await;
-    let to_a = node.manager.worker_updates("u1").expect("u1's worker");
-    let mut to_b = node.manager.worker_updates("u2").expect("u2's worker");
+    let to_a = node
+        .manager
+        .worker_updates("u1")
+        .await
+        .expect("u1's worker");
+    let mut to_b = node
+        .manager
+        .worker_updates("u2")
+        .await
+        .expect("u2's worker");
     // The same pods again, as new objects (an API relist): nobody is woken.
     node.manager.sync_all(set(&a, &b)).await;
     assert!(!to_a.has_changed().unwrap() && !to_b.has_changed().unwrap());
@@ -175,6 +183,58 @@ async fn a_worker_is_handed_its_pod_only_when_it_changed() {
     assert!(!to_a.has_changed().unwrap(), "u1 did not change");
     assert!(to_b.has_changed().unwrap(), "u2 changed");
     assert_eq!(*to_b.borrow_and_update().pod, changed);
+}
+
+/// #14: a worker ending and a new plan arriving at the same time leave one worker per pod:
+/// whichever the manager takes first, the deleted pod's same-name successor is started exactly
+/// once, the deleted pod never again, and its end is said once.
+#[tokio::test(start_paused = true)]
+async fn a_worker_ending_as_a_new_plan_arrives_leaves_one_worker_per_pod() {
+    let (mut plan_first, mut end_first) = (0, 0);
+    for yields in 0..60 {
+        let mut node = Node::new().await;
+        let old = pod("u1", "Always");
+        let mut new = pod("u2", "Always");
+        new.metadata.name = old.metadata.name.clone();
+        node.run(&old).await;
+        let before = node.rt.calls().len();
+        let deleted = Some(Deletion {
+            grace: Duration::ZERO,
+            gone: false,
+        });
+        node.manager.update(desired(&old, deleted));
+        for _ in 0..yields {
+            tokio::task::yield_now().await;
+        }
+        let ended = node.finished("u1");
+        node.manager
+            .sync_all(vec![desired(&old, deleted), desired(&new, None)])
+            .await;
+        match ended {
+            true => end_first += 1,
+            false => plan_first += 1,
+        }
+        until("the successor runs", || node.rt.running().len() == 1).await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(node.manager.uids().await, ["u2"], "after {yields} yields");
+        let calls = node.rt.calls();
+        let created: Vec<&String> = calls[before..]
+            .iter()
+            .filter(|c| c.starts_with("create "))
+            .collect();
+        assert_eq!(created.len(), 1, "after {yields} yields: {created:?}");
+        assert_eq!(
+            node.rt.running(),
+            [created[0]["create ".len()..].to_string()]
+        );
+        let ends = std::iter::from_fn(|| node.finished.try_recv().ok());
+        let ends = ends.filter(|u| u == "u1").count();
+        assert_eq!(ends, usize::from(!ended), "after {yields} yields");
+    }
+    assert!(
+        plan_first > 0 && end_first > 0,
+        "both orders taken: plan first {plan_first}, end first {end_first}"
+    );
 }
 
 /// #14: a change in the object store refreshes (and steps) only the pods that watch the
@@ -318,7 +378,10 @@ async fn a_worker_that_panics_adopts_its_running_container_again() {
     node.rt.panic_on("inspect");
     // The worker re-inspects running containers every 10 s: that call panics.
     tokio::time::sleep(Duration::from_secs(30)).await;
-    assert!(node.manager.uids().contains(&"u1".to_string()), "no worker");
+    assert!(
+        node.manager.uids().await.contains(&"u1".to_string()),
+        "no worker"
+    );
     node.manager.update(desired(&pod, None));
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert_eq!(node.rt.running(), vec![id.clone()]);
@@ -353,7 +416,7 @@ async fn a_running_attempt_is_adopted_not_removed_as_a_leftover() {
     let cancel = CancellationToken::new();
     let pod = pod("u1", "Always");
     let id = {
-        let first = PodManager::new(ctx.clone(), &cancel);
+        let first = PodManager::new(ctx.clone(), None, &cancel);
         first.sync_all(vec![desired(&pod, None)]).await;
         until("the container runs", || rt.running().len() == 1).await;
         first.shutdown().await;
@@ -361,7 +424,7 @@ async fn a_running_attempt_is_adopted_not_removed_as_a_leftover() {
     };
     let before = rt.calls().len();
     // A manager that never recovered the container (a listing that failed at start).
-    let second = PodManager::new(ctx.clone(), &CancellationToken::new());
+    let second = PodManager::new(ctx.clone(), None, &CancellationToken::new());
     second.sync_all(vec![desired(&pod, None)]).await;
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert_eq!(rt.running(), vec![id.clone()]);
@@ -428,7 +491,7 @@ async fn a_kill_for_a_failed_post_start_survives_an_agent_restart() {
     rt.set_exec_exit(Some(1));
     rt.set_ignore_term(true);
     let pod = hooked_pod("u1", 30);
-    let first = PodManager::new(ctx.clone(), &CancellationToken::new());
+    let first = PodManager::new(ctx.clone(), None, &CancellationToken::new());
     first.recover().await.expect("recover");
     first.sync_all(vec![desired(&pod, None)]).await;
     until("the container runs", || rt.running().len() == 1).await;
@@ -437,7 +500,7 @@ async fn a_kill_for_a_failed_post_start_survives_an_agent_restart() {
     until("TERM is sent", || rt.calls().contains(&term)).await;
     first.shutdown().await;
     assert_eq!(rt.running(), vec![id.clone()], "TERM is ignored");
-    let second = PodManager::new(ctx.clone(), &CancellationToken::new());
+    let second = PodManager::new(ctx.clone(), None, &CancellationToken::new());
     second.recover().await.expect("recover");
     second.sync_all(vec![desired(&pod, None)]).await;
     let kill = format!("signal {id} 9");
