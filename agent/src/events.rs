@@ -71,12 +71,23 @@ pub struct Recorder {
     sink: Option<mpsc::UnboundedSender<Event>>,
 }
 
-/// What the recorder remembers to correlate events: the last Event per dedup key, and the
-/// distinct messages per aggregate key in the current window.
+/// What the recorder remembers to correlate events: per dedup key what a repeat takes over
+/// (as client-go's event log keeps it, not the whole Event), and the distinct messages per
+/// aggregate key in the current window.
 #[derive(Default)]
 struct Correlator {
-    seen: HashMap<String, Event>,
+    seen: HashMap<String, Seen>,
     similar: HashMap<String, (Timestamp, HashSet<String>)>,
+}
+
+/// The part of a recorded Event its repeats carry on: its name, when it was first seen, its
+/// count, and when it was last seen (for evicting the oldest).
+struct Seen {
+    name: Option<String>,
+    first: Option<Time>,
+    event_time: Option<MicroTime>,
+    count: i32,
+    last: Timestamp,
 }
 
 impl Correlator {
@@ -124,20 +135,27 @@ impl Correlator {
             }
         };
         if let Some(previous) = self.seen.get(&key) {
-            event.metadata.name = previous.metadata.name.clone();
-            event.first_timestamp = previous.first_timestamp.clone();
+            event.metadata.name = previous.name.clone();
+            event.first_timestamp = previous.first.clone();
             event.event_time = previous.event_time.clone();
-            event.count = Some(previous.count.unwrap_or(1).saturating_add(1));
+            event.count = Some(previous.count.saturating_add(1));
         } else if self.seen.len() >= CACHE_ENTRIES {
             // The oldest remembered event goes, as from client-go's LRU.
             let oldest = self
                 .seen
                 .iter()
-                .min_by_key(|(_, e)| e.last_timestamp.as_ref().map(|t| t.0))
+                .min_by_key(|(_, e)| e.last)
                 .map(|(k, _)| k.clone());
             oldest.map(|k| self.seen.remove(&k));
         }
-        self.seen.insert(key, event.clone());
+        let seen = Seen {
+            name: event.metadata.name.clone(),
+            first: event.first_timestamp.clone(),
+            event_time: event.event_time.clone(),
+            count: event.count.unwrap_or(1),
+            last: now,
+        };
+        self.seen.insert(key, seen);
         event
     }
 }
