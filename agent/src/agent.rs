@@ -349,8 +349,9 @@ async fn connect_runtime(config: &Config, root: &CancellationToken) -> Result<Ru
             max_files: config.container_log_max_files,
         }),
     };
-    let mut delay = Duration::from_millis(500);
+    let mut retry = crate::retry::Retry::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
+        let delay = retry.fail();
         match Runtime::connect(runtime_config.clone()).await {
             Ok(runtime) => return Ok(runtime),
             Err(e) => warn!(error = %e, retry_in = ?delay, "containerd is not answering"),
@@ -359,7 +360,6 @@ async fn connect_runtime(config: &Config, root: &CancellationToken) -> Result<Ru
             _ = root.cancelled() => return Err(AgentError::NoRuntime),
             _ = tokio::time::sleep(delay) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(30));
     }
 }
 

@@ -502,12 +502,14 @@ impl Manager {
         self.tracker.spawn(
             async move {
                 remove_stale(&ctx, stale).await;
-                let (mut worker, mut rx, mut delay) = (worker, rx, RESPAWN_FIRST);
+                let (mut worker, mut rx) = (worker, rx);
+                let mut retry = crate::retry::Retry::new(RESPAWN_FIRST, RESPAWN_MAX);
                 let outcome = loop {
                     let run = std::panic::AssertUnwindSafe(worker.run(&mut rx, token.clone()));
                     if let Ok(outcome) = run.catch_unwind().await {
                         break outcome;
                     }
+                    let delay = retry.fail();
                     error!(
                         ?delay,
                         "pod worker panicked; making it again from what containerd shows"
@@ -516,7 +518,6 @@ impl Manager {
                         Some(again) => worker = again,
                         None => break Outcome::Stopped,
                     }
-                    delay = (delay * 2).min(RESPAWN_MAX);
                 };
                 if let Some(manager) = manager.upgrade() {
                     let _ = manager.send(Command::Ended { uid, outcome });

@@ -355,8 +355,9 @@ impl VolumeManager {
     /// succeeds or `cancel` fires. A pod set up again meanwhile is left to its worker.
     pub async fn retry_orphan_teardown(&self, uid: String, cancel: CancellationToken) {
         let mut registered = self.plugins.subscribe();
-        let mut delay = ORPHAN_RETRY_FIRST;
+        let mut retry = crate::retry::Retry::new(ORPHAN_RETRY_FIRST, ORPHAN_RETRY_MAX);
         loop {
+            let delay = retry.fail();
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = tokio::time::sleep(delay) => {}
@@ -376,10 +377,9 @@ impl VolumeManager {
                     return;
                 }
                 Err(e) => {
-                    tracing::warn!(pod = %uid, error = %e, retry_in = ?delay, "tearing down orphan volumes")
+                    tracing::warn!(pod = %uid, error = %e, "tearing down orphan volumes")
                 }
             }
-            delay = (delay * 2).min(ORPHAN_RETRY_MAX);
         }
     }
 
