@@ -4,10 +4,7 @@
 //! HPA: the kubelet's metric names, labels and millisecond sample times).
 //!
 //! Usage is read from the cgroups runc makes for each container (`nodelet/pod<uid>/<id>`, see
-//! [`crate::pod::cgroup`]) and from the root cgroup for the node: cumulative CPU time and the
-//! working set (usage less inactive file pages, as cAdvisor counts it). The few counters are read
-//! by hand: the crates that know cgroups (cgroups-rs) manage them, and would bring their whole
-//! controller API for two reads. CPU rates (`usageNanoCores`) are the change since the previous
+//! [`crate::pod::cgroup`]) and from the root cgroup for the node ([`cgroup`]). CPU rates (`usageNanoCores`) are the change since the previous
 //! read of the same cgroup, at least a second before; the first read has none, as the kubelet
 //! before its first housekeeping.
 
@@ -17,164 +14,16 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
-use procfs::Current;
 use serde::Serialize;
 
-use crate::probe::metrics::escape;
 use crate::status::Reported;
 
-/// Where the cgroup hierarchies are mounted, and which kind they are.
-#[derive(Clone, Debug)]
-pub enum Cgroups {
-    /// One hierarchy per controller under the root (`cpuacct/`, `memory/`).
-    V1(PathBuf),
-    /// The unified hierarchy at the root.
-    V2(PathBuf),
-}
+mod cgroup;
+mod metrics;
 
-/// A cgroup's memory as the summary API counts it, in bytes (faults in counts).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-struct Memory {
-    usage: u64,
-    working_set: u64,
-    rss: u64,
-    page_faults: u64,
-    major_page_faults: u64,
-    /// The cgroup's memory limit; None when unlimited.
-    limit: Option<u64>,
-}
-
-/// A v1 limit at or past this is "unlimited" (the kernel writes the largest page multiple).
-const V1_UNLIMITED: u64 = 1 << 62;
-
-impl Cgroups {
-    /// The host's hierarchies at /sys/fs/cgroup.
-    pub fn of_host() -> Self {
-        Self::at(Path::new("/sys/fs/cgroup"))
-    }
-
-    /// The hierarchies under `root`: unified when it lists its controllers.
-    pub fn at(root: &Path) -> Self {
-        if root.join("cgroup.controllers").exists() {
-            Cgroups::V2(root.to_path_buf())
-        } else {
-            Cgroups::V1(root.to_path_buf())
-        }
-    }
-
-    /// Cumulative CPU time of the cgroup at `rel` ("" for the root) in nanoseconds.
-    fn cpu_ns(&self, rel: &str) -> Option<u64> {
-        match self {
-            Cgroups::V1(root) => read_u64(&root.join("cpuacct").join(rel).join("cpuacct.usage")),
-            Cgroups::V2(root) => {
-                let stat = std::fs::read_to_string(root.join(rel).join("cpu.stat")).ok()?;
-                keyed(&stat, "usage_usec").map(|us| us.saturating_mul(1000))
-            }
-        }
-    }
-
-    /// Memory of the cgroup at `rel`; the v2 root, which has no `memory.current`, is read from
-    /// /proc/meminfo as cAdvisor reads it.
-    fn memory(&self, rel: &str) -> Option<Memory> {
-        let (usage, limit, stat, [inactive, rss, faults, major]) = match self {
-            Cgroups::V1(root) => {
-                let dir = root.join("memory").join(rel);
-                let limit =
-                    read_u64(&dir.join("memory.limit_in_bytes")).filter(|&l| l < V1_UNLIMITED);
-                let keys = [
-                    "total_inactive_file",
-                    "total_rss",
-                    "total_pgfault",
-                    "total_pgmajfault",
-                ];
-                (
-                    read_u64(&dir.join("memory.usage_in_bytes"))?,
-                    limit,
-                    dir,
-                    keys,
-                )
-            }
-            Cgroups::V2(_) if rel.is_empty() => return node_memory_from_meminfo(),
-            Cgroups::V2(root) => {
-                let dir = root.join(rel);
-                let keys = ["inactive_file", "anon", "pgfault", "pgmajfault"];
-                // "max" does not parse: unlimited.
-                let limit = read_u64(&dir.join("memory.max"));
-                (read_u64(&dir.join("memory.current"))?, limit, dir, keys)
-            }
-        };
-        let stat = std::fs::read_to_string(stat.join("memory.stat")).ok()?;
-        let value = |key| keyed(&stat, key).unwrap_or(0);
-        Some(Memory {
-            usage,
-            working_set: usage.saturating_sub(value(inactive)),
-            rss: value(rss),
-            page_faults: value(faults),
-            major_page_faults: value(major),
-            limit,
-        })
-    }
-}
-
-/// A cgroup's swap: what it uses and its limit (None when unlimited), in bytes.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-struct Swap {
-    usage: u64,
-    limit: Option<u64>,
-}
-
-impl Cgroups {
-    /// Swap of the cgroup at `rel`: v1 counts memory and swap together (`memsw`), v2 apart;
-    /// nothing when the kernel does not account swap.
-    fn swap(&self, rel: &str) -> Swap {
-        match self {
-            Cgroups::V1(root) => {
-                let dir = root.join("memory").join(rel);
-                let read = |file: &str| read_u64(&dir.join(file));
-                let usage = read("memory.memsw.usage_in_bytes")
-                    .zip(read("memory.usage_in_bytes"))
-                    .map_or(0, |(both, memory)| both.saturating_sub(memory));
-                let limit = read("memory.memsw.limit_in_bytes")
-                    .filter(|&l| l < V1_UNLIMITED)
-                    .zip(read("memory.limit_in_bytes"))
-                    .map(|(both, memory)| both.saturating_sub(memory));
-                Swap { usage, limit }
-            }
-            Cgroups::V2(root) => Swap {
-                usage: read_u64(&root.join(rel).join("memory.swap.current")).unwrap_or(0),
-                limit: read_u64(&root.join(rel).join("memory.swap.max")),
-            },
-        }
-    }
-}
-
-/// The node's swap from /proc/meminfo: (total, free) in bytes.
-fn node_swap() -> (u64, u64) {
-    procfs::Meminfo::current().map_or((0, 0), |m| (m.swap_total, m.swap_free))
-}
-
-fn node_memory_from_meminfo() -> Option<Memory> {
-    let m = procfs::Meminfo::current().ok()?;
-    let usage = m.mem_total.saturating_sub(m.mem_free);
-    Some(Memory {
-        usage,
-        working_set: usage.saturating_sub(m.inactive_file.unwrap_or(0)),
-        rss: m.active_anon.unwrap_or(0) + m.inactive_anon.unwrap_or(0),
-        ..Memory::default()
-    })
-}
-
-fn read_u64(path: &Path) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-/// The value of `key` in a `key value` per line file (memory.stat, cpu.stat).
-fn keyed(text: &str, key: &str) -> Option<u64> {
-    text.lines().find_map(|line| {
-        let (k, v) = line.split_once(' ')?;
-        (k == key).then(|| v.trim().parse().ok()).flatten()
-    })
-}
+use cgroup::node_swap;
+pub use cgroup::Cgroups;
+pub use metrics::resource_metrics;
 
 /// The summary API's `Summary`, with the fields nodelet fills.
 #[derive(Serialize, Debug)]
@@ -574,154 +423,9 @@ fn rfc3339(t: SystemTime) -> String {
         .unwrap_or_default()
 }
 
-/// The resource metrics of a summary in the Prometheus text format, as the kubelet's
-/// `/metrics/resource` writes them (metrics-server reads the names, the `container`, `pod` and
-/// `namespace` labels and the sample times in milliseconds).
-pub fn resource_metrics(summary: &Summary) -> String {
-    let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<String>| {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-        for s in samples {
-            out.push_str(name);
-            out.push_str(&s);
-            out.push('\n');
-        }
-    };
-    let node = &summary.node;
-    family(
-        "container_cpu_usage_seconds_total",
-        "counter",
-        "[STABLE] Cumulative cpu time consumed by the container in core-seconds",
-        containers(summary, |c| c.cpu.as_ref().map(cpu_sample)),
-    );
-    family(
-        "container_memory_working_set_bytes",
-        "gauge",
-        "[STABLE] Current working set of the container in bytes",
-        containers(summary, |c| c.memory.as_ref().map(memory_sample)),
-    );
-    family(
-        "container_start_time_seconds",
-        "gauge",
-        "[STABLE] Start time of the container since unix epoch in seconds",
-        containers(summary, |c| {
-            let t = c.start_time.parse::<jiff::Timestamp>().ok()?;
-            let seconds = t.as_nanosecond() as f64 / 1e9;
-            (seconds > 0.0).then(|| format!(" {seconds}"))
-        }),
-    );
-    family(
-        "container_swap_limit_bytes",
-        "gauge",
-        "[ALPHA] Current amount of the container swap limit in bytes. Reported only on non-windows systems",
-        containers(summary, |c| Some(format!(" {} {}", c.swap.limit, c.swap.millis))),
-    );
-    family(
-        "container_swap_usage_bytes",
-        "gauge",
-        "[ALPHA] Current amount of the container swap usage in bytes. Reported only on non-windows systems",
-        containers(summary, |c| Some(swap_sample(&c.swap))),
-    );
-    family(
-        "node_cpu_usage_seconds_total",
-        "counter",
-        "[STABLE] Cumulative cpu time consumed by the node in core-seconds",
-        node.cpu.as_ref().map(cpu_sample).into_iter().collect(),
-    );
-    family(
-        "node_memory_working_set_bytes",
-        "gauge",
-        "[STABLE] Current working set of the node in bytes",
-        node.memory
-            .as_ref()
-            .map(memory_sample)
-            .into_iter()
-            .collect(),
-    );
-    family(
-        "node_swap_usage_bytes",
-        "gauge",
-        "[ALPHA] Current swap usage of the node in bytes. Reported only on non-windows systems",
-        vec![swap_sample(&node.swap)],
-    );
-    family(
-        "pod_cpu_usage_seconds_total",
-        "counter",
-        "[STABLE] Cumulative cpu time consumed by the pod in core-seconds",
-        pods(summary, |p| p.cpu.as_ref().map(cpu_sample)),
-    );
-    family(
-        "pod_memory_working_set_bytes",
-        "gauge",
-        "[STABLE] Current working set of the pod in bytes",
-        pods(summary, |p| p.memory.as_ref().map(memory_sample)),
-    );
-    family(
-        "pod_swap_usage_bytes",
-        "gauge",
-        "[ALPHA] Current amount of the pod swap usage in bytes. Reported only on non-windows systems",
-        pods(summary, |p| Some(swap_sample(&p.swap))),
-    );
-    family(
-        "resource_scrape_error",
-        "gauge",
-        "[STABLE] 1 if there was an error while getting container metrics, 0 otherwise",
-        vec![" 0".into()],
-    );
-    out
-}
-
-/// ` value time_ms` of a CPU sample, in core-seconds.
-fn cpu_sample(c: &CpuStats) -> String {
-    format!(" {} {}", c.usage_core_nano_seconds as f64 / 1e9, c.millis)
-}
-
-fn swap_sample(s: &SwapStats) -> String {
-    format!(" {} {}", s.swap_usage_bytes, s.millis)
-}
-
-fn memory_sample(m: &MemoryStats) -> String {
-    format!(" {} {}", m.working_set_bytes, m.millis)
-}
-
-/// `{container=…,namespace=…,pod=…} sample` for each container that has the sample.
-fn containers(
-    summary: &Summary,
-    sample: impl Fn(&ContainerStats) -> Option<String>,
-) -> Vec<String> {
-    let mut lines = Vec::new();
-    for p in &summary.pods {
-        for c in &p.containers {
-            if let Some(s) = sample(c) {
-                lines.push(format!(
-                    "{{container=\"{}\",namespace=\"{}\",pod=\"{}\"}}{s}",
-                    escape(&c.name),
-                    escape(&p.pod_ref.namespace),
-                    escape(&p.pod_ref.name)
-                ));
-            }
-        }
-    }
-    lines
-}
-
-fn pods(summary: &Summary, sample: impl Fn(&PodStats) -> Option<String>) -> Vec<String> {
-    summary
-        .pods
-        .iter()
-        .filter_map(|p| {
-            let s = sample(p)?;
-            Some(format!(
-                "{{namespace=\"{}\",pod=\"{}\"}}{s}",
-                escape(&p.pod_ref.namespace),
-                escape(&p.pod_ref.name)
-            ))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
+    use super::cgroup::Memory;
     use super::*;
     use k8s_openapi::api::core::v1::{ContainerState, ContainerStateRunning, PodStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
