@@ -254,6 +254,16 @@ impl Recorder {
     }
 
     /// The most recent events, oldest first.
+    /// Forgets what correlates the events of the object with `uid` (a pod gone for good, whose
+    /// events cannot repeat), so a node that ran many pods holds nothing for the gone ones
+    /// beyond the bounded ring.
+    pub fn forget(&self, uid: &str) {
+        let mut correlator = self.correlator.lock().expect("correlator lock");
+        let of = |key: &String| key.split('\u{0}').nth(3) == Some(uid);
+        correlator.seen.retain(|key, _| !of(key));
+        correlator.similar.retain(|key, _| !of(key));
+    }
+
     pub fn recent(&self) -> Vec<Event> {
         self.ring
             .lock()
@@ -340,6 +350,45 @@ mod tests {
             "Liveness probe failed",
         );
         assert_eq!(recorder.recent().len(), 3);
+    }
+
+    #[test]
+    fn a_forgotten_pods_events_leave_the_correlator_and_stay_in_the_ring() {
+        let recorder = Recorder::new("n", None);
+        for name in ["gone", "kept"] {
+            for i in 0..12 {
+                let message = format!("Back-off {i}");
+                recorder.record(pod(name, None), EventType::Warning, "BackOff", &message);
+            }
+        }
+        let entries = |r: &Recorder| {
+            let c = r.correlator.lock().unwrap();
+            (c.seen.len(), c.similar.len())
+        };
+        assert_eq!(
+            entries(&recorder),
+            (2 * 10, 2),
+            "10 distinct then one combined, per pod"
+        );
+        recorder.forget("uid-gone");
+        assert_eq!(entries(&recorder), (10, 1), "only the kept pod's");
+        assert_eq!(
+            recorder.recent().len(),
+            2 * 10,
+            "the ring keeps both pods' events"
+        );
+        // The kept pod's repeat still counts on.
+        recorder.record(
+            pod("kept", None),
+            EventType::Warning,
+            "BackOff",
+            "Back-off 11",
+        );
+        let combined = recorder
+            .recent()
+            .into_iter()
+            .filter(|e| e.involved_object.uid.as_deref() == Some("uid-kept") && e.count > Some(1));
+        assert_eq!(combined.count(), 1);
     }
 
     #[test]

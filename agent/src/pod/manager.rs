@@ -297,7 +297,7 @@ impl Manager {
             .collect();
         for uid in forgotten {
             st.done.remove(&uid);
-            self.ctx.status.forget(&uid);
+            self.ctx.forget(&uid);
         }
         for d in all {
             self.update(d);
@@ -414,7 +414,7 @@ impl Manager {
         if let Some(slot) = st.waiting.get_mut(&uid) {
             if gone(&desired) {
                 st.waiting.remove(&uid);
-                self.ctx.status.forget(&uid);
+                self.ctx.forget(&uid);
             } else {
                 *slot = desired;
             }
@@ -423,12 +423,12 @@ impl Manager {
         if st.done.contains(&uid) {
             if gone(&desired) {
                 st.done.remove(&uid);
-                self.ctx.status.forget(&uid);
+                self.ctx.forget(&uid);
             }
             return;
         }
         if gone(&desired) && !st.recovered.contains_key(&uid) {
-            self.ctx.status.forget(&uid);
+            self.ctx.forget(&uid);
             return;
         }
         if desired.deletion.is_none() && !st.recovered.contains_key(&uid) {

@@ -74,6 +74,15 @@ pub struct PodContext {
     pub store: ObjectStore,
 }
 
+impl PodContext {
+    /// Forgets a pod that is gone for good: its reported status, and what correlates its
+    /// events (a repeat of them can no longer come; the `/events` ring keeps the events).
+    pub fn forget(&self, uid: &str) {
+        self.status.forget(uid);
+        self.recorder.forget(uid);
+    }
+}
+
 /// A source's request to stop a pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Deletion {

@@ -168,7 +168,7 @@ impl Worker {
             }
         }
         if self.gone() {
-            self.ctx.status.forget(&self.uid);
+            self.ctx.forget(&self.uid);
         } else {
             self.ctx.status.finish(&self.uid);
         }
