@@ -382,7 +382,7 @@ fn stored_form_pods_reach_their_expected_state() {
     let mut names = Vec::new();
     for file in &files {
         let text = std::fs::read_to_string(file).unwrap();
-        let pod: k8s_openapi::api::core::v1::Pod = serde_yaml::from_str(&text).unwrap();
+        let pod: k8s_openapi::api::core::v1::Pod = serde_yaml_ng::from_str(&text).unwrap();
         let annotations = pod.metadata.annotations.unwrap_or_default();
         assert!(annotations.contains_key(EXPECT), "{}", file.display());
         names.push(pod.metadata.name.unwrap());

@@ -197,7 +197,7 @@ mod tests {
     use super::*;
 
     fn pod(yaml: &str) -> Pod {
-        serde_yaml::from_str(yaml).unwrap()
+        serde_yaml_ng::from_str(yaml).unwrap()
     }
 
     #[test]
@@ -215,7 +215,7 @@ mod tests {
         store.set_claim(
             "shop",
             "data",
-            serde_yaml::from_str(
+            serde_yaml_ng::from_str(
                 "metadata: {name: data, namespace: shop}
 spec: {volumeName: pv-1}
 ",
@@ -224,7 +224,7 @@ spec: {volumeName: pv-1}
         );
         store.set_volume(
             "pv-1",
-            serde_yaml::from_str(
+            serde_yaml_ng::from_str(
                 "metadata: {name: pv-1}
 spec:
   csi:

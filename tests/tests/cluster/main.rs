@@ -267,7 +267,7 @@ fn credential_files(
     dir: &std::path::Path,
 ) -> (PathBuf, PathBuf, PathBuf) {
     let text = std::fs::read_to_string(kubeconfig).expect("read kubeconfig");
-    let doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("kubeconfig YAML");
+    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).expect("kubeconfig YAML");
     let field = |list: &str, item: &str, key: &str| {
         let value = &doc[list][0][item][key];
         let data = value.as_str().unwrap_or_else(|| {
@@ -1506,10 +1506,10 @@ fn api_proxy(c: &Cluster) -> (Proxy, PathBuf, tempfile::TempDir) {
 fn api_proxy_on(
     kubeconfig: &std::path::Path,
     listen: std::net::SocketAddr,
-    edit: impl FnOnce(&mut serde_yaml::Value),
+    edit: impl FnOnce(&mut serde_yaml_ng::Value),
 ) -> (Proxy, PathBuf, tempfile::TempDir) {
     let text = std::fs::read_to_string(kubeconfig).unwrap();
-    let mut doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let mut doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
     let server = doc["clusters"][0]["cluster"]["server"]
         .as_str()
         .unwrap()
@@ -1527,7 +1527,7 @@ fn api_proxy_on(
     edit(&mut doc);
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, serde_yaml::to_string(&doc).unwrap()).unwrap();
+    std::fs::write(&kubeconfig, serde_yaml_ng::to_string(&doc).unwrap()).unwrap();
     (proxy, kubeconfig, dir)
 }
 

@@ -81,7 +81,7 @@ impl Known {
 fn shapes() -> Vec<Shape> {
     let path = data_dir().join("shapes.yaml");
     let text = std::fs::read_to_string(&path).expect("read shapes.yaml");
-    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// The shape's pod for `node`.
