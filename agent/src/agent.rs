@@ -101,7 +101,6 @@ pub async fn run(
         std::path::Path::new(crate::lock::NAMESPACE_LOCK_DIR),
     )?;
     let runtime = connect_runtime(&config, &root).await?;
-    runtime.limit_pulls(config.max_parallel_image_pulls);
     let store = ObjectStore::new();
     let host_ip = config.node_ip.or_else(node_ip);
     // The API client first: the recorder, the volume manager and the secure port are made
@@ -348,6 +347,7 @@ async fn connect_runtime(config: &Config, root: &CancellationToken) -> Result<Ru
             max_size: config.container_log_max_size,
             max_files: config.container_log_max_files,
         }),
+        max_parallel_image_pulls: config.max_parallel_image_pulls,
     };
     let mut retry = crate::retry::Retry::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {

@@ -62,6 +62,7 @@ impl TestRuntime {
             root_dir: root.to_path_buf(),
             log_driver: log_driver_binary(),
             log_rotation: None,
+            max_parallel_image_pulls: nodelet::config::DEFAULT_PARALLEL_IMAGE_PULLS,
         }
     }
 

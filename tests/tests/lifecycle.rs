@@ -128,7 +128,8 @@ impl Harness {
             "metadata:\n  name: {name}\n  namespace: default\n  uid: {uid}\nspec:\n  volumes:\n  - name: work\n    hostPath:\n      path: {}\n      type: DirectoryOrCreate\n{spec}",
             self.work.path().display()
         );
-        serde_yaml_ng::from_str(&yaml).unwrap_or_else(|e| panic!("bad test pod {name}: {e}\n{yaml}"))
+        serde_yaml_ng::from_str(&yaml)
+            .unwrap_or_else(|e| panic!("bad test pod {name}: {e}\n{yaml}"))
     }
 
     fn run(&self, pod: &Pod) {

@@ -1040,7 +1040,12 @@ async fn an_image_without_path_gets_containerds_default_path() {
 #[tokio::test]
 async fn image_pulls_run_no_more_than_the_configured_number_at_once() {
     let t = TestRuntime::new("pull-limit").await;
-    t.rt.limit_pulls(1);
+    let rt = Runtime::connect(RuntimeConfig {
+        max_parallel_image_pulls: 1,
+        ..TestRuntime::config(&t.namespace, t.dir.path())
+    })
+    .await
+    .unwrap();
     let images = [
         busybox(),
         multilayer(),
@@ -1048,11 +1053,11 @@ async fn image_pulls_run_no_more_than_the_configured_number_at_once() {
     ];
     let pulls = images
         .iter()
-        .map(|i| t.rt.ensure_image(i, PullPolicy::Always, None));
+        .map(|i| rt.ensure_image(i, PullPolicy::Always, None));
     for pulled in futures::future::join_all(pulls).await {
         pulled.expect("pull");
     }
-    assert_eq!(t.rt.pulls_started(), 3);
-    assert_eq!(t.rt.pulls_peak(), 1, "one pull at a time");
+    assert_eq!(rt.pulls_started(), 3);
+    assert_eq!(rt.pulls_peak(), 1, "one pull at a time");
     t.cleanup().await;
 }

@@ -43,19 +43,18 @@ const LABEL_CONFIG: &str = "containerd.io/gc.ref.content.config";
 pub(super) struct PullGroup {
     inflight: Mutex<HashMap<String, SharedPull>>,
     started: AtomicU64,
-    limit: Mutex<Arc<tokio::sync::Semaphore>>,
+    limit: Arc<tokio::sync::Semaphore>,
     running: AtomicUsize,
     peak: AtomicUsize,
 }
 
-impl Default for PullGroup {
-    fn default() -> Self {
+impl PullGroup {
+    /// At most `max` registry pulls at once (at least 1).
+    pub(super) fn new(max: usize) -> Self {
         PullGroup {
             inflight: Mutex::default(),
             started: AtomicU64::default(),
-            limit: Mutex::new(Arc::new(tokio::sync::Semaphore::new(
-                crate::config::DEFAULT_PARALLEL_IMAGE_PULLS,
-            ))),
+            limit: Arc::new(tokio::sync::Semaphore::new(max.max(1))),
             running: AtomicUsize::default(),
             peak: AtomicUsize::default(),
         }
@@ -200,12 +199,6 @@ impl Runtime {
         self.inner.pulls.started.load(Ordering::Relaxed)
     }
 
-    /// At most `max` registry pulls run at once from now on (at least 1).
-    pub fn limit_pulls(&self, max: usize) {
-        let semaphore = Arc::new(tokio::sync::Semaphore::new(max.max(1)));
-        *self.inner.pulls.limit.lock().expect("poisoned") = semaphore;
-    }
-
     /// The most registry pulls that ran at once so far.
     pub fn pulls_peak(&self) -> usize {
         self.inner.pulls.peak.load(Ordering::Relaxed)
@@ -223,7 +216,7 @@ impl Runtime {
         let rt = self.clone();
         let task_key = key.clone();
         let handle = tokio::spawn(async move {
-            let limit = rt.inner.pulls.limit.lock().expect("poisoned").clone();
+            let limit = rt.inner.pulls.limit.clone();
             // The semaphore is never closed, so a permit always comes.
             let permit = limit.acquire_owned().await;
             let pulls = &rt.inner.pulls;

@@ -79,6 +79,8 @@ pub struct RuntimeConfig {
     pub log_driver: PathBuf,
     /// Size-based rotation of container logs, done by the driver; `None`: never rotated.
     pub log_rotation: Option<LogRotation>,
+    /// Registry pulls that may run at once (`maxParallelImagePulls`; at least 1).
+    pub max_parallel_image_pulls: usize,
 }
 
 /// When the log driver rotates a container's log (the kubelet's `containerLogMaxSize` and
@@ -502,11 +504,11 @@ impl Runtime {
         Ok(Runtime {
             inner: Arc::new(Inner {
                 cgroup_v2: cgroup_v2(),
+                pulls: image::PullGroup::new(config.max_parallel_image_pulls),
                 config,
                 channel,
                 ns,
                 exits,
-                pulls: image::PullGroup::default(),
                 _events: token.drop_guard(),
             }),
         })
