@@ -44,6 +44,18 @@ pub struct Input<'a> {
 }
 
 /// A Kubernetes time, whole seconds (as the API stores it).
+/// Every container status of a pod: init (sidecars included), app, ephemeral.
+pub fn all_container_statuses(status: &PodStatus) -> impl Iterator<Item = &ContainerStatus> {
+    [
+        &status.init_container_statuses,
+        &status.container_statuses,
+        &status.ephemeral_container_statuses,
+    ]
+    .into_iter()
+    .flatten()
+    .flatten()
+}
+
 pub fn time(t: SystemTime) -> Time {
     let ts = Timestamp::try_from(t).unwrap_or(Timestamp::UNIX_EPOCH);
     Time(Timestamp::from_second(ts.as_second()).unwrap_or(ts))

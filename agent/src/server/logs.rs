@@ -128,14 +128,9 @@ pub(super) fn find_pod(status: &StatusManager, namespace: &str, name: &str) -> O
 }
 
 pub(super) fn container_status(pod: &Pod, container: &str) -> Option<ContainerStatus> {
-    let status = pod.status.as_ref()?;
-    let mut all = status
-        .container_statuses
-        .iter()
-        .flatten()
-        .chain(status.init_container_statuses.iter().flatten())
-        .chain(status.ephemeral_container_statuses.iter().flatten());
-    all.find(|c| c.name == container).cloned()
+    crate::pod::status::all_container_statuses(pod.status.as_ref()?)
+        .find(|c| c.name == container)
+        .cloned()
 }
 
 /// What a followed log asks of the status: whether its attempt still runs; and of the log's

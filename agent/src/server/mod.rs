@@ -162,15 +162,7 @@ fn kubelet_metrics(node_name: &str, pods: &[crate::status::Reported]) -> String 
         let Some(status) = r.pod.status.as_ref() else {
             continue;
         };
-        let containers = [
-            &status.init_container_statuses,
-            &status.container_statuses,
-            &status.ephemeral_container_statuses,
-        ];
-        let created: Vec<_> = containers
-            .into_iter()
-            .flatten()
-            .flatten()
+        let created: Vec<_> = crate::pod::status::all_container_statuses(status)
             .filter(|c| c.container_id.is_some())
             .collect();
         if !created.is_empty() {

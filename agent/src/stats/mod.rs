@@ -8,7 +8,7 @@
 //! read of the same cgroup, at least a second before; the first read has none, as the kubelet
 //! before its first housekeeping.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -184,14 +184,15 @@ impl Stats {
     /// The summary of the node and of the pods given (the status manager's), their running
     /// containers only, as the kubelet lists what cAdvisor sees.
     pub fn summary(&self, pods: &[Reported]) -> Summary {
-        let mut seen = Vec::new();
+        let mut seen = HashSet::new();
         let now = SystemTime::now();
         let (capacity, available) = crate::host::filesystem(&self.root_dir);
         let (swap_total, swap_free) = node_swap();
+        let booted = boot_time();
         let node = NodeStats {
             node_name: self.node_name.clone(),
-            start_time: rfc3339(boot_time()),
-            cpu: self.cpu("", Some(boot_time()), now, &mut seen),
+            start_time: rfc3339(booted),
+            cpu: self.cpu("", Some(booted), now, &mut seen),
             memory: self.memory("", now).map(|mut m| {
                 m.available_bytes = Some(crate::host::memory_available());
                 m
@@ -236,19 +237,12 @@ impl Stats {
         logs_fs: (u64, u64),
         node_swap: (u64, u64),
         now: SystemTime,
-        seen: &mut Vec<String>,
+        seen: &mut HashSet<String>,
     ) -> Option<PodStats> {
         let uid = pod.metadata.uid.as_deref()?;
         let status = pod.status.as_ref()?;
-        let running = [
-            &status.init_container_statuses,
-            &status.container_statuses,
-            &status.ephemeral_container_statuses,
-        ]
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|c| Some((c, running_since(c)?, runtime_id(c)?)));
+        let running = crate::pod::status::all_container_statuses(status)
+            .filter_map(|c| Some((c, running_since(c)?, runtime_id(c)?)));
         let pod_cgroup = crate::pod::cgroup::pod_path(uid);
         let log_dir = crate::pod::logs::pod_dir(&self.log_dir, pod);
         let containers: Vec<ContainerStats> = running
@@ -316,7 +310,7 @@ impl Stats {
         cgroup: &str,
         since: Option<SystemTime>,
         now: SystemTime,
-        seen: &mut Vec<String>,
+        seen: &mut HashSet<String>,
     ) -> Option<CpuStats> {
         let cpu_ns = self.cgroups.cpu_ns(cgroup)?;
         let at = now.duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -338,7 +332,7 @@ impl Stats {
             },
         };
         previous.insert(cgroup.to_string(), sample);
-        seen.push(cgroup.to_string());
+        seen.insert(cgroup.to_string());
         Some(CpuStats {
             time: rfc3339(now),
             usage_nano_cores: sample.rate,
