@@ -226,6 +226,10 @@ pub async fn run(
     }
 
     tokio::spawn(sync_pods(manager.clone(), manifest_rx, api, root.clone()));
+    tokio::spawn(crate::memory::give_back_when_settled(
+        status.subscribe(),
+        root.clone(),
+    ));
 
     let state = ServerState {
         status: status.clone(),

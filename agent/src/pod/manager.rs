@@ -537,8 +537,6 @@ impl Manager {
         }
         st.done.insert(uid.to_string());
         let _ = self.finished.send(uid.to_string());
-        // The pod set shrank: what its worker held goes back to the node.
-        crate::memory::trim_soon();
         let next = st
             .waiting
             .iter()
