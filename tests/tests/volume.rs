@@ -235,7 +235,7 @@ async fn empty_dir_on_disk_and_tmpfs_with_size_limit() {
         ]),
         json!([]),
     );
-    let v = host.vm.setup(&p).await.unwrap();
+    let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
     let disk = host_path(&v, "disk");
     assert_eq!(
         disk,
@@ -253,7 +253,7 @@ async fn empty_dir_on_disk_and_tmpfs_with_size_limit() {
     assert_eq!(m.fs_type, "tmpfs");
     assert!(m.super_opts.contains("size=16384k"), "{m:?}");
     // Idempotent: a second setup re-adopts the mount instead of stacking another.
-    host.vm.setup(&p).await.unwrap();
+    host.vm.setup(&Arc::new(p.clone())).await.unwrap();
     assert_eq!(host.mounts().len(), 1);
     assert_eq!(host.vm.list(), vec!["ed-1".to_string()]);
     host.vm.teardown("ed-1").await.unwrap();
@@ -305,7 +305,7 @@ async fn host_path_type_checks() {
             json!([{"name": "h", "hostPath": src}]),
             json!([]),
         );
-        let r = host.vm.setup(&p).await;
+        let r = host.vm.setup(&Arc::new(p.clone())).await;
         match (ok, &r) {
             (true, Ok(v)) => assert_eq!(
                 host_path(v, "h"),
@@ -339,7 +339,7 @@ async fn config_map_update_reaches_the_pod_on_refresh() {
         ]),
         json!([]),
     );
-    let v = host.vm.setup(&p).await.unwrap();
+    let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
     assert!(v.volumes["all"].read_only);
     let all = host_path(&v, "all");
     assert_eq!(fs::read_to_string(all.join("a")).unwrap(), "1");
@@ -361,14 +361,14 @@ async fn config_map_update_reaches_the_pod_on_refresh() {
     let first = fs::read_link(all.join("..data")).unwrap();
 
     // Unchanged: refresh is a no-op.
-    host.vm.refresh(&p, &v).await.unwrap();
+    host.vm.refresh(&Arc::new(p.clone()), &v).await.unwrap();
     assert_eq!(fs::read_link(all.join("..data")).unwrap(), first);
 
     host.objects(|o| {
         o.config_maps
             .insert(key("cfg"), config_map("cfg", json!({"a": "new", "c": "3"})));
     });
-    host.vm.refresh(&p, &v).await.unwrap();
+    host.vm.refresh(&Arc::new(p.clone()), &v).await.unwrap();
     let second = fs::read_link(all.join("..data")).unwrap();
     assert_ne!(first, second);
     assert_eq!(fs::read_to_string(all.join("a")).unwrap(), "new");
@@ -387,7 +387,7 @@ async fn config_map_update_reaches_the_pod_on_refresh() {
         json!([]),
     );
     assert!(matches!(
-        host.vm.setup(&bad).await,
+        host.vm.setup(&Arc::new(bad.clone())).await,
         Err(VolumeError::Missing {
             kind: "configmap",
             ..
@@ -417,7 +417,7 @@ async fn secret_on_tmpfs_with_modes() {
                            {"key": "token", "path": "token"}]}}]),
         json!([]),
     );
-    let v = host.vm.setup(&p).await.unwrap();
+    let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
     let dir = host_path(&v, "s");
     assert_eq!(
         dir,
@@ -448,7 +448,7 @@ async fn downward_api_files() {
     );
     p.spec.as_mut().unwrap().containers[0].resources =
         Some(serde_json::from_value(json!({"limits": {"memory": "64Mi"}})).unwrap());
-    let v = host.vm.setup(&p).await.unwrap();
+    let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
     let dir = host_path(&v, "d");
     assert_eq!(
         fs::read_to_string(dir.join("labels")).unwrap(),
@@ -463,7 +463,7 @@ async fn downward_api_files() {
         .as_mut()
         .unwrap()
         .insert("app".into(), "api".into());
-    host.vm.refresh(&p, &v).await.unwrap();
+    host.vm.refresh(&Arc::new(p.clone()), &v).await.unwrap();
     assert_eq!(
         fs::read_to_string(dir.join("labels")).unwrap(),
         "app=\"api\"\ntier=\"front\""
@@ -472,19 +472,23 @@ async fn downward_api_files() {
 }
 
 /// Issues `token-N-for-ACCOUNT-AUDIENCE` (N counting its requests), valid for the requested
-/// seconds; fails while `down` is set.
+/// seconds; fails while `down` is set. `pod_at` is the address of the pod object it was last
+/// asked for.
 #[derive(Default)]
 struct CountingTokens {
     calls: AtomicUsize,
     down: AtomicBool,
+    pod_at: AtomicUsize,
 }
 
 impl TokenSource for CountingTokens {
     fn token<'a>(
         &'a self,
-        _pod: &'a Pod,
+        pod: &'a Pod,
         request: TokenRequest,
     ) -> BoxFuture<'a, Result<IssuedToken, String>> {
+        self.pod_at
+            .store(std::ptr::from_ref(pod) as usize, Ordering::SeqCst);
         Box::pin(async move {
             if self.down.load(Ordering::SeqCst) {
                 return Err("the API server is down".into());
@@ -511,7 +515,10 @@ async fn projected_token_is_cached_and_rewritten_before_it_expires() {
     let p = pod("tk-1", vols, json!([]));
     let tokens = Arc::new(CountingTokens::default());
     host.restart_with_tokens(tokens.clone());
-    let v = host.vm.setup(&p).await.unwrap();
+    let shared = Arc::new(p.clone());
+    let v = host.vm.setup(&shared).await.unwrap();
+    // The manager keeps the pod it was given for the refreshes, not a copy of it.
+    assert_eq!(Arc::strong_count(&shared), 2, "the volume manager copied the pod");
     let dir = host_path(&v, "proj");
     assert_eq!(
         fs::read_to_string(dir.join("token")).unwrap(),
@@ -523,7 +530,7 @@ async fn projected_token_is_cached_and_rewritten_before_it_expires() {
         o.config_maps
             .insert(key("cfg"), config_map("cfg", json!({"a": "2"})));
     });
-    host.vm.refresh(&p, &v).await.unwrap();
+    host.vm.refresh(&shared, &v).await.unwrap();
     assert_eq!(fs::read_to_string(dir.join("a")).unwrap(), "2");
     assert_eq!(tokens.calls.load(Ordering::SeqCst), 1);
 
@@ -542,6 +549,12 @@ async fn projected_token_is_cached_and_rewritten_before_it_expires() {
         "token-2-for-default-"
     );
     assert_eq!(fs::read_to_string(dir.join("a")).unwrap(), "2");
+    // The refresh asked for the worker's own pod object: the manager kept it, not a copy.
+    assert_eq!(
+        tokens.pod_at.load(Ordering::SeqCst),
+        Arc::as_ptr(&shared) as usize,
+        "the token refresh used a copy of the pod"
+    );
 
     // An API outage keeps the volume as it is, even once its token has expired.
     tokens.down.store(true, Ordering::SeqCst);
@@ -578,13 +591,13 @@ async fn projected_sources_and_token_source() {
         {"serviceAccountToken": {"path": "token", "audience": "api"}}
     ]}}]);
     let p = pod("pr-1", vols, json!([]));
-    match host.vm.setup(&p).await {
+    match host.vm.setup(&Arc::new(p.clone())).await {
         Err(VolumeError::Invalid { detail, .. }) => assert!(detail.contains("token"), "{detail}"),
         other => panic!("expected Invalid without a token source: {other:?}"),
     }
     // The same node in cluster mode: the manager is made with the API's token issuer.
     host.restart_with_tokens(Arc::new(CountingTokens::default()));
-    let v = host.vm.setup(&p).await.unwrap();
+    let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
     let dir = host_path(&v, "proj");
     assert_eq!(mount_at(&host, &dir).expect("tmpfs").fs_type, "tmpfs");
     assert_eq!(fs::read_to_string(dir.join("a")).unwrap(), "1");
@@ -615,7 +628,7 @@ async fn sub_path_is_resolved_beneath_the_volume() {
         )
         .unwrap(),
     );
-    let v = host.vm.setup(&p).await.unwrap();
+    let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
     let vol = host_path(&v, "data");
     let (mounts, devices) = host.vm.container_mounts(&p, &container(&p), &v).unwrap();
     assert!(devices.is_empty());
@@ -710,7 +723,7 @@ async fn claims_resolve_to_host_path_and_local_pvs() {
         ]),
         json!([{"name": "a", "mountPath": "/a"}, {"name": "c", "mountPath": "/c"}]),
     );
-    let v = host.vm.setup(&p).await.unwrap();
+    let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
     assert_eq!(host_path(&v, "a"), hp_dir);
     let b = host_path(&v, "b");
     assert_eq!(
@@ -731,7 +744,7 @@ async fn claims_resolve_to_host_path_and_local_pvs() {
         json!([{"name": "b", "persistentVolumeClaim": {"claimName": "loc"}}]),
         json!([]),
     );
-    host.vm.setup(&p2).await.unwrap();
+    host.vm.setup(&Arc::new(p2.clone())).await.unwrap();
     let (mounts, _) = host.vm.container_mounts(&p, &container(&p), &v).unwrap();
     assert!(mounts[1].options.contains(&"ro".to_string()));
     host.vm.teardown("pvc-1").await.unwrap();
@@ -761,7 +774,7 @@ async fn read_only_claim_is_enforced_by_the_mount() {
         json!([{"name": "r", "persistentVolumeClaim": {"claimName": "loc", "readOnly": true}}]),
         json!([]),
     );
-    let v = host.vm.setup(&p).await.unwrap();
+    let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
     let r = host_path(&v, "r");
     let m = mount_at(&host, &r).expect("bind mount");
     assert!(m.opts.split(',').any(|o| o == "ro"), "{m:?}");
@@ -807,24 +820,30 @@ async fn unbound_missing_and_read_write_once_pod_claims() {
         )
     };
     assert!(matches!(
-        host.vm.setup(&use_claim("u-1", "unbound")).await,
+        host.vm.setup(&Arc::new(use_claim("u-1", "unbound"))).await,
         Err(VolumeError::Unbound { .. })
     ));
     assert!(matches!(
-        host.vm.setup(&use_claim("u-2", "stolen")).await,
+        host.vm.setup(&Arc::new(use_claim("u-2", "stolen"))).await,
         Err(VolumeError::Unbound { .. })
     ));
     assert!(matches!(
-        host.vm.setup(&use_claim("u-3", "absent")).await,
+        host.vm.setup(&Arc::new(use_claim("u-3", "absent"))).await,
         Err(VolumeError::Missing {
             kind: "persistentvolumeclaim",
             ..
         })
     ));
-    host.vm.setup(&use_claim("u-4", "rwop")).await.unwrap();
+    host.vm
+        .setup(&Arc::new(use_claim("u-4", "rwop")))
+        .await
+        .unwrap();
     // Setup again for the same pod is fine.
-    host.vm.setup(&use_claim("u-4", "rwop")).await.unwrap();
-    match host.vm.setup(&use_claim("u-5", "rwop")).await {
+    host.vm
+        .setup(&Arc::new(use_claim("u-4", "rwop")))
+        .await
+        .unwrap();
+    match host.vm.setup(&Arc::new(use_claim("u-5", "rwop"))).await {
         Err(VolumeError::InUse { other, .. }) => assert!(other.contains("u-4"), "{other}"),
         other => panic!("expected InUse: {other:?}"),
     }
@@ -832,11 +851,14 @@ async fn unbound_missing_and_read_write_once_pod_claims() {
     let mut host = host;
     host.restart();
     assert!(matches!(
-        host.vm.setup(&use_claim("u-5", "rwop")).await,
+        host.vm.setup(&Arc::new(use_claim("u-5", "rwop"))).await,
         Err(VolumeError::InUse { .. })
     ));
     host.vm.teardown("u-4").await.unwrap();
-    host.vm.setup(&use_claim("u-5", "rwop")).await.unwrap();
+    host.vm
+        .setup(&Arc::new(use_claim("u-5", "rwop")))
+        .await
+        .unwrap();
     for uid in ["u-1", "u-2", "u-3", "u-5"] {
         host.vm.teardown(uid).await.unwrap();
     }
@@ -883,7 +905,7 @@ async fn block_device_pvs_raw_and_formatted() {
     );
     p.spec.as_mut().unwrap().containers[0].volume_devices =
         Some(serde_json::from_value(json!([{"name": "raw", "devicePath": "/dev/xvda"}])).unwrap());
-    let v = host.vm.setup(&p).await.unwrap();
+    let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
     assert!(v.volumes["raw"].block);
     assert_eq!(host_path(&v, "raw"), raw);
     let (mounts, devices) = host.vm.container_mounts(&p, &container(&p), &v).unwrap();
@@ -900,7 +922,7 @@ async fn block_device_pvs_raw_and_formatted() {
     host.vm.teardown("blk-1").await.unwrap();
     assert!(host.mounts().is_empty());
     // The filesystem (not reformatted) carries the data to the next pod.
-    let v = host.vm.setup(&p).await.unwrap();
+    let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
     assert_eq!(
         fs::read_to_string(host_path(&v, "fs").join("keep")).unwrap(),
         "persisted"
@@ -917,7 +939,7 @@ async fn fs_group_owns_writable_volumes() {
         serde_json::from_value(json!({"fsGroup": 2345, "fsGroupChangePolicy": "OnRootMismatch"}))
             .unwrap(),
     );
-    let v = host.vm.setup(&p).await.unwrap();
+    let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
     let d = host_path(&v, "d");
     let meta = fs::metadata(&d).unwrap();
     assert_eq!(meta.gid(), 2345);
@@ -964,7 +986,7 @@ async fn hundred_setup_teardown_cycles_leave_nothing() {
         ]),
     );
     for _ in 0..100 {
-        let v = host.vm.setup(&p).await.unwrap();
+        let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
         host.vm.container_mounts(&p, &container(&p), &v).unwrap();
         assert!(!host.mounts().is_empty());
         host.vm.teardown("mix-1").await.unwrap();
@@ -986,11 +1008,11 @@ async fn restart_re_adopts_mounts_and_tears_down_by_uid() {
         json!([{"name": "mem", "emptyDir": {"medium": "Memory"}}]),
         json!([]),
     );
-    let v = host.vm.setup(&p).await.unwrap();
+    let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
     fs::write(host_path(&v, "mem").join("f"), "kept").unwrap();
     host.restart();
     assert_eq!(host.vm.list(), vec!["ra-1".to_string()]);
-    let v2 = host.vm.setup(&p).await.unwrap();
+    let v2 = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
     assert_eq!(v, v2);
     assert_eq!(
         fs::read_to_string(host_path(&v2, "mem").join("f")).unwrap(),
@@ -1068,7 +1090,7 @@ async fn inline_csi_volume_is_published_without_staging() {
         json!([{"name": "scratch", "csi": {"driver": DRIVER, "volumeAttributes": {"size": "16777216"}}}]),
         json!([{"name": "scratch", "mountPath": "/scratch"}]),
     );
-    let v = host.vm.setup(&p).await.unwrap();
+    let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
     let target = host_path(&v, "scratch");
     assert_eq!(
         target,
@@ -1142,7 +1164,11 @@ async fn csi_loop_volume_is_staged_once_and_published_per_pod() {
     let staging = nodelet::volume::csi::staging_path(&host.root, DRIVER, "vol-1");
     let backing = state.join("volumes/vol-1.img");
 
-    let v1 = host.vm.setup(&user("csi-1", false)).await.unwrap();
+    let v1 = host
+        .vm
+        .setup(&Arc::new(user("csi-1", false)))
+        .await
+        .unwrap();
     let t1 = host_path(&v1, "v");
     assert_eq!(
         t1,
@@ -1154,7 +1180,11 @@ async fn csi_loop_volume_is_staged_once_and_published_per_pod() {
     assert!(!attached_loops(&backing).is_empty());
     fs::write(t1.join("hello"), "from pod 1").unwrap();
 
-    let v2 = host.vm.setup(&user("csi-2", false)).await.unwrap();
+    let v2 = host
+        .vm
+        .setup(&Arc::new(user("csi-2", false)))
+        .await
+        .unwrap();
     let t2 = host_path(&v2, "v");
     assert_eq!(fs::read_to_string(t2.join("hello")).unwrap(), "from pod 1");
     let staged_mounts = host.mounts().iter().filter(|m| m.point == staging).count();
@@ -1177,7 +1207,7 @@ async fn csi_loop_volume_is_staged_once_and_published_per_pod() {
     assert!(!staging.exists());
 
     // The data persists into the next pod, here read-only.
-    let v3 = host.vm.setup(&user("csi-3", true)).await.unwrap();
+    let v3 = host.vm.setup(&Arc::new(user("csi-3", true))).await.unwrap();
     let t3 = host_path(&v3, "v");
     assert!(v3.volumes["v"].read_only);
     assert_eq!(fs::read_to_string(t3.join("hello")).unwrap(), "from pod 1");
@@ -1221,7 +1251,7 @@ async fn csi_calls_carry_the_pvs_secrets_and_mount_options() {
         json!([{"name": "v", "mountPath": "/data"}]),
     );
     // The publish secret (its namespace is the claim's) does not exist yet: a clear error.
-    let err = host.vm.setup(&user).await.unwrap_err();
+    let err = host.vm.setup(&Arc::new(user.clone())).await.unwrap_err();
     assert!(
         matches!(&err, VolumeError::Missing { kind: "secret", name, .. } if name == "default/publish-creds"),
         "{err}"
@@ -1230,7 +1260,7 @@ async fn csi_calls_carry_the_pvs_secrets_and_mount_options() {
         o.secrets
             .insert(key("publish-creds"), secret("publish-creds", "token"));
     });
-    let v = host.vm.setup(&user).await.unwrap();
+    let v = host.vm.setup(&Arc::new(user.clone())).await.unwrap();
     let staging = nodelet::volume::csi::staging_path(&host.root, DRIVER, "vol-s");
     let staged = mount_at(&host, &staging).expect("staged");
     assert!(
@@ -1267,7 +1297,7 @@ async fn a_csi_call_refused_for_good_keeps_its_code_and_leaves_no_staging_dir() 
         json!([{"name": "v", "persistentVolumeClaim": {"claimName": "ref-data"}}]),
         json!([{"name": "v", "mountPath": "/data"}]),
     );
-    let err = host.vm.setup(&user).await.unwrap_err();
+    let err = host.vm.setup(&Arc::new(user.clone())).await.unwrap_err();
     let VolumeError::Csi { source, .. } = &err else {
         panic!("not a CSI error: {err}");
     };
@@ -1313,7 +1343,7 @@ async fn a_csi_stage_in_flight_stalls_only_the_pods_that_share_it() {
     };
     let spawn_setup = |p: Pod| {
         let vm = host.vm.clone();
-        tokio::spawn(async move { vm.setup(&p).await })
+        tokio::spawn(async move { vm.setup(&Arc::new(p)).await })
     };
     let first = spawn_setup(user("slow-1"));
     let second = spawn_setup(user("slow-2"));
@@ -1334,7 +1364,7 @@ async fn a_csi_stage_in_flight_stalls_only_the_pods_that_share_it() {
         json!([]),
     );
     let bound = Duration::from_secs(30);
-    let v = tokio::time::timeout(bound, host.vm.setup(&other))
+    let v = tokio::time::timeout(bound, host.vm.setup(&Arc::new(other.clone())))
         .await
         .expect("another pod's setup waited for a stage it does not use")
         .unwrap();

@@ -337,11 +337,15 @@ fn uid(pod: &Pod) -> String {
 
 #[async_trait]
 impl PodHost for FakeHost {
-    async fn setup_volumes(&self, pod: &Pod) -> Result<PodVolumes, VolumeError> {
+    async fn setup_volumes(&self, pod: &Arc<Pod>) -> Result<PodVolumes, VolumeError> {
         self.state.lock().unwrap().volumes.insert(uid(pod));
         Ok(PodVolumes::default())
     }
-    async fn refresh_volumes(&self, pod: &Pod, _volumes: &PodVolumes) -> Result<(), VolumeError> {
+    async fn refresh_volumes(
+        &self,
+        pod: &Arc<Pod>,
+        _volumes: &PodVolumes,
+    ) -> Result<(), VolumeError> {
         self.state.lock().unwrap().refreshes.push(uid(pod));
         Ok(())
     }

@@ -91,9 +91,13 @@ impl ContainerRuntime for Runtime {
 #[async_trait]
 pub trait PodHost: Send + Sync + 'static {
     /// Mounts the pod's volumes (idempotent).
-    async fn setup_volumes(&self, pod: &Pod) -> Result<PodVolumes, VolumeError>;
+    async fn setup_volumes(&self, pod: &Arc<Pod>) -> Result<PodVolumes, VolumeError>;
     /// Rewrites the pod's projected volumes from the object store.
-    async fn refresh_volumes(&self, pod: &Pod, volumes: &PodVolumes) -> Result<(), VolumeError>;
+    async fn refresh_volumes(
+        &self,
+        pod: &Arc<Pod>,
+        volumes: &PodVolumes,
+    ) -> Result<(), VolumeError>;
     /// The mounts and devices of one container.
     fn container_mounts(
         &self,
@@ -137,10 +141,14 @@ impl NodeHost {
 
 #[async_trait]
 impl PodHost for NodeHost {
-    async fn setup_volumes(&self, pod: &Pod) -> Result<PodVolumes, VolumeError> {
+    async fn setup_volumes(&self, pod: &Arc<Pod>) -> Result<PodVolumes, VolumeError> {
         self.volumes.setup(pod).await
     }
-    async fn refresh_volumes(&self, pod: &Pod, volumes: &PodVolumes) -> Result<(), VolumeError> {
+    async fn refresh_volumes(
+        &self,
+        pod: &Arc<Pod>,
+        volumes: &PodVolumes,
+    ) -> Result<(), VolumeError> {
         self.volumes.refresh(pod, volumes).await
     }
     fn container_mounts(

@@ -242,7 +242,8 @@ impl VolumeManager {
     }
 
     /// Makes every volume of the pod ready (idempotent; re-adopts existing mounts).
-    pub async fn setup(&self, pod: &Pod) -> Result<PodVolumes, VolumeError> {
+    /// `pod` is the worker's shared object: kept as it is for token refreshes, never copied.
+    pub async fn setup(&self, pod: &Arc<Pod>) -> Result<PodVolumes, VolumeError> {
         let uid = pod_uid(pod)?;
         let _pod = self.pod_locks.lock(&uid).await;
         self.set_up.lock().expect("set_up lock").insert(uid.clone());
@@ -256,10 +257,9 @@ impl VolumeManager {
             rec.name = pod.metadata.name.clone().unwrap_or_default();
         }
         let mut out = PodVolumes::default();
-        let pod = Arc::new(pod.clone());
-        self.note_token_pod(&uid, &pod);
+        self.note_token_pod(&uid, pod);
         for vol in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
-            let ready = self.setup_one(&pod, &uid, vol).await?;
+            let ready = self.setup_one(pod, &uid, vol).await?;
             out.volumes.insert(vol.name.clone(), ready);
         }
         self.save(&uid)?;
@@ -308,12 +308,11 @@ impl VolumeManager {
     }
 
     /// Re-projects configMap, secret, downwardAPI and projected volumes from the store.
-    pub async fn refresh(&self, pod: &Pod, volumes: &PodVolumes) -> Result<(), VolumeError> {
+    pub async fn refresh(&self, pod: &Arc<Pod>, volumes: &PodVolumes) -> Result<(), VolumeError> {
         let uid = pod_uid(pod)?;
         let _pod = self.pod_locks.lock(&uid).await;
-        let pod = Arc::new(pod.clone());
-        self.note_token_pod(&uid, &pod);
-        self.reproject(&pod, &uid, SystemTime::now(), |v| {
+        self.note_token_pod(&uid, pod);
+        self.reproject(pod, &uid, SystemTime::now(), |v| {
             volumes.volumes.contains_key(&v.name)
         })
         .await
