@@ -1,13 +1,13 @@
 //! The per-container log driver, seen from the agent. containerd's shim starts it for every
 //! container (the `binary://` stdio URI, see `container::log_uri`) and it runs on without the
 //! agent; what it does is in the `nodelet-log-driver` crate. Its binary is built by
-//! `agent/build.rs` (statically linked: one runs per container, so its private memory is what
-//! a node pays per container) and embedded here, and the agent installs it on start-up as
-//! `<root-dir>/bin/nodelet-log-driver-<hash of the build>`: a fresh name per build, so a new
-//! agent never rewrites a binary that running drivers still execute, and the agent's
-//! executable is all an installation needs. Should installing fail, the agent falls back to
-//! running itself as the driver (`nodelet log-driver <path>`, same code, about ten times the
-//! memory per container).
+//! `agent/build.rs` (statically linked: one runs per container, so its private memory, about
+//! 42 KiB, is what a node pays per container) and embedded here, and the agent installs it on
+//! start-up as `<root-dir>/bin/nodelet-log-driver-<hash of the build>`: a fresh name per
+//! build, so a new agent never rewrites a binary that running drivers still execute, and the
+//! agent's executable is all an installation needs. Should installing fail, the agent falls
+//! back to running itself as the driver (`nodelet log-driver <path>`, same code, over ten
+//! times the memory per container).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
