@@ -567,7 +567,7 @@ async fn respawn(
     rx: &watch::Receiver<Desired>,
     token: &CancellationToken,
     delay: Duration,
-) -> Option<Worker> {
+) -> Option<Box<Worker>> {
     loop {
         tokio::select! {
             _ = token.cancelled() => return None,

@@ -93,8 +93,12 @@ pub(crate) struct Worker {
     reported: Option<PodStatus>,
     exit_tx: mpsc::UnboundedSender<ExitEvent>,
     exit_rx: mpsc::UnboundedReceiver<ExitEvent>,
-    probe_tx: mpsc::UnboundedSender<ProbeUpdate>,
-    probe_rx: mpsc::UnboundedReceiver<ProbeUpdate>,
+    /// Probe results and postStart hook ends come through futures' unbounded channels, which
+    /// allocate per message: tokio's allocate a block of 32 slots up front (3.5 KiB each, for
+    /// what most pods never send). Exits stay on tokio's, whose weak senders let the router's
+    /// test see that it holds no route of a gone worker.
+    probe_tx: crate::probe::Results,
+    probe_rx: futures::channel::mpsc::UnboundedReceiver<ProbeUpdate>,
     /// Something changed: step again at once.
     dirty: bool,
     /// Failed removals of the pod's cgroups since the last full try.
@@ -104,8 +108,8 @@ pub(crate) struct Worker {
     /// container waits for it, nothing else of the pod starts (and no status is written)
     /// meanwhile; a kill of its container ends it.
     hook: Option<start::PendingHook>,
-    hook_tx: mpsc::UnboundedSender<start::HookDone>,
-    hook_rx: mpsc::UnboundedReceiver<start::HookDone>,
+    hook_tx: futures::channel::mpsc::UnboundedSender<start::HookDone>,
+    hook_rx: futures::channel::mpsc::UnboundedReceiver<start::HookDone>,
     /// When containers whose start failed turn from RunContainerError to CrashLoopBackOff.
     settle: Option<tokio::time::Instant>,
     /// The object store's generation this worker has looked at.
@@ -126,11 +130,11 @@ impl Worker {
         router: ExitRouter,
         desired: Desired,
         recovered: Vec<ContainerRecord>,
-    ) -> (Self, Vec<String>) {
+    ) -> (Box<Self>, Vec<String>) {
         let uid = desired.pod.metadata.uid.clone().unwrap_or_default();
         let (exit_tx, exit_rx) = mpsc::unbounded_channel();
-        let (probe_tx, probe_rx) = mpsc::unbounded_channel();
-        let (hook_tx, hook_rx) = mpsc::unbounded_channel();
+        let (probe_tx, probe_rx) = futures::channel::mpsc::unbounded();
+        let (hook_tx, hook_rx) = futures::channel::mpsc::unbounded();
         let api_start = desired
             .pod
             .status
@@ -142,7 +146,7 @@ impl Worker {
         // before its restart): conditions keep their lastTransitionTime, nothing flaps.
         let reported = desired.pod.status.clone().filter(|_| !recovered.is_empty());
         let store_seen = ctx.store.generation();
-        let mut worker = Worker {
+        let mut worker = Box::new(Worker {
             ctx,
             router,
             uid,
@@ -169,7 +173,7 @@ impl Worker {
             hook_rx,
             settle: None,
             store_seen,
-        };
+        });
         let stale = worker.adopt(recovered);
         (worker, stale)
     }
@@ -220,9 +224,10 @@ impl Worker {
         self.desired.deletion.is_some_and(|d| d.gone)
     }
 
-    /// Runs the worker until the pod is done or `cancel` fires.
+    /// Runs the worker until the pod is done or `cancel` fires. Boxed: the worker is on the
+    /// heap once, not both in its task's future and in this one's.
     pub(crate) async fn run(
-        mut self,
+        mut self: Box<Self>,
         desired: &mut watch::Receiver<Desired>,
         cancel: CancellationToken,
     ) -> Outcome {
@@ -270,8 +275,8 @@ impl Worker {
                     return Outcome::Stopped;
                 },
                 Some(ev) = self.exit_rx.recv() => self.on_exit(ev).await,
-                Some(update) = self.probe_rx.recv() => self.on_probe(update),
-                Some(done) = self.hook_rx.recv() => self.on_hook_done(done),
+                Ok(update) = self.probe_rx.recv() => self.on_probe(update),
+                Ok(done) = self.hook_rx.recv() => self.on_hook_done(done),
                 Ok(()) = store.changed() => self.on_store_change().await,
                 _ = tokio::time::sleep(sleep) => self.resync().await,
             }
@@ -327,7 +332,9 @@ impl Worker {
             Action::SetupVolumes => self.setup_volumes().await.then_some(()).ok_or(retry),
             Action::EnsureSandbox => self.ensure_sandbox().await.then_some(()).ok_or(retry),
             Action::StartContainer { name, attempt } => {
-                self.start_container(&name, attempt).await;
+                // Boxed while it runs: its future is most of a worker's (6.5 KiB), and every
+                // waiting worker's future would be sized for it.
+                Box::pin(self.start_container(&name, attempt)).await;
                 Ok(())
             }
             Action::KillContainer {

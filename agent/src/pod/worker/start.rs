@@ -294,7 +294,7 @@ impl Worker {
                 pod_ip,
             };
             let result = hooks::run(&target, &handler, None).await;
-            let _ = tx.send(HookDone { result, ..done });
+            let _ = tx.unbounded_send(HookDone { result, ..done });
         });
         self.hook = Some(PendingHook {
             name: name.to_string(),
