@@ -163,7 +163,7 @@ impl Harness {
         let uid = uid(pod);
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let status = self.ctx.status.get(&uid).and_then(|r| r.pod.status.clone());
+            let status = self.ctx.status.get(&uid).map(|r| (*r.status).clone());
             if let Some(s) = status.as_ref().filter(|s| check(s)) {
                 return s.clone();
             }
@@ -360,7 +360,7 @@ async fn sidecar_starts_before_the_next_init_container_and_stops_last() {
     );
     let last = h.ctx.status.get(&uid(&pod)).expect("final status");
     assert!(last.finished);
-    let s = last.pod.status.clone().unwrap();
+    let s = (*last.status).clone();
     assert_eq!(
         terminated(container(&s, "app")),
         Some((0, "Completed".into()))
@@ -633,10 +633,7 @@ async fn graceful_delete_runs_pre_stop_then_sends_term() {
         .status
         .get(&uid(&pod))
         .unwrap()
-        .pod
-        .status
-        .clone()
-        .unwrap();
+        .status;
     assert_eq!(
         terminated(container(&s, "app")),
         Some((0, "Completed".into()))
@@ -677,10 +674,7 @@ async fn a_container_ignoring_term_is_killed_after_the_grace() {
         .status
         .get(&uid(&pod))
         .unwrap()
-        .pod
-        .status
-        .clone()
-        .unwrap();
+        .status;
     assert_eq!(
         terminated(container(&s, "app")),
         Some((137, "Error".into()))
@@ -822,7 +816,7 @@ async fn a_new_manager_re_adopts_running_containers() {
         let s = ctx
             .status
             .get(&uid(&pod))
-            .and_then(|r| r.pod.status.clone());
+            .map(|r| (*r.status).clone());
         if let Some(s) = s.filter(|s| running(s, "app")) {
             break s;
         }

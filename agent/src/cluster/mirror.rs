@@ -186,8 +186,8 @@ pub(super) fn stopping(status: &StatusManager) -> BTreeSet<(String, String)> {
     status
         .all()
         .into_iter()
-        .filter(|r| !r.finished && static_hash(&r.pod).is_some())
-        .map(|r| key(&r.pod))
+        .filter(|r| !r.finished && static_hash(&r.desired).is_some())
+        .map(|r| key(&r.desired))
         .collect()
 }
 
@@ -431,7 +431,7 @@ mod tests {
         let status = StatusManager::new();
         let mut running = static_pod("web-n1", "h1");
         running.metadata.uid = Some("static-h1".into());
-        status.set(&running, Default::default());
+        status.set(&Arc::new(running), Default::default());
         // The manifest is gone but the pod's containers are still stopping.
         assert!(plan(&[], &there, &stopping(&status), "n1", "node-uid").is_empty());
         // Stopped (its worker finished it, or forgot it): the mirror goes.
@@ -445,7 +445,7 @@ mod tests {
         // API pods never hold a mirror back.
         let mut api_pod = static_pod("web-n1", "h1");
         api_pod.metadata.annotations = None;
-        status.set(&api_pod, Default::default());
+        status.set(&Arc::new(api_pod), Default::default());
         assert!(stopping(&status).is_empty());
     }
 

@@ -463,7 +463,7 @@ impl Manager {
     }
 
     /// The kubelet's `rejectPod`: a Warning event, phase Failed with the reason, no worker.
-    fn reject(&mut self, pod: &Pod, r: crate::admission::Rejection) {
+    fn reject(&mut self, pod: &Arc<Pod>, r: crate::admission::Rejection) {
         let status = k8s_openapi::api::core::v1::PodStatus {
             phase: Some(super::api::Phase::Failed.as_str().into()),
             reason: Some(r.reason.clone()),
@@ -477,7 +477,7 @@ impl Manager {
             &r.reason,
             &r.message,
         );
-        self.ctx.status.set(pod, status);
+        self.ctx.status.set(pod, Arc::new(status));
         self.state.done.insert(uid_of_pod(pod));
     }
 

@@ -90,7 +90,8 @@ pub(crate) struct Worker {
     failures: Backoff,
     sandbox: Option<Sandbox>,
     volumes: Option<PodVolumes>,
-    reported: Option<PodStatus>,
+    /// The status last reported, shared with the status manager.
+    reported: Option<Arc<PodStatus>>,
     exit_tx: mpsc::UnboundedSender<ExitEvent>,
     exit_rx: mpsc::UnboundedReceiver<ExitEvent>,
     /// Probe results and postStart hook ends come through futures' unbounded channels, which
@@ -144,7 +145,9 @@ impl Worker {
         let first_created = recovered.iter().filter_map(|r| r.created_at).min();
         // A re-adopted pod's status goes on from what the API holds (written by the agent
         // before its restart): conditions keep their lastTransitionTime, nothing flaps.
-        let reported = desired.pod.status.clone().filter(|_| !recovered.is_empty());
+        let reported = (desired.pod.status.clone())
+            .filter(|_| !recovered.is_empty())
+            .map(Arc::new);
         let store_seen = ctx.store.generation();
         let mut worker = Box::new(Worker {
             ctx,
@@ -368,14 +371,15 @@ impl Worker {
         }
         let input = status::Input {
             pod: self.pod(),
-            previous: self.reported.as_ref(),
+            previous: self.reported.as_deref(),
             obs: &self.obs,
             state: self.obs.state,
             node_ip: self.ctx.node.ip,
             pod_ip: self.sandbox.as_ref().and_then(|s| s.ip),
         };
         let computed = status::compute(&input);
-        if self.reported.as_ref() != Some(&computed) {
+        if self.reported.as_deref() != Some(&computed) {
+            let computed = Arc::new(computed);
             self.ctx.status.set(&self.desired.pod, computed.clone());
             self.reported = Some(computed);
         }

@@ -392,16 +392,10 @@ async fn a_worker_that_panics_adopts_its_running_container_again() {
         touched.is_empty(),
         "the running attempt was touched: {touched:?}"
     );
-    let status = node
-        .ctx
-        .status
-        .get("u1")
-        .expect("status")
-        .pod
-        .status
-        .clone();
+    let status = node.ctx.status.get("u1").expect("status").status;
     let c = &status
-        .and_then(|s| s.container_statuses)
+        .container_statuses
+        .as_ref()
         .expect("container status")[0];
     assert_eq!(c.restart_count, 0);
     assert!(c.state.as_ref().and_then(|s| s.running.as_ref()).is_some());
@@ -446,7 +440,7 @@ fn hooked_pod(uid: &str, grace: i64) -> Pod {
 }
 
 fn container_status(node: &Node, uid: &str) -> Option<ContainerStatus> {
-    let status = node.ctx.status.get(uid)?.pod.status.clone()?;
+    let status = (*node.ctx.status.get(uid)?.status).clone();
     status.container_statuses?.into_iter().next()
 }
 
