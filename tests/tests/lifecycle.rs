@@ -628,12 +628,7 @@ async fn graceful_delete_runs_pre_stop_then_sends_term() {
     h.wait_status(&pod, "running", |s| running(s, "app")).await;
     h.delete(&pod, 10, false).await;
     assert_eq!(h.work_file("log"), "prestop\nterm\n");
-    let s = h
-        .ctx
-        .status
-        .get(&uid(&pod))
-        .unwrap()
-        .status;
+    let s = h.ctx.status.get(&uid(&pod)).unwrap().status;
     assert_eq!(
         terminated(container(&s, "app")),
         Some((0, "Completed".into()))
@@ -669,12 +664,7 @@ async fn a_container_ignoring_term_is_killed_after_the_grace() {
         "TERM once, then KILL: {log}"
     );
     assert_eq!(h.events("Killing"), 1, "one Killing event per stop");
-    let s = h
-        .ctx
-        .status
-        .get(&uid(&pod))
-        .unwrap()
-        .status;
+    let s = h.ctx.status.get(&uid(&pod)).unwrap().status;
     assert_eq!(
         terminated(container(&s, "app")),
         Some((137, "Error".into()))
@@ -813,10 +803,7 @@ async fn a_new_manager_re_adopts_running_containers() {
         .await;
     let deadline = tokio::time::Instant::now() + WAIT;
     let after = loop {
-        let s = ctx
-            .status
-            .get(&uid(&pod))
-            .map(|r| (*r.status).clone());
+        let s = ctx.status.get(&uid(&pod)).map(|r| (*r.status).clone());
         if let Some(s) = s.filter(|s| running(s, "app")) {
             break s;
         }
