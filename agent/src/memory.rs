@@ -4,8 +4,12 @@
 //! once at start (`mallopt(M_ARENA_MAX)`), and `malloc_trim(0)` runs shortly after the pod set
 //! shrank (coalesced, so a burst of deletions trims once). Both are glibc's; elsewhere they do
 //! nothing. The libc crate is the binding; no crate wraps these two calls more safely.
+//! Trimming returns only free memory at the heap's top: the maps that grew during a burst give
+//! their room back first ([`give_back`]), or they pin what lies above them.
 #![allow(unsafe_code)]
 
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -52,4 +56,72 @@ pub fn trim_soon() {
         TRIM_PENDING.store(false, Ordering::Release);
         trim();
     });
+}
+
+/// A collection that can say it holds mostly spare capacity, and give that back.
+pub trait Spare {
+    /// Holds under a quarter of what it has room for.
+    fn mostly_spare(&self) -> bool;
+    fn shrink_to_fit(&mut self);
+}
+
+impl<K: Eq + Hash, V, S: BuildHasher> Spare for HashMap<K, V, S> {
+    fn mostly_spare(&self) -> bool {
+        self.len() < self.capacity() / 4
+    }
+    fn shrink_to_fit(&mut self) {
+        HashMap::shrink_to_fit(self);
+    }
+}
+
+impl<T: Eq + Hash, S: BuildHasher> Spare for HashSet<T, S> {
+    fn mostly_spare(&self) -> bool {
+        self.len() < self.capacity() / 4
+    }
+    fn shrink_to_fit(&mut self) {
+        HashSet::shrink_to_fit(self);
+    }
+}
+
+impl<T: Ord> Spare for BinaryHeap<T> {
+    fn mostly_spare(&self) -> bool {
+        self.len() < self.capacity() / 4
+    }
+    fn shrink_to_fit(&mut self) {
+        BinaryHeap::shrink_to_fit(self);
+    }
+}
+
+/// Gives back the capacity a burst grew once it is mostly unused (under a quarter held), so
+/// the heap can be trimmed after the burst: a map keeps the room it once needed otherwise. A
+/// map shrunk here grows again by doubling, so shrinking and growing across the threshold
+/// costs no more than its growth did.
+pub fn give_back(c: &mut impl Spare) {
+    if c.mostly_spare() {
+        c.shrink_to_fit();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// #17: a map that grew during a burst gives its room back once mostly empty, and one
+    /// still well used keeps it.
+    #[test]
+    fn a_map_mostly_emptied_gives_its_capacity_back() {
+        let mut pods: HashMap<String, u64> = (0..1000).map(|i| (format!("uid-{i}"), i)).collect();
+        pods.retain(|_, i| *i < 500);
+        give_back(&mut pods);
+        assert!(pods.capacity() >= 1000, "half full keeps its room");
+        let before = crate::heap::live();
+        pods.retain(|_, i| *i < 10);
+        give_back(&mut pods);
+        assert!(pods.capacity() < 32, "capacity {} for 10", pods.capacity());
+        assert!(
+            before - crate::heap::live() > 16 * 1024,
+            "the table's room went back to the allocator"
+        );
+        assert_eq!(pods.len(), 10);
+    }
 }

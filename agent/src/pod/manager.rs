@@ -95,6 +95,16 @@ struct State {
     synced: bool,
 }
 
+impl State {
+    /// After a burst of pods is gone, the tables give back the room it grew.
+    fn give_back(&mut self) {
+        crate::memory::give_back(&mut self.workers);
+        crate::memory::give_back(&mut self.done);
+        crate::memory::give_back(&mut self.recovered);
+        crate::memory::give_back(&mut self.checkpointed);
+    }
+}
+
 struct Handle {
     tx: watch::Sender<Desired>,
     key: (String, String),
@@ -322,6 +332,7 @@ impl Manager {
             });
             self.update(d);
         }
+        self.state.give_back();
     }
 
     async fn clean_orphans(&mut self, wanted: &HashSet<String>) {
@@ -547,6 +558,7 @@ impl Manager {
         if let Some(d) = next.and_then(|u| st.waiting.remove(&u)) {
             self.spawn(d);
         }
+        self.state.give_back();
     }
 }
 

@@ -289,6 +289,7 @@ impl Scheduler {
     /// Starts every run that is due.
     fn fire(&mut self) {
         let now = Instant::now();
+        crate::memory::give_back(&mut self.heap);
         while let Some(Reverse((due, _, _))) = self.heap.peek() {
             if *due > now {
                 break;

@@ -222,10 +222,9 @@ impl Stats {
             .filter(|r| !r.finished)
             .filter_map(|r| self.pod(r, logs_fs, (swap_total, swap_free), now, &mut seen))
             .collect();
-        self.previous
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|key, _| seen.contains(key));
+        let mut previous = self.previous.lock().unwrap_or_else(|e| e.into_inner());
+        previous.retain(|key, _| seen.contains(key));
+        crate::memory::give_back(&mut *previous);
         Summary { node, pods }
     }
 

@@ -39,18 +39,18 @@ fn deletion_is_never_undone_and_only_shrinks() {
 }
 
 /// A manager over the fakes, with its files in a temp dir.
-struct Node {
+pub(super) struct Node {
     dir: tempfile::TempDir,
-    ctx: Arc<PodContext>,
-    rt: Arc<FakeRuntime>,
+    pub(super) ctx: Arc<PodContext>,
+    pub(super) rt: Arc<FakeRuntime>,
     host: Arc<FakeHost>,
-    manager: PodManager,
+    pub(super) manager: PodManager,
     finished: broadcast::Receiver<String>,
-    cancel: CancellationToken,
+    pub(super) cancel: CancellationToken,
 }
 
 impl Node {
-    async fn new() -> Node {
+    pub(super) async fn new() -> Node {
         let dir = tempfile::tempdir().expect("temp dir");
         let (ctx, rt, host) = fake::context(dir.path());
         let cancel = CancellationToken::new();
