@@ -7,12 +7,13 @@
 //! this file holds the loop and the step. It reaches the outside only through `PodContext`'s
 //! `ContainerRuntime` and `PodHost`, so `tests` drives it with the in-memory fakes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{Container, Pod, PodStatus};
+use litemap::LiteMap;
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
@@ -85,7 +86,7 @@ pub(crate) struct Worker {
     uid: String,
     desired: Desired,
     obs: Observed,
-    live: BTreeMap<String, Live>,
+    live: LiteMap<String, Live>,
     crash: Backoff,
     failures: Backoff,
     sandbox: Option<Sandbox>,
@@ -149,16 +150,19 @@ impl Worker {
             .filter(|_| !recovered.is_empty())
             .map(Arc::new);
         let store_seen = ctx.store.generation();
+        // Room for the containers the spec lists (the maps grow for ephemeral ones).
+        let containers = machine::containers(&desired.pod).len();
         let mut worker = Box::new(Worker {
             ctx,
             router,
             uid,
             obs: Observed {
                 start_time: api_start.or(first_created),
+                containers: LiteMap::with_capacity(containers),
                 ..Default::default()
             },
             desired,
-            live: BTreeMap::new(),
+            live: LiteMap::with_capacity(containers),
             crash: Backoff::default(),
             failures: Backoff::default(),
             sandbox: None,

@@ -264,7 +264,7 @@ impl Worker {
             return;
         }
         self.settle = None;
-        for o in self.obs.containers.values_mut() {
+        for (_, o) in self.obs.containers.iter_mut() {
             let start_error =
                 o.waiting.as_ref().map(|w| w.reason.as_str()) == Some("RunContainerError");
             if start_error && o.backoff.is_some() && matches!(o.state, Attempt::Exited(_)) {
