@@ -15,7 +15,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -31,7 +30,7 @@ use crate::runtime::{Runtime, RuntimeConfig};
 use crate::sandbox::{SandboxConfig, SandboxManager};
 use crate::server::secure::{self, SecureConfig};
 use crate::server::{self, ServerState};
-use crate::source::manifest::ManifestSource;
+use crate::source::manifest::{FilePods, ManifestSource};
 use crate::source::merge::{Plan, SourceMerge};
 use crate::stats::{Cgroups, Stats};
 use crate::status::StatusManager;
@@ -150,7 +149,7 @@ pub async fn run(
         (true, None) => secure::Authorization::DenyAll,
         (false, _) => secure::Authorization::AlwaysAllow,
     };
-    let (manifest_tx, mut manifest_rx) = watch::channel(None::<Vec<Pod>>);
+    let (manifest_tx, mut manifest_rx) = watch::channel::<FilePods>(None);
     if let Some(dir) = config.pod_manifest_path.clone() {
         info!(dir = %dir.display(), "reading pods from the manifest folder");
         tokio::spawn(watch_manifests(
@@ -376,7 +375,7 @@ async fn watch_manifests(
     period: Duration,
     store: ObjectStore,
     recorder: Recorder,
-    pods: watch::Sender<Option<Vec<Pod>>>,
+    pods: watch::Sender<FilePods>,
     token: CancellationToken,
 ) {
     let node = node_ref(&recorder);
@@ -445,7 +444,7 @@ struct ApiPods {
 /// one before that. A removed pod's worker finishing ends the merge's asking to stop it.
 async fn sync_pods(
     manager: PodManager,
-    mut manifests: watch::Receiver<Option<Vec<Pod>>>,
+    mut manifests: watch::Receiver<FilePods>,
     mut api: Option<ApiPods>,
     token: CancellationToken,
 ) {

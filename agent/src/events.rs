@@ -34,7 +34,7 @@ use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
 use tokio::sync::mpsc;
 
-const RING: usize = 1000;
+pub(crate) const RING: usize = 1000;
 /// The API's limit on an event's message (bytes), and on its reason.
 pub const MESSAGE_LIMIT: usize = 1024;
 const REASON_LIMIT: usize = 128;
@@ -262,6 +262,8 @@ impl Recorder {
         let of = |key: &String| key.split('\u{0}').nth(3) == Some(uid);
         correlator.seen.retain(|key, _| !of(key));
         correlator.similar.retain(|key, _| !of(key));
+        crate::memory::shrink_spare(&mut correlator.seen);
+        crate::memory::shrink_spare(&mut correlator.similar);
     }
 
     pub fn recent(&self) -> Vec<Event> {

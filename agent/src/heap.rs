@@ -14,11 +14,17 @@ struct Counting;
 thread_local! {
     /// Const-initialised and without a destructor: reading it never allocates.
     static LIVE: Cell<isize> = const { Cell::new(0) };
+    /// The most `LIVE` has been since [`peak_of`] last set it.
+    static PEAK: Cell<isize> = const { Cell::new(0) };
 }
 
 fn add(bytes: isize) {
-    // During thread teardown the slot may be gone; those bytes are not any test's.
-    let _ = LIVE.try_with(|c| c.set(c.get() + bytes));
+    // During thread teardown the slots may be gone; those bytes are not any test's.
+    let _ = LIVE.try_with(|c| {
+        let live = c.get() + bytes;
+        c.set(live);
+        let _ = PEAK.try_with(|p| p.set(p.get().max(live)));
+    });
 }
 
 // SAFETY: every call is forwarded unchanged to the system allocator; the bookkeeping only
@@ -64,4 +70,13 @@ static ALLOCATOR: Counting = Counting;
 /// Bytes allocated and not yet freed on this thread since it started.
 pub(crate) fn live() -> isize {
     LIVE.with(Cell::get)
+}
+
+/// What `f` returns, and the most heap it held at once on this thread beyond what was live
+/// before it.
+pub(crate) fn peak_of<T>(f: impl FnOnce() -> T) -> (T, isize) {
+    let before = live();
+    PEAK.with(|p| p.set(before));
+    let out = f();
+    (out, PEAK.with(Cell::get) - before)
 }

@@ -5,8 +5,12 @@
 //!
 //! The mount table is the one fact read by hand ([`mounts`]): procfs's `MountInfo` keeps the
 //! kernel's octal escapes in mount points (`\040` for a space), so a path with a space would
-//! never match its mount.
+//! never match its mount. It is read line by line and only the mounts asked for are made
+//! ([`mounts_where`]): during a teardown burst every pod reads it, and a table of thousands of
+//! mounts read whole per pod fragmented the heap.
 
+use std::borrow::Cow;
+use std::io::{self, BufRead};
 use std::path::{Path, PathBuf};
 
 use procfs::Current;
@@ -71,33 +75,64 @@ pub struct Mount {
 }
 
 /// The mount table of this process's mount namespace, in mount order.
-pub fn mounts() -> std::io::Result<Vec<Mount>> {
-    Ok(parse_mountinfo(&std::fs::read_to_string(
-        "/proc/self/mountinfo",
-    )?))
+pub fn mounts() -> io::Result<Vec<Mount>> {
+    mounts_where(|_| true)
 }
 
-/// Parses mountinfo text, octal escapes decoded.
-fn parse_mountinfo(text: &str) -> Vec<Mount> {
-    text.lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let left: Vec<&str> = left.split(' ').collect();
-            let right: Vec<&str> = right.split(' ').collect();
-            Some(Mount {
-                mount_point: PathBuf::from(unescape(left.get(4)?)),
-                options: left.get(5)?.split(',').map(str::to_string).collect(),
-                shared: left.iter().skip(6).any(|f| f.starts_with("shared:")),
-                fs_type: right.first()?.to_string(),
-                source: unescape(right.get(1).unwrap_or(&"")),
-            })
-        })
-        .collect()
+/// The mounts whose mount point `keep` keeps, in mount order.
+pub fn mounts_where(keep: impl FnMut(&Path) -> bool) -> io::Result<Vec<Mount>> {
+    let file = std::fs::File::open("/proc/self/mountinfo")?;
+    read_mountinfo(io::BufReader::new(file), keep)
+}
+
+/// The top-most mount at exactly `path` (as given: canonical if it is to match), if any.
+pub fn mount_at(path: &Path) -> io::Result<Option<Mount>> {
+    Ok(mounts_where(|p| p == path)?.pop())
+}
+
+/// Reads mountinfo line by line, octal escapes decoded; a line is made into a [`Mount`] only
+/// when `keep` keeps its mount point.
+fn read_mountinfo(
+    mut reader: impl BufRead,
+    mut keep: impl FnMut(&Path) -> bool,
+) -> io::Result<Vec<Mount>> {
+    let mut found = Vec::new();
+    let mut line = String::new();
+    while {
+        line.clear();
+        reader.read_line(&mut line)? > 0
+    } {
+        found.extend(parse_line(line.trim_end_matches('\n'), &mut keep));
+    }
+    Ok(found)
+}
+
+fn parse_line(line: &str, keep: &mut impl FnMut(&Path) -> bool) -> Option<Mount> {
+    let (left, right) = line.split_once(" - ")?;
+    let mut left = left.split(' ');
+    let mount_point = unescape(left.nth(4)?);
+    if !keep(Path::new(&*mount_point)) {
+        return None;
+    }
+    let options = left.next()?;
+    let shared = left.any(|f| f.starts_with("shared:"));
+    let mut right = right.split(' ');
+    let fs_type = right.next()?;
+    Some(Mount {
+        mount_point: PathBuf::from(mount_point.into_owned()),
+        options: options.split(',').map(str::to_string).collect(),
+        shared,
+        fs_type: fs_type.to_string(),
+        source: unescape(right.next().unwrap_or("")).into_owned(),
+    })
 }
 
 /// Undoes mountinfo's octal escapes (`\040` for a space, …); a backslash not followed by three
-/// octal digits stays as it is.
-fn unescape(s: &str) -> String {
+/// octal digits stays as it is. Without a backslash it is the text itself (no copy).
+fn unescape(s: &str) -> Cow<'_, str> {
+    if !s.contains('\\') {
+        return Cow::Borrowed(s);
+    }
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -114,7 +149,7 @@ fn unescape(s: &str) -> String {
         out.push(bytes[i]);
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
 #[cfg(test)]
@@ -138,7 +173,7 @@ mod tests {
         let text = "36 35 98:0 /mnt1 /mnt/with\\040space rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n\
                     37 35 0:5 / /dev/shm rw,nosuid shared:2 - tmpfs tmpfs rw,size=65536k\n\
                     46 27 0:4 net:[4026532180] /run/nodelet/sandboxes/u1/net rw - nsfs nsfs rw\n";
-        let m = parse_mountinfo(text);
+        let m = read_mountinfo(text.as_bytes(), |_| true).unwrap();
         assert_eq!(m.len(), 3);
         assert_eq!(m[0].mount_point, PathBuf::from("/mnt/with space"));
         assert_eq!(m[0].fs_type, "ext3");
@@ -153,6 +188,34 @@ mod tests {
             .unwrap()
             .iter()
             .any(|m| m.mount_point == Path::new("/")));
+    }
+
+    /// #17: asking for the mounts under one pod's directory makes only those: the peak heap of
+    /// reading a table of 10,000 mounts stays that of one line, where making every mount (as
+    /// each of a burst of teardowns did) holds megabytes.
+    #[test]
+    fn reading_the_mounts_under_a_directory_makes_only_those() {
+        let text: String = (0..10_000)
+            .map(|i| {
+                format!(
+                    "{i} 35 0:{i} / /var/lib/nodelet/pods/uid-{i}/volumes/kubernetes.io~empty-dir/scratch\\040{i} rw,nosuid shared:{i} - tmpfs tmpfs rw,size=65536k\n"
+                )
+            })
+            .collect();
+        let under = Path::new("/var/lib/nodelet/pods/uid-7/volumes");
+        let (found, peak) = crate::heap::peak_of(|| {
+            read_mountinfo(text.as_bytes(), |p| p.starts_with(under)).unwrap()
+        });
+        assert_eq!(found.len(), 1);
+        assert_eq!(
+            found[0].mount_point,
+            under.join("kubernetes.io~empty-dir/scratch 7")
+        );
+        assert!(peak < 4096, "reading the table held {peak} bytes at once");
+        let (all, peak) =
+            crate::heap::peak_of(|| read_mountinfo(text.as_bytes(), |_| true).unwrap());
+        assert_eq!(all.len(), 10_000);
+        assert!(peak > 1 << 20, "the whole table is {peak} bytes");
     }
 
     #[test]

@@ -10,12 +10,17 @@
 //!   mappings (Linux 5.4) gives them back: they are clean pages of the file, read again on
 //!   their next use.
 //!
+//! Trimming returns only free pages: the tables that grew during a burst give their room back
+//! first ([`shrink_spare`]), or they pin what lies around them.
+//!
 //! Both run once the pods have settled: no pod status changed for [`QUIET`] (start-up counts
 //! as a change), at most once per [`MIN_INTERVAL`] so a crash-looping pod does not make the
 //! agent read its code again and again. The glibc calls and madvise are the libc crate's; no
 //! crate wraps these calls more safely.
 #![allow(unsafe_code)]
 
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::hash::{BuildHasher, Hash};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -127,11 +132,74 @@ async fn settle_loop(
     }
 }
 
+/// A collection that can say it holds mostly spare capacity, and give that back.
+pub trait Spare {
+    /// Holds under a quarter of what it has room for.
+    fn mostly_spare(&self) -> bool;
+    fn shrink_to_fit(&mut self);
+}
+
+impl<K: Eq + Hash, V, S: BuildHasher> Spare for HashMap<K, V, S> {
+    fn mostly_spare(&self) -> bool {
+        self.len() < self.capacity() / 4
+    }
+    fn shrink_to_fit(&mut self) {
+        HashMap::shrink_to_fit(self);
+    }
+}
+
+impl<T: Eq + Hash, S: BuildHasher> Spare for HashSet<T, S> {
+    fn mostly_spare(&self) -> bool {
+        self.len() < self.capacity() / 4
+    }
+    fn shrink_to_fit(&mut self) {
+        HashSet::shrink_to_fit(self);
+    }
+}
+
+impl<T: Ord> Spare for BinaryHeap<T> {
+    fn mostly_spare(&self) -> bool {
+        self.len() < self.capacity() / 4
+    }
+    fn shrink_to_fit(&mut self) {
+        BinaryHeap::shrink_to_fit(self);
+    }
+}
+
+/// Gives back the capacity a burst grew once it is mostly unused (under a quarter held), so
+/// the heap can be trimmed after the burst: a map keeps the room it once needed otherwise. A
+/// map shrunk here grows again by doubling, so shrinking and growing across the threshold
+/// costs no more than its growth did.
+pub fn shrink_spare(c: &mut impl Spare) {
+    if c.mostly_spare() {
+        c.shrink_to_fit();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
+
+    /// #17: a map that grew during a burst gives its room back once mostly empty, and one
+    /// still well used keeps it.
+    #[test]
+    fn a_map_mostly_emptied_gives_its_capacity_back() {
+        let mut pods: HashMap<String, u64> = (0..1000).map(|i| (format!("uid-{i}"), i)).collect();
+        pods.retain(|_, i| *i < 500);
+        shrink_spare(&mut pods);
+        assert!(pods.capacity() >= 1000, "half full keeps its room");
+        let before = crate::heap::live();
+        pods.retain(|_, i| *i < 10);
+        shrink_spare(&mut pods);
+        assert!(pods.capacity() < 32, "capacity {} for 10", pods.capacity());
+        assert!(
+            before - crate::heap::live() > 16 * 1024,
+            "the table's room went back to the allocator"
+        );
+        assert_eq!(pods.len(), 10);
+    }
 
     /// Resident KiB of this process's read-only mappings of its own executable.
     fn executable_resident_kib() -> u64 {

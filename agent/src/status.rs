@@ -1,8 +1,9 @@
 //! The status manager: the one owner of every pod's reported status. Pod workers set it; the
 //! read-only endpoint and the API sink read it. Each pod's status carries a version that only
 //! grows, and a set that changes nothing is dropped, so sinks write only on change.
-//! Each entry is one shared object: reading the set (`all`, on every change, by each sink)
-//! copies pointers, never pods.
+//! Nothing here is a copy: an entry holds the desired pod its worker has (one `Arc`) and the
+//! status the worker computed (one `Arc`, the worker's own); reading the set (`all`, on every
+//! change, by each sink) copies pointers, never pods.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -10,14 +11,28 @@ use std::sync::{Arc, RwLock};
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use tokio::sync::watch;
 
-/// One pod as last reported: the desired object with the status computed for it.
+/// One pod as last reported: the desired object and the status computed for it.
 #[derive(Clone, Debug)]
 pub struct Reported {
-    pub pod: Arc<Pod>,
-    /// Grows by one on every change of `pod.status`.
+    /// The pod as its source handed it to its worker (shared). Its own `status` is the
+    /// source's (the API's copy in cluster mode): the agent's is [`Reported::status`].
+    pub desired: Arc<Pod>,
+    pub status: Arc<PodStatus>,
+    /// Grows by one on every change of `status`.
     pub version: u64,
     /// Set once the worker has finished the pod (terminated, resources released).
     pub finished: bool,
+}
+
+impl Reported {
+    /// The pod with the agent's status, as `/pods` shows it (a copy).
+    pub fn pod(&self) -> Pod {
+        Pod {
+            metadata: self.desired.metadata.clone(),
+            spec: self.desired.spec.clone(),
+            status: Some((*self.status).clone()),
+        }
+    }
 }
 
 #[derive(Clone, Default)]
@@ -32,26 +47,35 @@ impl StatusManager {
     }
 
     /// Records `status` for `pod` (keyed by UID). Returns false when nothing changed.
-    pub fn set(&self, pod: &Pod, status: PodStatus) -> bool {
+    pub fn set(&self, pod: &Arc<Pod>, status: Arc<PodStatus>) -> bool {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let mut pods = self.pods.write().expect("status lock");
-        let entry = pods.entry(uid).or_insert_with(|| Reported {
-            pod: Arc::default(),
-            version: 0,
-            finished: false,
-        });
-        let same_status = entry.pod.status.as_ref() == Some(&status);
-        let same_meta = entry.pod.metadata == pod.metadata && entry.pod.spec == pod.spec;
-        if same_status && same_meta {
-            return false;
-        }
-        entry.pod = Arc::new(Pod {
-            metadata: pod.metadata.clone(),
-            spec: pod.spec.clone(),
-            status: Some(status),
-        });
-        if !same_status {
-            entry.version += 1;
+        match pods.get_mut(&uid) {
+            Some(entry) => {
+                let same_status = Arc::ptr_eq(&entry.status, &status) || *entry.status == *status;
+                let same_pod = Arc::ptr_eq(&entry.desired, pod)
+                    || (entry.desired.metadata == pod.metadata && entry.desired.spec == pod.spec);
+                if same_status && same_pod {
+                    return false;
+                }
+                // The newer pod object is kept either way: the older one goes with it.
+                entry.desired = pod.clone();
+                if !same_status {
+                    entry.status = status;
+                    entry.version += 1;
+                }
+            }
+            None => {
+                pods.insert(
+                    uid,
+                    Reported {
+                        desired: pod.clone(),
+                        status,
+                        version: 1,
+                        finished: false,
+                    },
+                );
+            }
         }
         drop(pods);
         self.changed.send_modify(|g| *g += 1);

@@ -163,7 +163,7 @@ impl Harness {
         let uid = uid(pod);
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let status = self.ctx.status.get(&uid).and_then(|r| r.pod.status.clone());
+            let status = self.ctx.status.get(&uid).map(|r| (*r.status).clone());
             if let Some(s) = status.as_ref().filter(|s| check(s)) {
                 return s.clone();
             }
@@ -360,7 +360,7 @@ async fn sidecar_starts_before_the_next_init_container_and_stops_last() {
     );
     let last = h.ctx.status.get(&uid(&pod)).expect("final status");
     assert!(last.finished);
-    let s = last.pod.status.clone().unwrap();
+    let s = (*last.status).clone();
     assert_eq!(
         terminated(container(&s, "app")),
         Some((0, "Completed".into()))
@@ -628,15 +628,7 @@ async fn graceful_delete_runs_pre_stop_then_sends_term() {
     h.wait_status(&pod, "running", |s| running(s, "app")).await;
     h.delete(&pod, 10, false).await;
     assert_eq!(h.work_file("log"), "prestop\nterm\n");
-    let s = h
-        .ctx
-        .status
-        .get(&uid(&pod))
-        .unwrap()
-        .pod
-        .status
-        .clone()
-        .unwrap();
+    let s = h.ctx.status.get(&uid(&pod)).unwrap().status;
     assert_eq!(
         terminated(container(&s, "app")),
         Some((0, "Completed".into()))
@@ -672,15 +664,7 @@ async fn a_container_ignoring_term_is_killed_after_the_grace() {
         "TERM once, then KILL: {log}"
     );
     assert_eq!(h.events("Killing"), 1, "one Killing event per stop");
-    let s = h
-        .ctx
-        .status
-        .get(&uid(&pod))
-        .unwrap()
-        .pod
-        .status
-        .clone()
-        .unwrap();
+    let s = h.ctx.status.get(&uid(&pod)).unwrap().status;
     assert_eq!(
         terminated(container(&s, "app")),
         Some((137, "Error".into()))
@@ -819,10 +803,7 @@ async fn a_new_manager_re_adopts_running_containers() {
         .await;
     let deadline = tokio::time::Instant::now() + WAIT;
     let after = loop {
-        let s = ctx
-            .status
-            .get(&uid(&pod))
-            .and_then(|r| r.pod.status.clone());
+        let s = ctx.status.get(&uid(&pod)).map(|r| (*r.status).clone());
         if let Some(s) = s.filter(|s| running(s, "app")) {
             break s;
         }

@@ -516,7 +516,7 @@ async fn prober_reports_http_readiness_and_records_events() {
     let (port, _) = http_server().await;
     let recorder = Recorder::new("node-1", None);
     let prober = Prober::new(Arc::new(NoExec), recorder.clone());
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, mut rx) = futures::channel::mpsc::unbounded();
     let ready = Probe {
         http_get: Some(get(port, "/redirect-away")),
         ..Default::default()
@@ -613,7 +613,7 @@ async fn exec_probes_in_a_busybox_container() {
 
     let recorder = Recorder::new("node-1", None);
     let prober = Prober::new(Arc::new(t.rt.clone()), recorder.clone());
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, mut rx) = futures::channel::mpsc::unbounded();
     let exec = |command: &[&str], timeout: i32| Probe {
         exec: Some(ExecAction {
             command: Some(command.iter().map(|s| s.to_string()).collect()),

@@ -518,7 +518,11 @@ async fn projected_token_is_cached_and_rewritten_before_it_expires() {
     let shared = Arc::new(p.clone());
     let v = host.vm.setup(&shared).await.unwrap();
     // The manager keeps the pod it was given for the refreshes, not a copy of it.
-    assert_eq!(Arc::strong_count(&shared), 2, "the volume manager copied the pod");
+    assert_eq!(
+        Arc::strong_count(&shared),
+        2,
+        "the volume manager copied the pod"
+    );
     let dir = host_path(&v, "proj");
     assert_eq!(
         fs::read_to_string(dir.join("token")).unwrap(),

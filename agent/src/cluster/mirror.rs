@@ -24,6 +24,7 @@
 //! saw the pod (RFC 3339 with nanoseconds), kept while the agent runs.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Toleration};
@@ -36,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use super::pods::ApiPods;
 use super::{sleep_or_cancel, ClusterError};
 use crate::retry::Retry;
-use crate::source::manifest::CONFIG_HASH;
+use crate::source::manifest::{FilePods, CONFIG_HASH};
 use crate::status::StatusManager;
 
 /// The annotation that marks a mirror pod; its value is the static pod's hash.
@@ -186,8 +187,8 @@ pub(super) fn stopping(status: &StatusManager) -> BTreeSet<(String, String)> {
     status
         .all()
         .into_iter()
-        .filter(|r| !r.finished && static_hash(&r.pod).is_some())
-        .map(|r| key(&r.pod))
+        .filter(|r| !r.finished && static_hash(&r.desired).is_some())
+        .map(|r| key(&r.desired))
         .collect()
 }
 
@@ -195,7 +196,7 @@ pub(super) fn stopping(status: &StatusManager) -> BTreeSet<(String, String)> {
 /// this node is left; the mirror of a removed static pod stays while it is in `stopping`.
 /// Deletions of a name come before its creation.
 pub(super) fn plan(
-    statics: &[Pod],
+    statics: &[Arc<Pod>],
     api: &ApiPods,
     stopping: &BTreeSet<(String, String)>,
     node: &str,
@@ -203,6 +204,7 @@ pub(super) fn plan(
 ) -> Vec<Action> {
     let wanted: BTreeMap<(String, String), &Pod> = statics
         .iter()
+        .map(|p| &**p)
         .filter(|p| static_hash(p).is_some())
         .map(|p| (key(p), p))
         .collect();
@@ -242,7 +244,7 @@ pub(super) fn plan(
 /// What the mirror task follows.
 pub(super) struct Inputs {
     /// The manifest folder's pods, named and defaulted for cluster mode.
-    pub statics: watch::Receiver<Option<Vec<Pod>>>,
+    pub statics: watch::Receiver<FilePods>,
     pub api_pods: watch::Receiver<ApiPods>,
     pub synced: watch::Receiver<bool>,
     pub node_uid: watch::Receiver<Option<String>>,
@@ -431,7 +433,7 @@ mod tests {
         let status = StatusManager::new();
         let mut running = static_pod("web-n1", "h1");
         running.metadata.uid = Some("static-h1".into());
-        status.set(&running, Default::default());
+        status.set(&Arc::new(running), Default::default());
         // The manifest is gone but the pod's containers are still stopping.
         assert!(plan(&[], &there, &stopping(&status), "n1", "node-uid").is_empty());
         // Stopped (its worker finished it, or forgot it): the mirror goes.
@@ -445,7 +447,7 @@ mod tests {
         // API pods never hold a mirror back.
         let mut api_pod = static_pod("web-n1", "h1");
         api_pod.metadata.annotations = None;
-        status.set(&api_pod, Default::default());
+        status.set(&Arc::new(api_pod), Default::default());
         assert!(stopping(&status).is_empty());
     }
 
@@ -522,7 +524,7 @@ mod tests {
 
     #[test]
     fn a_missing_mirror_is_created_and_a_matching_one_left_alone() {
-        let statics = [static_pod("web-n1", "h1")];
+        let statics = [Arc::new(static_pod("web-n1", "h1"))];
         let none = api(vec![]);
         let actions = plan(&statics, &none, &none_stopping(), "n1", "node-uid");
         assert_eq!(
@@ -543,7 +545,7 @@ mod tests {
 
     #[test]
     fn stale_deleted_and_orphaned_mirrors_go_and_are_replaced() {
-        let statics = [static_pod("web-n1", "h2")];
+        let statics = [Arc::new(static_pod("web-n1", "h2"))];
         // The manifest changed: the old mirror is deleted, the new one created after it.
         let stale = api(vec![mirror("web-n1", "h1", "m1")]);
         let actions = plan(&statics, &stale, &none_stopping(), "n1", "node-uid");
@@ -606,10 +608,7 @@ mod tests {
     fn start(
         api: &FakeApi,
         token: &CancellationToken,
-    ) -> (
-        watch::Sender<Option<Vec<Pod>>>,
-        watch::Sender<Option<String>>,
-    ) {
+    ) -> (watch::Sender<FilePods>, watch::Sender<Option<String>>) {
         let (desired, _) = watch::channel(Vec::new());
         let (synced, synced_rx) = watch::channel(false);
         let (api_pods, api_pods_rx) = watch::channel(ApiPods::default());
@@ -637,7 +636,7 @@ mod tests {
         let api = FakeApi::new();
         let token = CancellationToken::new();
         let (statics, _node_uid) = start(&api, &token);
-        statics.send_replace(Some(vec![static_pod("web-n1", "h1")]));
+        statics.send_replace(Some(vec![Arc::new(static_pod("web-n1", "h1"))]));
         until("the mirror pod", HANG, || api.get(MIRROR).is_some()).await;
         let made = api.get(MIRROR).unwrap();
         assert_eq!(made["metadata"]["annotations"][CONFIG_MIRROR], "h1");
@@ -666,7 +665,7 @@ mod tests {
         assert!(second["metadata"].get("deletionTimestamp").is_none());
 
         // The manifest changed: the mirror of the old hash is replaced.
-        statics.send_replace(Some(vec![static_pod("web-n1", "h2")]));
+        statics.send_replace(Some(vec![Arc::new(static_pod("web-n1", "h2"))]));
         until("the mirror of the new hash", HANG, || {
             api.get(MIRROR)
                 .is_some_and(|p| p["metadata"]["annotations"][CONFIG_MIRROR] == "h2")

@@ -38,6 +38,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Taint};
@@ -49,6 +50,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::events::Recorder;
 use crate::pod::Desired;
+use crate::source::manifest::FilePods;
 use crate::status::StatusManager;
 use crate::store::ObjectStore;
 
@@ -230,7 +232,7 @@ pub struct ClusterAgent {
     pub synced: watch::Receiver<bool>,
     /// The manifest folder's pods as cluster mode runs them: named `<name>-<node>`, each
     /// mirrored in the API. `None` until the folder was read once, as its input.
-    pub static_pods: watch::Receiver<Option<Vec<Pod>>>,
+    pub static_pods: watch::Receiver<FilePods>,
     /// Ends when the token given to [`ClusterClient::start`] is cancelled.
     pub task: JoinHandle<()>,
     client: kube::Client,
@@ -247,7 +249,7 @@ impl ClusterClient {
     /// the pods.
     pub fn start(
         self,
-        mut manifests: watch::Receiver<Option<Vec<Pod>>>,
+        mut manifests: watch::Receiver<FilePods>,
         store: ObjectStore,
         status: StatusManager,
         recorder: Recorder,
@@ -274,10 +276,12 @@ impl ClusterClient {
             tasks.spawn(async move {
                 let mut defaults = mirror::StaticDefaults::default();
                 loop {
-                    let mut pods = manifests.borrow_and_update().clone();
-                    if let Some(pods) = pods.as_mut() {
-                        defaults.apply(pods, &node, jiff::Timestamp::now());
-                    }
+                    // The defaults change every pod: these are the folder's pods, copied.
+                    let pods = manifests.borrow_and_update().as_ref().map(|pods| {
+                        let mut pods: Vec<Pod> = pods.iter().map(|p| Pod::clone(p)).collect();
+                        defaults.apply(&mut pods, &node, jiff::Timestamp::now());
+                        pods.into_iter().map(Arc::new).collect::<Vec<_>>()
+                    });
                     statics_tx.send_replace(pods);
                     tokio::select! {
                         _ = token.cancelled() => return,

@@ -68,7 +68,7 @@ pub(super) fn plan(
 ) -> Action {
     match (api, written) {
         (None, None) => {
-            let api_pod = super::mirror::static_hash(&reported.pod).is_none();
+            let api_pod = super::mirror::static_hash(&reported.desired).is_none();
             if api_pod && listed && reported.finished {
                 Action::Forget
             } else {
@@ -102,7 +102,7 @@ pub(super) fn plan(
 /// The patch body: the whole status, with the API object's UID as precondition, keeping the API's
 /// conditions of types the agent does not report.
 pub(super) fn patch_body(reported: &Reported, api: Option<&Pod>) -> serde_json::Value {
-    let mut status = reported.pod.status.clone().unwrap_or_default();
+    let mut status = (*reported.status).clone();
     let foreign: Vec<_> = api
         .and_then(|p| p.status.as_ref())
         .and_then(|s| s.conditions.as_ref())
@@ -126,7 +126,7 @@ pub(super) fn patch_body(reported: &Reported, api: Option<&Pod>) -> serde_json::
     // The API object's own UID: a mirror pod's differs from its static pod's.
     let uid = api
         .and_then(|p| p.metadata.uid.as_ref())
-        .or(reported.pod.metadata.uid.as_ref());
+        .or(reported.desired.metadata.uid.as_ref());
     serde_json::json!({
         "metadata": { "uid": uid },
         "status": status,
@@ -162,7 +162,7 @@ pub(super) async fn run(
         let mut progressed = false;
         let mut seen: BTreeSet<String> = BTreeSet::new();
         for reported in &all {
-            let Some(uid) = reported.pod.metadata.uid.clone() else {
+            let Some(uid) = reported.desired.metadata.uid.clone() else {
                 continue;
             };
             if retries.get(&uid).is_some_and(|r| r.at > now) {
@@ -173,7 +173,7 @@ pub(super) async fn run(
             let api = pods
                 .get(&uid)
                 .map(|p| &**p)
-                .or_else(|| super::mirror::mirror_of(&reported.pod, &pods));
+                .or_else(|| super::mirror::mirror_of(&reported.desired, &pods));
             let key = api
                 .and_then(|p| p.metadata.uid.clone())
                 .unwrap_or_else(|| uid.clone());
@@ -208,14 +208,14 @@ pub(super) async fn run(
                     });
                     let delay = retry.backoff.fail();
                     retry.at = Instant::now() + delay;
-                    tracing::warn!(pod = reported.pod.metadata.name.as_deref().unwrap_or(""), uid, error = %e, ?delay, "writing pod to the API failed; retrying");
+                    tracing::warn!(pod = reported.desired.metadata.name.as_deref().unwrap_or(""), uid, error = %e, ?delay, "writing pod to the API failed; retrying");
                 }
             }
         }
         // Forget the memory of pods the status manager dropped, and of replaced mirror pods.
         let known: BTreeSet<&str> = all
             .iter()
-            .filter_map(|r| r.pod.metadata.uid.as_deref())
+            .filter_map(|r| r.desired.metadata.uid.as_deref())
             .collect();
         written.retain(|key, _| seen.contains(key));
         retries.retain(|uid, _| known.contains(uid.as_str()));
@@ -248,12 +248,12 @@ struct Done {
 
 fn pod_api(client: &kube::Client, reported: &Reported) -> (Api<Pod>, String, String) {
     let ns = reported
-        .pod
+        .desired
         .metadata
         .namespace
         .clone()
         .unwrap_or_else(|| "default".into());
-    let name = reported.pod.metadata.name.clone().unwrap_or_default();
+    let name = reported.desired.metadata.name.clone().unwrap_or_default();
     let object = format!("pods/{ns}/{name}");
     (Api::namespaced(client.clone(), &ns), name, object)
 }
@@ -293,7 +293,7 @@ async fn delete(client: &kube::Client, reported: &Reported) -> Result<Done, Clus
     let params = DeleteParams {
         grace_period_seconds: Some(0),
         preconditions: Some(Preconditions {
-            uid: reported.pod.metadata.uid.clone(),
+            uid: reported.desired.metadata.uid.clone(),
             resource_version: None,
         }),
         ..Default::default()
@@ -302,7 +302,7 @@ async fn delete(client: &kube::Client, reported: &Reported) -> Result<Done, Clus
         Ok(_) => {
             tracing::info!(
                 pod = name,
-                uid = reported.pod.metadata.uid.as_deref().unwrap_or(""),
+                uid = reported.desired.metadata.uid.as_deref().unwrap_or(""),
                 "pod deleted from the API"
             );
             Ok(Done { deleted: true })
@@ -327,16 +327,16 @@ mod tests {
 
     fn reported(version: u64, finished: bool) -> Reported {
         Reported {
-            pod: Arc::new(Pod {
+            desired: Arc::new(Pod {
                 metadata: ObjectMeta {
                     uid: Some("u1".into()),
                     name: Some("p".into()),
                     ..Default::default()
                 },
-                status: Some(PodStatus {
-                    phase: Some("Running".into()),
-                    ..Default::default()
-                }),
+                ..Default::default()
+            }),
+            status: Arc::new(PodStatus {
+                phase: Some("Running".into()),
                 ..Default::default()
             }),
             version,
@@ -345,7 +345,7 @@ mod tests {
     }
 
     fn api_pod(deleting: bool) -> Pod {
-        let mut p = Arc::unwrap_or_clone(reported(0, false).pod);
+        let mut p = reported(0, false).pod();
         if deleting {
             p.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::UNIX_EPOCH));
         }
@@ -424,7 +424,7 @@ mod tests {
         );
         // Never an API pod (a static pod): the sink does nothing at all.
         let mut static_pod = reported(2, true);
-        Arc::make_mut(&mut static_pod.pod).metadata.annotations = Some(
+        Arc::make_mut(&mut static_pod.desired).metadata.annotations = Some(
             [(
                 crate::source::manifest::CONFIG_HASH.to_string(),
                 "0123456789abcdef0123456789abcdef".to_string(),
@@ -474,11 +474,7 @@ mod tests {
             ..Default::default()
         };
         let mut r = reported(2, false);
-        Arc::make_mut(&mut r.pod)
-            .status
-            .as_mut()
-            .unwrap()
-            .conditions = Some(vec![cond("Ready", "True")]);
+        Arc::make_mut(&mut r.status).conditions = Some(vec![cond("Ready", "True")]);
         let mut api = api_pod(false);
         api.status = Some(PodStatus {
             conditions: Some(vec![
@@ -580,7 +576,8 @@ mod tests {
     async fn running(api: &FakeApi, deleting: bool) -> (Sink, Pod) {
         let pod = api_web(api, "u1", deleting);
         let sink = Sink::start(api, &[&pod]);
-        sink.status.set(&pod, phase("Running"));
+        sink.status
+            .set(&Arc::new(pod.clone()), Arc::new(phase("Running")));
         until("the status patch", HANG, || {
             api.requests_to("PATCH", STATUS).len() == 1
         })
@@ -603,7 +600,8 @@ mod tests {
 
         // The API server fails twice (an outage): the newer status still gets there.
         api.fail("PATCH", STATUS, 2, 503);
-        sink.status.set(&pod, phase("Succeeded"));
+        sink.status
+            .set(&Arc::new(pod.clone()), Arc::new(phase("Succeeded")));
         until("the status after two failures", HANG, || {
             api.get(POD).unwrap()["status"]["phase"] == "Succeeded"
         })
@@ -630,7 +628,8 @@ mod tests {
         // Deleted (force) in the API before the pod watch shows it: the next patch finds no
         // pod (404), which is not retried.
         api.remove(POD);
-        sink.status.set(&pod, phase("Failed"));
+        sink.status
+            .set(&Arc::new(pod.clone()), Arc::new(phase("Failed")));
         until("the patch of the gone pod", HANG, || {
             api.requests_to("PATCH", STATUS).len() == 2
         })
@@ -664,7 +663,8 @@ mod tests {
             api.get(POD).is_some(),
             "no delete while the pod is terminating"
         );
-        sink.status.set(&pod, phase("Succeeded"));
+        sink.status
+            .set(&Arc::new(pod.clone()), Arc::new(phase("Succeeded")));
         sink.status.finish("u1");
         until("the final delete", HANG, || api.get(POD).is_none()).await;
         sink.forgotten("u1").await;
@@ -688,7 +688,8 @@ mod tests {
         // watch showed either.
         api.remove(POD);
         api_web(&api, "u2", false);
-        sink.status.set(&old, phase("Succeeded"));
+        sink.status
+            .set(&Arc::new(old.clone()), Arc::new(phase("Succeeded")));
         sink.status.finish("u1");
         sink.forgotten("u1").await;
         let new = api.get(POD).expect("the new pod stays");

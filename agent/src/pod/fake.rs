@@ -119,6 +119,11 @@ impl FakeRuntime {
         self.state.lock().unwrap().calls.clone()
     }
 
+    /// The calls made so far, forgotten here (a heap test counts only the agent's heap).
+    pub(crate) fn take_calls(&self) -> Vec<String> {
+        std::mem::take(&mut self.state.lock().unwrap().calls)
+    }
+
     pub(crate) fn cgroups(&self) -> BTreeSet<String> {
         self.state.lock().unwrap().cgroups.clone()
     }

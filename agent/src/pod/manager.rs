@@ -95,6 +95,16 @@ struct State {
     synced: bool,
 }
 
+impl State {
+    /// After a burst of pods is gone, the tables give back the room it grew.
+    fn give_back(&mut self) {
+        crate::memory::shrink_spare(&mut self.workers);
+        crate::memory::shrink_spare(&mut self.done);
+        crate::memory::shrink_spare(&mut self.recovered);
+        crate::memory::shrink_spare(&mut self.checkpointed);
+    }
+}
+
 struct Handle {
     tx: watch::Sender<Desired>,
     key: (String, String),
@@ -322,6 +332,7 @@ impl Manager {
             });
             self.update(d);
         }
+        self.state.give_back();
     }
 
     async fn clean_orphans(&mut self, wanted: &HashSet<String>) {
@@ -463,7 +474,7 @@ impl Manager {
     }
 
     /// The kubelet's `rejectPod`: a Warning event, phase Failed with the reason, no worker.
-    fn reject(&mut self, pod: &Pod, r: crate::admission::Rejection) {
+    fn reject(&mut self, pod: &Arc<Pod>, r: crate::admission::Rejection) {
         let status = k8s_openapi::api::core::v1::PodStatus {
             phase: Some(super::api::Phase::Failed.as_str().into()),
             reason: Some(r.reason.clone()),
@@ -477,7 +488,7 @@ impl Manager {
             &r.reason,
             &r.message,
         );
-        self.ctx.status.set(pod, status);
+        self.ctx.status.set(pod, Arc::new(status));
         self.state.done.insert(uid_of_pod(pod));
     }
 
@@ -545,6 +556,7 @@ impl Manager {
         if let Some(d) = next.and_then(|u| st.waiting.remove(&u)) {
             self.spawn(d);
         }
+        self.state.give_back();
     }
 }
 
@@ -565,7 +577,7 @@ async fn respawn(
     rx: &watch::Receiver<Desired>,
     token: &CancellationToken,
     delay: Duration,
-) -> Option<Worker> {
+) -> Option<Box<Worker>> {
     loop {
         tokio::select! {
             _ = token.cancelled() => return None,

@@ -66,11 +66,13 @@ pub fn compute(input: &Input) -> PodStatus {
     let pod = input.pod;
     let spec = pod.spec.clone().unwrap_or_default();
     let all = machine::containers(pod);
+    // Lists made to their length: the status is kept (shared) until it changes, and a list
+    // collected from a filter starts at room for four (2.8 KiB for one container's status).
     let statuses = |kinds: &[Kind]| -> Vec<ContainerStatus> {
-        all.iter()
-            .filter(|(k, _)| kinds.contains(k))
-            .map(|(k, c)| container_status(input, *k, c))
-            .collect()
+        let of_kinds = || all.iter().filter(|(k, _)| kinds.contains(k));
+        let mut out = Vec::with_capacity(of_kinds().count());
+        out.extend(of_kinds().map(|(k, c)| container_status(input, *k, c)));
+        out
     };
     let init_statuses = statuses(&[Kind::Init, Kind::Sidecar]);
     let app_statuses = statuses(&[Kind::App]);
@@ -401,6 +403,7 @@ fn conditions(input: &Input, phase: Phase, status: &PodStatus) -> Vec<PodConditi
         ("ContainersReady", containers_ready(phase, pod, init, apps)),
         ("PodScheduled", (true, None, None)),
     ];
+    out.reserve_exact(owned.len());
     for (kind, (ok, reason, message)) in owned {
         let status = if ok { "True" } else { "False" }.to_string();
         let last = previous

@@ -34,7 +34,7 @@ pub(super) enum Command {
     Start {
         key: ProbeKey,
         target: Box<ProbeTarget>,
-        results: mpsc::UnboundedSender<ProbeUpdate>,
+        results: super::Results,
     },
     Stop {
         key: ProbeKey,
@@ -84,7 +84,7 @@ struct Worker {
     /// The result last reported.
     reported: ProbeResult,
     /// Where the results go (the pod worker's channel).
-    results: mpsc::UnboundedSender<ProbeUpdate>,
+    results: super::Results,
     /// The result of the last run and how many runs in a row had it.
     last: Option<ProbeResult>,
     run: u32,
@@ -183,16 +183,11 @@ impl Scheduler {
     }
 
     /// Starts (or replaces) a probe: a new generation, its initial result sent first.
-    fn start(
-        &mut self,
-        key: ProbeKey,
-        target: ProbeTarget,
-        results: mpsc::UnboundedSender<ProbeUpdate>,
-    ) {
+    fn start(&mut self, key: ProbeKey, target: ProbeTarget, results: super::Results) {
         let generation = self.next_generation;
         self.next_generation += 1;
         let initial = target.resumed.unwrap_or(key.kind.initial_result());
-        let _ = results.send(ProbeUpdate {
+        let _ = results.unbounded_send(ProbeUpdate {
             key: key.clone(),
             container_id: target.container_id.clone(),
             result: initial,
@@ -294,6 +289,7 @@ impl Scheduler {
     /// Starts every run that is due.
     fn fire(&mut self) {
         let now = Instant::now();
+        crate::memory::shrink_spare(&mut self.heap);
         while let Some(Reverse((due, _, _))) = self.heap.peek() {
             if *due > now {
                 break;
@@ -421,7 +417,7 @@ impl Scheduler {
             if worker.run >= threshold {
                 if worker.reported != result {
                     worker.reported = result;
-                    let _ = worker.results.send(ProbeUpdate {
+                    let _ = worker.results.unbounded_send(ProbeUpdate {
                         key: done.key.clone(),
                         container_id: worker.target.container_id.clone(),
                         result,
@@ -480,11 +476,11 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
 
+    use futures::channel::mpsc::{unbounded, UnboundedReceiver};
     use futures::future::BoxFuture;
     use k8s_openapi::api::core::v1::{Container, ExecAction, HTTPGetAction, Pod, PodSpec, Probe};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-    use tokio::sync::mpsc::UnboundedReceiver;
 
     use super::super::{ProbeUpdate, Prober};
     use super::*;
@@ -649,7 +645,7 @@ mod tests {
     /// Whether the channel ends (every sender let go) within an hour of paused time, after
     /// what is still queued on it.
     async fn closed(rx: &mut UnboundedReceiver<ProbeUpdate>) -> bool {
-        let drained = async { while rx.recv().await.is_some() {} };
+        let drained = async { while rx.recv().await.is_ok() {} };
         tokio::time::timeout(Duration::from_secs(3600), drained)
             .await
             .is_ok()
@@ -674,7 +670,7 @@ mod tests {
     async fn initial_results_are_sent_first() {
         let (exec, prober, _) = setup();
         exec.set("hang", &[], Step::Hang);
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = unbounded();
         for kind in [
             ProbeKind::Readiness,
             ProbeKind::Liveness,
@@ -702,7 +698,7 @@ mod tests {
     async fn failures_are_reported_at_the_threshold_and_hold_liveness() {
         let (exec, prober, recorder) = setup();
         exec.set("check", &[], BAD);
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = unbounded();
         let t0 = Instant::now();
         prober.start(key(ProbeKind::Liveness), target(exec_probe("check")), tx);
         assert_eq!(next(&mut rx).await.result, ProbeResult::Success);
@@ -731,7 +727,7 @@ mod tests {
     async fn success_threshold_initial_delay_and_period() {
         let (exec, prober, _) = setup();
         exec.set("check", &[], OK);
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = unbounded();
         let probe = Probe {
             initial_delay_seconds: Some(5),
             success_threshold: Some(2),
@@ -763,7 +759,7 @@ mod tests {
         let (exec, prober, _) = setup();
         // Flapping below both thresholds never changes the result.
         exec.set("check", &[OK, BAD, OK, BAD, BAD, OK], OK);
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = unbounded();
         let probe = Probe {
             success_threshold: Some(2),
             period_seconds: Some(1),
@@ -789,7 +785,7 @@ mod tests {
         exec.set("boot", &[BAD, BAD], OK);
         exec.set("live", &[], OK);
         exec.set("ready", &[], OK);
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = unbounded();
         let t0 = Instant::now();
         // Liveness and readiness are started before startup: gating must still hold.
         prober.start(
@@ -838,7 +834,7 @@ mod tests {
         let (exec, prober, recorder) = setup();
         exec.set("boot", &[], BAD);
         exec.set("live", &[], OK);
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = unbounded();
         let t0 = Instant::now();
         let startup = Probe {
             period_seconds: Some(1),
@@ -886,7 +882,7 @@ mod tests {
     async fn a_hanging_exec_times_out_without_overlapping_runs() {
         let (exec, prober, recorder) = setup();
         exec.set("hang", &[], Step::Hang);
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = unbounded();
         let probe = Probe {
             period_seconds: Some(1),
             timeout_seconds: Some(3),
@@ -916,7 +912,7 @@ mod tests {
         let (exec, prober, _) = setup();
         exec.set("hang", &[], Step::Hang);
         exec.set("check", &[], OK);
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = unbounded();
         let slow = Probe {
             timeout_seconds: Some(30),
             ..exec_probe("hang")
@@ -969,7 +965,7 @@ mod tests {
     async fn a_replaced_or_stopped_probe_lets_its_results_channel_go() {
         let (exec, prober, _) = setup();
         exec.set("check", &[], OK);
-        let (first, mut from_first) = mpsc::unbounded_channel();
+        let (first, mut from_first) = unbounded();
         prober.start(
             key(ProbeKind::Readiness),
             target(exec_probe("check")),
@@ -977,7 +973,7 @@ mod tests {
         );
         assert_eq!(next(&mut from_first).await.result, ProbeResult::Failure);
         assert_eq!(next(&mut from_first).await.result, ProbeResult::Success);
-        let (second, mut from_second) = mpsc::unbounded_channel();
+        let (second, mut from_second) = unbounded();
         let replacement = ProbeTarget {
             container_id: "c2".into(),
             ..target(exec_probe("check"))
@@ -1001,7 +997,7 @@ mod tests {
             closed(&mut from_second).await,
             "the stopped channel is kept"
         );
-        let (third, mut from_third) = mpsc::unbounded_channel();
+        let (third, mut from_third) = unbounded();
         prober.start(key(ProbeKind::Liveness), target(exec_probe("check")), third);
         assert_eq!(next(&mut from_third).await.result, ProbeResult::Success);
         prober.stop_pod("u1");
@@ -1015,7 +1011,7 @@ mod tests {
     async fn stop_pod_stops_every_probe_of_the_pod() {
         let (exec, prober, _) = setup();
         exec.set("check", &[], OK);
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = unbounded();
         let t0 = Instant::now();
         prober.start(
             key(ProbeKind::Readiness),
@@ -1063,7 +1059,7 @@ mod tests {
         let (exec, prober, _) = setup();
         exec.set("check", &[], BAD);
         exec.set("boot", &[], OK);
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = unbounded();
         let probe = Probe {
             failure_threshold: Some(1),
             ..exec_probe("check")
@@ -1101,7 +1097,7 @@ mod tests {
     async fn handler_errors_are_events_not_results() {
         let (exec, prober, recorder) = setup();
         exec.set("missing", &[], Step::Error("exec: \"missing\": not found"));
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = unbounded();
         let named = Probe {
             http_get: Some(HTTPGetAction {
                 port: IntOrString::String("web".into()),
@@ -1158,7 +1154,7 @@ mod tests {
     async fn a_panicking_handler_is_an_error_and_the_probe_goes_on() {
         let (exec, prober, recorder) = setup();
         exec.set("boom", &[Step::Panic], OK);
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = unbounded();
         let t0 = Instant::now();
         prober.start(key(ProbeKind::Readiness), target(exec_probe("boom")), tx);
         assert_eq!(next(&mut rx).await.result, ProbeResult::Failure);
@@ -1174,7 +1170,7 @@ mod tests {
     async fn a_thousand_probes_share_one_scheduler() {
         let (exec, prober, _) = setup();
         exec.set("check", &[], OK);
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = unbounded();
         let probe = Probe {
             period_seconds: Some(1),
             ..exec_probe("check")

@@ -20,8 +20,7 @@ use nix::sys::statfs::{statfs, NSFS_MAGIC};
 pub fn ensure_shared_mount_point(dir: &Path) -> io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let dir = dir.canonicalize()?;
-    let mounts = crate::host::mounts()?;
-    match mounts.iter().rev().find(|m| m.mount_point == dir) {
+    match crate::host::mount_at(&dir)? {
         Some(e) if e.shared => return Ok(()),
         Some(_) => {}
         None => {

@@ -119,12 +119,11 @@ pub(super) fn find_pod(status: &StatusManager, namespace: &str, name: &str) -> O
     status
         .all()
         .into_iter()
-        .map(|r| r.pod)
-        .find(|p| {
-            p.metadata.namespace.as_deref() == Some(namespace)
-                && p.metadata.name.as_deref() == Some(name)
+        .find(|r| {
+            let m = &r.desired.metadata;
+            m.namespace.as_deref() == Some(namespace) && m.name.as_deref() == Some(name)
         })
-        .map(std::sync::Arc::unwrap_or_clone)
+        .map(|r| r.pod())
 }
 
 pub(super) fn container_status(pod: &Pod, container: &str) -> Option<ContainerStatus> {
@@ -154,10 +153,13 @@ impl Running {
         let Some(record) = self.status.get(&self.uid) else {
             return false;
         };
-        container_status(&record.pod, &self.container).is_some_and(|c| {
-            c.restart_count.max(0) as u32 == self.attempt
-                && c.state.as_ref().is_some_and(|s| s.running.is_some())
-        })
+        let still = crate::pod::status::all_container_statuses(&record.status)
+            .find(|c| c.name == self.container)
+            .is_some_and(|c| {
+                c.restart_count.max(0) as u32 == self.attempt
+                    && c.state.as_ref().is_some_and(|s| s.running.is_some())
+            });
+        still
     }
 
     /// The file now at the log's path, when it is not the one being read (the old one was

@@ -87,12 +87,7 @@ pub async fn serve(
 }
 
 async fn pods(State(state): State<ServerState>) -> Json<List<Pod>> {
-    let items = state
-        .status
-        .all()
-        .into_iter()
-        .map(|r| Arc::unwrap_or_clone(r.pod))
-        .collect();
+    let items = state.status.all().into_iter().map(|r| r.pod()).collect();
     Json(List {
         items,
         metadata: ListMeta::default(),
@@ -135,7 +130,7 @@ async fn metrics(State(state): State<ServerState>) -> impl IntoResponse {
     );
     let mut by_phase = std::collections::BTreeMap::<&str, usize>::new();
     for r in &pods {
-        let phase = Phase::of(r.pod.status.as_ref()).unwrap_or(Phase::Pending);
+        let phase = Phase::of(Some(&r.status)).unwrap_or(Phase::Pending);
         *by_phase.entry(phase.as_str()).or_default() += 1;
     }
     for (phase, n) in by_phase {
@@ -159,9 +154,7 @@ fn kubelet_metrics(node_name: &str, pods: &[crate::status::Reported]) -> String 
     let mut by_state =
         std::collections::BTreeMap::from([("created", 0), ("exited", 0), ("running", 0)]);
     for r in pods.iter().filter(|r| !r.finished) {
-        let Some(status) = r.pod.status.as_ref() else {
-            continue;
-        };
+        let status = &r.status;
         let created: Vec<_> = crate::pod::status::all_container_statuses(status)
             .filter(|c| c.container_id.is_some())
             .collect();

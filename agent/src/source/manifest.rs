@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Secret};
 use serde_json::Value;
@@ -83,17 +84,22 @@ impl ManifestError {
     }
 }
 
-/// What one file contributed.
+/// What one file contributed. Its pods are the objects every later holder shares (the
+/// snapshot, the merge, the pod workers, the status manager): none of them copies a pod.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct FileContent {
-    pub pods: Vec<Pod>,
+    pub pods: Vec<Arc<Pod>>,
     pub objects: Objects,
 }
+
+/// The folder's pods as its readers are handed them (the pod sync, cluster mode's static pods):
+/// `None` until the folder has been read once; shared objects, never copies.
+pub type FilePods = Option<Vec<Arc<Pod>>>;
 
 /// The whole folder as last read.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub pods: Vec<Pod>,
+    pub pods: Vec<Arc<Pod>>,
     pub objects: Objects,
     /// Files that failed this round (their last good content is still in `pods`/`objects`).
     pub errors: Vec<String>,
@@ -210,7 +216,7 @@ impl ManifestSource {
                     duplicates.push(ManifestError::Duplicate {
                         file: path.clone(),
                         kept: (*kept).clone(),
-                        pod: Box::new(pod.clone()),
+                        pod: Box::new((**pod).clone()),
                     });
                     continue;
                 }
@@ -333,7 +339,9 @@ fn add_document(
         "Pod" => {
             let pod: Pod = typed(value).map_err(invalid)?;
             validation::pod(&pod).map_err(invalid)?;
-            content.pods.push(static_pod(pod, path, node_name));
+            content
+                .pods
+                .push(Arc::new(static_pod(pod, path, node_name)));
         }
         "ConfigMap" => {
             let cm: ConfigMap = typed(value).map_err(invalid)?;

@@ -54,14 +54,14 @@ impl SourceMerge {
 
     /// The plan for the file pods `files` and the API's set, `None` while it has not listed
     /// (standalone passes an empty set: nothing but the files is wanted).
-    pub fn merge(&mut self, files: &[Pod], api: Option<Vec<Desired>>) -> Plan {
+    pub fn merge(&mut self, files: &[Arc<Pod>], api: Option<Vec<Desired>>) -> Plan {
         let now: BTreeMap<String, Arc<Pod>> = files
             .iter()
             .map(|p| {
                 let uid = uid(p);
                 let pod = match self.previous.get(&uid) {
-                    Some(old) if **old == *p => old.clone(),
-                    _ => Arc::new(p.clone()),
+                    Some(old) if Arc::ptr_eq(old, p) || **old == **p => old.clone(),
+                    _ => p.clone(),
                 };
                 (uid, pod)
             })
@@ -110,8 +110,8 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use std::time::Duration;
 
-    fn pod(uid: &str, grace: i64) -> Pod {
-        Pod {
+    fn pod(uid: &str, grace: i64) -> Arc<Pod> {
+        Arc::new(Pod {
             metadata: ObjectMeta {
                 name: Some(format!("pod-{uid}")),
                 uid: Some(uid.into()),
@@ -122,7 +122,7 @@ mod tests {
                 ..Default::default()
             }),
             status: None,
-        }
+        })
     }
 
     /// (uid, Some(grace) when asked to stop as gone) in plan order.
@@ -186,7 +186,10 @@ mod tests {
 
     #[test]
     fn a_recovered_static_pod_missing_from_the_files_stops_and_a_present_one_runs() {
-        let mut m = SourceMerge::new(vec![pod("gone", 5), pod("kept", 5)]);
+        let mut m = SourceMerge::new(vec![
+            Pod::clone(&pod("gone", 5)),
+            Pod::clone(&pod("kept", 5)),
+        ]);
         let plan = shape(&each(m.merge(&[pod("kept", 5)], None)));
         assert_eq!(
             plan,
@@ -203,18 +206,24 @@ mod tests {
         let a = pod("a", 30);
         let first = each(m.merge(std::slice::from_ref(&a), None));
         let same = each(m.merge(std::slice::from_ref(&a), None));
+        assert!(
+            Arc::ptr_eq(&first[0].pod, &a),
+            "the folder's own object is handed on"
+        );
         assert!(Arc::ptr_eq(&first[0].pod, &same[0].pod));
+        // The same content read again (a new object) keeps the object the worker holds.
+        let reread = each(m.merge(&[pod("a", 30)], None));
+        assert!(Arc::ptr_eq(&first[0].pod, &reread[0].pod));
         let edited = pod("a", 31);
         let changed = each(m.merge(std::slice::from_ref(&edited), None));
-        assert!(!Arc::ptr_eq(&first[0].pod, &changed[0].pod));
-        assert_eq!(*changed[0].pod, edited);
+        assert!(Arc::ptr_eq(&changed[0].pod, &edited));
     }
 
     #[test]
     fn the_api_set_comes_first_and_only_a_listed_api_makes_a_whole_set() {
         let mut m = SourceMerge::default();
         let api = Desired {
-            pod: Arc::new(pod("from-api", 30)),
+            pod: pod("from-api", 30),
             deletion: None,
         };
         assert_eq!(

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::api::core::v1::ContainerStatus;
 use serde::Serialize;
 
 use crate::status::Reported;
@@ -220,12 +220,11 @@ impl Stats {
         let pods = pods
             .iter()
             .filter(|r| !r.finished)
-            .filter_map(|r| self.pod(&r.pod, logs_fs, (swap_total, swap_free), now, &mut seen))
+            .filter_map(|r| self.pod(r, logs_fs, (swap_total, swap_free), now, &mut seen))
             .collect();
-        self.previous
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|key, _| seen.contains(key));
+        let mut previous = self.previous.lock().unwrap_or_else(|e| e.into_inner());
+        previous.retain(|key, _| seen.contains(key));
+        crate::memory::shrink_spare(&mut *previous);
         Summary { node, pods }
     }
 
@@ -233,14 +232,14 @@ impl Stats {
     /// `node_swap` (total, free) of the node's swap.
     fn pod(
         &self,
-        pod: &Pod,
+        reported: &Reported,
         logs_fs: (u64, u64),
         node_swap: (u64, u64),
         now: SystemTime,
         seen: &mut HashSet<String>,
     ) -> Option<PodStats> {
+        let (pod, status) = (&*reported.desired, &*reported.status);
         let uid = pod.metadata.uid.as_deref()?;
-        let status = pod.status.as_ref()?;
         let running = crate::pod::status::all_container_statuses(status)
             .filter_map(|c| Some((c, running_since(c)?, runtime_id(c)?)));
         let pod_cgroup = crate::pod::cgroup::pod_path(uid);
@@ -458,7 +457,7 @@ mod tests {
     }
 
     fn running_pod() -> Reported {
-        let mut pod = Pod::default();
+        let mut pod = k8s_openapi::api::core::v1::Pod::default();
         pod.metadata.name = Some("web".into());
         pod.metadata.namespace = Some("prod".into());
         pod.metadata.uid = Some("u1".into());
@@ -484,7 +483,8 @@ mod tests {
             ..Default::default()
         });
         Reported {
-            pod: Arc::new(pod),
+            status: Arc::new(pod.status.take().unwrap_or_default()),
+            desired: Arc::new(pod),
             version: 1,
             finished: false,
         }

@@ -9,12 +9,12 @@ use std::process::Command;
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
-use crate::host::{mounts, Mount};
+use crate::host::{mounts_where, Mount};
 
 /// The top-most mount at exactly `path`, if any.
 pub fn mount_at(path: &Path) -> io::Result<Option<Mount>> {
     let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    Ok(mounts()?.into_iter().rev().find(|m| m.mount_point == path))
+    crate::host::mount_at(&path)
 }
 
 /// True when something is mounted at `path`.
@@ -134,12 +134,11 @@ pub fn unmount(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Mount points at or beneath `dir`, deepest first.
+/// Mount points at or beneath `dir`, deepest first; only those are read out of the table.
 pub fn mounts_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
-    let mut found: Vec<PathBuf> = mounts()?
+    let mut found: Vec<PathBuf> = mounts_where(|p| p.starts_with(dir))?
         .into_iter()
         .map(|m| m.mount_point)
-        .filter(|p| p.starts_with(dir))
         .collect();
     found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     Ok(found)

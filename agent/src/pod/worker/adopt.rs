@@ -1,6 +1,8 @@
 //! Recovery: a worker made after an agent restart (or after a worker panic) takes over the
 //! attempts containerd still holds, from their checkpoint labels, instead of starting anew.
 
+use std::collections::BTreeMap;
+
 use super::*;
 
 impl Worker {

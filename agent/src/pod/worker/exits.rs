@@ -214,6 +214,7 @@ async fn route(
                 }
                 Route::Unregister { id } => {
                     routes.remove(&id);
+                    crate::memory::shrink_spare(&mut routes);
                 }
             },
             event = exits.recv() => match event {

@@ -76,7 +76,7 @@ impl Worker {
         self.ctx.prober.stop_pod(&self.uid);
         let ctx = self.ctx.clone();
         let mut left = false;
-        for live in self.live.values_mut() {
+        for (_, live) in self.live.iter_mut() {
             for slot in [&mut live.id, &mut live.previous] {
                 let Some(id) = slot.clone() else {
                     continue;
@@ -179,7 +179,7 @@ impl Worker {
         if let Some(hook) = self.hook.take() {
             hook.task.abort();
         }
-        for live in self.live.values_mut() {
+        for (_, live) in self.live.iter_mut() {
             if let Some(k) = live.kill.take() {
                 k.abort();
             }

@@ -7,12 +7,13 @@
 //! this file holds the loop and the step. It reaches the outside only through `PodContext`'s
 //! `ContainerRuntime` and `PodHost`, so `tests` drives it with the in-memory fakes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{Container, Pod, PodStatus};
+use litemap::LiteMap;
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
@@ -85,16 +86,21 @@ pub(crate) struct Worker {
     uid: String,
     desired: Desired,
     obs: Observed,
-    live: BTreeMap<String, Live>,
+    live: LiteMap<String, Live>,
     crash: Backoff,
     failures: Backoff,
     sandbox: Option<Sandbox>,
     volumes: Option<PodVolumes>,
-    reported: Option<PodStatus>,
+    /// The status last reported, shared with the status manager.
+    reported: Option<Arc<PodStatus>>,
     exit_tx: mpsc::UnboundedSender<ExitEvent>,
     exit_rx: mpsc::UnboundedReceiver<ExitEvent>,
-    probe_tx: mpsc::UnboundedSender<ProbeUpdate>,
-    probe_rx: mpsc::UnboundedReceiver<ProbeUpdate>,
+    /// Probe results and postStart hook ends come through futures' unbounded channels, which
+    /// allocate per message: tokio's allocate a block of 32 slots up front (3.5 KiB each, for
+    /// what most pods never send). Exits stay on tokio's, whose weak senders let the router's
+    /// test see that it holds no route of a gone worker.
+    probe_tx: crate::probe::Results,
+    probe_rx: futures::channel::mpsc::UnboundedReceiver<ProbeUpdate>,
     /// Something changed: step again at once.
     dirty: bool,
     /// Failed removals of the pod's cgroups since the last full try.
@@ -104,8 +110,8 @@ pub(crate) struct Worker {
     /// container waits for it, nothing else of the pod starts (and no status is written)
     /// meanwhile; a kill of its container ends it.
     hook: Option<start::PendingHook>,
-    hook_tx: mpsc::UnboundedSender<start::HookDone>,
-    hook_rx: mpsc::UnboundedReceiver<start::HookDone>,
+    hook_tx: futures::channel::mpsc::UnboundedSender<start::HookDone>,
+    hook_rx: futures::channel::mpsc::UnboundedReceiver<start::HookDone>,
     /// When containers whose start failed turn from RunContainerError to CrashLoopBackOff.
     settle: Option<tokio::time::Instant>,
     /// The object store's generation this worker has looked at.
@@ -126,11 +132,11 @@ impl Worker {
         router: ExitRouter,
         desired: Desired,
         recovered: Vec<ContainerRecord>,
-    ) -> (Self, Vec<String>) {
+    ) -> (Box<Self>, Vec<String>) {
         let uid = desired.pod.metadata.uid.clone().unwrap_or_default();
         let (exit_tx, exit_rx) = mpsc::unbounded_channel();
-        let (probe_tx, probe_rx) = mpsc::unbounded_channel();
-        let (hook_tx, hook_rx) = mpsc::unbounded_channel();
+        let (probe_tx, probe_rx) = futures::channel::mpsc::unbounded();
+        let (hook_tx, hook_rx) = futures::channel::mpsc::unbounded();
         let api_start = desired
             .pod
             .status
@@ -140,18 +146,23 @@ impl Worker {
         let first_created = recovered.iter().filter_map(|r| r.created_at).min();
         // A re-adopted pod's status goes on from what the API holds (written by the agent
         // before its restart): conditions keep their lastTransitionTime, nothing flaps.
-        let reported = desired.pod.status.clone().filter(|_| !recovered.is_empty());
+        let reported = (desired.pod.status.clone())
+            .filter(|_| !recovered.is_empty())
+            .map(Arc::new);
         let store_seen = ctx.store.generation();
-        let mut worker = Worker {
+        // Room for the containers the spec lists (the maps grow for ephemeral ones).
+        let containers = machine::containers(&desired.pod).len();
+        let mut worker = Box::new(Worker {
             ctx,
             router,
             uid,
             obs: Observed {
                 start_time: api_start.or(first_created),
+                containers: LiteMap::with_capacity(containers),
                 ..Default::default()
             },
             desired,
-            live: BTreeMap::new(),
+            live: LiteMap::with_capacity(containers),
             crash: Backoff::default(),
             failures: Backoff::default(),
             sandbox: None,
@@ -169,7 +180,7 @@ impl Worker {
             hook_rx,
             settle: None,
             store_seen,
-        };
+        });
         let stale = worker.adopt(recovered);
         (worker, stale)
     }
@@ -220,9 +231,10 @@ impl Worker {
         self.desired.deletion.is_some_and(|d| d.gone)
     }
 
-    /// Runs the worker until the pod is done or `cancel` fires.
+    /// Runs the worker until the pod is done or `cancel` fires. Boxed: the worker is on the
+    /// heap once, not both in its task's future and in this one's.
     pub(crate) async fn run(
-        mut self,
+        mut self: Box<Self>,
         desired: &mut watch::Receiver<Desired>,
         cancel: CancellationToken,
     ) -> Outcome {
@@ -270,8 +282,8 @@ impl Worker {
                     return Outcome::Stopped;
                 },
                 Some(ev) = self.exit_rx.recv() => self.on_exit(ev).await,
-                Some(update) = self.probe_rx.recv() => self.on_probe(update),
-                Some(done) = self.hook_rx.recv() => self.on_hook_done(done),
+                Ok(update) = self.probe_rx.recv() => self.on_probe(update),
+                Ok(done) = self.hook_rx.recv() => self.on_hook_done(done),
                 Ok(()) = store.changed() => self.on_store_change().await,
                 _ = tokio::time::sleep(sleep) => self.resync().await,
             }
@@ -327,7 +339,9 @@ impl Worker {
             Action::SetupVolumes => self.setup_volumes().await.then_some(()).ok_or(retry),
             Action::EnsureSandbox => self.ensure_sandbox().await.then_some(()).ok_or(retry),
             Action::StartContainer { name, attempt } => {
-                self.start_container(&name, attempt).await;
+                // Boxed while it runs: its future is most of a worker's (6.5 KiB), and every
+                // waiting worker's future would be sized for it.
+                Box::pin(self.start_container(&name, attempt)).await;
                 Ok(())
             }
             Action::KillContainer {
@@ -361,14 +375,15 @@ impl Worker {
         }
         let input = status::Input {
             pod: self.pod(),
-            previous: self.reported.as_ref(),
+            previous: self.reported.as_deref(),
             obs: &self.obs,
             state: self.obs.state,
             node_ip: self.ctx.node.ip,
             pod_ip: self.sandbox.as_ref().and_then(|s| s.ip),
         };
         let computed = status::compute(&input);
-        if self.reported.as_ref() != Some(&computed) {
+        if self.reported.as_deref() != Some(&computed) {
+            let computed = Arc::new(computed);
             self.ctx.status.set(&self.desired.pod, computed.clone());
             self.reported = Some(computed);
         }

@@ -264,7 +264,7 @@ impl Worker {
             return;
         }
         self.settle = None;
-        for o in self.obs.containers.values_mut() {
+        for (_, o) in self.obs.containers.iter_mut() {
             let start_error =
                 o.waiting.as_ref().map(|w| w.reason.as_str()) == Some("RunContainerError");
             if start_error && o.backoff.is_some() && matches!(o.state, Attempt::Exited(_)) {
@@ -294,7 +294,7 @@ impl Worker {
                 pod_ip,
             };
             let result = hooks::run(&target, &handler, None).await;
-            let _ = tx.send(HookDone { result, ..done });
+            let _ = tx.unbounded_send(HookDone { result, ..done });
         });
         self.hook = Some(PendingHook {
             name: name.to_string(),

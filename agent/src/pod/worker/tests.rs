@@ -39,18 +39,18 @@ fn deletion_is_never_undone_and_only_shrinks() {
 }
 
 /// A manager over the fakes, with its files in a temp dir.
-struct Node {
+pub(super) struct Node {
     dir: tempfile::TempDir,
-    ctx: Arc<PodContext>,
-    rt: Arc<FakeRuntime>,
+    pub(super) ctx: Arc<PodContext>,
+    pub(super) rt: Arc<FakeRuntime>,
     host: Arc<FakeHost>,
-    manager: PodManager,
+    pub(super) manager: PodManager,
     finished: broadcast::Receiver<String>,
-    cancel: CancellationToken,
+    pub(super) cancel: CancellationToken,
 }
 
 impl Node {
-    async fn new() -> Node {
+    pub(super) async fn new() -> Node {
         let dir = tempfile::tempdir().expect("temp dir");
         let (ctx, rt, host) = fake::context(dir.path());
         let cancel = CancellationToken::new();
@@ -392,16 +392,10 @@ async fn a_worker_that_panics_adopts_its_running_container_again() {
         touched.is_empty(),
         "the running attempt was touched: {touched:?}"
     );
-    let status = node
-        .ctx
-        .status
-        .get("u1")
-        .expect("status")
-        .pod
-        .status
-        .clone();
+    let status = node.ctx.status.get("u1").expect("status").status;
     let c = &status
-        .and_then(|s| s.container_statuses)
+        .container_statuses
+        .as_ref()
         .expect("container status")[0];
     assert_eq!(c.restart_count, 0);
     assert!(c.state.as_ref().and_then(|s| s.running.as_ref()).is_some());
@@ -446,7 +440,7 @@ fn hooked_pod(uid: &str, grace: i64) -> Pod {
 }
 
 fn container_status(node: &Node, uid: &str) -> Option<ContainerStatus> {
-    let status = node.ctx.status.get(uid)?.pod.status.clone()?;
+    let status = (*node.ctx.status.get(uid)?.status).clone();
     status.container_statuses?.into_iter().next()
 }
 
