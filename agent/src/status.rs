@@ -84,16 +84,28 @@ impl StatusManager {
 
     /// Marks the pod's worker done; the pod stays listed until `forget`.
     pub fn finish(&self, uid: &str) {
-        if let Some(r) = self.pods.write().expect("status lock").get_mut(uid) {
-            r.finished = true;
+        let changed = self
+            .pods
+            .write()
+            .expect("status lock")
+            .get_mut(uid)
+            .is_some_and(|r| !std::mem::replace(&mut r.finished, true));
+        if changed {
+            self.changed.send_modify(|g| *g += 1);
         }
-        self.changed.send_modify(|g| *g += 1);
     }
 
     /// Drops a pod that no source wants any more.
     pub fn forget(&self, uid: &str) {
-        self.pods.write().expect("status lock").remove(uid);
-        self.changed.send_modify(|g| *g += 1);
+        let changed = self
+            .pods
+            .write()
+            .expect("status lock")
+            .remove(uid)
+            .is_some();
+        if changed {
+            self.changed.send_modify(|g| *g += 1);
+        }
     }
 
     pub fn get(&self, uid: &str) -> Option<Reported> {
@@ -110,8 +122,45 @@ impl StatusManager {
             .collect()
     }
 
-    /// Wakes on every change.
+    /// Wakes on every change, and only then (memory is given back once it is quiet).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscribers_wake_on_changes_only() {
+        let status = StatusManager::new();
+        let mut changes = status.subscribe();
+        let pod = Arc::new(Pod {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                uid: Some("u".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        let quiet = |changes: &mut watch::Receiver<u64>| !changes.has_changed().expect("sender");
+        status.forget("u");
+        status.finish("u");
+        assert!(quiet(&mut changes), "nothing known: nothing changed");
+        assert!(status.set(&pod, Arc::default()));
+        assert!(changes.has_changed().expect("sender"));
+        changes.mark_unchanged();
+        assert!(!status.set(&pod, Arc::default()));
+        assert!(quiet(&mut changes), "the same status again");
+        status.finish("u");
+        assert!(changes.has_changed().expect("sender"));
+        changes.mark_unchanged();
+        status.finish("u");
+        assert!(quiet(&mut changes), "finished twice");
+        status.forget("u");
+        assert!(changes.has_changed().expect("sender"));
+        changes.mark_unchanged();
+        status.forget("u");
+        assert!(quiet(&mut changes), "forgotten twice");
     }
 }
