@@ -27,6 +27,7 @@
 //!   need a recorder of its own.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::Hasher;
 use std::sync::{Arc, Mutex};
 
 use jiff::Timestamp;
@@ -73,16 +74,37 @@ pub struct Recorder {
 
 /// What the recorder remembers to correlate events: per dedup key what a repeat takes over
 /// (as client-go's event log keeps it, not the whole Event), and the distinct messages per
-/// aggregate key in the current window.
+/// aggregate key in the current window. Keys and messages are kept as 64-bit hashes of client-go's
+/// keys (the event's fields joined, hundreds of bytes each): only their equality counts.
 #[derive(Default)]
 struct Correlator {
-    seen: HashMap<String, Seen>,
-    similar: HashMap<String, (Timestamp, HashSet<String>)>,
+    seen: HashMap<u64, Seen>,
+    similar: HashMap<u64, Similar>,
+}
+
+/// The distinct messages of one aggregate key in the current window.
+struct Similar {
+    /// The hash of the involved object's UID (what `Recorder::forget` matches).
+    uid: u64,
+    last: Timestamp,
+    messages: HashSet<u64>,
+}
+
+/// A hash of `parts` as client-go joins them into a key (each followed by a NUL).
+fn key_hash<'a>(parts: impl IntoIterator<Item = &'a str>) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    for part in parts {
+        hasher.write(part.as_bytes());
+        hasher.write_u8(0);
+    }
+    hasher.finish()
 }
 
 /// The part of a recorded Event its repeats carry on: its name, when it was first seen, its
 /// count, and when it was last seen (for evicting the oldest).
 struct Seen {
+    /// The hash of the involved object's UID (what `Recorder::forget` matches).
+    uid: u64,
     name: Option<String>,
     first: Option<Time>,
     event_time: Option<MicroTime>,
@@ -95,7 +117,7 @@ impl Correlator {
     /// (its count bumped) when it repeats one.
     fn observe(&mut self, mut event: Event, now: Timestamp) -> Event {
         let object = &event.involved_object;
-        let aggregate = [
+        let aggregate_parts = [
             object.kind.as_deref(),
             object.namespace.as_deref(),
             object.name.as_deref(),
@@ -104,26 +126,27 @@ impl Correlator {
             event.type_.as_deref(),
             event.reason.as_deref(),
         ]
-        .map(Option::unwrap_or_default)
-        .join("\u{0}");
+        .map(Option::unwrap_or_default);
+        let aggregate = key_hash(aggregate_parts);
+        let uid = key_hash([object.uid.as_deref().unwrap_or_default()]);
         let message = event.message.clone().unwrap_or_default();
         if self.similar.len() >= CACHE_ENTRIES && !self.similar.contains_key(&aggregate) {
-            self.similar
-                .retain(|_, (last, _)| *last + AGGREGATE_WINDOW > now);
+            self.similar.retain(|_, s| s.last + AGGREGATE_WINDOW > now);
             if self.similar.len() >= CACHE_ENTRIES {
                 self.similar.clear();
             }
         }
-        let (last, messages) = self
-            .similar
-            .entry(aggregate.clone())
-            .or_insert_with(|| (now, HashSet::new()));
-        if *last + AGGREGATE_WINDOW <= now {
-            messages.clear();
+        let similar = self.similar.entry(aggregate).or_insert_with(|| Similar {
+            uid,
+            last: now,
+            messages: HashSet::new(),
+        });
+        if similar.last + AGGREGATE_WINDOW <= now {
+            similar.messages.clear();
         }
-        *last = now;
-        messages.insert(message.clone());
-        let key = match messages.len() >= AGGREGATE_MAX {
+        similar.last = now;
+        similar.messages.insert(key_hash([message.as_str()]));
+        let key = match similar.messages.len() >= AGGREGATE_MAX {
             true => {
                 let combined = format!("(combined from similar events): {message}");
                 event.message = Some(truncate(&combined, MESSAGE_LIMIT));
@@ -131,7 +154,8 @@ impl Correlator {
             }
             false => {
                 let path = object.field_path.as_deref().unwrap_or_default();
-                format!("{aggregate}\u{0}{path}\u{0}{message}")
+                let parts = aggregate_parts.into_iter().chain([path, message.as_str()]);
+                key_hash(parts)
             }
         };
         if let Some(previous) = self.seen.get(&key) {
@@ -145,10 +169,11 @@ impl Correlator {
                 .seen
                 .iter()
                 .min_by_key(|(_, e)| e.last)
-                .map(|(k, _)| k.clone());
+                .map(|(k, _)| *k);
             oldest.map(|k| self.seen.remove(&k));
         }
         let seen = Seen {
+            uid,
             name: event.metadata.name.clone(),
             first: event.first_timestamp.clone(),
             event_time: event.event_time.clone(),
@@ -259,9 +284,9 @@ impl Recorder {
     /// beyond the bounded ring.
     pub fn forget(&self, uid: &str) {
         let mut correlator = self.correlator.lock().expect("correlator lock");
-        let of = |key: &String| key.split('\u{0}').nth(3) == Some(uid);
-        correlator.seen.retain(|key, _| !of(key));
-        correlator.similar.retain(|key, _| !of(key));
+        let uid = key_hash([uid]);
+        correlator.seen.retain(|_, s| s.uid != uid);
+        correlator.similar.retain(|_, s| s.uid != uid);
         crate::memory::shrink_spare(&mut correlator.seen);
         crate::memory::shrink_spare(&mut correlator.similar);
     }

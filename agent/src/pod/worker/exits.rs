@@ -147,15 +147,19 @@ impl Worker {
     }
 }
 
+/// Where a worker's exits go: futures' unbounded channel allocates per message; tokio's
+/// allocated a block of 32 events (2 KiB with the channel) for every pod worker up front.
+pub(super) type ExitsTo = futures::channel::mpsc::UnboundedSender<ExitEvent>;
+
 /// What a worker asks of the exit router.
 enum Route {
     /// Exits of container `id` go to `to` (replacing an earlier route of that id).
-    Register {
-        id: String,
-        to: mpsc::UnboundedSender<ExitEvent>,
-    },
+    Register { id: String, to: ExitsTo },
     /// Exits of container `id` go nowhere.
     Unregister { id: String },
+    /// The container ids it routes, sorted.
+    #[cfg(test)]
+    Routed(tokio::sync::oneshot::Sender<Vec<String>>),
 }
 
 /// A handle on the task that routes containerd's exit events to the worker owning the
@@ -181,7 +185,7 @@ impl ExitRouter {
 
     /// Exits of container `id` go to `to` from now on: call it before the container is
     /// created, so that its exit cannot come first.
-    pub(super) fn register(&self, id: &str, to: &mpsc::UnboundedSender<ExitEvent>) {
+    pub(super) fn register(&self, id: &str, to: &ExitsTo) {
         let _ = self.routes.send(Route::Register {
             id: id.to_string(),
             to: to.clone(),
@@ -190,6 +194,13 @@ impl ExitRouter {
 
     pub(super) fn unregister(&self, id: &str) {
         let _ = self.routes.send(Route::Unregister { id: id.to_string() });
+    }
+
+    #[cfg(test)]
+    async fn routed(&self) -> Vec<String> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let _ = self.routes.send(Route::Routed(reply));
+        answer.await.unwrap_or_default()
     }
 }
 
@@ -202,7 +213,7 @@ async fn route(
     mut commands: mpsc::UnboundedReceiver<Route>,
     cancel: CancellationToken,
 ) {
-    let mut routes: HashMap<String, mpsc::UnboundedSender<ExitEvent>> = HashMap::new();
+    let mut routes: HashMap<String, ExitsTo> = HashMap::new();
     loop {
         tokio::select! {
             biased;
@@ -216,11 +227,17 @@ async fn route(
                     routes.remove(&id);
                     crate::memory::shrink_spare(&mut routes);
                 }
+                #[cfg(test)]
+                Route::Routed(reply) => {
+                    let mut ids: Vec<String> = routes.keys().cloned().collect();
+                    ids.sort();
+                    let _ = reply.send(ids);
+                }
             },
             event = exits.recv() => match event {
                 Ok(event) => {
                     let id = event.container_id.clone();
-                    if routes.get(&id).is_some_and(|to| to.send(event).is_err()) {
+                    if routes.get(&id).is_some_and(|to| to.unbounded_send(event).is_err()) {
                         routes.remove(&id);
                     }
                 }
@@ -245,7 +262,7 @@ mod tests {
         }
     }
 
-    fn received(rx: &mut mpsc::UnboundedReceiver<ExitEvent>) -> Vec<String> {
+    fn received(rx: &mut futures::channel::mpsc::UnboundedReceiver<ExitEvent>) -> Vec<String> {
         std::iter::from_fn(|| rx.try_recv().ok())
             .map(|e| e.container_id)
             .collect()
@@ -263,8 +280,8 @@ mod tests {
         let (exits, _) = broadcast::channel(16);
         let tracker = TaskTracker::new();
         let router = ExitRouter::spawn(exits.subscribe(), CancellationToken::new(), &tracker);
-        let (a, mut from_a) = mpsc::unbounded_channel();
-        let (b, mut from_b) = mpsc::unbounded_channel();
+        let (a, mut from_a) = futures::channel::mpsc::unbounded();
+        let (b, mut from_b) = futures::channel::mpsc::unbounded();
         router.register("a1", &a);
         router.register("b1", &b);
         // Published before the routing task ran at all: the routes come first.
@@ -291,23 +308,27 @@ mod tests {
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
         let router = ExitRouter::spawn(exits.subscribe(), cancel.clone(), &tracker);
-        let (gone, from_gone) = mpsc::unbounded_channel();
-        let (other, mut from_other) = mpsc::unbounded_channel();
+        let (gone, from_gone) = futures::channel::mpsc::unbounded();
+        let (other, mut from_other) = futures::channel::mpsc::unbounded();
         router.register("g1", &gone);
         router.register("g2", &gone);
         router.register("o1", &other);
         settle().await;
-        let held = gone.downgrade();
         drop((gone, from_gone));
-        assert!(
-            held.upgrade().is_some(),
+        assert_eq!(
+            router.routed().await,
+            ["g1", "g2", "o1"],
             "the router holds the gone worker's routes"
         );
         exits.send(exit("g1")).expect("subscribed");
         // Another registration prunes what is left of the gone worker (g2).
         router.register("o2", &other);
         settle().await;
-        assert!(held.upgrade().is_none(), "a route to a gone worker leaked");
+        assert_eq!(
+            router.routed().await,
+            ["o1", "o2"],
+            "a route to a gone worker leaked"
+        );
         exits.send(exit("o2")).expect("subscribed");
         settle().await;
         assert_eq!(received(&mut from_other), ["o2"]);

@@ -60,8 +60,11 @@ fn running(ctx: &PodContext, uid: &str) -> bool {
 /// the worker's per-container maps sorted vectors sized for the spec's containers (a B-tree's
 /// first node has room for eleven: 3.9 KiB for one container's observations); 30.5 KiB with
 /// the status's lists of container statuses and conditions made to their length (a list
-/// collected from a filter starts at room for four: 2.8 KiB for one container's status).
-const BOUND_PER_POD: isize = 33 * 1024;
+/// collected from a filter starts at room for four: 2.8 KiB for one container's status);
+/// 28.6 KiB with exits on futures' channel too (tokio's block and channel were 2 KiB); 27.7
+/// KiB with the event correlator keeping 64-bit hashes of its keys and messages instead of the
+/// joined fields.
+const BOUND_PER_POD: isize = 30 * 1024;
 
 /// The heap a burst of 200 pods may leave once they are gone, in all: 16.5 KiB measured with
 /// the manager's, the event correlator's and the exit router's tables giving back the room the

@@ -93,12 +93,11 @@ pub(crate) struct Worker {
     volumes: Option<PodVolumes>,
     /// The status last reported, shared with the status manager.
     reported: Option<Arc<PodStatus>>,
-    exit_tx: mpsc::UnboundedSender<ExitEvent>,
-    exit_rx: mpsc::UnboundedReceiver<ExitEvent>,
-    /// Probe results and postStart hook ends come through futures' unbounded channels, which
-    /// allocate per message: tokio's allocate a block of 32 slots up front (3.5 KiB each, for
-    /// what most pods never send). Exits stay on tokio's, whose weak senders let the router's
-    /// test see that it holds no route of a gone worker.
+    exit_tx: exits::ExitsTo,
+    exit_rx: futures::channel::mpsc::UnboundedReceiver<ExitEvent>,
+    /// Probe results and postStart hook ends come through futures' unbounded channels, as
+    /// exits do, which allocate per message: tokio's allocate a block of 32 slots up front
+    /// (3.5 KiB each, for what most pods never send).
     probe_tx: crate::probe::Results,
     probe_rx: futures::channel::mpsc::UnboundedReceiver<ProbeUpdate>,
     /// Something changed: step again at once.
@@ -134,7 +133,7 @@ impl Worker {
         recovered: Vec<ContainerRecord>,
     ) -> (Box<Self>, Vec<String>) {
         let uid = desired.pod.metadata.uid.clone().unwrap_or_default();
-        let (exit_tx, exit_rx) = mpsc::unbounded_channel();
+        let (exit_tx, exit_rx) = futures::channel::mpsc::unbounded();
         let (probe_tx, probe_rx) = futures::channel::mpsc::unbounded();
         let (hook_tx, hook_rx) = futures::channel::mpsc::unbounded();
         let api_start = desired
@@ -281,7 +280,7 @@ impl Worker {
                     self.abort_kills();
                     return Outcome::Stopped;
                 },
-                Some(ev) = self.exit_rx.recv() => self.on_exit(ev).await,
+                Ok(ev) = self.exit_rx.recv() => self.on_exit(ev).await,
                 Ok(update) = self.probe_rx.recv() => self.on_probe(update),
                 Ok(done) = self.hook_rx.recv() => self.on_hook_done(done),
                 Ok(()) = store.changed() => self.on_store_change().await,
