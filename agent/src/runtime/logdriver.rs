@@ -1,8 +1,8 @@
 //! The per-container log driver, seen from the agent. containerd's shim starts it for every
 //! container (the `binary://` stdio URI, see `container::log_uri`) and it runs on without the
 //! agent; what it does is in the `nodelet-log-driver` crate. Its binary is built by
-//! `agent/build.rs` (statically linked: one runs per container, so its private memory, about
-//! 42 KiB, is what a node pays per container) and embedded here, and the agent installs it on
+//! `agent/build.rs` (statically linked, without libc: one runs per container, so its private
+//! memory, about 17 KiB, is what a node pays per container) and embedded here, and the agent installs it on
 //! start-up as `<root-dir>/bin/nodelet-log-driver-<hash of the build>`: a fresh name per
 //! build, so a new agent never rewrites a binary that running drivers still execute, and the
 //! agent's executable is all an installation needs. Should installing fail, the agent falls
@@ -12,7 +12,25 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-pub use nodelet_log_driver::{main_with_args, MAX_LINE, PATH_KEY};
+pub use nodelet_log_driver::{MAX_LINE, PATH_KEY};
+
+/// `nodelet log-driver …`: the agent itself as the driver (the fallback above), with the
+/// driver's signal set-up: SIGTERM and SIGINT kept from killing it (blocked here, which nix
+/// offers without `unsafe`; the driver's binary ignores them), see `nodelet_log_driver::run`.
+pub fn main_with_args(args: &[String]) -> std::process::ExitCode {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    // Only this thread runs: blocked here, they are blocked for the process.
+    let _ = signals.thread_block();
+    let args: Vec<std::ffi::CString> = args
+        .iter()
+        .map(|a| std::ffi::CString::new(a.as_bytes()).unwrap_or_default())
+        .collect();
+    let args: Vec<&std::ffi::CStr> = args.iter().map(|a| a.as_c_str()).collect();
+    std::process::ExitCode::from(nodelet_log_driver::main_with_args(&args))
+}
 
 /// The driver's binary as built for this agent.
 const BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nodelet-log-driver"));
