@@ -49,12 +49,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// directory of its own under `OUT_DIR`, and exports a hash of it (`NODELET_LOG_DRIVER_ID`)
 /// that names the installed copy.
 fn build_log_driver() -> Result<(), Box<dyn std::error::Error>> {
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    // The driver's start-up and system calls are written for x86_64 (logdriver/src/main.rs);
+    // elsewhere nothing is embedded and the agent runs itself as the driver
+    // (runtime::logdriver).
+    if std::env::var("CARGO_CFG_TARGET_ARCH")? != "x86_64" {
+        std::fs::write(out_dir.join("nodelet-log-driver"), [])?;
+        println!("cargo:rustc-env=NODELET_LOG_DRIVER_ID=none");
+        return Ok(());
+    }
     println!("cargo:rerun-if-changed=../logdriver/src");
     println!("cargo:rerun-if-changed=../logdriver/Cargo.toml");
     println!("cargo:rerun-if-changed=../logdriver/layout.ld");
     let layout =
         std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR")?).join("../logdriver/layout.ld");
-    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     let target_dir = out_dir.join("logdriver-target");
     let target = std::env::var("TARGET")?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

@@ -2,12 +2,13 @@
 //! container (the `binary://` stdio URI, see `container::log_uri`) and it runs on without the
 //! agent; what it does is in the `nodelet-log-driver` crate. Its binary is built by
 //! `agent/build.rs` (statically linked, without libc: one runs per container, so its private
-//! memory, about 17 KiB, is what a node pays per container) and embedded here, and the agent installs it on
-//! start-up as `<root-dir>/bin/nodelet-log-driver-<hash of the build>`: a fresh name per
+//! memory, about 16 KiB, is what a node pays per container) and embedded here, and the agent
+//! installs it on start-up as `<root-dir>/bin/nodelet-log-driver-<hash of the build>`: a fresh name per
 //! build, so a new agent never rewrites a binary that running drivers still execute, and the
 //! agent's executable is all an installation needs. Should installing fail, the agent falls
 //! back to running itself as the driver (`nodelet log-driver <path>`, same code, over ten
-//! times the memory per container).
+//! times the memory per container); so it does on architectures the driver's binary is not
+//! written for (x86_64 only: nothing is embedded there).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -51,6 +52,12 @@ pub fn file_name() -> String {
 /// path. Written under a temporary name and renamed, so a concurrent install or a crash
 /// never leaves a partial binary under the final name.
 pub fn install(dir: &Path) -> std::io::Result<PathBuf> {
+    if BINARY.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "no log driver binary is built for this architecture",
+        ));
+    }
     let path = dir.join(file_name());
     if installed(&path) {
         return Ok(path);
@@ -62,9 +69,10 @@ pub fn install(dir: &Path) -> std::io::Result<PathBuf> {
 
 /// Whether `path` holds this build's driver, executable.
 fn installed(path: &Path) -> bool {
-    std::fs::metadata(path).is_ok_and(|meta| {
-        meta.len() == BINARY.len() as u64 && meta.permissions().mode() & 0o111 != 0
-    })
+    !BINARY.is_empty()
+        && std::fs::metadata(path).is_ok_and(|meta| {
+            meta.len() == BINARY.len() as u64 && meta.permissions().mode() & 0o111 != 0
+        })
 }
 
 /// Installs the driver by running `<agent> install-log-driver <dir>` (see
