@@ -8,7 +8,9 @@
 //!   around every page faulted in. The idle agent had 10-12 MiB of its 29 MB binary resident
 //!   where the code it runs while idle is about 2 MiB. `madvise(MADV_PAGEOUT)` on those
 //!   mappings (Linux 5.4) gives them back: they are clean pages of the file, read again on
-//!   their next use.
+//!   their next use. What reclaim cannot take (large page-cache folios it cannot split) is
+//!   unmapped from the code's mapping (`MADV_DONTNEED`): it leaves the agent's resident set
+//!   and stays in the page cache as clean pages the kernel drops first.
 //!
 //! Trimming returns only free pages: the tables that grew during a burst give their room back
 //! first ([`shrink_spare`]), or they pin what lies around them.
@@ -75,17 +77,21 @@ fn page_out_executable() -> u64 {
             continue;
         }
         let (start, end) = map.address;
+        let (addr, len) = (start as *mut libc::c_void, (end - start) as usize);
         // SAFETY: the range is a whole mapping of this process, read from its own maps;
-        // MADV_PAGEOUT only drops resident pages of a file mapping, whose contents the next
-        // access reads back from the file, so no memory the program uses changes.
-        let rc = unsafe {
-            libc::madvise(
-                start as *mut libc::c_void,
-                (end - start) as usize,
-                libc::MADV_PAGEOUT,
-            )
-        };
-        if rc == 0 {
+        // MADV_PAGEOUT only reclaims pages the kernel can read back or never drops (a
+        // relocated page without swap stays), so no memory the program uses changes.
+        let paged = unsafe { libc::madvise(addr, len, libc::MADV_PAGEOUT) } == 0;
+        // What reclaim left (a large folio of the page cache it could not split, as the
+        // pages faulted back after an earlier give-back are read ahead) is unmapped: it stays
+        // in the page cache, clean, and the kernel drops it first when it needs memory. Only
+        // the code: it is never written (no text relocations), so its pages are the file's,
+        // where a read-only mapping may hold relocated copies (RELRO) that must stay.
+        let code = map.perms.contains(procfs::process::MMPermissions::EXECUTE);
+        // SAFETY: as above; MADV_DONTNEED on a private file mapping whose pages are all the
+        // file's drops only their mappings, and the next access maps the file's page again.
+        let unmapped = code && unsafe { libc::madvise(addr, len, libc::MADV_DONTNEED) } == 0;
+        if paged || unmapped {
             total += end - start;
         }
     }
