@@ -8,8 +8,8 @@
 //!   around every page faulted in. The idle agent had 10-12 MiB of its 29 MB binary resident
 //!   where the code it runs while idle is about 2 MiB. `madvise(MADV_PAGEOUT)` on those
 //!   mappings (Linux 5.4) gives them back: they are clean pages of the file, read again on
-//!   their next use. What reclaim cannot take (large page-cache folios it cannot split) is
-//!   unmapped from the code's mapping (`MADV_DONTNEED`): it leaves the agent's resident set
+//!   their next use. What reclaim leaves mapped (after a burst in cluster mode, most of it:
+//!   probably large page-cache folios it does not split) is unmapped from the code's mapping (`MADV_DONTNEED`): it leaves the agent's resident set
 //!   and stays in the page cache as clean pages the kernel drops first.
 //!
 //! Trimming returns only free pages: the tables that grew during a burst give their room back
@@ -82,8 +82,8 @@ fn page_out_executable() -> u64 {
         // MADV_PAGEOUT only reclaims pages the kernel can read back or never drops (a
         // relocated page without swap stays), so no memory the program uses changes.
         let paged = unsafe { libc::madvise(addr, len, libc::MADV_PAGEOUT) } == 0;
-        // What reclaim left (a large folio of the page cache it could not split, as the
-        // pages faulted back after an earlier give-back are read ahead) is unmapped: it stays
+        // What reclaim left (probably large page-cache folios it does not split, read ahead
+        // as pages fault back after an earlier give-back) is unmapped: it stays
         // in the page cache, clean, and the kernel drops it first when it needs memory. Only
         // the code: it is never written (no text relocations), so its pages are the file's,
         // where a read-only mapping may hold relocated copies (RELRO) that must stay.
