@@ -9,8 +9,9 @@
 //!   where the code it runs while idle is about 2 MiB. `madvise(MADV_PAGEOUT)` on those
 //!   mappings (Linux 5.4) gives them back: they are clean pages of the file, read again on
 //!   their next use. What reclaim leaves mapped (after a burst in cluster mode, most of it:
-//!   probably large page-cache folios it does not split) is unmapped from the code's mapping (`MADV_DONTNEED`): it leaves the agent's resident set
-//!   and stays in the page cache as clean pages the kernel drops first.
+//!   probably large page-cache folios it does not split) is unmapped from the code's mapping
+//!   (`MADV_DONTNEED`): it leaves the agent's resident set and stays in the page cache as
+//!   clean pages the kernel drops first.
 //!
 //! Trimming returns only free pages: the tables that grew during a burst give their room back
 //! first ([`shrink_spare`]), or they pin what lies around them.
