@@ -52,6 +52,16 @@ fn manager(
 }
 
 impl Host {
+    /// Sets the pod's volumes up, as a worker hands its shared pod to the manager.
+    async fn setup(&self, pod: &Pod) -> Result<PodVolumes, VolumeError> {
+        self.vm.setup(&Arc::new(pod.clone())).await
+    }
+
+    /// Re-projects the pod's volumes, as a worker does.
+    async fn refresh(&self, pod: &Pod, volumes: &PodVolumes) -> Result<(), VolumeError> {
+        self.vm.refresh(&Arc::new(pod.clone()), volumes).await
+    }
+
     fn new() -> Self {
         let dir = tempfile::Builder::new()
             .prefix("nodelet-vol-")
@@ -235,7 +245,7 @@ async fn empty_dir_on_disk_and_tmpfs_with_size_limit() {
         ]),
         json!([]),
     );
-    let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
+    let v = host.setup(&p).await.unwrap();
     let disk = host_path(&v, "disk");
     assert_eq!(
         disk,
@@ -253,7 +263,7 @@ async fn empty_dir_on_disk_and_tmpfs_with_size_limit() {
     assert_eq!(m.fs_type, "tmpfs");
     assert!(m.super_opts.contains("size=16384k"), "{m:?}");
     // Idempotent: a second setup re-adopts the mount instead of stacking another.
-    host.vm.setup(&Arc::new(p.clone())).await.unwrap();
+    host.setup(&p).await.unwrap();
     assert_eq!(host.mounts().len(), 1);
     assert_eq!(host.vm.list(), vec!["ed-1".to_string()]);
     host.vm.teardown("ed-1").await.unwrap();
@@ -305,7 +315,7 @@ async fn host_path_type_checks() {
             json!([{"name": "h", "hostPath": src}]),
             json!([]),
         );
-        let r = host.vm.setup(&Arc::new(p.clone())).await;
+        let r = host.setup(&p).await;
         match (ok, &r) {
             (true, Ok(v)) => assert_eq!(
                 host_path(v, "h"),
@@ -339,7 +349,7 @@ async fn config_map_update_reaches_the_pod_on_refresh() {
         ]),
         json!([]),
     );
-    let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
+    let v = host.setup(&p).await.unwrap();
     assert!(v.volumes["all"].read_only);
     let all = host_path(&v, "all");
     assert_eq!(fs::read_to_string(all.join("a")).unwrap(), "1");
@@ -361,14 +371,14 @@ async fn config_map_update_reaches_the_pod_on_refresh() {
     let first = fs::read_link(all.join("..data")).unwrap();
 
     // Unchanged: refresh is a no-op.
-    host.vm.refresh(&Arc::new(p.clone()), &v).await.unwrap();
+    host.refresh(&p, &v).await.unwrap();
     assert_eq!(fs::read_link(all.join("..data")).unwrap(), first);
 
     host.objects(|o| {
         o.config_maps
             .insert(key("cfg"), config_map("cfg", json!({"a": "new", "c": "3"})));
     });
-    host.vm.refresh(&Arc::new(p.clone()), &v).await.unwrap();
+    host.refresh(&p, &v).await.unwrap();
     let second = fs::read_link(all.join("..data")).unwrap();
     assert_ne!(first, second);
     assert_eq!(fs::read_to_string(all.join("a")).unwrap(), "new");
@@ -387,7 +397,7 @@ async fn config_map_update_reaches_the_pod_on_refresh() {
         json!([]),
     );
     assert!(matches!(
-        host.vm.setup(&Arc::new(bad.clone())).await,
+        host.setup(&bad).await,
         Err(VolumeError::Missing {
             kind: "configmap",
             ..
@@ -417,7 +427,7 @@ async fn secret_on_tmpfs_with_modes() {
                            {"key": "token", "path": "token"}]}}]),
         json!([]),
     );
-    let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
+    let v = host.setup(&p).await.unwrap();
     let dir = host_path(&v, "s");
     assert_eq!(
         dir,
@@ -448,7 +458,7 @@ async fn downward_api_files() {
     );
     p.spec.as_mut().unwrap().containers[0].resources =
         Some(serde_json::from_value(json!({"limits": {"memory": "64Mi"}})).unwrap());
-    let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
+    let v = host.setup(&p).await.unwrap();
     let dir = host_path(&v, "d");
     assert_eq!(
         fs::read_to_string(dir.join("labels")).unwrap(),
@@ -463,7 +473,7 @@ async fn downward_api_files() {
         .as_mut()
         .unwrap()
         .insert("app".into(), "api".into());
-    host.vm.refresh(&Arc::new(p.clone()), &v).await.unwrap();
+    host.refresh(&p, &v).await.unwrap();
     assert_eq!(
         fs::read_to_string(dir.join("labels")).unwrap(),
         "app=\"api\"\ntier=\"front\""
@@ -595,13 +605,13 @@ async fn projected_sources_and_token_source() {
         {"serviceAccountToken": {"path": "token", "audience": "api"}}
     ]}}]);
     let p = pod("pr-1", vols, json!([]));
-    match host.vm.setup(&Arc::new(p.clone())).await {
+    match host.setup(&p).await {
         Err(VolumeError::Invalid { detail, .. }) => assert!(detail.contains("token"), "{detail}"),
         other => panic!("expected Invalid without a token source: {other:?}"),
     }
     // The same node in cluster mode: the manager is made with the API's token issuer.
     host.restart_with_tokens(Arc::new(CountingTokens::default()));
-    let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
+    let v = host.setup(&p).await.unwrap();
     let dir = host_path(&v, "proj");
     assert_eq!(mount_at(&host, &dir).expect("tmpfs").fs_type, "tmpfs");
     assert_eq!(fs::read_to_string(dir.join("a")).unwrap(), "1");
@@ -632,7 +642,7 @@ async fn sub_path_is_resolved_beneath_the_volume() {
         )
         .unwrap(),
     );
-    let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
+    let v = host.setup(&p).await.unwrap();
     let vol = host_path(&v, "data");
     let (mounts, devices) = host.vm.container_mounts(&p, &container(&p), &v).unwrap();
     assert!(devices.is_empty());
@@ -727,7 +737,7 @@ async fn claims_resolve_to_host_path_and_local_pvs() {
         ]),
         json!([{"name": "a", "mountPath": "/a"}, {"name": "c", "mountPath": "/c"}]),
     );
-    let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
+    let v = host.setup(&p).await.unwrap();
     assert_eq!(host_path(&v, "a"), hp_dir);
     let b = host_path(&v, "b");
     assert_eq!(
@@ -748,7 +758,7 @@ async fn claims_resolve_to_host_path_and_local_pvs() {
         json!([{"name": "b", "persistentVolumeClaim": {"claimName": "loc"}}]),
         json!([]),
     );
-    host.vm.setup(&Arc::new(p2.clone())).await.unwrap();
+    host.setup(&p2).await.unwrap();
     let (mounts, _) = host.vm.container_mounts(&p, &container(&p), &v).unwrap();
     assert!(mounts[1].options.contains(&"ro".to_string()));
     host.vm.teardown("pvc-1").await.unwrap();
@@ -778,7 +788,7 @@ async fn read_only_claim_is_enforced_by_the_mount() {
         json!([{"name": "r", "persistentVolumeClaim": {"claimName": "loc", "readOnly": true}}]),
         json!([]),
     );
-    let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
+    let v = host.setup(&p).await.unwrap();
     let r = host_path(&v, "r");
     let m = mount_at(&host, &r).expect("bind mount");
     assert!(m.opts.split(',').any(|o| o == "ro"), "{m:?}");
@@ -824,15 +834,15 @@ async fn unbound_missing_and_read_write_once_pod_claims() {
         )
     };
     assert!(matches!(
-        host.vm.setup(&Arc::new(use_claim("u-1", "unbound"))).await,
+        host.setup(&use_claim("u-1", "unbound")).await,
         Err(VolumeError::Unbound { .. })
     ));
     assert!(matches!(
-        host.vm.setup(&Arc::new(use_claim("u-2", "stolen"))).await,
+        host.setup(&use_claim("u-2", "stolen")).await,
         Err(VolumeError::Unbound { .. })
     ));
     assert!(matches!(
-        host.vm.setup(&Arc::new(use_claim("u-3", "absent"))).await,
+        host.setup(&use_claim("u-3", "absent")).await,
         Err(VolumeError::Missing {
             kind: "persistentvolumeclaim",
             ..
@@ -847,7 +857,7 @@ async fn unbound_missing_and_read_write_once_pod_claims() {
         .setup(&Arc::new(use_claim("u-4", "rwop")))
         .await
         .unwrap();
-    match host.vm.setup(&Arc::new(use_claim("u-5", "rwop"))).await {
+    match host.setup(&use_claim("u-5", "rwop")).await {
         Err(VolumeError::InUse { other, .. }) => assert!(other.contains("u-4"), "{other}"),
         other => panic!("expected InUse: {other:?}"),
     }
@@ -855,7 +865,7 @@ async fn unbound_missing_and_read_write_once_pod_claims() {
     let mut host = host;
     host.restart();
     assert!(matches!(
-        host.vm.setup(&Arc::new(use_claim("u-5", "rwop"))).await,
+        host.setup(&use_claim("u-5", "rwop")).await,
         Err(VolumeError::InUse { .. })
     ));
     host.vm.teardown("u-4").await.unwrap();
@@ -909,7 +919,7 @@ async fn block_device_pvs_raw_and_formatted() {
     );
     p.spec.as_mut().unwrap().containers[0].volume_devices =
         Some(serde_json::from_value(json!([{"name": "raw", "devicePath": "/dev/xvda"}])).unwrap());
-    let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
+    let v = host.setup(&p).await.unwrap();
     assert!(v.volumes["raw"].block);
     assert_eq!(host_path(&v, "raw"), raw);
     let (mounts, devices) = host.vm.container_mounts(&p, &container(&p), &v).unwrap();
@@ -926,7 +936,7 @@ async fn block_device_pvs_raw_and_formatted() {
     host.vm.teardown("blk-1").await.unwrap();
     assert!(host.mounts().is_empty());
     // The filesystem (not reformatted) carries the data to the next pod.
-    let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
+    let v = host.setup(&p).await.unwrap();
     assert_eq!(
         fs::read_to_string(host_path(&v, "fs").join("keep")).unwrap(),
         "persisted"
@@ -943,7 +953,7 @@ async fn fs_group_owns_writable_volumes() {
         serde_json::from_value(json!({"fsGroup": 2345, "fsGroupChangePolicy": "OnRootMismatch"}))
             .unwrap(),
     );
-    let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
+    let v = host.setup(&p).await.unwrap();
     let d = host_path(&v, "d");
     let meta = fs::metadata(&d).unwrap();
     assert_eq!(meta.gid(), 2345);
@@ -990,7 +1000,7 @@ async fn hundred_setup_teardown_cycles_leave_nothing() {
         ]),
     );
     for _ in 0..100 {
-        let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
+        let v = host.setup(&p).await.unwrap();
         host.vm.container_mounts(&p, &container(&p), &v).unwrap();
         assert!(!host.mounts().is_empty());
         host.vm.teardown("mix-1").await.unwrap();
@@ -1012,11 +1022,11 @@ async fn restart_re_adopts_mounts_and_tears_down_by_uid() {
         json!([{"name": "mem", "emptyDir": {"medium": "Memory"}}]),
         json!([]),
     );
-    let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
+    let v = host.setup(&p).await.unwrap();
     fs::write(host_path(&v, "mem").join("f"), "kept").unwrap();
     host.restart();
     assert_eq!(host.vm.list(), vec!["ra-1".to_string()]);
-    let v2 = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
+    let v2 = host.setup(&p).await.unwrap();
     assert_eq!(v, v2);
     assert_eq!(
         fs::read_to_string(host_path(&v2, "mem").join("f")).unwrap(),
@@ -1094,7 +1104,7 @@ async fn inline_csi_volume_is_published_without_staging() {
         json!([{"name": "scratch", "csi": {"driver": DRIVER, "volumeAttributes": {"size": "16777216"}}}]),
         json!([{"name": "scratch", "mountPath": "/scratch"}]),
     );
-    let v = host.vm.setup(&Arc::new(p.clone())).await.unwrap();
+    let v = host.setup(&p).await.unwrap();
     let target = host_path(&v, "scratch");
     assert_eq!(
         target,
@@ -1211,7 +1221,7 @@ async fn csi_loop_volume_is_staged_once_and_published_per_pod() {
     assert!(!staging.exists());
 
     // The data persists into the next pod, here read-only.
-    let v3 = host.vm.setup(&Arc::new(user("csi-3", true))).await.unwrap();
+    let v3 = host.setup(&user("csi-3", true)).await.unwrap();
     let t3 = host_path(&v3, "v");
     assert!(v3.volumes["v"].read_only);
     assert_eq!(fs::read_to_string(t3.join("hello")).unwrap(), "from pod 1");
@@ -1255,7 +1265,7 @@ async fn csi_calls_carry_the_pvs_secrets_and_mount_options() {
         json!([{"name": "v", "mountPath": "/data"}]),
     );
     // The publish secret (its namespace is the claim's) does not exist yet: a clear error.
-    let err = host.vm.setup(&Arc::new(user.clone())).await.unwrap_err();
+    let err = host.setup(&user).await.unwrap_err();
     assert!(
         matches!(&err, VolumeError::Missing { kind: "secret", name, .. } if name == "default/publish-creds"),
         "{err}"
@@ -1264,7 +1274,7 @@ async fn csi_calls_carry_the_pvs_secrets_and_mount_options() {
         o.secrets
             .insert(key("publish-creds"), secret("publish-creds", "token"));
     });
-    let v = host.vm.setup(&Arc::new(user.clone())).await.unwrap();
+    let v = host.setup(&user).await.unwrap();
     let staging = nodelet::volume::csi::staging_path(&host.root, DRIVER, "vol-s");
     let staged = mount_at(&host, &staging).expect("staged");
     assert!(
@@ -1301,7 +1311,7 @@ async fn a_csi_call_refused_for_good_keeps_its_code_and_leaves_no_staging_dir() 
         json!([{"name": "v", "persistentVolumeClaim": {"claimName": "ref-data"}}]),
         json!([{"name": "v", "mountPath": "/data"}]),
     );
-    let err = host.vm.setup(&Arc::new(user.clone())).await.unwrap_err();
+    let err = host.setup(&user).await.unwrap_err();
     let VolumeError::Csi { source, .. } = &err else {
         panic!("not a CSI error: {err}");
     };
@@ -1368,7 +1378,7 @@ async fn a_csi_stage_in_flight_stalls_only_the_pods_that_share_it() {
         json!([]),
     );
     let bound = Duration::from_secs(30);
-    let v = tokio::time::timeout(bound, host.vm.setup(&Arc::new(other.clone())))
+    let v = tokio::time::timeout(bound, host.setup(&other))
         .await
         .expect("another pod's setup waited for a stage it does not use")
         .unwrap();
